@@ -1,0 +1,214 @@
+"""The DuckDB catalog: opening, migrations, the views, and the few writes every stage shares.
+
+The schema lives in `sql/` (migrations/NNN_*.sql, applied in order and recorded in schema_meta;
+views.sql re-created on each open). Nothing else in the package issues DDL.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.resources
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import duckdb
+
+from .errors import CatalogBusyError, UltracurateError
+
+TABLES = ("anchors", "edits", "candidates")
+VIEWS = {"anchors": "anchors_v", "edits": "edits_v", "candidates": "candidates_v"}
+KEYS = {"anchors": "anchor_id", "edits": "edit_id", "candidates": "candidate_id"}
+EDIT_TYPES = (
+    "add", "change_global", "change_local", "change_color", "transform_global",
+    "transform_local", "replace", "turn", "others",
+)
+
+
+def sql_text(name: str) -> str:
+    """Text of a file under sql/ (e.g. 'views.sql', 'queries/stats.sql')."""
+    return importlib.resources.files("ultracurate.sql").joinpath(name).read_text()
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every file in sql/migrations, in order."""
+    folder = importlib.resources.files("ultracurate.sql").joinpath("migrations")
+    out = []
+    for entry in folder.iterdir():
+        m = re.match(r"(\d+)_.*\.sql$", entry.name)
+        if m:
+            out.append((int(m.group(1)), entry.name, entry.read_text()))
+    return sorted(out)
+
+
+SCHEMA_VERSION = migrations()[-1][0]
+
+
+def now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
+
+
+class Catalog:
+    """A DuckDB catalog file. One writer process at a time (DuckDB's own file lock)."""
+
+    def __init__(self, path: str | Path, read_only: bool = False):
+        self.path = Path(path)
+        self.read_only = read_only
+        if read_only and not self.path.exists():
+            raise UltracurateError(f"no catalog at {self.path}")
+        try:
+            self.con = duckdb.connect(str(self.path), read_only=read_only)
+        except duckdb.IOException as e:
+            msg = str(e).splitlines()[0]
+            if "lock" in msg.lower():
+                raise CatalogBusyError(
+                    f"catalog {self.path} is in use by another ultracurate job; wait for it "
+                    f"or stop it ({msg})") from None
+            raise UltracurateError(f"cannot open catalog {self.path}: {msg}") from None
+        if not read_only:
+            self.migrate()
+
+    # -- schema ---------------------------------------------------------------------------
+    def schema_version(self) -> int:
+        try:
+            rows = self.con.execute(
+                "SELECT value FROM schema_meta WHERE key = 'schema_version'").fetchall()
+        except duckdb.CatalogException:
+            return 0
+        return int(rows[0][0]) if rows else 0
+
+    def migrate(self) -> None:
+        current = self.schema_version()
+        if current > SCHEMA_VERSION:
+            raise UltracurateError(
+                f"catalog {self.path} has schema version {current}, newer than this "
+                f"ultracurate ({SCHEMA_VERSION}); upgrade ultracurate")
+        for version, name, sql in migrations():
+            if version <= current:
+                continue
+            self.con.execute("BEGIN")
+            try:
+                self.con.execute(sql)
+                self.con.execute(
+                    "INSERT OR REPLACE INTO schema_meta VALUES ('schema_version', ?)",
+                    [str(version)])
+                self.con.execute("COMMIT")
+            except Exception:
+                self.con.execute("ROLLBACK")
+                raise
+        self.con.execute(sql_text("views.sql"))
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> "Catalog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- reading --------------------------------------------------------------------------
+    def columns(self, relation: str) -> list[str]:
+        return [r[0] for r in self.con.execute(f"DESCRIBE {relation}").fetchall()]
+
+    def scalar(self, sql: str, params: Any = None) -> Any:
+        """First column of the first row (fetched whole: DuckDB 2 keeps a half-read result
+        open on the connection)."""
+        rows = self.con.execute(sql, params).fetchall()
+        return rows[0][0] if rows else None
+
+    def query(self, sql: str, params: Any = None) -> list[dict]:
+        cur = self.con.execute(sql, params) if params is not None else self.con.execute(sql)
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    def pl(self, sql: str, params: Any = None):
+        """A query's result as a polars DataFrame."""
+        import polars as pl
+        return pl.from_arrow(self.arrow(sql, params))
+
+    def arrow(self, sql: str, params: Any = None):
+        """A query's result as a pyarrow Table."""
+        return self.con.sql(sql, params=params).to_arrow_table()
+
+    # -- writing --------------------------------------------------------------------------
+    def next_id(self, table: str, n: int = 1) -> int:
+        """First of n fresh ids for table (the driver is the only writer, so max+1 is safe)."""
+        key = KEYS.get(table, "run_id" if table == "runs" else None)
+        m = self.scalar(f"SELECT coalesce(max({key}), 0) FROM {table}")
+        return int(m) + 1
+
+    def start_run(self, stage: str, params: dict, selection: dict | None, models: dict | None,
+                  engine: str = "local") -> int:
+        from . import __version__
+        run_id = self.next_id("runs")
+        self.con.execute(
+            "INSERT INTO runs (run_id, stage, params, selection, models, code_version, engine,"
+            " started_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running')",
+            [run_id, stage, json.dumps(params, default=str), json.dumps(selection, default=str),
+             json.dumps(models or {}, default=str), code_version(__version__), engine, now()])
+        return run_id
+
+    def end_run(self, run_id: int, state: str, message: str | None = None) -> None:
+        self.con.execute(
+            "UPDATE runs SET ended_at = ?, state = ?, message = ? WHERE run_id = ?",
+            [now(), state, message, run_id])
+
+    def update_rows(self, table: str, df, key: str | None = None) -> None:
+        """UPDATE table SET <df's columns> FROM df, matched on the key column. One statement,
+        however many rows; call inside the caller's transaction."""
+        key = key or KEYS[table]
+        cols = [c for c in df.columns if c != key]
+        if not cols or len(df) == 0:
+            return
+        self.con.register("_upd", df.to_arrow() if hasattr(df, "to_arrow") else df)
+        try:
+            sets = ", ".join(f'"{c}" = _upd."{c}"' for c in cols)
+            self.con.execute(
+                f'UPDATE {table} SET {sets} FROM _upd WHERE {table}."{key}" = _upd."{key}"')
+        finally:
+            self.con.unregister("_upd")
+
+    def insert_rows(self, table: str, df) -> None:
+        if len(df) == 0:
+            return
+        self.con.register("_ins", df.to_arrow() if hasattr(df, "to_arrow") else df)
+        try:
+            cols = ", ".join(f'"{c}"' for c in df.columns)
+            self.con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _ins")
+        finally:
+            self.con.unregister("_ins")
+
+    def mark_state(self, stage: str, keys: Iterable[int], state: str, run_id: int,
+                   errors: Iterable[str | None] | None = None) -> None:
+        keys = list(keys)
+        if not keys:
+            return
+        errors = list(errors) if errors is not None else [None] * len(keys)
+        import pyarrow as pa
+        tbl = pa.table({"key": pa.array(keys, pa.int64()),
+                        "error": pa.array(errors, pa.string())})
+        self.con.register("_st", tbl)
+        try:
+            self.con.execute(
+                "INSERT OR REPLACE INTO stage_state (stage, key, state, error, run_id, updated_at) "
+                "SELECT ?, key, ?, error, ?, ? FROM _st",
+                [stage, state, run_id, now()])
+        finally:
+            self.con.unregister("_st")
+
+
+def code_version(version: str) -> str:
+    """Package version plus the git commit when running from a checkout."""
+    head = Path(__file__).resolve().parents[1] / ".git" / "HEAD"
+    try:
+        ref = head.read_text().strip()
+        if ref.startswith("ref: "):
+            ref_path = head.parent / ref[5:]
+            sha = ref_path.read_text().strip() if ref_path.exists() else ""
+        else:
+            sha = ref
+        return f"{version}+g{sha[:10]}" if sha else version
+    except OSError:
+        return version

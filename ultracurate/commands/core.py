@@ -1,0 +1,121 @@
+"""Commands around the workspace and catalog: init, ingest, stats, sql, show, models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..errors import UltracurateError
+from . import _common as c
+
+
+def register(app: typer.Typer) -> None:
+    app.command("init")(init)
+    app.command("ingest")(ingest)
+    app.command("stats")(stats)
+    app.command("sql")(sql)
+    app.command("show")(show)
+    models_app = typer.Typer(help="Model checkpoints by role.", no_args_is_help=True)
+    models_app.command("make-tiny")(make_tiny)
+    models_app.command("list")(models_list)
+    app.add_typer(models_app, name="models")
+
+
+def init(directory: Path = typer.Argument(..., help="Folder to create the workspace in."),
+         profile: str = typer.Option("ultraedit", help="Models profile: ultraedit (the real "
+                                     "checkpoints) or tiny (random-weight test models)."),
+         tiny_dir: Optional[str] = typer.Option(None, help="Where the tiny models are "
+                                                "(default: DIR/models/tiny)."),
+         as_json: bool = c.JsonOpt):
+    """Create a workspace: catalog, LanceDB folder, media store and config."""
+    from ..workspace import Workspace
+    models = {"profile": profile}
+    if tiny_dir:
+        models["tiny_dir"] = str(Path(tiny_dir).resolve())
+    ws = Workspace.init(directory, {"models": models})
+    c.emit({"workspace": str(ws.root)}, as_json, f"created workspace {ws.root}")
+
+
+def ingest(paths: List[Path] = typer.Argument(..., help="Image folders, COCO captions JSON, "
+                                              "jsonl/csv/parquet tables, HF dataset folders."),
+           captions: Optional[Path] = typer.Option(None, help="Captions table (path, caption) "
+                                                   "for an image folder."),
+           max_pixels: int = typer.Option(64_000_000, help="Reject images over this size."),
+           force: bool = c.ForceOpt, workspace: Optional[str] = c.WorkspaceOpt,
+           as_json: bool = c.JsonOpt):
+    """Ingest real photos as anchors (content-hash dedup; bad files recorded with a reason)."""
+    from ..runner import run_stage
+    from ..stages.ingest import IngestStage, discover
+    ws = c.workspace(workspace)
+    items = discover(paths, captions)
+    summary = run_stage(ws, IngestStage(items, max_pixels=max_pixels), force=force)
+    c.print_summary(summary, as_json)
+
+
+def stats(workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
+    """Counts by status, edit type, mode, mask class and reject reason."""
+    from ..stats import catalog_stats, render_stats
+    ws = c.workspace(workspace)
+    with ws.catalog(read_only=True) as cat:
+        data = catalog_stats(cat)
+    if as_json:
+        c.emit(data, True)
+    else:
+        render_stats(data)
+
+
+def sql(query: str = typer.Argument(..., help="A read-only SQL query (SELECT, DESCRIBE, ...)."),
+        fmt: str = typer.Option("table", "--format", "-f", help="table, csv or json."),
+        params: Optional[List[str]] = c.ParamOpt,
+        workspace: Optional[str] = c.WorkspaceOpt):
+    """Run a read-only query on the catalog."""
+    import duckdb
+    ws = c.workspace(workspace)
+    with ws.catalog(read_only=True) as cat:
+        try:
+            df = cat.pl(query, c.parse_params(params) or None)
+        except duckdb.Error as e:
+            raise UltracurateError(f"sql: {str(e).splitlines()[0]}") from None
+    if fmt == "json":
+        typer.echo(json.dumps(df.to_dicts(), default=str, indent=2))
+    elif fmt == "csv":
+        typer.echo(df.write_csv(), nl=False)
+    elif fmt == "table":
+        from ..stats import print_table
+        print_table(df)
+    else:
+        raise UltracurateError(f"unknown --format '{fmt}' (table, csv or json)")
+
+
+def show(candidate_or_edit: str = typer.Argument(..., help="Candidate id, or e<ID> for an "
+                                                  "edit, a<ID> for an anchor."),
+         workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
+    """Everything known about one candidate, edit or anchor."""
+    from ..stats import show_row
+    ws = c.workspace(workspace)
+    with ws.catalog(read_only=True) as cat:
+        data = show_row(cat, candidate_or_edit)
+    c.emit(data, as_json, "\n".join(f"{k:>18}: {v}" for k, v in data.items()))
+
+
+def make_tiny(directory: Path = typer.Argument(..., help="Folder for the tiny checkpoints."),
+              roles: Optional[str] = typer.Option(None, help="Comma-separated roles "
+                                                  "(default: all)."),
+              as_json: bool = c.JsonOpt):
+    """Build tiny random-weight models from configs and save them as real checkpoints."""
+    from ..models import ROLES
+    from ..models import make_tiny as build
+    chosen = tuple(r.strip() for r in roles.split(",")) if roles else ROLES
+    out = build(directory, chosen)
+    c.emit(out, as_json, "\n".join(f"{k}: {v}" for k, v in out.items()))
+
+
+def models_list(workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
+    """Which checkpoint each role uses in this workspace."""
+    from ..models import ROLES, describe
+    ws = c.workspace(workspace)
+    data = describe(ws, ROLES)
+    c.emit(data, as_json, "\n".join(f"{k:>10}: {v}" for k, v in data.items()))

@@ -1,0 +1,386 @@
+"""The stage runner: one contract for every stage, and the loop that owns batching, device
+placement, per-batch transactions, done/failed marks, resumption, progress and Ctrl-C.
+
+A stage says which rows it needs (its view and default predicate, narrowed by the user's
+--where), what it computes for a batch (`process`, which may run in another process or on a
+Ray worker and never touches the catalog), and which columns it writes. The driver is the only
+writer to the catalog: each batch's results, its rows' stage_state marks and the run's counters
+are committed in one transaction, so a job killed at any point and rerun skips what committed
+and redoes the rest, with nothing lost and nothing twice.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import polars as pl
+
+from .catalog import KEYS, VIEWS, Catalog
+from .errors import UltracurateError
+from .selection import Selection, selected_keys_sql
+from .workspace import Workspace
+
+
+@dataclass
+class Context:
+    """What a stage's `setup`/`prepare`/`process` may use. Picklable (no catalog handle)."""
+
+    workspace_root: str
+    device: str = "cpu"
+    run_id: int = 0
+    config: dict = field(default_factory=dict)
+
+    @property
+    def workspace(self) -> Workspace:
+        return Workspace(self.workspace_root)
+
+
+@dataclass
+class BatchResult:
+    """What `process` returns for one batch. `updates`/`inserts` map a table to a polars
+    DataFrame (updates keyed by the table's key column); `failed` maps a row key to its error.
+    Keys of the batch neither failed nor listed are marked done."""
+
+    updates: dict[str, pl.DataFrame] = field(default_factory=dict)
+    inserts: dict[str, pl.DataFrame] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # stage-specific, for write()
+
+
+_STAGES: dict[str, type] = {}
+
+
+def stages_over(table: str) -> list[str]:
+    """Names of the stages (imported so far) that run over table's rows."""
+    from . import stages  # noqa: F401  (stage modules register on import)
+    return sorted(n for n, cls in _STAGES.items() if cls.table == table)
+
+
+class Stage:
+    """Base class of every stage. Subclasses set the class attributes and `process`."""
+
+    name: str = ""
+    table: str = "edits"            # anchors | edits | candidates: the rows it runs over
+    default_where: str | None = None  # trusted predicate over VIEWS[table]
+    columns: str = "*"              # what a batch needs from the view
+    writes: dict[str, set[str]] = {}  # table -> columns it may set
+    batch_size: int = 16
+    roles: tuple[str, ...] = ()     # model roles it loads (recorded in runs.models)
+    track_state: bool = True        # record done/failed per row in stage_state
+
+    def __init__(self, **params):
+        self.params = params
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.name:
+            _STAGES[cls.name] = cls
+
+    # -- run on the driver ----------------------------------------------------------------
+    def items(self, cat: Catalog, selection: Selection, force: bool) -> pl.DataFrame:
+        """The rows still to do: the selection, narrowed by default_where, without rows this
+        stage already finished (unless force)."""
+        view, key = VIEWS[self.table], KEYS[self.table]
+        extra = [f"({self.default_where})"] if self.default_where else []
+        if self.track_state and not force:
+            extra.append(f"{key} NOT IN (SELECT key FROM stage_state "
+                         f"WHERE stage = $_uc_stage AND state = 'done')")
+        sql, params = selected_keys_sql(cat.con, view, key, selection,
+                                        " AND ".join(extra) or None, self.columns)
+        if self.track_state and not force:
+            params["_uc_stage"] = self.name
+        return cat.pl(sql + f" ORDER BY {key}", params)
+
+    def key_of(self, row: dict) -> int:
+        return row[KEYS[self.table]]
+
+    def models(self, ctx: Context) -> dict:
+        from .models import describe
+        return describe(ctx.workspace, self.roles)
+
+    def write(self, cat: Catalog, result: BatchResult, run_id: int) -> None:
+        """Apply a batch's results (inside the runner's transaction)."""
+        for table, df in result.inserts.items():
+            self._check_writes(table, df.columns)
+            cat.insert_rows(table, df)
+        for table, df in result.updates.items():
+            self._check_writes(table, [c for c in df.columns if c != KEYS[table]])
+            cat.update_rows(table, df)
+
+    def finish(self, cat: Catalog, run_id: int) -> None:
+        """Called once after the last batch (in its own transaction)."""
+
+    def _check_writes(self, table: str, cols) -> None:
+        allowed = self.writes.get(table, set())
+        extra = set(cols) - allowed - {KEYS.get(table)}
+        if extra:
+            raise RuntimeError(f"stage {self.name} wrote undeclared columns {sorted(extra)} "
+                               f"of {table}")
+
+    # -- run where the work happens (driver thread, another thread, or a Ray worker) -------
+    def setup(self, ctx: Context) -> None:
+        """Load models once per worker."""
+
+    def prepare(self, rows: list[dict], ctx: Context) -> Any:
+        """CPU-side loading (decode images, ...) for a batch; runs ahead on a thread."""
+        return None
+
+    def process(self, rows: list[dict], prepared: Any, ctx: Context) -> BatchResult:
+        raise NotImplementedError
+
+
+# -- engines -------------------------------------------------------------------------------
+class LocalEngine:
+    """In-process: `prepare` runs on worker threads up to `prefetch` batches ahead of
+    `process`, so decoding overlaps the model."""
+
+    name = "local"
+
+    def __init__(self, prefetch: int = 2, threads: int = 2):
+        self.prefetch = prefetch
+        self.threads = threads
+
+    def map(self, stage: Stage, batches: list[list[dict]], ctx: Context
+            ) -> Iterator[tuple[list[dict], BatchResult | BaseException]]:
+        stage.setup(ctx)
+        with ThreadPoolExecutor(self.threads) as pool:
+            futures: queue.Queue = queue.Queue()
+            it = iter(batches)
+            for batch in _take(it, self.prefetch):
+                futures.put((batch, pool.submit(stage.prepare, batch, ctx)))
+            while not futures.empty():
+                batch, fut = futures.get()
+                for nxt in _take(it, 1):
+                    futures.put((nxt, pool.submit(stage.prepare, nxt, ctx)))
+                try:
+                    yield batch, stage.process(batch, fut.result(), ctx)
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as e:  # one bad batch never stops the job
+                    yield batch, e
+
+
+def _take(it, n):
+    out = []
+    for _ in range(n):
+        try:
+            out.append(next(it))
+        except StopIteration:
+            break
+    return out
+
+
+class RayEngine:
+    """One stage replica per Ray actor (one per GPU when there are GPUs), fed batches through
+    an ActorPool; results stream back to the driver, which alone writes the catalog. Media is
+    written by the workers into the workspace's media store, a path every node must see."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, num_workers: int | None = None,
+                 num_gpus_per_worker: float | None = None):
+        self.address = address
+        self.num_workers = num_workers
+        self.num_gpus_per_worker = num_gpus_per_worker
+
+    def map(self, stage: Stage, batches, ctx: Context):
+        import ray
+        from ray.util import ActorPool
+
+        started = False
+        if not ray.is_initialized():
+            if self.address in (None, "local"):
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
+                         log_to_driver=False, ignore_reinit_error=True)
+            else:
+                ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+            started = True
+        try:
+            gpus = ray.cluster_resources().get("GPU", 0)
+            per = self.num_gpus_per_worker if self.num_gpus_per_worker is not None else (
+                1 if gpus else 0)
+            n = self.num_workers or (int(gpus // per) if per else 1) or 1
+            worker_ctx = Context(ctx.workspace_root, "cuda" if per else "cpu", ctx.run_id,
+                                 ctx.config)
+            Actor = ray.remote(num_gpus=per, num_cpus=1)(_StageActor)
+            actors = [Actor.remote(stage, worker_ctx) for _ in range(n)]
+            pool = ActorPool(actors)
+            for batch in batches:
+                pool.submit(lambda a, b: a.run.remote(b), batch)
+            while pool.has_next():
+                try:
+                    batch, result = pool.get_next()
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as e:  # a task error names the batch it belonged to
+                    yield getattr(e, "_uc_batch", []), e
+                    continue
+                yield batch, result
+        finally:
+            if started:
+                ray.shutdown()
+
+
+class _StageActor:
+    def __init__(self, stage: Stage, ctx: Context):
+        self.stage, self.ctx = stage, ctx
+        stage.setup(ctx)
+
+    def run(self, batch):
+        try:
+            return batch, self.stage.process(batch, self.stage.prepare(batch, self.ctx),
+                                             self.ctx)
+        except Exception as e:
+            return batch, RuntimeError(f"{type(e).__name__}: {e}")
+
+
+def make_engine(name: str, address: str | None = None, workers: int | None = None):
+    if name == "local":
+        return LocalEngine()
+    if name == "ray":
+        return RayEngine(address=address, num_workers=workers)
+    raise UltracurateError(f"unknown engine '{name}' (local or ray)")
+
+
+# -- the run loop --------------------------------------------------------------------------
+@dataclass
+class RunSummary:
+    run_id: int
+    stage: str
+    rows_in: int
+    rows_done: int
+    rows_failed: int
+    state: str
+
+    def to_json(self) -> dict:
+        return self.__dict__.copy()
+
+
+class Interrupted(UltracurateError):
+    pass
+
+
+def _progress(total: int, description: str):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    class RateColumn(TextColumn):
+        def __init__(self):
+            super().__init__("")
+
+        def render(self, task):
+            from rich.text import Text
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:.1f} rows/s" if speed else "-- rows/s")
+
+    disable = os.environ.get("ULTRACURATE_PROGRESS", "1") == "0"
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    RateColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+                    TimeRemainingColumn(), disable=disable, transient=False)
+
+
+def run_stage(ws: Workspace, stage: Stage, selection: Selection | None = None, *,
+              force: bool = False, engine: Any = None, device: str | None = None,
+              batch_size: int | None = None, progress: bool = True,
+              cat: Catalog | None = None) -> RunSummary:
+    """Run stage over the selection's pending rows, committing batch by batch."""
+    selection = selection or Selection()
+    engine = engine or LocalEngine()
+    own = cat is None
+    cat = cat or ws.catalog()
+    try:
+        ws.media.clean_tmp()
+        items = stage.items(cat, selection, force)
+        rows = items.to_dicts()
+        size = batch_size or stage.batch_size
+        batches = [rows[i:i + size] for i in range(0, len(rows), size)]
+        ctx = Context(str(ws.root), device or default_device(), 0, ws.config)
+        models = stage.models(ctx) if stage.roles else {}
+        run_id = cat.start_run(stage.name, stage.params, selection.to_json(), models,
+                               engine=getattr(engine, "name", "local"))
+        ctx.run_id = run_id
+        cat.con.execute("UPDATE runs SET rows_in = ? WHERE run_id = ?", [len(rows), run_id])
+        done = failed = 0
+        state = "completed"
+        bar = _progress(len(rows), stage.name) if progress else None
+        try:
+            if bar:
+                bar.start()
+                task = bar.add_task(stage.name, total=len(rows))
+            for batch, result in engine.map(stage, batches, ctx) if rows else ():
+                n_done, n_failed = _commit_batch(cat, stage, batch, result, run_id)
+                done += n_done
+                failed += n_failed
+                if bar:
+                    bar.advance(task, len(batch))
+            cat.con.execute("BEGIN")
+            stage.finish(cat, run_id)
+            cat.con.execute("COMMIT")
+        except KeyboardInterrupt:
+            state = "interrupted"
+            _rollback(cat)
+            cat.end_run(run_id, state, "interrupted by the user")
+            raise Interrupted(f"{stage.name} interrupted: {done} rows done, {failed} failed; "
+                              "rerun the same command to resume") from None
+        except BaseException as e:
+            _rollback(cat)
+            cat.end_run(run_id, "failed", f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            if bar:
+                bar.stop()
+        cat.end_run(run_id, state)
+        return RunSummary(run_id, stage.name, len(rows), done, failed, state)
+    finally:
+        if own:
+            cat.close()
+
+
+def _rollback(cat: Catalog) -> None:
+    try:
+        cat.con.execute("ROLLBACK")
+    except Exception:
+        pass
+
+
+def _commit_batch(cat: Catalog, stage: Stage, batch: list[dict],
+                  result: BatchResult | BaseException, run_id: int) -> tuple[int, int]:
+    keys = [stage.key_of(r) for r in batch] if stage.track_state else []
+    if isinstance(result, BaseException):
+        err = f"{type(result).__name__}: {result}".splitlines()[0]
+        result = BatchResult(failed={k: err for k in keys})
+        n_all = len(batch)
+    else:
+        n_all = len(batch)
+    cat.con.execute("BEGIN")
+    try:
+        stage.write(cat, result, run_id)
+        failed_keys = [k for k in keys if k in result.failed]
+        done_keys = [k for k in keys if k not in result.failed]
+        if stage.track_state:
+            cat.mark_state(stage.name, done_keys, "done", run_id)
+            cat.mark_state(stage.name, failed_keys, "failed", run_id,
+                           [result.failed[k] for k in failed_keys])
+        n_failed = len(failed_keys) if stage.track_state else len(result.failed)
+        n_done = n_all - n_failed
+        cat.con.execute(
+            "UPDATE runs SET rows_done = rows_done + ?, rows_failed = rows_failed + ? "
+            "WHERE run_id = ?", [n_done, n_failed, run_id])
+        cat.con.execute("COMMIT")
+    except BaseException:
+        _rollback(cat)
+        raise
+    return n_done, n_failed
+
+
+def default_device() -> str:
+    try:
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"

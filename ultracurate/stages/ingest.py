@@ -1,0 +1,232 @@
+"""Ingest real photos as anchors.
+
+Sources: folders of images (recursive), a COCO captions JSON with its image folder, a
+jsonl/csv/parquet table with path and caption columns, and Hugging Face datasets
+(`save_to_disk` folders, or parquet). Each file is decoded fully (so corrupt, truncated and
+oversized images are caught), deduplicated by the sha256 of its bytes, and its original bytes
+are copied into the media store. A file that cannot be used is recorded in ingest_rejects with
+a one-line reason; it never stops the ingest and never leaves half a row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from ..catalog import Catalog, now
+from ..errors import UltracurateError
+from ..images import MAX_PIXELS, BadImage, inspect_image
+from ..runner import BatchResult, Context, Stage
+from ..selection import Selection
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+PATH_COLUMNS = ("path", "image", "image_path", "file_name", "filepath", "input_image")
+CAPTION_COLUMNS = ("caption", "captions", "text", "source_caption", "input_text")
+
+
+@dataclass
+class Item:
+    """One thing to ingest: a file path, or in-memory bytes from a dataset row."""
+    source: str
+    captions: list[str]
+    dataset: str
+    external_id: str | None = None
+    data: bytes | None = None
+
+
+# -- discovering items ----------------------------------------------------------------------
+def discover(paths: list[str | Path], captions_file: str | Path | None = None) -> list[Item]:
+    items: list[Item] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise UltracurateError(f"{p}: no such file or folder")
+        if p.is_dir() and (p / "dataset_info.json").exists() or (
+                p.is_dir() and (p / "state.json").exists()):
+            items += _from_hf_disk(p)
+        elif p.is_dir():
+            items += _from_folder(p, captions_file)
+        elif p.suffix == ".json":
+            items += _from_coco(p)
+        elif p.suffix in (".jsonl", ".csv", ".parquet"):
+            items += _from_table(p)
+        elif p.suffix.lower() in IMAGE_EXTS or p.is_file():
+            items.append(Item(str(p.resolve()), [], "files"))
+    return items
+
+
+def _from_folder(folder: Path, captions_file) -> list[Item]:
+    caps: dict[str, list[str]] = {}
+    if captions_file:
+        for it in _from_table(Path(captions_file), base=folder):
+            caps[it.source] = it.captions
+    out = []
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and (f.suffix.lower() in IMAGE_EXTS or f.suffix == ""):
+            src = str(f.resolve())
+            out.append(Item(src, caps.get(src, []), folder.name))
+    return out
+
+
+def _from_coco(path: Path) -> list[Item]:
+    """COCO captions: {"images": [{id, file_name}], "annotations": [{image_id, caption}]}.
+    Images are looked up next to the JSON, in ../<split>/ or an `images/` folder."""
+    try:
+        doc = json.loads(path.read_text())
+        images = {im["id"]: im["file_name"] for im in doc["images"]}
+        anns = doc.get("annotations", [])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UltracurateError(f"{path}: not a COCO captions file ({e})") from None
+    caps: dict[Any, list[str]] = {}
+    for a in anns:
+        caps.setdefault(a["image_id"], []).append(a["caption"].strip())
+    roots = [path.parent, path.parent / "images", path.parent.parent / "images"]
+    out = []
+    for image_id, name in images.items():
+        f = next((r / name for r in roots if (r / name).exists()), path.parent / name)
+        out.append(Item(str(f.resolve()), caps.get(image_id, []), "coco", str(image_id)))
+    return out
+
+
+def _from_table(path: Path, base: Path | None = None) -> list[Item]:
+    try:
+        if path.suffix == ".jsonl":
+            df = pl.read_ndjson(path, infer_schema_length=None)
+        elif path.suffix == ".csv":
+            df = pl.read_csv(path)
+        else:
+            df = pl.read_parquet(path)
+    except Exception as e:
+        raise UltracurateError(f"{path}: cannot read table ({str(e).splitlines()[0]})") from None
+    pcol = next((c for c in PATH_COLUMNS if c in df.columns), None)
+    ccol = next((c for c in CAPTION_COLUMNS if c in df.columns), None)
+    if pcol is None:
+        raise UltracurateError(f"{path}: no image path column (one of {', '.join(PATH_COLUMNS)})")
+    base = base or path.parent
+    out = []
+    for row in df.iter_rows(named=True):
+        val = row[pcol]
+        if isinstance(val, dict) and val.get("bytes"):  # an HF Image column in parquet
+            out.append(Item(f"{path}#{len(out)}", _captions(row.get(ccol)), path.stem,
+                            str(row.get("idx", len(out))), data=val["bytes"]))
+            continue
+        f = Path(str(val))
+        f = f if f.is_absolute() else base / f
+        out.append(Item(str(f.resolve()), _captions(row.get(ccol) if ccol else None),
+                        path.stem, str(row.get("id")) if row.get("id") is not None else None))
+    return out
+
+
+def _captions(v) -> list[str]:
+    if v is None:
+        return []
+    if isinstance(v, (list, tuple)):
+        return [str(c).strip() for c in v if c]
+    return [str(v).strip()] if str(v).strip() else []
+
+
+def _from_hf_disk(folder: Path) -> list[Item]:
+    import datasets
+    ds = datasets.load_from_disk(str(folder))
+    if isinstance(ds, datasets.DatasetDict):
+        ds = datasets.concatenate_datasets(list(ds.values()))
+    img_col = next((c for c, f in ds.features.items() if isinstance(f, datasets.Image)), None)
+    if img_col is None:
+        raise UltracurateError(f"{folder}: dataset has no Image column")
+    ccol = next((c for c in CAPTION_COLUMNS if c in ds.column_names), None)
+    ds = ds.cast_column(img_col, datasets.Image(decode=False))
+    out = []
+    for i, row in enumerate(ds):
+        im = row[img_col]
+        data = im.get("bytes") or (Path(im["path"]).read_bytes() if im.get("path") else b"")
+        out.append(Item(f"{folder}#{i}", _captions(row.get(ccol) if ccol else None),
+                        folder.name, str(i), data=data))
+    return out
+
+
+# -- the stage ------------------------------------------------------------------------------
+class IngestStage(Stage):
+    name = "ingest"
+    table = "anchors"
+    writes = {"anchors": {"sha256", "media", "source_path", "dataset", "width", "height",
+                          "format", "orig_mode", "conversion", "captions", "external_id",
+                          "ingest_run", "ingested_at"}}
+    batch_size = 16
+    track_state = False
+
+    def __init__(self, items: list[Item], max_pixels: int = MAX_PIXELS):
+        super().__init__(n_items=len(items), max_pixels=max_pixels)
+        self._items = items
+        self.max_pixels = max_pixels
+
+    def items(self, cat: Catalog, selection: Selection, force: bool) -> pl.DataFrame:
+        """Sources not yet recorded (as an anchor or a reject): an ingest resumes."""
+        seen = set()
+        if not force:
+            seen = {r[0] for r in cat.con.execute(
+                "SELECT source_path FROM anchors UNION ALL "
+                "SELECT source_path FROM ingest_rejects").fetchall()}
+        todo = [i for i, it in enumerate(self._items) if it.source not in seen]
+        return pl.DataFrame({"item": todo}, schema={"item": pl.Int64})
+
+    def key_of(self, row: dict) -> int:
+        return row["item"]
+
+    def process(self, rows, prepared, ctx: Context) -> BatchResult:
+        ws = ctx.workspace
+        good, bad = [], []
+        for row in rows:
+            it = self._items[row["item"]]
+            try:
+                if it.data is not None:
+                    data = it.data
+                else:
+                    try:
+                        data = Path(it.source).read_bytes()
+                    except FileNotFoundError:
+                        raise BadImage(f"{it.source}: file not found") from None
+                    except IsADirectoryError:
+                        raise BadImage(f"{it.source}: is a folder") from None
+                info, _ = inspect_image(data, it.source, self.max_pixels)
+                sha = hashlib.sha256(data).hexdigest()
+                ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp",
+                       "TIFF": "tif", "GIF": "gif"}.get(info.format, "img")
+                name = ws.media.put_bytes(data, ext)
+                good.append({"sha256": sha, "media": name, "source_path": it.source,
+                             "dataset": it.dataset, "width": info.width,
+                             "height": info.height, "format": info.format,
+                             "orig_mode": info.mode, "conversion": info.conversion,
+                             "captions": it.captions, "external_id": it.external_id})
+            except BadImage as e:
+                bad.append({"source_path": it.source, "reason": str(e)})
+        return BatchResult(extra={"good": good, "bad": bad},
+                           failed={i: "" for i in range(len(bad))})
+
+    def write(self, cat: Catalog, result: BatchResult, run_id: int) -> None:
+        at = now()
+        rows = []
+        known = dict(cat.con.execute("SELECT sha256, anchor_id FROM anchors WHERE sha256 IN "
+                                     "(SELECT unnest(?))",
+                                     [[g["sha256"] for g in result.extra["good"]]]).fetchall())
+        bad = list(result.extra["bad"])
+        next_id = cat.next_id("anchors")
+        for g in result.extra["good"]:
+            if g["sha256"] in known:
+                bad.append({"source_path": g["source_path"],
+                            "reason": f"{g['source_path']}: duplicate of anchor "
+                                      f"{known[g['sha256']]} (same bytes)"})
+                continue
+            known[g["sha256"]] = next_id
+            rows.append({"anchor_id": next_id, **g, "ingest_run": run_id, "ingested_at": at})
+            next_id += 1
+        if rows:
+            cat.insert_rows("anchors", pl.DataFrame(rows, schema_overrides={
+                "captions": pl.List(pl.String), "external_id": pl.String}))
+        if bad:
+            cat.insert_rows("ingest_rejects", pl.DataFrame(
+                [{**b, "run_id": run_id, "rejected_at": at} for b in bad]))
+        result.failed = {i: "" for i in range(len(bad))}
