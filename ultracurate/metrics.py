@@ -100,3 +100,47 @@ def pixel_scores(a: Any, b: Any) -> dict[str, float]:
     d = x - y
     return {"ssim": float(structural_similarity(x, y, data_range=1.0, channel_axis=-1)),
             "l1": float(np.mean(np.abs(d))), "l2": float(np.mean(d * d))}
+
+
+# -- batched pixel scores on the model's device ------------------------------------------------
+SSIM_WIN = 7            # scikit-image's defaults: a 7x7 uniform window,
+SSIM_K1, SSIM_K2 = 0.01, 0.03   # sample covariance, statistics cropped 3 px from each border
+
+
+def pixel_scores_torch(a, b) -> dict[str, np.ndarray]:
+    """ssim, l1 and l2 of a batch of pairs at once, on whatever device the tensors are on.
+
+    a, b: uint8 or float tensors (N, 3, H, W) ([0, 255] for uint8, [0, 1] for float). SSIM is
+    scikit-image's `structural_similarity(x, y, data_range=1.0, channel_axis=-1)` computed the
+    same way: a 7x7 uniform filter, sample covariance (N / (N - 1)), and the mean over the
+    pixels at least 3 px from the border (exactly the windows that need no padding, so an
+    unpadded 7x7 average pool gives the same statistics), averaged over the channels.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    def unit(x):
+        x = x.to(torch.float32)
+        return x / 255.0 if not torch.is_floating_point(a) else x
+
+    x, y = unit(a), unit(b)
+    if x.shape != y.shape:
+        raise ValueError(f"images differ in size: {tuple(x.shape)} vs {tuple(y.shape)}")
+    d = x - y
+    l1_v = d.abs().flatten(1).mean(1)
+    l2_v = (d * d).flatten(1).mean(1)
+    n = SSIM_WIN * SSIM_WIN
+    cov_norm = n / (n - 1.0)
+
+    def pool(t):
+        return F.avg_pool2d(t, SSIM_WIN, stride=1)
+
+    ux, uy = pool(x), pool(y)
+    vx = cov_norm * (pool(x * x) - ux * ux)
+    vy = cov_norm * (pool(y * y) - uy * uy)
+    vxy = cov_norm * (pool(x * y) - ux * uy)
+    c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    ssim_v = s.flatten(2).mean(2).mean(1)
+    return {"ssim": ssim_v.double().cpu().numpy(), "l1": l1_v.double().cpu().numpy(),
+            "l2": l2_v.double().cpu().numpy()}
