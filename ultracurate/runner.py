@@ -215,11 +215,11 @@ class RayEngine:
             while pool.has_next():
                 try:
                     batch, result = pool.get_next()
-                except (KeyboardInterrupt, SystemExit):
-                    raise
-                except Exception as e:  # a task error names the batch it belonged to
-                    yield getattr(e, "_uc_batch", []), e
-                    continue
+                except ray.exceptions.RayError as e:
+                    # A worker died (or could not start): its batches cannot be told apart,
+                    # so stop; what committed stays and a rerun resumes the rest.
+                    first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                    raise UltracurateError(f"Ray worker failed: {first}") from None
                 yield batch, result
         finally:
             if started:
@@ -295,6 +295,10 @@ def run_stage(ws: Workspace, stage: Stage, selection: Selection | None = None, *
     cat = cat or ws.catalog()
     try:
         ws.media.clean_tmp()
+        # We hold the catalog's write lock, so a run still marked running has died (SIGKILL,
+        # power loss): close it, its committed batches stand.
+        cat.con.execute("UPDATE runs SET state = 'killed', message = 'the process ended "
+                        "without closing the run' WHERE state = 'running'")
         items = stage.items(cat, selection, force)
         rows = items.to_dicts()
         size = batch_size or stage.batch_size

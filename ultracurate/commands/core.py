@@ -44,6 +44,7 @@ def ingest(paths: List[Path] = typer.Argument(..., help="Image folders, COCO cap
            captions: Optional[Path] = typer.Option(None, help="Captions table (path, caption) "
                                                    "for an image folder."),
            max_pixels: int = typer.Option(64_000_000, help="Reject images over this size."),
+           batch_size: Optional[int] = c.BatchOpt,
            force: bool = c.ForceOpt, workspace: Optional[str] = c.WorkspaceOpt,
            as_json: bool = c.JsonOpt):
     """Ingest real photos as anchors (content-hash dedup; bad files recorded with a reason)."""
@@ -51,7 +52,8 @@ def ingest(paths: List[Path] = typer.Argument(..., help="Image folders, COCO cap
     from ..stages.ingest import IngestStage, discover
     ws = c.workspace(workspace)
     items = discover(paths, captions)
-    summary = run_stage(ws, IngestStage(items, max_pixels=max_pixels), force=force)
+    summary = run_stage(ws, IngestStage(items, max_pixels=max_pixels), force=force,
+                        batch_size=batch_size)
     c.print_summary(summary, as_json)
 
 

@@ -56,7 +56,16 @@ def discover(paths: list[str | Path], captions_file: str | Path | None = None) -
             items += _from_table(p)
         elif p.suffix.lower() in IMAGE_EXTS or p.is_file():
             items.append(Item(str(p.resolve()), [], "files"))
-    return items
+    # The same file named twice (a folder and a captions table): one item, captions merged.
+    merged: dict[str, Item] = {}
+    for it in items:
+        if it.source in merged:
+            first = merged[it.source]
+            first.captions += [c for c in it.captions if c not in first.captions]
+            first.external_id = first.external_id or it.external_id
+        else:
+            merged[it.source] = it
+    return list(merged.values())
 
 
 def _from_folder(folder: Path, captions_file) -> list[Item]:

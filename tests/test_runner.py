@@ -1,0 +1,175 @@
+"""The stage runner: per-batch commits, done/failed marks, resume after SIGKILL (a real
+subprocess), --force, selection narrowing, and the Ray engine on a local cluster."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from ultracurate.runner import BatchResult, RayEngine, Stage, run_stage
+from ultracurate.selection import Selection
+
+
+class WidthParity(Stage):
+    """Test stage over anchors: records width parity in `dataset`; raises for anchor 3's batch,
+    fails anchor 5 alone."""
+
+    name = "test_parity"
+    table = "anchors"
+    columns = "anchor_id, width"
+    writes = {"anchors": {"dataset"}}
+    batch_size = 2
+
+    def process(self, rows, prepared, ctx):
+        if any(r["anchor_id"] == 3 for r in rows) and self.params.get("explode", True):
+            raise ValueError("boom on anchor 3")
+        ok = [r for r in rows if r["anchor_id"] != 5]
+        df = pl.DataFrame({"anchor_id": [r["anchor_id"] for r in ok],
+                           "dataset": ["even" if r["width"] % 2 == 0 else "odd" for r in ok]},
+                          schema={"anchor_id": pl.Int64, "dataset": pl.String})
+        return BatchResult(updates={"anchors": df},
+                           failed={5: "anchor 5 is unlucky"} if len(ok) < len(rows) else {})
+
+
+def _states(ws, stage="test_parity"):
+    with ws.catalog(read_only=True) as cat:
+        return {r["key"]: (r["state"], r["error"]) for r in cat.query(
+            "SELECT key, state, error FROM stage_state WHERE stage = ?", [stage])}
+
+
+def test_failed_rows_are_recorded_and_retried_done_rows_skipped(ingested_ws):
+    ws = ingested_ws
+    s = run_stage(ws, WidthParity(), progress=False)
+    st = _states(ws)
+    # batches of 2 over ids 1..9: [3,4] raised, 5 failed alone
+    assert st[3][0] == st[4][0] == "failed" and "boom on anchor 3" in st[3][1]
+    assert st[5] == ("failed", "anchor 5 is unlucky")
+    assert {k for k, v in st.items() if v[0] == "done"} == {1, 2, 6, 7, 8, 9}
+    assert (s.rows_in, s.rows_done, s.rows_failed) == (9, 6, 3)
+    # a rerun only retries the failed rows
+    s2 = run_stage(ws, WidthParity(explode=False), progress=False)
+    assert s2.rows_in == 3 and s2.rows_done == 2 and s2.rows_failed == 1
+    with ws.catalog(read_only=True) as cat:
+        got = dict(cat.con.execute("SELECT anchor_id, dataset FROM anchors").fetchall())
+        widths = dict(cat.con.execute("SELECT anchor_id, width FROM anchors").fetchall())
+        runs = cat.query("SELECT * FROM runs WHERE stage = 'test_parity' ORDER BY run_id")
+    for k in (1, 2, 3, 4, 6, 7, 8, 9):
+        assert got[k] == ("even" if widths[k] % 2 == 0 else "odd")
+    assert got[5] == "demo_anchors"  # never written
+    assert [r["state"] for r in runs] == ["completed", "completed"]
+    assert runs[0]["rows_done"] == 6 and runs[0]["rows_failed"] == 3
+    # --force redoes everything, narrowed by --where
+    s3 = run_stage(ws, WidthParity(explode=False), Selection(where="anchor_id <= 4"),
+                   force=True, progress=False)
+    assert s3.rows_in == 4
+
+
+def test_undeclared_columns_are_refused(ingested_ws):
+    """A stage writing a column it did not declare is a bug: the job stops, its batch is
+    rolled back and the run says why."""
+    class Sneaky(WidthParity):
+        name = "test_sneaky"
+        writes = {"anchors": {"width"}}
+    with pytest.raises(RuntimeError, match="undeclared columns"):
+        run_stage(ingested_ws, Sneaky(explode=False), Selection(limit=2), progress=False)
+    with ingested_ws.catalog(read_only=True) as cat:
+        assert cat.scalar("SELECT count(*) FROM anchors WHERE dataset <> 'demo_anchors'") == 0
+        assert cat.scalar("SELECT state FROM runs WHERE stage = 'test_sneaky'") == "failed"
+        assert cat.scalar("SELECT count(*) FROM stage_state") == 0
+
+
+def _make_images(folder, n):
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(
+            folder / f"img_{i:04d}.png")
+
+
+def _cli(*args, ws):
+    env = dict(os.environ, ULTRACURATE_WORKSPACE=str(ws.root), ULTRACURATE_PROGRESS="0")
+    return [sys.executable, "-m", "ultracurate.cli", *args], env
+
+
+@pytest.mark.slow
+def test_sigkill_mid_ingest_then_resume_loses_and_duplicates_nothing(ws, tmp_path):
+    n = 240
+    _make_images(tmp_path / "imgs", n)
+    cmd, env = _cli("ingest", str(tmp_path / "imgs"), "--batch-size", "3", ws=ws)
+    media = ws.root / "media"
+    for threshold in (40, 120):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if sum(1 for p in media.glob("??/*")) >= threshold:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "ingest finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with ws.catalog(read_only=True) as cat:
+        assert cat.scalar("SELECT count(*) FROM anchors") == n
+        assert cat.scalar("SELECT count(DISTINCT source_path) FROM anchors") == n
+        assert cat.scalar("SELECT count(DISTINCT sha256) FROM anchors") == n
+        assert cat.scalar("SELECT count(*) FROM ingest_rejects") == 0
+        runs = cat.query("SELECT * FROM runs ORDER BY run_id")
+        per_run = dict(cat.con.execute(
+            "SELECT ingest_run, count(*) FROM anchors GROUP BY ALL").fetchall())
+    assert [r["state"] for r in runs] == ["killed", "killed", "completed"]
+    assert all(per_run.get(r["run_id"], 0) == r["rows_done"] for r in runs)
+    assert per_run.get(1, 0) > 0 and per_run.get(3, 0) > 0
+    assert sum(1 for _ in media.glob("??/*")) == n
+    assert not list((media / "tmp").glob("*"))
+
+
+@pytest.mark.slow
+def test_ray_engine_on_a_local_cluster(ingested_ws):
+    import ray
+    import ray.cloudpickle
+    # Workers cannot import this test module: send its classes by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        s = run_stage(ingested_ws, WidthParity(), engine=RayEngine(num_workers=2),
+                      progress=False)
+    finally:
+        ray.shutdown()
+    st = _states(ingested_ws)
+    assert (s.rows_done, s.rows_failed) == (6, 3)
+    assert "boom on anchor 3" in st[3][1] and st[5][1] == "anchor 5 is unlucky"
+    with ingested_ws.catalog(read_only=True) as cat:
+        assert cat.scalar("SELECT engine FROM runs WHERE stage = 'test_parity'") == "ray"
+        assert cat.scalar("SELECT count(*) FROM anchors WHERE dataset IN ('even', 'odd')") == 6
+
+
+@pytest.mark.slow
+def test_ray_worker_that_cannot_start_stops_the_job_with_a_clear_error(ingested_ws):
+    import ray
+    import ray.cloudpickle
+
+    from ultracurate.errors import UltracurateError
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+    class NoModel(WidthParity):
+        name = "test_nomodel"
+
+        def setup(self, ctx):
+            raise OSError("checkpoint /nowhere/model.safetensors not found")
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with pytest.raises(UltracurateError, match="Ray worker failed"):
+            run_stage(ingested_ws, NoModel(), engine=RayEngine(num_workers=1), progress=False)
+    finally:
+        ray.shutdown()
+    with ingested_ws.catalog(read_only=True) as cat:
+        assert cat.scalar("SELECT state FROM runs WHERE stage = 'test_nomodel'") == "failed"
