@@ -50,3 +50,22 @@ def write_demo_photos(folder: str | Path) -> Path:
     table = folder / "demo_anchors.jsonl"
     table.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return table
+
+
+def run_demo(out: str | Path, seed: int = 0, progress: bool = True) -> dict:
+    """The whole pipeline on the bundled photos with tiny random-weight models, on the CPU.
+    Returns a summary (stage -> run summary / output path)."""
+    from .models import ROLES, make_tiny
+    from .runner import run_stage
+    from .stages.ingest import IngestStage, discover
+    from .workspace import Workspace
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UltracurateError(f"{out} exists and is not empty; pick a new folder or remove it")
+    ws = Workspace.init(out, {"models": {"profile": "tiny"}})
+    summary: dict = {"workspace": str(ws.root)}
+    make_tiny(ws.root / "models" / "tiny", ROLES)
+    table = write_demo_photos(ws.root / "photos")
+    summary["ingest"] = run_stage(ws, IngestStage(discover([table])), progress=progress).to_json()
+    return summary

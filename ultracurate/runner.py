@@ -88,8 +88,8 @@ class Stage:
         view, key = VIEWS[self.table], KEYS[self.table]
         extra = [f"({self.default_where})"] if self.default_where else []
         if self.track_state and not force:
-            extra.append(f"{key} NOT IN (SELECT key FROM stage_state "
-                         f"WHERE stage = $_uc_stage AND state = 'done')")
+            extra.append(f"NOT EXISTS (SELECT 1 FROM stage_state s WHERE s.stage = $_uc_stage "
+                         f"AND s.state = 'done' AND s.key = sel.{key})")
         sql, params = selected_keys_sql(cat.con, view, key, selection,
                                         " AND ".join(extra) or None, self.columns)
         if self.track_state and not force:

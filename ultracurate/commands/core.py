@@ -18,6 +18,7 @@ def register(app: typer.Typer) -> None:
     app.command("stats")(stats)
     app.command("sql")(sql)
     app.command("show")(show)
+    app.command("select")(select)
     models_app = typer.Typer(help="Model checkpoints by role.", no_args_is_help=True)
     models_app.command("make-tiny")(make_tiny)
     models_app.command("list")(models_list)
@@ -90,6 +91,46 @@ def sql(query: str = typer.Argument(..., help="A read-only SQL query (SELECT, DE
         print_table(df)
     else:
         raise UltracurateError(f"unknown --format '{fmt}' (table, csv or json)")
+
+
+def select(table: str = typer.Option("candidates", "--from", help="anchors, edits or "
+                                      "candidates."),
+           columns: Optional[str] = typer.Option(None, help="Comma-separated columns "
+                                                 "(default: the key and a few essentials)."),
+           where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
+           limit: Optional[int] = c.LimitOpt, sample: Optional[int] = c.SampleOpt,
+           seed: int = c.SeedOpt,
+           fmt: str = typer.Option("table", "--format", "-f", help="table, csv or json."),
+           count: bool = typer.Option(False, "--count", help="Print only how many rows match."),
+           workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
+    """List the rows a --where selection picks (what a job with the same options runs over)."""
+    from ..catalog import KEYS, VIEWS
+    from ..selection import selected_keys_sql
+    if table not in VIEWS:
+        raise UltracurateError(f"--from must be one of {', '.join(VIEWS)}")
+    defaults = {"anchors": "anchor_id, source_path, width, height",
+                "edits": "edit_id, anchor_id, edit_type, mode, edit_status, instruction",
+                "candidates": "candidate_id, edit_id, edit_type, status, clip_sim_dir"}
+    ws = c.workspace(workspace)
+    sel = c.selection(where, params, limit, sample, seed)
+    with ws.catalog(read_only=True) as cat:
+        cols = columns or defaults[table]
+        view_cols = set(cat.columns(VIEWS[table]))
+        unknown = [x.strip() for x in cols.split(",") if x.strip() not in view_cols]
+        if unknown:
+            raise UltracurateError(f"--columns: unknown column '{unknown[0]}' of {VIEWS[table]}")
+        sql, bound = selected_keys_sql(cat.con, VIEWS[table], KEYS[table], sel,
+                                       columns="count(*) AS n" if count else cols)
+        df = cat.pl(sql + ("" if count else f" ORDER BY {KEYS[table]}"), bound)
+    if count:
+        c.emit({"count": int(df["n"][0])}, as_json, str(int(df["n"][0])))
+    elif as_json or fmt == "json":
+        typer.echo(json.dumps(df.to_dicts(), default=str, indent=2))
+    elif fmt == "csv":
+        typer.echo(df.write_csv(), nl=False)
+    else:
+        from ..stats import print_table
+        print_table(df)
 
 
 def show(candidate_or_edit: str = typer.Argument(..., help="Candidate id, or e<ID> for an "

@@ -1,0 +1,203 @@
+"""Catalog at UltraEdit's scale: build a synthetic catalog of 4.1M edits (one candidate each;
+41M with --rows 41000000) through the real schema, then time what users run most against pandas
+on the same data, in the same run:
+
+  stats         every query behind `ultracurate stats`
+  where         a --where selection over candidates_v (a join of three tables)
+  pending       the runner's selection of pending rows (selection minus stage_state 'done')
+
+Usage: python bench/catalog.py [--rows N] [--no-pandas] [--keep DIR]
+Prints a table and writes bench/out/catalog.json. Peak RSS is reported (41M must fit 24 GiB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ultracurate.catalog import EDIT_TYPES  # noqa: E402
+from ultracurate.runner import Stage  # noqa: E402
+from ultracurate.selection import Selection, selected_keys_sql  # noqa: E402
+from ultracurate.stats import catalog_stats  # noqa: E402
+from ultracurate.workspace import Workspace  # noqa: E402
+
+WHERE = "edit_type = 'replace' AND clip_sim_dir > $min_dir AND mode = 'region'"
+
+
+class ScoreLike(Stage):
+    """Selection shape of a scoring stage: candidates that are generated, not yet done."""
+    name = "bench_score"
+    table = "candidates"
+    default_where = "auto_status IN ('generated', 'scored')"
+    columns = "candidate_id, source_image, edited_image, source_caption, target_caption"
+
+
+def build(ws: Workspace, n: int) -> float:
+    t0 = time.perf_counter()
+    types = "[" + ", ".join(f"'{t}'" for t in EDIT_TYPES) + "]"
+    n_anchors = max(1, n * 16 // 41)  # UltraEdit: ~1.6M anchors for 4.1M edits
+    with ws.catalog() as cat:
+        con = cat.con
+        con.execute("SET preserve_insertion_order = false")
+        con.execute(f"""
+            INSERT INTO anchors (anchor_id, sha256, media, source_path, dataset, width, height,
+                                 format, orig_mode, conversion, captions, ingested_at)
+            SELECT i, md5(i::VARCHAR), md5(i::VARCHAR) || '.jpg', '/data/coco/' || i || '.jpg',
+                   'coco', 640, 480, 'JPEG', 'RGB', '', ['a photo number ' || i], now()
+            FROM range(1, {n_anchors} + 1) t(i)""")
+        con.execute(f"""
+            INSERT INTO edits (edit_id, anchor_id, source_caption, instruction, target_caption,
+                               edit_object, edit_type, mode, edit_status, mask_area, mask_class,
+                               created_at)
+            SELECT i, 1 + (i % {n_anchors}), 'a photo number ' || i, 'make it number ' || i,
+                   'a photo changed ' || i,
+                   CASE WHEN i % 3 = 0 THEN 'NONE' ELSE 'object' END,
+                   {types}[1 + (hash(i) % 9)::INTEGER],
+                   CASE WHEN i % 3 = 0 THEN 'free' ELSE 'region' END,
+                   CASE WHEN i % 3 = 0 THEN 'proposed' ELSE 'grounded' END,
+                   (hash(i * 7) % 1000) / 1000.0,
+                   ['fine', 'too_small', 'too_large', 'fragmented'][1 + (hash(i * 3) % 4)::INTEGER],
+                   now()
+            FROM range(1, {n} + 1) t(i)""")
+        con.execute(f"""
+            INSERT INTO candidates (candidate_id, edit_id, candidate_index, seed, gen_behaviour,
+                                    source_image, edited_image, clip_sim_source,
+                                    clip_sim_target, clip_sim_dir, clip_sim_image, dinov2_sim,
+                                    ssim, auto_status, reject_reasons, created_at)
+            SELECT i, i, 0, (hash(i) % 1000000007)::BIGINT, 'method', md5(i::VARCHAR) || '.jpg',
+                   md5((i + 1)::VARCHAR) || '.jpg',
+                   (hash(i) % 1000) / 2000.0, (hash(i + 1) % 1000) / 2000.0,
+                   (hash(i + 2) % 1000) / 2000.0, 0.5 + (hash(i + 3) % 1000) / 2000.0,
+                   (hash(i + 4) % 1000) / 1000.0, (hash(i + 5) % 1000) / 1000.0,
+                   ['generated', 'scored', 'accepted', 'rejected'][1 + (hash(i * 5) % 4)::INTEGER],
+                   CASE WHEN hash(i * 5) % 4 = 3 THEN ['clip_sim_dir < 0.22'] END, now()
+            FROM range(1, {n} + 1) t(i)""")
+        # half the candidates already scored: the runner must skip them
+        con.execute(f"""
+            INSERT INTO stage_state (stage, key, state, run_id, updated_at)
+            SELECT 'bench_score', i, 'done', 1, now() FROM range(1, {n} + 1, 2) t(i)""")
+        con.execute("CHECKPOINT")
+    return time.perf_counter() - t0
+
+
+def best_of(fn, repeat=3):
+    times, out = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), out
+
+
+def run_ultracurate(ws: Workspace) -> dict:
+    res = {}
+    with ws.catalog(read_only=True) as cat:
+        res["stats"], stats = best_of(lambda: catalog_stats(cat))
+        sel = Selection(where=WHERE, params={"min_dir": 0.25})
+
+        def where():
+            sql, p = selected_keys_sql(cat.con, "candidates_v", "candidate_id", sel,
+                                       columns="candidate_id")
+            return cat.arrow(sql, p).num_rows
+        res["where"], n_where = best_of(where)
+        stage = ScoreLike()
+        res["pending"], pending = best_of(lambda: len(stage.items(cat, Selection(), False)))
+    return {"seconds": res, "where_rows": n_where, "pending_rows": pending,
+            "candidates_by_status": stats["candidates_by_status"]}
+
+
+def run_pandas(ws: Workspace) -> dict:
+    import pandas as pd
+    with ws.catalog(read_only=True) as cat:
+        t0 = time.perf_counter()
+        anchors = cat.arrow("SELECT * FROM anchors").to_pandas()
+        edits = cat.arrow("SELECT * FROM edits").to_pandas()
+        cands = cat.arrow("SELECT * FROM candidates").to_pandas()
+        state = cat.arrow("SELECT * FROM stage_state").to_pandas()
+        rejects = cat.arrow("SELECT * FROM ingest_rejects").to_pandas()
+        load = time.perf_counter() - t0
+    res = {}
+
+    def stats():
+        out = {"anchors": {"anchors": len(anchors), "rejected files": len(rejects)}}
+        out["edits_by_status"] = edits["edit_status"].value_counts().to_dict()
+        out["edits_by_type"] = edits["edit_type"].value_counts().to_dict()
+        out["edits_by_mode"] = edits["mode"].value_counts().to_dict()
+        out["mask_class"] = edits.loc[edits["mode"] == "region", "mask_class"].fillna(
+            "unclassified").value_counts().to_dict()
+        status = cands["human_decision"].map({"accept": "accepted", "reject": "rejected"})
+        out["candidates_by_status"] = status.fillna(cands["auto_status"]).value_counts().to_dict()
+        merged = cands[["edit_id"]].merge(edits[["edit_id", "edit_type"]], on="edit_id")
+        out["candidates_by_type"] = merged["edit_type"].value_counts().to_dict()
+        out["reject_reasons"] = cands["reject_reasons"].dropna().explode().value_counts().to_dict()
+        out["ingest_reject_reasons"] = rejects["reason"].value_counts().to_dict()
+        out["failed_by_stage"] = state.loc[state["state"] == "failed", "stage"].value_counts().to_dict()
+        return out
+    res["stats"], _ = best_of(stats)
+
+    def where():
+        view = cands.merge(edits, on="edit_id").merge(anchors, on="anchor_id")
+        m = (view["edit_type"] == "replace") & (view["clip_sim_dir"] > 0.25) & (view["mode"] == "region")
+        return len(view.loc[m, "candidate_id"].to_numpy())  # the keys, as ultracurate returns
+    res["where"], n_where = best_of(where)
+
+    def pending():
+        done = state.loc[(state["stage"] == "bench_score") & (state["state"] == "done"), "key"]
+        view = cands.merge(edits, on="edit_id").merge(anchors, on="anchor_id")
+        m = view["auto_status"].isin(["generated", "scored"]) & ~view["candidate_id"].isin(done)
+        cols = [c.strip() for c in ScoreLike.columns.split(",")]
+        return len(view.loc[m, cols].sort_values("candidate_id"))  # the rows a job gets
+    res["pending"], n_pending = best_of(pending)
+    return {"seconds": res, "load_seconds": load, "where_rows": n_where, "pending_rows": n_pending}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=4_100_000)
+    ap.add_argument("--no-pandas", action="store_true", help="skip the pandas baseline")
+    ap.add_argument("--keep", help="build the catalog in this folder and keep it")
+    args = ap.parse_args()
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="uc-bench-"))
+    if (root / "ws").exists():
+        ws = Workspace(root / "ws")
+        build_s = 0.0
+    else:
+        ws = Workspace.init(root / "ws")
+        print(f"building {args.rows:,} edits + candidates in {ws.root} ...", flush=True)
+        build_s = build(ws, args.rows)
+    size_gb = ws.catalog_path.stat().st_size / 1e9
+    print(f"built in {build_s:.1f} s, catalog file {size_gb:.2f} GB", flush=True)
+    uc = run_ultracurate(ws)
+    out = {"rows": args.rows, "build_seconds": build_s, "catalog_gb": size_gb, "ultracurate": uc}
+    if not args.no_pandas:
+        pd_res = run_pandas(ws)
+        assert pd_res["where_rows"] == uc["where_rows"], (pd_res["where_rows"], uc["where_rows"])
+        assert pd_res["pending_rows"] == uc["pending_rows"]
+        out["pandas"] = pd_res
+    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    print(f"\n{'query':<10}{'ultracurate (s)':>18}{'pandas (s)':>14}{'speed-up':>10}")
+    for q in ("stats", "where", "pending"):
+        a = uc["seconds"][q]
+        b = out.get("pandas", {}).get("seconds", {}).get(q)
+        print(f"{q:<10}{a:>18.3f}" + (f"{b:>14.3f}{b / a:>9.1f}x" if b else f"{'-':>14}{'-':>10}"))
+    if "pandas" in out:
+        print(f"(pandas also spent {out['pandas']['load_seconds']:.1f} s loading the tables)")
+    print(f"rows selected: where {uc['where_rows']:,}, pending {uc['pending_rows']:,}; "
+          f"peak RSS {out['peak_rss_gb']:.2f} GB")
+    dest = Path(__file__).parent / "out"
+    dest.mkdir(exist_ok=True)
+    (dest / f"catalog-{args.rows}.json").write_text(json.dumps(out, indent=2, default=str))
+    if not args.keep:
+        shutil.rmtree(root)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""`ultracurate demo`: the whole pipeline on bundled real photos with tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from . import _common as c
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo)
+
+
+def demo(directory: Path = typer.Argument(Path("demo-workspace"), help="New folder for the "
+                                          "demo workspace."),
+         seed: int = c.SeedOpt, as_json: bool = c.JsonOpt):
+    """Run every stage on scikit-image's real photos with tiny random-weight models on the
+    CPU, ending in an export and a report. (Tiny models give meaningless scores: the demo
+    shows the pipeline, not good edits.)"""
+    from ..demo import run_demo
+    summary = run_demo(directory, seed=seed)
+    c.emit(summary, as_json)
