@@ -60,7 +60,7 @@ CREATE TABLE edits (
                        'change_color', 'transform_global', 'transform_local', 'replace', 'turn',
                        'others')),
     mode           VARCHAR NOT NULL CHECK (mode IN ('free', 'region')),
-    edit_status    VARCHAR NOT NULL DEFAULT 'proposed',  -- proposed | grounded | no_region | dropped
+    edit_status    VARCHAR NOT NULL DEFAULT 'proposed',  -- proposed | grounded | no_region | dropped | invalid (instruct: answer failed validation, reasons in edit_reasons)
     edit_reasons   VARCHAR[],
     -- provenance of the instruction
     instruct_backend   VARCHAR,
