@@ -1,0 +1,129 @@
+"""Commands after generation: score, filter, balance, dedup, report. Each is a thin layer over
+the library function named in its help (ultracurate.stages.score.run_score, ...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import _common as c
+
+
+def register(app: typer.Typer) -> None:
+    app.command("score")(score)
+    app.command("filter")(filter_)
+    app.command("balance")(balance)
+    app.command("dedup")(dedup)
+    app.command("report")(report)
+
+
+def score(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
+          limit: Optional[int] = c.LimitOpt, sample: Optional[int] = c.SampleOpt,
+          seed: int = c.SeedOpt, force: bool = c.ForceOpt, engine: str = c.EngineOpt,
+          address: Optional[str] = c.AddressOpt, device: Optional[str] = c.DeviceOpt,
+          batch_size: Optional[int] = c.BatchOpt, workspace: Optional[str] = c.WorkspaceOpt,
+          as_json: bool = c.JsonOpt):
+    """Score generated candidates: CLIP (source, target, direction, image), DINOv2, SSIM, L1,
+    L2; embeddings to LanceDB (run_score)."""
+    from ..runner import make_engine
+    from ..stages.score import run_score
+    ws = c.workspace(workspace)
+    summary = run_score(ws, c.selection(where, params, limit, sample, seed), force=force,
+                        engine=make_engine(engine, address), device=device,
+                        batch_size=batch_size)
+    c.print_summary(summary, as_json)
+
+
+def filter_(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
+            limit: Optional[int] = c.LimitOpt, sample: Optional[int] = c.SampleOpt,
+            seed: int = c.SeedOpt,
+            preset: str = typer.Option("ultraedit", help="Default thresholds: ultraedit "
+                                       "(per mode) or ip2p."),
+            clip_min: Optional[float] = typer.Option(
+                None, "--clip-min", help="Shortcut: clip_sim_source and clip_sim_target "
+                                         "at least this."),
+            clip_source_min: Optional[float] = typer.Option(None, "--clip-source-min"),
+            clip_target_min: Optional[float] = typer.Option(None, "--clip-target-min"),
+            clip_dir_min: Optional[float] = typer.Option(None, "--clip-dir-min"),
+            clip_image_min: Optional[float] = typer.Option(None, "--clip-image-min"),
+            clip_image_max: Optional[float] = typer.Option(None, "--clip-image-max"),
+            dino_min: Optional[float] = typer.Option(None, "--dino-min"),
+            dino_max: Optional[float] = typer.Option(None, "--dino-max"),
+            ssim_min: Optional[float] = typer.Option(None, "--ssim-min"),
+            ssim_max: Optional[float] = typer.Option(None, "--ssim-max"),
+            l1_max: Optional[float] = typer.Option(None, "--l1-max"),
+            l2_max: Optional[float] = typer.Option(None, "--l2-max"),
+            top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the best K per "
+                                                "edit by clip_sim_dir (default: 4 free, 3 "
+                                                "region)."),
+            region_rule: Optional[bool] = typer.Option(
+                None, "--region-rule/--no-region-rule",
+                help="Drop an edit when fewer than K pass (default: region mode only)."),
+            mode: Optional[str] = typer.Option(None, help="Apply the options above to this "
+                                               "mode only (free or region)."),
+            dry_run: bool = typer.Option(False, "--dry-run", help="Print the funnel; change "
+                                         "nothing."),
+            workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
+    """Accept or reject scored candidates by thresholds, then top-k per edit; every rejected
+    row records all its reasons; human decisions override (run_filter)."""
+    from ..stages.filter import format_funnel, run_filter
+    from ..thresholds import Thresholds
+    ws = c.workspace(workspace)
+    t = Thresholds.preset(preset).override(
+        mode=mode, clip_min=clip_min, clip_sim_source_min=clip_source_min,
+        clip_sim_target_min=clip_target_min, clip_sim_dir_min=clip_dir_min,
+        clip_sim_image_min=clip_image_min, clip_sim_image_max=clip_image_max,
+        dinov2_sim_min=dino_min, dinov2_sim_max=dino_max, ssim_min=ssim_min,
+        ssim_max=ssim_max, l1_max=l1_max, l2_max=l2_max, top_k=top_k,
+        drop_if_fewer=region_rule)
+    res = run_filter(ws, c.selection(where, params, limit, sample, seed), t, dry_run=dry_run)
+    c.emit(res.to_json(), as_json, format_funnel(res))
+
+
+def balance(by: List[str] = typer.Option(["edit_type"], "--by", help="Column(s) of "
+                                         "candidates_v to stratify by; repeatable."),
+            target: Optional[int] = typer.Option(None, "--target", help="Select about N rows "
+                                                 "in all, spread evenly over the groups."),
+            cap: Optional[int] = typer.Option(None, "--cap", help="At most N rows per group."),
+            where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
+            seed: int = c.SeedOpt,
+            plot: Optional[Path] = typer.Option(None, help="Bar plot path (default: "
+                                                "WORKSPACE/reports/balance-run<N>.png)."),
+            workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
+    """Stratified selection of accepted rows: marks `selected`, prints before/after counts
+    and saves a bar plot (run_balance)."""
+    from ..stages.balance import format_balance, run_balance
+    ws = c.workspace(workspace)
+    res = run_balance(ws, by=tuple(by), target=target, cap=cap, seed=seed,
+                      selection=c.selection(where, params), plot_path=plot)
+    c.emit(res.to_json(), as_json, format_balance(res))
+
+
+def dedup(threshold: float = typer.Option(0.95, help="Cosine similarity of CLIP image "
+                                          "embeddings at or above which two images are "
+                                          "near-duplicates."),
+          what: str = typer.Option("both", help="anchors, edited, or both."),
+          where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
+          device: Optional[str] = c.DeviceOpt, workspace: Optional[str] = c.WorkspaceOpt,
+          as_json: bool = c.JsonOpt):
+    """Mark near-duplicate anchors and edited images (duplicate_of = the row they
+    duplicate), by LanceDB vector search over the stored CLIP embeddings (run_dedup)."""
+    from ..stages.dedup import format_dedup, run_dedup
+    ws = c.workspace(workspace)
+    res = run_dedup(ws, threshold=threshold, what=what, selection=c.selection(where, params),
+                    device=device)
+    c.emit(res.to_json(), as_json, format_dedup(res))
+
+
+def report(out: Path = typer.Argument(..., help="The HTML file to write."),
+           where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
+           examples: int = typer.Option(4, help="Example pairs per edit type."),
+           workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
+    """One self-contained HTML report: score histograms with thresholds, acceptance funnel,
+    mask classes, balance, example pairs per edit type (write_report)."""
+    from ..report import write_report
+    ws = c.workspace(workspace)
+    path = write_report(ws, out, c.selection(where, params), examples=examples)
+    c.emit({"report": str(path)}, as_json, f"wrote {path}")

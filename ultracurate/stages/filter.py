@@ -1,0 +1,231 @@
+"""Filter: the keep rule (ultracurate.thresholds), applied as one set-based SQL update.
+
+For every selected scored candidate it decides `auto_status` ('accepted' | 'rejected') and
+records ALL of the reasons a rejected row fails, e.g.
+['clip_sim_image < 0.75', 'clip_sim_dir < 0.22'], then per edit:
+
+- top-k: among the rows that pass the thresholds, the k with the highest clip_sim_dir stay
+  accepted; the others record 'not in top 4 by clip_sim_dir';
+- the region rule (region mode by default): an edit with fewer than k passing rows is dropped,
+  every one of its rows recording 'edit has 2 < 3 passing candidates'.
+
+Human decisions (`human_decision`, set by review) are never written here; `candidates_v.status`
+lets them override `auto_status`, so they survive any re-filtering. A human-rejected row takes
+no top-k place; a human-accepted row takes one first.
+
+Filtering is a pure function of the scores and thresholds: rerunning it with other thresholds
+recomputes every selected row's decision (nothing is lost, the previous run is in `runs`).
+`dry_run=True` computes the funnel and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from ..catalog import Catalog, now
+from ..selection import Selection, selected_keys_sql
+from ..thresholds import MODES, Rule, Thresholds
+
+DEFAULT_WHERE = ("auto_status IN ('scored', 'accepted', 'rejected') "
+                 "AND clip_sim_dir IS NOT NULL")
+_SCORE_COLS = ("clip_sim_source, clip_sim_target, clip_sim_dir, clip_sim_image, dinov2_sim, "
+               "ssim, l1, l2")
+
+
+@dataclass
+class FunnelStep:
+    step: str            # 'clip_sim_dir >= 0.22', 'top-k', 'region rule'
+    removed_alone: int   # rows this step removes on its own (thresholds only)
+    removed: int         # rows it removes after the steps before it
+    remaining: int
+
+
+@dataclass
+class FilterResult:
+    run_id: int | None
+    rows_in: int
+    accepted: int
+    rejected: int
+    funnel: list[FunnelStep] = field(default_factory=list)
+    human_accepted: int = 0
+    human_rejected: int = 0
+    dry_run: bool = False
+    thresholds: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        d = self.__dict__.copy()
+        d["funnel"] = [s.__dict__ for s in self.funnel]
+        return d
+
+
+def _lit(x: float) -> str:
+    return repr(float(x))
+
+
+def _cond(rule: Rule) -> str:
+    """SQL that is true when a row FAILS rule (a missing score fails too)."""
+    bad = "<" if rule.op == ">=" else ">"
+    return f"coalesce({rule.column} {bad} {_lit(rule.value)}, true)"
+
+
+def _per_mode(exprs: dict[str, str], default: str = "NULL") -> str:
+    whens = " ".join(f"WHEN '{m}' THEN {e}" for m, e in exprs.items())
+    return f"(CASE mode {whens} ELSE {default} END)"
+
+
+def _decision_sql(cat: Catalog, selection: Selection, t: Thresholds) -> tuple[str, dict, list]:
+    """SQL giving, per selected row: candidate_id, reasons (thresholds), final reasons,
+    fail_<i> flags per distinct rule, pool, rank, n_pass. Also the distinct rules."""
+    inner, params = selected_keys_sql(
+        cat.con, "candidates_v", "candidate_id", selection, DEFAULT_WHERE,
+        f"candidate_id, edit_id, mode, human_decision, {_SCORE_COLS}")
+    rules = t.all_rules()
+    flags = []
+    reason_items = []
+    for i, rule in enumerate(rules):
+        modes_with = {m: "true" for m in MODES if rule in t.rules(m)}
+        applies = _per_mode(modes_with, "false")
+        flags.append(f"({applies} AND {_cond(rule)}) AS fail_{i}")
+        reason_items.append(f"(CASE WHEN fail_{i} THEN ['{rule.reason}'] "
+                            "ELSE []::VARCHAR[] END)")
+    flags_sql = (", " + ", ".join(flags)) if flags else ""
+    reasons_sql = " || ".join(reason_items) if reason_items else "[]::VARCHAR[]"
+    k = _per_mode({m: str(t[m].top_k) for m in MODES if t[m].top_k})
+    drop = _per_mode({m: "true" for m in MODES if t[m].drop_if_fewer and t[m].top_k}, "false")
+    sql = f"""
+    WITH sel AS ({inner}),
+    f AS (SELECT *{flags_sql} FROM sel),
+    r AS (SELECT *, {reasons_sql} AS reasons, {k} AS k, {drop} AS drop_rule FROM f),
+    p AS (SELECT *, ((len(reasons) = 0 AND human_decision IS DISTINCT FROM 'reject')
+                     OR human_decision = 'accept') AS pool FROM r),
+    ranked AS (
+      SELECT *,
+        CASE WHEN pool THEN row_number() OVER (
+          PARTITION BY edit_id, pool
+          ORDER BY (human_decision = 'accept') DESC NULLS LAST, clip_sim_dir DESC NULLS LAST,
+                   candidate_id) END AS rank,
+        sum(pool::INTEGER) OVER (PARTITION BY edit_id) AS n_pass
+      FROM p)
+    SELECT *,
+      (drop_rule AND n_pass < k) AS dropped_by_region,
+      (pool AND NOT coalesce(drop_rule AND n_pass < k, false) AND rank > k) AS cut_by_topk,
+      reasons
+        || (CASE WHEN drop_rule AND n_pass < k
+                 THEN ['edit has ' || n_pass || ' < ' || k || ' passing candidates']
+                 ELSE []::VARCHAR[] END)
+        || (CASE WHEN pool AND NOT coalesce(drop_rule AND n_pass < k, false) AND rank > k
+                 THEN ['not in top ' || k || ' by clip_sim_dir'] ELSE []::VARCHAR[] END)
+        AS final_reasons
+    FROM ranked"""
+    return sql, params, rules
+
+
+def _funnel(cat: Catalog, sql: str, params: dict, rules: list[Rule],
+            rules_by_mode: dict[str, list[Rule]]) -> tuple[list, dict]:
+    n = len(rules)
+    parts = ["count(*) AS total"]
+    for i in range(n):
+        parts.append(f"count(*) FILTER (WHERE fail_{i}) AS alone_{i}")
+        upto = " OR ".join(f"fail_{j}" for j in range(i + 1))
+        parts.append(f"count(*) FILTER (WHERE NOT ({upto})) AS left_{i}")
+    parts += [
+        "count(*) FILTER (WHERE len(reasons) = 0) AS pass_thresholds",
+        "count(*) FILTER (WHERE len(reasons) = 0 AND coalesce(dropped_by_region, false)) "
+        "AS region_removed",
+        "count(*) FILTER (WHERE len(reasons) = 0 AND coalesce(dropped_by_region, false)) "
+        "AS region_alone",
+        "count(*) FILTER (WHERE len(reasons) = 0 AND coalesce(cut_by_topk, false)) AS topk",
+        "count(*) FILTER (WHERE len(final_reasons) = 0) AS accepted",
+        "count(*) FILTER (WHERE human_decision = 'accept') AS h_acc",
+        "count(*) FILTER (WHERE human_decision = 'reject') AS h_rej",
+    ]
+    row = cat.query(f"SELECT {', '.join(parts)} FROM ({sql}) d", params)[0]
+    steps = []
+    prev = row["total"]
+    for i, rule in enumerate(rules):
+        left = row[f"left_{i}"]
+        only = [m for m in MODES if rule in rules_by_mode[m]]
+        name = rule.name + (f" ({only[0]})" if len(only) == 1 else "")
+        steps.append(FunnelStep(name, row[f"alone_{i}"], prev - left, left))
+        prev = left
+    after_region = prev - row["region_removed"]
+    steps.append(FunnelStep("region rule (edit has fewer than k passing)",
+                            row["region_alone"], row["region_removed"], after_region))
+    steps.append(FunnelStep("top-k by clip_sim_dir", row["topk"], row["topk"],
+                            after_region - row["topk"]))
+    return steps, row
+
+
+def run_filter(ws, selection: Selection | None = None, thresholds: Thresholds | None = None,
+               *, dry_run: bool = False, cat: Catalog | None = None) -> FilterResult:
+    """Apply the keep rule to the selected scored candidates (default thresholds: UltraEdit's,
+    per mode). One transaction: either every selected row gets its new decision and the run
+    is recorded, or the catalog is left as it was."""
+    selection = selection or Selection()
+    t = thresholds or Thresholds.preset("ultraedit")
+    t.validate()
+    own = cat is None
+    cat = cat or ws.catalog()
+    try:
+        sql, params, rules = _decision_sql(cat, selection, t)
+        steps, counts = _funnel(cat, sql, params, rules, {m: t.rules(m) for m in MODES})
+        total = counts["total"]
+        result = FilterResult(None, total, counts["accepted"], total - counts["accepted"],
+                              steps, counts["h_acc"], counts["h_rej"], dry_run, t.to_dict())
+        if dry_run:
+            return result
+        cat.con.execute("BEGIN")
+        try:
+            run_id = cat.start_run("filter", {"thresholds": t.to_dict()},
+                                   selection.to_json(), None)
+            cat.con.execute(
+                f"""UPDATE candidates SET
+                      auto_status = CASE WHEN len(d.final_reasons) = 0 THEN 'accepted'
+                                         ELSE 'rejected' END,
+                      reject_reasons = CASE WHEN len(d.final_reasons) = 0 THEN NULL
+                                            ELSE d.final_reasons END,
+                      filter_run = $_uc_run
+                    FROM ({sql}) d WHERE candidates.candidate_id = d.candidate_id""",
+                {**params, "_uc_run": run_id})
+            cat.con.execute(
+                "UPDATE runs SET rows_in = ?, rows_done = ?, ended_at = ?, state = "
+                "'completed', message = ? WHERE run_id = ?",
+                [total, total, now(), json.dumps(result.to_json()["funnel"]), run_id])
+            cat.con.execute("COMMIT")
+        except BaseException:
+            cat.con.execute("ROLLBACK")
+            raise
+        result.run_id = run_id
+        return result
+    finally:
+        if own:
+            cat.close()
+
+
+def latest_thresholds(cat: Catalog) -> Thresholds | None:
+    """The thresholds of the last completed filter run, if any."""
+    rows = cat.query("SELECT params FROM runs WHERE stage = 'filter' AND state = 'completed' "
+                     "ORDER BY run_id DESC LIMIT 1")
+    if not rows:
+        return None
+    p = rows[0]["params"]
+    p = json.loads(p) if isinstance(p, str) else p
+    return Thresholds.from_dict(p["thresholds"])
+
+
+def format_funnel(result: FilterResult) -> str:
+    """The funnel as a plain-text table."""
+    w = max([len(s.step) for s in result.funnel] + [20])
+    lines = [f"{'step':<{w}}  {'alone':>8}  {'removed':>8}  {'remaining':>9}",
+             f"{'selected rows':<{w}}  {'':>8}  {'':>8}  {result.rows_in:>9}"]
+    for s in result.funnel:
+        lines.append(f"{s.step:<{w}}  {s.removed_alone:>8}  {s.removed:>8}  {s.remaining:>9}")
+    lines.append(f"accepted {result.accepted}, rejected {result.rejected}"
+                 + (f"; human decisions override: {result.human_accepted} accepted, "
+                    f"{result.human_rejected} rejected" if result.human_accepted
+                    or result.human_rejected else "")
+                 + (" (dry run: nothing changed)" if result.dry_run else
+                    f" (run {result.run_id})"))
+    return "\n".join(lines)
+
+
