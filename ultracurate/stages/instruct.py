@@ -98,9 +98,14 @@ class InstructStage(Stage):
         sql, params = selected_keys_sql(cat.con, "anchors_v", "anchor_id", selection,
                                         self.default_where, self.columns)
         rows = cat.pl(sql + " ORDER BY anchor_id", params)
-        plan = plan_types(len(rows), self.per_anchor, self.types, self.quota)
-        rows = rows.with_columns(pl.Series("plan", plan, dtype=pl.List(pl.String)))
-        rows = rows.filter(pl.col("plan").list.len() > 0)
+        # Anchors without a usable caption take no share of the plan; they stay in (with an
+        # empty plan) so that process() records why they were left out.
+        usable = [bool(self._captions(c)) for c in rows["captions"].to_list()]
+        plan = iter(plan_types(sum(usable), self.per_anchor, self.types, self.quota))
+        plans = [next(plan) if u else [] for u in usable]
+        rows = rows.with_columns(pl.Series("plan", plans, dtype=pl.List(pl.String)),
+                                 pl.Series("_usable", usable, dtype=pl.Boolean))
+        rows = rows.filter(~pl.col("_usable") | (pl.col("plan").list.len() > 0)).drop("_usable")
         if not force:
             done = [r[0] for r in cat.con.execute(
                 "SELECT key FROM stage_state WHERE stage = ? AND state = 'done'",
@@ -146,8 +151,7 @@ class InstructStage(Stage):
         slots: list[_Slot] = []
         for row in rows:
             aid = row["anchor_id"]
-            caps = [" ".join(c.split()) for c in (row["captions"] or [])
-                    if c and 0 < word_count(c) <= self.max_caption_words]
+            caps = self._captions(row["captions"])
             if not caps:
                 failed[aid] = (f"anchor {aid}: no caption of 1 to {self.max_caption_words} "
                                "words")
@@ -180,6 +184,10 @@ class InstructStage(Stage):
 
         edits = [self._row(s, backend) for s in slots if s.anchor_id not in failed]
         return BatchResult(extra={"edits": edits}, failed=failed)
+
+    def _captions(self, captions) -> list[str]:
+        return [" ".join(c.split()) for c in (captions or [])
+                if c and 0 < word_count(c) <= self.max_caption_words]
 
     def _request(self, s: _Slot, attempt: int) -> Request:
         seed = derive_seed(self.seed, s.anchor_id, s.index, attempt)

@@ -1,0 +1,286 @@
+"""Import instruction files that already exist as `edits` rows.
+
+Formats:
+- ultraedit: UltraEdit's generation jsonl (`edit_instruction`, `input_text`, `input_image`,
+  `output_text`, `global_idx`, `edit_object`; `edit_type` when present).
+- ip2p: InstructPix2Pix's caption edits jsonl (`input`, `edit`, `output`; an optional image
+  column `image`/`input_image`/`path`).
+- magicbrush: MagicBrush's `edit_sessions.json` ({img_id: [{input, mask, instruction,
+  output}, ...]}, images under images/<img_id>/, captions from global_descriptions.json when
+  it is there), or a jsonl/json/parquet table with `instruction` and `source_img`/`input`.
+
+A record whose image exists becomes (or finds, by content hash) an anchor through the ingest
+stage; a record without an image is attached to the anchor that has its source caption among
+its captions. Records that cannot be placed are counted with their reason, never half-written.
+Importing the same file again adds nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from ..catalog import EDIT_TYPES, now
+from ..errors import UltracurateError
+from .captions import COLOURS
+from .validation import NONE, normalize_type
+
+FORMATS = ("ultraedit", "ip2p", "magicbrush")
+IMAGE_KEYS = ("input_image", "image", "path", "source_img", "image_path")
+
+
+@dataclass
+class ImportRecord:
+    instruction: str
+    source_caption: str = ""
+    target_caption: str = ""
+    edit_object: str | None = None
+    edit_type: str | None = None
+    image: str | None = None        # a file path
+    data: bytes | None = None       # or the image's bytes (parquet Image column)
+    external_id: str | None = None
+
+
+# -- reading ----------------------------------------------------------------------------
+def _rows(path: Path) -> list[dict]:
+    try:
+        if path.suffix == ".parquet":
+            return pl.read_parquet(path).to_dicts()
+        text = path.read_text()
+        if path.suffix == ".json":
+            data = json.loads(text)
+            return data if isinstance(data, list) else [data]
+        return [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+    except (json.JSONDecodeError, OSError, pl.exceptions.PolarsError) as e:
+        raise UltracurateError(f"{path}: cannot read ({str(e).splitlines()[0]})") from None
+
+
+def _resolve(value, base: Path, images_root: Path | None) -> str | None:
+    if not value or not isinstance(value, str):
+        return None
+    p = Path(value)
+    if not p.is_absolute():
+        p = (images_root or base) / p
+    return str(p.resolve())
+
+
+def _str(v) -> str:
+    return " ".join(str(v).split()) if v is not None else ""
+
+
+def read_records(path: str | Path, fmt: str, images_root: str | Path | None = None
+                 ) -> list[ImportRecord]:
+    path = Path(path)
+    if not path.exists():
+        raise UltracurateError(f"{path}: no such file")
+    if fmt not in FORMATS:
+        raise UltracurateError(f"unknown format '{fmt}' ({', '.join(FORMATS)})")
+    root = Path(images_root).resolve() if images_root else None
+    base = path.parent
+    if fmt == "magicbrush" and path.suffix == ".json":
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
+            return _magicbrush_sessions(path, data, root)
+    out = []
+    for i, row in enumerate(_rows(path)):
+        if not isinstance(row, dict):
+            raise UltracurateError(f"{path}: record {i + 1} is not an object")
+        if fmt == "ultraedit":
+            _need(path, i, row, ("edit_instruction", "input_text"))
+            out.append(ImportRecord(
+                _str(row["edit_instruction"]), _str(row["input_text"]),
+                _str(row.get("output_text")), _object(row.get("edit_object")),
+                row.get("edit_type"), _resolve(row.get("input_image"), base, root),
+                external_id=_str(row.get("global_idx", i))))
+        elif fmt == "ip2p":
+            _need(path, i, row, ("input", "edit", "output"))
+            img = next((row[k] for k in IMAGE_KEYS if row.get(k)), None)
+            out.append(ImportRecord(_str(row["edit"]), _str(row["input"]),
+                                    _str(row["output"]), image=_resolve(img, base, root),
+                                    external_id=str(i)))
+        else:
+            _need(path, i, row, ("instruction",))
+            img = row.get("source_img", row.get("input"))
+            rec = ImportRecord(_str(row["instruction"]),
+                               _str(row.get("source_caption", row.get("input_caption"))),
+                               _str(row.get("target_caption", row.get("output_caption"))),
+                               external_id=_str(row.get("img_id", i)) + (
+                                   f":{row['turn_index']}" if "turn_index" in row else ""))
+            if isinstance(img, dict) and img.get("bytes"):
+                rec.data = img["bytes"]
+                rec.image = f"{path}#{i}"
+            else:
+                rec.image = _resolve(img, base, root)
+            out.append(rec)
+    return out
+
+
+def _need(path: Path, i: int, row: dict, keys) -> None:
+    for k in keys:
+        if k not in row:
+            raise UltracurateError(f"{path}: record {i + 1} has no '{k}' field")
+
+
+def _object(v) -> str | None:
+    if v is None:
+        return None
+    s = _str(v)
+    return NONE if s.upper() in ("", "NONE", "NULL") else s
+
+
+def _magicbrush_sessions(path: Path, data: dict, root: Path | None) -> list[ImportRecord]:
+    images = root or path.parent / "images"
+    captions: dict = {}
+    desc = path.parent / "global_descriptions.json"
+    if desc.exists():
+        for sess in json.loads(desc.read_text()).values():
+            if isinstance(sess, dict):
+                captions.update({k: _str(v) for k, v in sess.items()})
+    out = []
+    for img_id, turns in data.items():
+        for turn, t in enumerate(turns, 1):
+            src = images / str(img_id) / str(t.get("input", ""))
+            out.append(ImportRecord(
+                _str(t.get("instruction")), captions.get(t.get("input"), ""),
+                captions.get(t.get("output"), ""), image=str(src.resolve()),
+                external_id=f"{img_id}:{turn}"))
+    return out
+
+
+# -- edit types of imported instructions ---------------------------------------------------
+_STYLE = r"painting|sketch|cartoon|style|watercolou?r|pixel art|anime|drawing|illustration"
+_SCENE = (r"\b(night|nighttime|winter|summer|spring|autumn|fall|snow\w*|rain\w*|sunset|"
+          r"sunrise|dusk|dawn|fog\w*|storm\w*|season|weather|sunny|cloudy|daytime)\b")
+
+
+def infer_edit_type(instruction: str) -> str:
+    """One of the nine types for an instruction that came without one (keyword rules)."""
+    s = instruction.lower()
+    words = set(re.findall(r"[a-z]+", s))
+    if re.search(r"\b(replace|swap|substitute)\b|\binstead of\b", s):
+        return "replace"
+    if re.search(r"\b(turn|transform|convert)\b.*\binto\b", s):
+        if re.search(_STYLE, s) and re.search(r"\b(it|image|photo|picture|scene)\b", s):
+            return "transform_global"
+        return "turn"
+    if re.search(_STYLE, s):
+        return "transform_global"
+    if re.search(r"\b(remove|delete|erase|write|text|sign|says?|number)\b", s) or \
+            re.search(r"\d", s):
+        return "others"
+    if re.search(r"\b(add|put|place|insert|include)\b", s) or s.startswith(("give ", "let ")):
+        return "add"
+    if re.search(_SCENE, s):
+        return "change_global"
+    if words & COLOURS or re.search(r"\bcolou?r\b|\bpaint\b", s):
+        return "change_color"
+    if re.search(r"\b(bigger|smaller|larger|taller|shorter|shape|round|bend|stretch|jump\w*|"
+                 r"pose|melt\w*|rotate|tilt|size|wider|thinner)\b", s):
+        return "transform_local"
+    if re.search(r"\b(make|change|have)\b", s):
+        return "change_local"
+    return "others"
+
+
+# -- importing -----------------------------------------------------------------------------
+def import_instructions(ws, path: str | Path, fmt: str, *, images_root: str | Path | None = None,
+                        mode: str = "auto", progress: bool = True) -> dict:
+    """Import an instruction file as edits; returns counts (records, imported, skipped,
+    anchors_created, reasons) and the run id."""
+    from ..runner import run_stage
+    from ..stages.ingest import IngestStage, Item
+
+    records = read_records(path, fmt, images_root)
+    reasons: Counter = Counter()
+    # 1. Anchors for the records whose image exists (ingest dedups by content and resumes).
+    items: dict[str, Item] = {}
+    for r in records:
+        if r.image and (r.data is not None or Path(r.image).is_file()):
+            it = items.setdefault(r.image, Item(r.image, [], f"import-{fmt}", None, r.data))
+            if r.source_caption and r.source_caption not in it.captions:
+                it.captions.append(r.source_caption)
+    with ws.catalog() as cat:
+        before = int(cat.scalar("SELECT count(*) FROM anchors"))
+        if items:
+            run_stage(ws, IngestStage(list(items.values())), cat=cat, progress=progress)
+        created = int(cat.scalar("SELECT count(*) FROM anchors")) - before
+        by_sha = dict(cat.con.execute("SELECT sha256, anchor_id FROM anchors").fetchall())
+        by_caption = dict(cat.con.execute(
+            "SELECT c, min(anchor_id) FROM (SELECT anchor_id, unnest(captions) AS c "
+            "FROM anchors) GROUP BY c").fetchall())
+        first_caption = dict(cat.con.execute(
+            "SELECT anchor_id, captions[1] FROM anchors").fetchall())
+        anchor_of: dict[str, int] = {}
+        for src, it in items.items():
+            try:
+                data = it.data if it.data is not None else Path(src).read_bytes()
+            except OSError:
+                continue
+            aid = by_sha.get(hashlib.sha256(data).hexdigest())
+            if aid is not None:
+                anchor_of[src] = aid
+
+        # 2. Edit rows.
+        backend = f"import:{fmt}"
+        seen = {(a, i, x) for a, i, x in cat.con.execute(
+            "SELECT anchor_id, instruction, external_id FROM edits WHERE instruct_backend = ?",
+            [backend]).fetchall()}
+        rows = []
+        for r in records:
+            if not r.instruction:
+                reasons["empty instruction"] += 1
+                continue
+            aid = anchor_of.get(r.image) if r.image else None
+            if aid is None and r.image and r.image in items:
+                reasons["image could not be ingested (see ingest_rejects)"] += 1
+                continue
+            if aid is None:
+                aid = by_caption.get(r.source_caption)
+            if aid is None:
+                reasons["image not found and no anchor has its source caption" if r.image
+                        else "no image and no anchor has its source caption"] += 1
+                continue
+            if (aid, r.instruction, r.external_id) in seen:
+                reasons["already imported"] += 1
+                continue
+            seen.add((aid, r.instruction, r.external_id))
+            t = normalize_type(r.edit_type) if r.edit_type else None
+            edit_type = t if t in EDIT_TYPES else infer_edit_type(r.instruction)
+            obj = r.edit_object
+            region = obj not in (None, NONE)
+            rows.append({
+                "anchor_id": aid,
+                "source_caption": r.source_caption or first_caption.get(aid) or "",
+                "instruction": r.instruction, "target_caption": r.target_caption,
+                "edit_object": obj, "edit_type": edit_type,
+                "mode": mode if mode != "auto" else ("region" if region else "free"),
+                "edit_status": "proposed", "instruct_backend": backend,
+                "external_id": r.external_id})
+        run_id = cat.start_run("import-instructions",
+                               {"path": str(path), "format": fmt, "mode": mode}, None, None)
+        cat.con.execute("BEGIN")
+        try:
+            if rows:
+                first = cat.next_id("edits")
+                at = now()
+                for k, row in enumerate(rows):
+                    row.update(edit_id=first + k, instruct_run=run_id, created_at=at)
+                cat.insert_rows("edits", pl.DataFrame(rows, schema_overrides={
+                    "edit_object": pl.String, "external_id": pl.String}))
+            skipped = sum(reasons.values())
+            cat.con.execute("UPDATE runs SET rows_in = ?, rows_done = ?, rows_failed = ? "
+                            "WHERE run_id = ?", [len(records), len(rows), skipped, run_id])
+            cat.con.execute("COMMIT")
+        except BaseException:
+            cat.con.execute("ROLLBACK")
+            cat.end_run(run_id, "failed")
+            raise
+        cat.end_run(run_id, "completed")
+    return {"run_id": run_id, "records": len(records), "imported": len(rows),
+            "skipped": skipped, "anchors_created": created, "reasons": dict(reasons)}
