@@ -1,0 +1,847 @@
+"""Visual review in the FiftyOne App, and the human decisions it produces.
+
+One FiftyOne *grouped* dataset per workspace mirrors a selection of candidates: a group per
+candidate with the slices
+
+    anchor   the real photo the edit started from
+    source   the source image of the pair (the regeneration, or the photo itself)
+    edited   the edited image (default slice), with the region mask as a `Segmentation`
+    mask     the region mask as an image (region edits only)
+
+Every sample carries the candidate's catalog columns (scores, edit type, mode, instruction,
+captions, status, reject reasons, mask class, run ids, human decision...) under their catalog
+names, so a filter written in the App reads like a `--where`. Saved views open the failure
+cases: rejected (and by reason), borderline (near a keep-rule threshold), each mask class,
+each edit type, human-decided. CLIP embeddings already in LanceDB are attached and indexed for
+FiftyOne Brain's similarity search and embeddings plot; nothing is recomputed.
+
+Decisions flow back: tags set in the App (`accept`, `reject`, `bad_mask`, `bad_instruction`
+or any other) are pulled into the catalog's `human_decision` / `human_tags` / `reviewer` /
+`decided_at` in one transaction recorded as a `review-pull` run. `candidates_v.status` lets a
+human decision override the automatic status, so it survives re-filtering.
+
+Updates are incremental: each group stores a fingerprint of the catalog fields it shows, and a
+rebuild touches only groups whose fingerprint changed (or that entered or left the selection).
+Tags still in the App are pulled before anything is rewritten, so none is lost.
+
+FiftyOne reads its database settings when first imported: `fiftyone_env()` applies the
+workspace's `[review]` settings (database_uri, database_dir) to the environment first, unless
+the user's own FIFTYONE_* variables already say otherwise.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import getpass
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from .catalog import Catalog, now
+from .errors import UltracurateError
+from .selection import Selection, selected_keys_sql
+from .workspace import Workspace
+
+SLICES = ("anchor", "source", "edited", "mask")
+DEFAULT_SLICE = "edited"
+DECISION_TAGS = ("accept", "reject")
+SUGGESTED_TAGS = ("accept", "reject", "bad_mask", "bad_instruction")
+MASK_FIELD = "mask"                 # Segmentation on the source and edited slices
+MASK_VALUE = 255                    # pixel value of the region in the mask PNGs
+FINGERPRINT_FIELD = "review_fingerprint"
+DEFAULT_MARGIN = 0.02               # borderline: within this of a keep-rule threshold
+DEFAULT_PORT = 5151
+
+# Catalog columns not copied onto samples: media names and the RLE become the slices and the
+# Segmentation; the rest are bulky provenance better read with `ultracurate show`.
+_NOT_FIELDS = {"anchor_media", "source_image", "edited_image", "mask_rle", "gen_params",
+               "ground_boxes", "captions", "exemplar_ids", "anchor_path", "error"}
+# FiftyOne's own sample fields: catalog columns of the same name are renamed.
+_RESERVED = {"id", "filepath", "tags", "metadata", "group", "created_at", "last_modified_at",
+             "media_type", MASK_FIELD, FINGERPRINT_FIELD}
+
+# The keep rule's score thresholds, used for the borderline views when ultracurate.thresholds
+# (the filter's single definition) is not importable. Mode-specific values as {mode: value}.
+_FALLBACK_THRESHOLDS = {
+    "clip_sim_image": {"free": 0.75, "region": 0.70},
+    "clip_sim_dir": 0.22,
+    "clip_sim_source": 0.2,
+    "clip_sim_target": 0.2,
+    "dinov2_sim": 0.4,
+}
+
+
+# -- FiftyOne's database ---------------------------------------------------------------------
+def fiftyone_env(ws: Workspace | None = None) -> None:
+    """Set FiftyOne's environment before it is imported: no usage tracking, and the
+    workspace's `[review] database_uri` / `database_dir` unless FIFTYONE_* already set them.
+    A user's own MongoDB (FIFTYONE_DATABASE_URI) skips FiftyOne's version check."""
+    os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+    cfg = ws.section("review") if ws is not None else {}
+    if cfg.get("database_uri") and "FIFTYONE_DATABASE_URI" not in os.environ:
+        os.environ["FIFTYONE_DATABASE_URI"] = str(cfg["database_uri"])
+    if cfg.get("database_dir") and "FIFTYONE_DATABASE_DIR" not in os.environ:
+        os.environ["FIFTYONE_DATABASE_DIR"] = str(Path(cfg["database_dir"]).expanduser())
+    if os.environ.get("FIFTYONE_DATABASE_URI"):
+        os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
+
+
+def _fo(ws: Workspace | None = None):
+    fiftyone_env(ws)
+    try:
+        import fiftyone as fo
+    except Exception as e:  # a broken database package fails at import or first use
+        raise UltracurateError(f"FiftyOne is not usable: {str(e).splitlines()[0]} "
+                               "(run `ultracurate doctor`)") from None
+    return fo
+
+
+_HEALTH_SCRIPT = r"""
+import json, sys
+out = {}
+try:
+    import fiftyone as fo
+    import fiftyone.core.odm.database as fod
+    out["fiftyone_version"] = fo.__version__
+    out["database_uri"] = fo.config.database_uri
+    out["database_dir"] = fo.config.database_dir
+    conn = fod.get_db_conn()
+    out["mongodb_version"] = conn.client.server_info()["version"]
+    out["datasets"] = len(fo.list_datasets())
+    out["ok"] = True
+except BaseException as e:
+    out["ok"] = False
+    out["error"] = (type(e).__name__ + ": " + (str(e).strip().splitlines() or [""])[0])[:300]
+sys.stdout.write("\n@@HEALTH@@" + json.dumps(out))
+"""
+
+
+def fiftyone_health(ws: Workspace | None = None, timeout: float = 120.0) -> dict:
+    """Whether FiftyOne's database starts and answers, checked in a child process (a database
+    that cannot start makes FiftyOne hang or exit): {'ok', 'fiftyone_version',
+    'mongodb_version', 'database_uri', 'database_dir', 'datasets'} or {'ok': False, 'error'}."""
+    fiftyone_env(ws)
+    env = dict(os.environ)
+    try:
+        proc = subprocess.run([sys.executable, "-c", _HEALTH_SCRIPT], capture_output=True,
+                              text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"FiftyOne's database did not answer in {timeout:.0f} s"}
+    marker = proc.stdout.rfind("@@HEALTH@@")
+    if marker < 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"ok": False, "error": f"FiftyOne check exited {proc.returncode}: {tail[:300]}"}
+    return json.loads(proc.stdout[marker + len("@@HEALTH@@"):])
+
+
+# -- names, thresholds -----------------------------------------------------------------------
+def dataset_name(ws: Workspace) -> str:
+    """The workspace's FiftyOne dataset: `[review] dataset` in its config, else a name made
+    from the folder's name and a hash of its absolute path (two workspaces never share one)."""
+    cfg = ws.section("review")
+    if cfg.get("dataset"):
+        return str(cfg["dataset"])
+    digest = hashlib.sha1(str(ws.root).encode()).hexdigest()[:8]
+    return f"ultracurate-{ws.root.name}-{digest}"
+
+
+def keep_thresholds() -> dict[str, Any]:
+    """{score column: threshold or {mode: threshold}} of the keep rule, from
+    ultracurate.thresholds when present (the filter's definition), else the method's defaults."""
+    try:
+        from . import thresholds as th  # written by the filter; optional here
+    except ImportError:
+        return dict(_FALLBACK_THRESHOLDS)
+    for attr in ("keep_rule_thresholds", "default_thresholds", "defaults"):
+        fn = getattr(th, attr, None)
+        if callable(fn):
+            try:
+                got = fn()
+            except TypeError:
+                continue
+            return _normalise_thresholds(got)
+    for attr in ("DEFAULT_THRESHOLDS", "DEFAULTS", "THRESHOLDS", "KEEP_RULE"):
+        got = getattr(th, attr, None)
+        if isinstance(got, dict):
+            return _normalise_thresholds(got)
+    return dict(_FALLBACK_THRESHOLDS)
+
+
+def _normalise_thresholds(got: Any) -> dict[str, Any]:
+    """Keep the {score: number | {mode: number}} entries of whatever shape the filter uses
+    ({'free': {...}, 'region': {...}} is turned around to {score: {mode: value}})."""
+    if hasattr(got, "__dataclass_fields__"):
+        got = asdict(got)
+    got = dict(got)
+    out: dict[str, Any] = {}
+    modes = {k for k in got if k in ("free", "region") and isinstance(got[k], dict)}
+    for mode in modes:
+        for score, v in got[mode].items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out.setdefault(score, {})[mode] = float(v)
+    for score, v in got.items():
+        if score in modes:
+            continue
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[score] = float(v)
+        elif isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values()):
+            out[score] = {k: float(x) for k, x in v.items()}
+    # strip suffixes such as 'min_clip_sim_dir' / 'clip_sim_dir_min'
+    clean = {}
+    for k, v in out.items():
+        name = k.removeprefix("min_").removesuffix("_min")
+        clean[name] = v
+    return clean or dict(_FALLBACK_THRESHOLDS)
+
+
+def _slug(text: str) -> str:
+    s = "".join(ch.lower() if ch.isalnum() else "-" for ch in str(text))
+    s = "-".join(p for p in s.split("-") if p)
+    return s or "none"
+
+
+# -- masks -----------------------------------------------------------------------------------
+def _decode_rle(rle: str, height: int, width: int):
+    try:
+        from .masks import decode  # the region module's RLE helper
+        return decode(rle, height, width)
+    except ImportError:
+        import numpy as np
+        from pycocotools import mask as coco_mask
+        return coco_mask.decode({"size": [int(height), int(width)],
+                                 "counts": rle.encode()}).astype(bool, copy=False) \
+            if isinstance(rle, str) else np.zeros((height, width), bool)
+
+
+def mask_png(ws: Workspace, rle: str, height: int, width: int) -> Path:
+    """The mask as a PNG (region = 255) under WORKSPACE/review/masks/, named by a hash of the
+    RLE and its size: written once, reused by every rebuild and every candidate of the edit."""
+    import numpy as np
+    from PIL import Image
+    key = hashlib.sha256(f"{int(height)}x{int(width)}:{rle}".encode()).hexdigest()
+    path = ws.root / "review" / "masks" / key[:2] / f"{key}.png"
+    if path.exists():
+        return path
+    try:
+        m = np.asarray(_decode_rle(rle, height, width)).astype(bool)
+    except Exception as e:
+        raise UltracurateError(f"mask RLE does not decode ({height}x{width}): "
+                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                               ) from None
+    buf = io.BytesIO()
+    Image.fromarray(np.where(m, MASK_VALUE, 0).astype(np.uint8), mode="L").save(buf, "PNG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.part")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+    return path
+
+
+# -- reading the catalog ---------------------------------------------------------------------
+def _field_names(columns: Iterable[str]) -> dict[str, str]:
+    """catalog column -> sample field name, for the columns copied onto samples."""
+    out = {}
+    for c in columns:
+        if c in _NOT_FIELDS:
+            continue
+        out[c] = f"candidate_{c}" if c in _RESERVED else c
+    return out
+
+
+def _fo_field(duck_type: str):
+    """(FiftyOne field class, kwargs) for a DuckDB column type."""
+    import fiftyone.core.fields as fof
+    t = duck_type.upper()
+    if t.endswith("[]"):
+        sub, _ = _fo_field(t[:-2])
+        return fof.ListField, {"subfield": sub}
+    if t in ("DOUBLE", "FLOAT", "REAL") or t.startswith("DECIMAL"):
+        return fof.FloatField, {}
+    if "INT" in t:
+        return fof.IntField, {}
+    if t == "BOOLEAN":
+        return fof.BooleanField, {}
+    if t.startswith("TIMESTAMP") or t == "DATE":
+        return fof.DateTimeField, {}
+    return fof.StringField, {}
+
+
+def _declare_fields(ds, cat: Catalog, fields: dict[str, str], fo) -> None:
+    """Declare every copied column's field with its type up front, so that a column that is
+    NULL on every row so far still exists (and takes values on a later update)."""
+    types = {r[0]: r[1] for r in cat.con.execute("DESCRIBE candidates_v").fetchall()}
+    schema = ds.get_field_schema()
+    for col, name in fields.items():
+        if name not in schema:
+            ftype, kw = _fo_field(types[col])
+            ds.add_sample_field(name, ftype, **kw)
+    if FINGERPRINT_FIELD not in schema:
+        import fiftyone.core.fields as fof
+        ds.add_sample_field(FINGERPRINT_FIELD, fof.StringField)
+    if MASK_FIELD not in schema:
+        import fiftyone.core.fields as fof
+        ds.add_sample_field(MASK_FIELD, fof.EmbeddedDocumentField,
+                            embedded_doc_type=fo.Segmentation)
+
+
+def _plain(v: Any) -> Any:
+    """A value FiftyOne stores as is (lists of str, floats, ints, datetimes, str)."""
+    if v is None or isinstance(v, (bool, int, float, str, _dt.datetime)):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, _dt.date):
+        return _dt.datetime(v.year, v.month, v.day)
+    if hasattr(v, "item"):
+        return v.item()
+    return str(v)
+
+
+def _fingerprint(row: dict) -> str:
+    return hashlib.sha1(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _catalog_tags(row: dict) -> list[str]:
+    """The tags a candidate's group shows: its human tags and its decision."""
+    tags = set(row.get("human_tags") or [])
+    if row.get("human_decision") in DECISION_TAGS:
+        tags.add(row["human_decision"])
+    return sorted(tags)
+
+
+def selected_candidates(cat: Catalog, selection: Selection | None) -> list[dict]:
+    """Rows of candidates_v the selection picks that have an edited image to look at."""
+    selection = selection or Selection()
+    sql, params = selected_keys_sql(cat.con, "candidates_v", "candidate_id", selection,
+                                    "edited_image IS NOT NULL")
+    return cat.query(sql + " ORDER BY candidate_id", params or None)
+
+
+# -- the dataset -----------------------------------------------------------------------------
+@dataclass
+class ReviewSummary:
+    """What a build did. `views` are the saved views' names; `embeddings` the attached fields."""
+
+    dataset: str
+    selected: int = 0
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    pulled: int = 0
+    views: list[str] = field(default_factory=list)
+    embeddings: list[str] = field(default_factory=list)
+    run_id: int | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def open_review_dataset(ws: Workspace, name: str | None = None, create: bool = False):
+    """The workspace's FiftyOne dataset (None when it does not exist and not create)."""
+    fo = _fo(ws)
+    name = name or dataset_name(ws)
+    if fo.dataset_exists(name):
+        return fo.load_dataset(name)
+    if not create:
+        return None
+    ds = fo.Dataset(name)
+    ds.persistent = True
+    ds.add_group_field("group", default=DEFAULT_SLICE)
+    ds.info = {"ultracurate_workspace": str(ws.root)}
+    ds.mask_targets = {MASK_FIELD: {MASK_VALUE: "edit region"}}
+    ds.tags = ["ultracurate"]
+    ds.save()
+    return ds
+
+
+def _slice_paths(ws: Workspace, row: dict) -> dict[str, str]:
+    media = {"anchor": row.get("anchor_media"), "source": row.get("source_image"),
+             "edited": row.get("edited_image")}
+    out = {s: str(ws.media.path(n)) for s, n in media.items() if n}
+    if row.get("mask_rle") and row.get("mask_height") and row.get("mask_width"):
+        try:
+            out["mask"] = str(mask_png(ws, row["mask_rle"], row["mask_height"],
+                                       row["mask_width"]))
+        except UltracurateError as e:
+            raise UltracurateError(f"candidate {row['candidate_id']}: {e}") from None
+    return out
+
+
+def _fill(sample, row: dict, fields: dict[str, str], fp: str, paths: dict[str, str],
+          slice_name: str, fo) -> None:
+    for col, name in fields.items():
+        sample[name] = _plain(row.get(col))
+    sample[FINGERPRINT_FIELD] = fp
+    if slice_name in ("source", "edited"):
+        sample[MASK_FIELD] = (fo.Segmentation(mask_path=paths["mask"]) if "mask" in paths
+                              else None)
+
+
+def build_review_dataset(ws: Workspace, selection: Selection | None = None, *,
+                         name: str | None = None, reviewer: str | None = None,
+                         prune: bool = True, embeddings: bool = True,
+                         visualize: bool = False, margin: float = DEFAULT_MARGIN,
+                         progress: bool = True) -> ReviewSummary:
+    """Create or update the workspace's grouped FiftyOne dataset from the selected candidates
+    (those with an edited image). Only groups whose catalog fields changed are rewritten;
+    groups that left the selection are removed when prune. Tags set in the App are pulled into
+    the catalog first (as `reviewer`), so a rewrite never loses them. Attaches CLIP embeddings
+    from LanceDB when present (Brain similarity; a PCA plot too when visualize) and re-saves the
+    failure-case views. Records a `review` run."""
+    fo = _fo(ws)
+    name = name or dataset_name(ws)
+    summary = ReviewSummary(dataset=name)
+    ds = open_review_dataset(ws, name, create=True)
+    with ws.catalog() as cat:
+        if len(ds):
+            summary.pulled = pull_decisions(ws, name=name, reviewer=reviewer, cat=cat).changed
+        rows = selected_candidates(cat, selection)
+        fields = _field_names(cat.columns("candidates_v"))
+        _declare_fields(ds, cat, fields, fo)
+        summary.selected = len(rows)
+
+        existing = _existing_groups(ds)
+        wanted = {r["candidate_id"] for r in rows}
+        new_samples, changed = [], []
+        bar = _bar(progress, len(rows), "review")
+        with bar:
+            task = bar.add_task("review", total=len(rows))
+            for row in rows:
+                cid = row["candidate_id"]
+                fp = _fingerprint(row)
+                if cid in existing and existing[cid][1] == fp:
+                    summary.unchanged += 1
+                elif cid in existing:
+                    changed.append((row, fp))
+                else:
+                    paths = _slice_paths(ws, row)
+                    group = fo.Group()
+                    for s in SLICES:
+                        if s not in paths:
+                            continue
+                        sample = fo.Sample(filepath=paths[s], group=group.element(s))
+                        _fill(sample, row, fields, fp, paths, s, fo)
+                        if s == DEFAULT_SLICE:
+                            sample.tags = _catalog_tags(row)
+                        new_samples.append(sample)
+                    summary.added += 1
+                bar.advance(task)
+            if new_samples:
+                ds.add_samples(new_samples, progress=False)
+            summary.updated = _update_groups(ds, changed, existing, fields, ws, fo)
+
+        gone = [existing[c][0] for c in existing if c not in wanted]
+        if prune and gone:
+            ds.delete_groups(gone)
+            summary.removed = len(gone)
+
+        summary.views = save_review_views(ds, margin=margin)
+        dirty = summary.added or summary.updated or summary.removed
+        if embeddings:
+            summary.embeddings = attach_embeddings(ws, ds, recompute=bool(dirty),
+                                                   visualize=visualize)
+        summary.run_id = _record(cat, "review", {"dataset": name, "margin": margin,
+                                                 "prune": prune}, selection,
+                                 rows_in=len(rows), rows_done=summary.added + summary.updated,
+                                 message=json.dumps({k: v for k, v in summary.to_json().items()
+                                                     if k in ("added", "updated", "unchanged",
+                                                              "removed", "pulled")}))
+    return summary
+
+
+def _bar(progress: bool, total: int, name: str):
+    from .runner import _progress
+    bar = _progress(total, name)
+    if not progress:
+        bar.disable = True
+    return bar
+
+
+def _existing_groups(ds) -> dict[int, tuple[str, str]]:
+    """candidate_id -> (group id, fingerprint), read from the default slice."""
+    if not len(ds) or not ds.has_field("candidate_id"):
+        return {}
+    view = ds.select_group_slices(DEFAULT_SLICE)
+    cids, gids, fps = view.values(["candidate_id", "group.id", FINGERPRINT_FIELD])
+    return {int(c): (g, f) for c, g, f in zip(cids, gids, fps) if c is not None}
+
+
+def _update_groups(ds, changed: list[tuple[dict, str]], existing: dict, fields: dict,
+                   ws: Workspace, fo) -> int:
+    """Rewrite the fields (and media, slices, tags) of changed groups in place: sample ids
+    stay, so the App's selection and Brain results keep pointing at them."""
+    if not changed:
+        return 0
+    from fiftyone import ViewField as F
+    by_gid = {existing[row["candidate_id"]][0]: (row, fp) for row, fp in changed}
+    view = ds.select_group_slices(_allow_mixed=True).match(
+        F("group._id").is_in([_oid(g) for g in by_gid]))
+    present: dict[str, set[str]] = {g: set() for g in by_gid}
+    stale = []
+    paths_of = {g: _slice_paths(ws, row) for g, (row, _) in by_gid.items()}
+    for sample in view.iter_samples(autosave=True, progress=False):
+        gid = sample.group.id
+        row, fp = by_gid[gid]
+        paths = paths_of[gid]
+        s = sample.group.name
+        if s not in paths:
+            stale.append(sample.id)
+            continue
+        present[gid].add(s)
+        if sample.filepath != paths[s]:
+            sample.filepath = paths[s]
+        _fill(sample, row, fields, fp, paths, s, fo)
+        if s == DEFAULT_SLICE:
+            sample.tags = _catalog_tags(row)
+        else:
+            sample.tags = []
+    extra = []
+    for gid, (row, fp) in by_gid.items():
+        paths = paths_of[gid]
+        for s in SLICES:
+            if s in paths and s not in present[gid]:
+                sample = fo.Sample(filepath=paths[s], group=fo.Group(id=gid).element(s))
+                _fill(sample, row, fields, fp, paths, s, fo)
+                if s == DEFAULT_SLICE:
+                    sample.tags = _catalog_tags(row)
+                extra.append(sample)
+    if stale:
+        ds.delete_samples(stale)
+    if extra:
+        ds.add_samples(extra, progress=False)
+    return len(by_gid)
+
+
+def _oid(s: str):
+    from bson import ObjectId
+    return ObjectId(s)
+
+
+# -- saved views -----------------------------------------------------------------------------
+def review_views(ds, margin: float = DEFAULT_MARGIN) -> dict[str, Any]:
+    """The failure-case views, by name: rejected, rejected-<reason>, borderline,
+    borderline-<score>, mask-<class>, type-<edit_type>, human-decided (and human-accept /
+    human-reject), over whatever values the dataset holds now."""
+    from fiftyone import ViewField as F
+    views: dict[str, Any] = {}
+    if not len(ds) or not ds.has_field("candidate_id"):
+        return views
+    edited = ds.select_group_slices(DEFAULT_SLICE)
+
+    def distinct(f):
+        return edited.distinct(f) if ds.has_field(f) else []
+
+    views["rejected"] = ds.match(F("status") == "rejected")
+    for reason in distinct("reject_reasons"):
+        views[f"rejected-{_slug(reason)}"] = ds.match(F("reject_reasons").contains(reason))
+    near = []
+    for score, th in keep_thresholds().items():
+        if not ds.has_field(score):
+            continue
+        if isinstance(th, dict):
+            conds = [(F("mode") == mode) & ((F(score) - t).abs() <= margin)
+                     for mode, t in th.items()]
+            cond = conds[0]
+            for c in conds[1:]:
+                cond = cond | c
+        else:
+            cond = (F(score) - th).abs() <= margin
+        cond = (F(score) != None) & cond  # noqa: E711 (a MongoDB null test)
+        near.append(cond)
+        views[f"borderline-{_slug(score)}"] = ds.match(cond)
+    if near:
+        cond = near[0]
+        for c in near[1:]:
+            cond = cond | c
+        views["borderline"] = ds.match(cond)
+    for cls in distinct("mask_class"):
+        views[f"mask-{_slug(cls)}"] = ds.match(F("mask_class") == cls)
+    for t in distinct("edit_type"):
+        views[f"type-{_slug(t)}"] = ds.match(F("edit_type") == t)
+    views["human-decided"] = ds.match((F("human_decision") != None)  # noqa: E711
+                                      | (F("human_tags").length() > 0))
+    views["human-accept"] = ds.match(F("human_decision") == "accept")
+    views["human-reject"] = ds.match(F("human_decision") == "reject")
+    return views
+
+
+def save_review_views(ds, margin: float = DEFAULT_MARGIN) -> list[str]:
+    """(Re)save the failure-case views; drop saved views of values no longer present."""
+    views = review_views(ds, margin=margin)
+    for old in ds.list_saved_views():
+        if old not in views:
+            ds.delete_saved_view(old)
+    for name, view in views.items():
+        ds.save_view(name, view, overwrite=True)
+    return list(views)
+
+
+# -- embeddings ------------------------------------------------------------------------------
+def read_lance_embeddings(ws: Workspace, candidate_ids: Iterable[int] | None = None
+                          ) -> dict[str, dict[int, Any]]:
+    """CLIP image embeddings already in the workspace's LanceDB, as {slice: {candidate_id:
+    vector}}. Reads `ultracurate.embeddings.review_embeddings(ws)` when that module offers it;
+    otherwise any Lance table keyed by candidate_id whose vector columns name the slice they
+    belong to (`source...`, `edited...`/`edit...`), or a long table with a `kind`/`image`
+    column naming the slice and a `vector` column. Empty when there are none."""
+    try:
+        from . import embeddings as emb  # the scoring side's LanceDB layer, when present
+        fn = getattr(emb, "review_embeddings", None)
+        if callable(fn):
+            return fn(ws, candidate_ids)
+    except ImportError:
+        pass
+    import numpy as np
+    import pyarrow as pa
+    if not ws.lance_path.exists():
+        return {}
+    try:
+        import lancedb
+        db = lancedb.connect(str(ws.lance_path))
+        names = list(db.table_names())
+    except Exception:
+        return {}
+    wanted = set(candidate_ids) if candidate_ids is not None else None
+    out: dict[str, dict[int, Any]] = {}
+    for tname in names:
+        try:
+            tbl = db.open_table(tname).to_arrow()
+        except Exception:
+            continue
+        if "candidate_id" not in tbl.column_names:
+            continue
+        vec_cols = [f.name for f in tbl.schema
+                    if (pa.types.is_fixed_size_list(f.type) or pa.types.is_list(f.type))
+                    and pa.types.is_floating(f.type.value_type)]
+        kind_col = next((c for c in ("kind", "image", "slice", "which", "role")
+                         if c in tbl.column_names), None)
+        cids = tbl.column("candidate_id").to_pylist()
+        for col in vec_cols:
+            vecs = tbl.column(col).to_pylist()
+            if kind_col and col == "vector":
+                kinds = tbl.column(kind_col).to_pylist()
+            else:
+                s = _slice_of(col) or _slice_of(tname)
+                if s is None:
+                    continue
+                kinds = [s] * len(cids)
+            for cid, k, v in zip(cids, kinds, vecs):
+                s = _slice_of(str(k)) if k is not None else None
+                if s is None or v is None or (wanted is not None and cid not in wanted):
+                    continue
+                out.setdefault(s, {})[int(cid)] = np.asarray(v, dtype=np.float32)
+    return out
+
+
+def _slice_of(name: str) -> str | None:
+    n = name.lower()
+    if "source" in n or n.startswith("src"):
+        return "source"
+    if "edit" in n or "target" in n:
+        return "edited"
+    if "anchor" in n:
+        return "anchor"
+    return None
+
+
+def attach_embeddings(ws: Workspace, ds, recompute: bool = True,
+                      visualize: bool = False) -> list[str]:
+    """Copy LanceDB's CLIP embeddings onto the source / edited slices (`clip_embedding`) and
+    index them for Brain similarity (brain key `clip_sim_<slice>`; with visualize also a PCA
+    plot `clip_viz_<slice>`). Nothing is recomputed from images. Returns the slices attached;
+    [] and no change when LanceDB has none."""
+    vecs = read_lance_embeddings(ws)
+    done = []
+    for s, by_cid in sorted(vecs.items()):
+        if s not in ds.group_slices or not by_cid:
+            continue
+        view = ds.select_group_slices(s)
+        ids, cids = view.values(["id", "candidate_id"])
+        have = {cid: i for i, cid in zip(ids, cids) if cid in by_cid}
+        if not have:
+            continue
+        key = f"clip_sim_{s}"
+        old = view.values("clip_embedding") if view.has_field("clip_embedding") else None
+        if old is not None and not recompute and key in ds.list_brain_runs():
+            done.append(s)
+            continue
+        values = {i: by_cid[c] for c, i in have.items()}
+        view.set_values("clip_embedding", values, key_field="id")
+        with_emb = view.select(list(values))
+        import fiftyone.brain as fob
+        for k in (key, f"clip_viz_{s}"):
+            if k in ds.list_brain_runs():
+                ds.delete_brain_run(k)
+        fob.compute_similarity(with_emb, embeddings="clip_embedding", brain_key=key,
+                               backend="sklearn", metric="cosine", progress=False)
+        if visualize and len(values) >= 2:
+            fob.compute_visualization(with_emb, embeddings="clip_embedding",
+                                      brain_key=f"clip_viz_{s}", method="pca",
+                                      progress=False)
+        done.append(s)
+    return done
+
+
+# -- decisions back into the catalog ---------------------------------------------------------
+@dataclass
+class PullSummary:
+    dataset: str
+    groups: int = 0
+    changed: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    cleared: int = 0
+    conflicts: list[int] = field(default_factory=list)  # both accept and reject: left as was
+    run_id: int | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def default_reviewer() -> str:
+    return os.environ.get("ULTRACURATE_REVIEWER") or getpass.getuser()
+
+
+def group_tags(ds) -> dict[int, list[str]]:
+    """candidate_id -> the union of its group's sample tags, over every slice."""
+    if not len(ds) or not ds.has_field("candidate_id"):
+        return {}
+    out: dict[int, set[str]] = {}
+    view = ds.select_group_slices(_allow_mixed=True)
+    for cid, tags in zip(*view.values(["candidate_id", "tags"])):
+        if cid is not None:
+            out.setdefault(int(cid), set()).update(tags or [])
+    return {c: sorted(t) for c, t in out.items()}
+
+
+def pull_decisions(ws: Workspace, name: str | None = None, reviewer: str | None = None,
+                   cat: Catalog | None = None) -> PullSummary:
+    """Write the App's tags into the catalog as human decisions: `accept` / `reject` set
+    human_decision, every tag goes into human_tags, with reviewer and decided_at; removing all
+    tags clears the decision. Only candidates whose tags differ from the catalog change, in one
+    transaction recorded as a `review-pull` run (none when nothing changed). A group tagged both
+    accept and reject is left as it was and listed in `conflicts`."""
+    name = name or dataset_name(ws)
+    ds = open_review_dataset(ws, name)
+    summary = PullSummary(dataset=name)
+    if ds is None:
+        raise UltracurateError(f"no review dataset '{name}' yet: build it with "
+                               "`ultracurate review --no-launch`")
+    tags = group_tags(ds)
+    summary.groups = len(tags)
+    reviewer = reviewer or default_reviewer()
+    own = cat is None
+    cat = cat or ws.catalog()
+    try:
+        current = {}
+        if tags:
+            import pyarrow as pa
+            cat.con.register("_uc_ids", pa.table({"cid": pa.array(list(tags), pa.int64())}))
+            try:
+                for r in cat.query("SELECT candidate_id, human_decision, human_tags FROM "
+                                   "candidates JOIN _uc_ids ON candidate_id = cid"):
+                    current[r["candidate_id"]] = r
+            finally:
+                cat.con.unregister("_uc_ids")
+        updates = []
+        when = now()
+        for cid, t in sorted(tags.items()):
+            row = current.get(cid)
+            if row is None or t == _catalog_tags(row):
+                continue
+            if "accept" in t and "reject" in t:
+                summary.conflicts.append(cid)
+                continue
+            decision = "accept" if "accept" in t else "reject" if "reject" in t else None
+            updates.append({"candidate_id": cid, "human_decision": decision,
+                            "human_tags": t or None, "reviewer": reviewer,
+                            "decided_at": when})
+            summary.accepted += decision == "accept"
+            summary.rejected += decision == "reject"
+            summary.cleared += not t
+        summary.changed = len(updates)
+        if updates:
+            import polars as pl
+            df = pl.DataFrame(updates, schema={"candidate_id": pl.Int64,
+                                               "human_decision": pl.Utf8,
+                                               "human_tags": pl.List(pl.Utf8),
+                                               "reviewer": pl.Utf8,
+                                               "decided_at": pl.Datetime("us")})
+            cat.con.execute("BEGIN")
+            try:
+                run_id = cat.start_run("review-pull", {"dataset": name, "reviewer": reviewer},
+                                       None, None)
+                cat.update_rows("candidates", df)
+                cat.con.execute("UPDATE runs SET rows_in = ?, rows_done = ? WHERE run_id = ?",
+                                [summary.groups, summary.changed, run_id])
+                cat.end_run(run_id, "completed",
+                            json.dumps({"accepted": summary.accepted,
+                                        "rejected": summary.rejected,
+                                        "cleared": summary.cleared,
+                                        "conflicts": summary.conflicts}))
+                cat.con.execute("COMMIT")
+            except BaseException:
+                cat.con.execute("ROLLBACK")
+                raise
+            summary.run_id = run_id
+        _normalise_tags(ds, tags)
+    finally:
+        if own:
+            cat.close()
+    return summary
+
+
+def _normalise_tags(ds, tags: dict[int, list[str]]) -> None:
+    """Keep a group's tags on its default slice only, so that removing a tag there removes it
+    (a tag left on another slice would otherwise come back on the next pull)."""
+    from fiftyone import ViewField as F
+    others = ds.select_group_slices(_allow_mixed=True).match(
+        (F("group.name") != DEFAULT_SLICE) & (F("tags").length() > 0))
+    if not len(others):
+        return
+    moved = {int(c) for c in others.values("candidate_id") if c is not None}
+    edited = ds.select_group_slices(DEFAULT_SLICE).match(F("candidate_id").is_in(list(moved)))
+    ids, cids = edited.values(["id", "candidate_id"])
+    edited.set_values("tags", {i: tags.get(int(c), []) for i, c in zip(ids, cids)},
+                      key_field="id")
+    others.set_values("tags", [[] for _ in range(len(others))])
+
+
+def _record(cat: Catalog, stage: str, params: dict, selection: Selection | None,
+            rows_in: int, rows_done: int, message: str | None) -> int:
+    cat.con.execute("BEGIN")
+    try:
+        run_id = cat.start_run(stage, params, selection.to_json() if selection else None, None)
+        cat.con.execute("UPDATE runs SET rows_in = ?, rows_done = ? WHERE run_id = ?",
+                        [rows_in, rows_done, run_id])
+        cat.end_run(run_id, "completed", message)
+        cat.con.execute("COMMIT")
+    except BaseException:
+        cat.con.execute("ROLLBACK")
+        raise
+    return run_id
+
+
+# -- the App ---------------------------------------------------------------------------------
+def launch_review(ws: Workspace, name: str | None = None, *, port: int = DEFAULT_PORT,
+                  address: str = "127.0.0.1"):
+    """Serve the App for the workspace's dataset on address:port (loopback by default) and
+    return the FiftyOne session; its URL is `review_url(address, port)`."""
+    fo = _fo(ws)
+    ds = open_review_dataset(ws, name)
+    if ds is None:
+        raise UltracurateError(f"no review dataset '{name or dataset_name(ws)}' yet: build it "
+                               "with `ultracurate review --no-launch`")
+    return fo.launch_app(ds, remote=True, address=address, port=port, auto=False)
+
+
+def review_url(address: str, port: int) -> str:
+    host = "127.0.0.1" if address in ("0.0.0.0", "") else address
+    return f"http://{host}:{port}/"
