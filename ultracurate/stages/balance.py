@@ -1,0 +1,179 @@
+"""Balance: a stratified, seeded selection of the accepted candidates.
+
+Rows are grouped by one or more columns of candidates_v (edit_type by default; e.g. also
+mask_class). The pool is the selected rows whose effective status is 'accepted' (human
+decisions included) and that are not marked as duplicates. Per group:
+
+- `cap=N`: keep at most N rows of each group;
+- `target=N`: about N rows in all, spread as evenly as the groups allow: every group gets the
+  same quota, a group with fewer rows gives its surplus to the others (water-filling); the
+  last few units go to the larger groups in group order.
+
+Which rows of a group are kept is decided by a seeded hash of the candidate id, so the same
+seed gives the same selection. The selected rows get `selected = true`, every other row of the
+user's selection `selected = false`, all with `balance_run`; one transaction, recorded in runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from ..catalog import Catalog, now
+from ..errors import UltracurateError
+from ..selection import Selection, selected_keys_sql
+
+POOL_WHERE = "status = 'accepted' AND duplicate_of IS NULL"
+
+
+@dataclass
+class BalanceResult:
+    run_id: int | None
+    by: tuple[str, ...]
+    before: dict[str, int] = field(default_factory=dict)   # group -> accepted rows
+    after: dict[str, int] = field(default_factory=dict)    # group -> selected rows
+    selected: int = 0
+    plot: str | None = None
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__, by=list(self.by))
+
+
+def quotas(counts: dict[str, int], target: int | None = None,
+           cap: int | None = None) -> dict[str, int]:
+    """Rows to keep per group: at most cap each, or target in all spread evenly."""
+    if (target is None) == (cap is None):
+        raise UltracurateError("balance needs exactly one of --target N or --cap N")
+    if (target if target is not None else cap) < 0:
+        raise UltracurateError("balance --target/--cap must be at least 0")
+    if cap is not None:
+        return {g: min(n, cap) for g, n in counts.items()}
+    keys = sorted(counts)
+    if sum(counts.values()) <= target:
+        return dict(counts)
+    lo, hi = 0, max(counts.values())
+    while lo < hi:  # the largest level whose total fits the target
+        mid = (lo + hi + 1) // 2
+        if sum(min(counts[g], mid) for g in keys) <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    q = {g: min(counts[g], lo) for g in keys}
+    left = target - sum(q.values())
+    for g in sorted(keys, key=lambda g: (-counts[g], g)):
+        if left == 0:
+            break
+        if q[g] < counts[g]:
+            q[g] += 1
+            left -= 1
+    return q
+
+
+def _group_expr(cat: Catalog, by: tuple[str, ...]) -> str:
+    cols = {c.lower() for c in cat.columns("candidates_v")}
+    if not by:
+        raise UltracurateError("balance needs at least one --by column")
+    for col in by:
+        if col.lower() not in cols:
+            raise UltracurateError(f"balance --by: candidates_v has no column '{col}'")
+    parts = [f"coalesce(CAST(\"{c}\" AS VARCHAR), '(none)')" for c in by]
+    return parts[0] if len(parts) == 1 else "concat_ws(' / ', " + ", ".join(parts) + ")"
+
+
+def run_balance(ws, by: tuple[str, ...] | list[str] = ("edit_type",), target: int | None = None,
+                cap: int | None = None, seed: int = 0, selection: Selection | None = None,
+                plot_path: str | Path | None = None, plot: bool = True,
+                cat: Catalog | None = None) -> BalanceResult:
+    """Mark a stratified selection of the accepted rows as `selected`; returns the counts per
+    group before and after, and the bar plot's path."""
+    by = tuple(by)
+    selection = selection or Selection()
+    own = cat is None
+    cat = cat or ws.catalog()
+    try:
+        grp = _group_expr(cat, by)
+        inner, params = selected_keys_sql(cat.con, "candidates_v", "candidate_id", selection,
+                                          None, "*")
+        pool_sql = f"SELECT candidate_id, {grp} AS grp FROM ({inner}) s WHERE {POOL_WHERE}"
+        before = {r["grp"]: r["n"] for r in cat.query(
+            f"SELECT grp, count(*) AS n FROM ({pool_sql}) p GROUP BY grp ORDER BY grp",
+            params)}
+        q = quotas(before, target, cap)
+        qt = pa.table({"grp": pa.array(list(q), pa.string()),
+                       "quota": pa.array(list(q.values()), pa.int64())})
+        cat.con.execute("BEGIN")
+        try:
+            run_id = cat.start_run("balance", {"by": list(by), "target": target, "cap": cap,
+                                               "seed": seed}, selection.to_json(), None)
+            cat.con.register("_uc_quota", qt)
+            chosen = f"""
+                SELECT p.candidate_id FROM (
+                  SELECT candidate_id, grp, row_number() OVER (
+                    PARTITION BY grp ORDER BY hash(candidate_id, $_uc_bseed), candidate_id) AS rn
+                  FROM ({pool_sql}) p0) p JOIN _uc_quota USING (grp) WHERE rn <= quota"""
+            all_sel = f"SELECT candidate_id FROM ({inner}) s"
+            cat.con.execute(
+                f"""UPDATE candidates SET
+                      selected = candidate_id IN ({chosen}),
+                      balance_run = $_uc_run
+                    WHERE candidate_id IN ({all_sel})""",
+                {**params, "_uc_bseed": int(seed), "_uc_run": run_id})
+            after = {r["grp"]: r["n"] for r in cat.query(
+                f"SELECT {grp} AS grp, count(*) AS n FROM candidates_v "
+                f"WHERE balance_run = $r AND selected GROUP BY grp ORDER BY grp",
+                {"r": run_id})}
+            total = sum(after.values())
+            cat.con.execute(
+                "UPDATE runs SET rows_in = ?, rows_done = ?, ended_at = ?, state = 'completed' "
+                "WHERE run_id = ?", [sum(before.values()), total, now(), run_id])
+            cat.con.execute("COMMIT")
+        except BaseException:
+            cat.con.execute("ROLLBACK")
+            raise
+        finally:
+            cat.con.unregister("_uc_quota")
+        res = BalanceResult(run_id, by, before, {g: after.get(g, 0) for g in before}, total)
+        if plot:
+            path = Path(plot_path) if plot_path else (ws.root / "reports" /
+                                                      f"balance-run{run_id}.png")
+            res.plot = str(plot_balance(res, path))
+        return res
+    finally:
+        if own:
+            cat.close()
+
+
+def plot_balance(res: BalanceResult, path: str | Path) -> Path:
+    """Bar plot of accepted (before) and selected (after) rows per group."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    groups = list(res.before)
+    x = np.arange(len(groups))
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(groups) + 2), 4))
+    ax.bar(x - 0.2, [res.before[g] for g in groups], 0.4, label="accepted (before)")
+    ax.bar(x + 0.2, [res.after.get(g, 0) for g in groups], 0.4, label="selected (after)")
+    ax.set_xticks(x, groups, rotation=35, ha="right")
+    ax.set_ylabel("candidates")
+    ax.set_title(f"balance by {' / '.join(res.by)}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def format_balance(res: BalanceResult) -> str:
+    w = max([len(g) for g in res.before] + [10])
+    lines = [f"{' / '.join(res.by):<{w}}  {'before':>7}  {'after':>7}"]
+    for g in res.before:
+        lines.append(f"{g:<{w}}  {res.before[g]:>7}  {res.after.get(g, 0):>7}")
+    lines.append(f"selected {res.selected} of {sum(res.before.values())} accepted rows "
+                 f"(run {res.run_id})" + (f"; plot: {res.plot}" if res.plot else ""))
+    return "\n".join(lines)
