@@ -38,7 +38,9 @@ CREATE TABLE anchors (
     captions      VARCHAR[],
     external_id   VARCHAR,                   -- e.g. COCO image id
     ingest_run    BIGINT,
-    ingested_at   TIMESTAMP
+    ingested_at   TIMESTAMP,
+    duplicate_of  BIGINT,                    -- near-duplicate of this anchor (dedup)
+    dedup_run     BIGINT
 );
 
 -- Files an ingest could not use, with the reason; never half an anchor row.
