@@ -52,6 +52,10 @@ def ingest(paths: List[Path] = typer.Argument(..., help="Image folders, COCO cap
     from ..runner import run_stage
     from ..stages.ingest import IngestStage, discover
     ws = c.workspace(workspace)
+    from ..importers.ultraedit import import_ultraedit, is_ultraedit_layout
+    if paths and all(is_ultraedit_layout(p) for p in paths):  # published UltraEdit parquet
+        summary = import_ultraedit(ws, paths, force=force, batch_size=batch_size)
+        return c.print_summary(summary, as_json)
     items = discover(paths, captions)
     summary = run_stage(ws, IngestStage(items, max_pixels=max_pixels), force=force,
                         batch_size=batch_size)

@@ -1,0 +1,326 @@
+"""Import the published UltraEdit parquet layout (Hugging Face `BleachNick/UltraEdit` and its
+subsets): parquet chunks of 2,000 rows, free-form splits and the region-based subset, columns
+idx, source_caption, target_caption, edit_prompt, source_image, edited_image, edit_object,
+mask_image, clip_sim_source, clip_sim_target, clip_sim_dir, clip_sim_image, dinov2_sim, ssim.
+
+Each published row becomes
+  an anchor     its source_image bytes (the released source is the model's regeneration of the
+                real photo, not the photo; dataset = `ultraedit:<split>`),
+  an edit       instruction = edit_prompt, captions, edit_object, mode `region` when the row has
+                a mask (stored as COCO RLE with its area and box) else `free`, and an edit_type
+                guessed from the instruction's words (the release has none),
+  a candidate   edited_image bytes, the published scores, auto_status `scored`, so that the
+                filter, balance and review stages and a re-score run over it.
+Image bytes go into the media store unchanged. The import is a stage run (recorded in `runs`,
+with a progress bar); rows already imported (by `ultraedit:<split>:<idx>`) are skipped, so an
+interrupted import resumes. A row whose image does not decode is recorded in ingest_rejects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from ..catalog import Catalog, now
+from ..errors import UltracurateError
+from ..images import BadImage, inspect_image
+from ..runner import BatchResult, Context, Stage, run_stage
+from ..selection import Selection
+
+PUBLISHED_COLUMNS = ("source_caption", "target_caption", "edit_prompt", "source_image",
+                     "edited_image")
+SCORES = ("clip_sim_source", "clip_sim_target", "clip_sim_dir", "clip_sim_image",
+          "dinov2_sim", "ssim")
+_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif",
+               "GIF": "gif"}
+_SHARD = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}$")
+
+
+# -- the layout ------------------------------------------------------------------------------
+def parquet_files(path: str | Path) -> list[Path]:
+    p = Path(path)
+    if p.is_file():
+        return [p] if p.suffix == ".parquet" else []
+    if p.is_dir():
+        return sorted(f for f in p.rglob("*.parquet") if not any(
+            part.startswith(".") for part in f.relative_to(p).parts))
+    return []
+
+
+def is_ultraedit_layout(path: str | Path) -> bool:
+    """True when path is a parquet file, or a folder of them, in the published schema."""
+    import pyarrow.parquet as pq
+    files = parquet_files(path)
+    if not files:
+        return False
+    try:
+        names = set(pq.read_schema(files[0]).names)
+    except Exception:
+        return False
+    return set(PUBLISHED_COLUMNS) <= names
+
+
+def split_of(file: Path) -> str:
+    """The split a chunk belongs to: `<split>-00012-of-00099.parquet` (the hub's naming), else
+    the file's stem."""
+    m = _SHARD.match(file.stem)
+    return m.group("split") if m else file.stem
+
+
+_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black",
+           "white", "gray", "grey", "golden", "silver", "color", "colour")
+_GLOBAL = ("style", "painting", "sketch", "cartoon", "watercolor", "weather", "season",
+           "night", "sunset", "sunrise", "winter", "summer", "autumn", "spring", "snow", "rain",
+           "lighting", "atmosphere", "whole", "entire", "scene", "photo", "image", "picture",
+           "vintage", "black and white")
+
+
+def guess_edit_type(instruction: str, edit_object: str | None) -> str:
+    """One of the nine edit types from the instruction's words (the published data carries
+    none): a keyword rule, good enough to rebalance by, recorded as a guess."""
+    s = " " + re.sub(r"[^a-z ]", " ", (instruction or "").lower()) + " "
+    has_object = bool(edit_object) and edit_object.strip().upper() != "NONE"
+
+    def any_of(words):
+        return any(f" {w} " in s for w in words)
+
+    if any_of(("replace", "swap", "substitute")) or " instead of " in s:
+        return "replace"
+    if re.search(r" (turn|transform|convert) .* into ", s):
+        return "turn"
+    if any_of(("add", "put", "place", "insert", "include")):
+        return "add"
+    if any_of(("move", "rotate", "resize", "bigger", "smaller", "larger", "shrink", "enlarge",
+               "flip", "zoom")):
+        return "transform_local" if has_object else "transform_global"
+    if any_of(_COLORS):
+        return "change_color"
+    if any_of(_GLOBAL) and not has_object:
+        return "change_global"
+    if any_of(("change", "make", "alter", "modify")):
+        return "change_local" if has_object else "change_global"
+    return "others"
+
+
+# -- reading rows ------------------------------------------------------------------------------
+class _Index:
+    """Which (file, row) each item is, with the rows' published idx, read from the idx column
+    alone (images are read per batch)."""
+
+    def __init__(self, files: list[Path]):
+        import pyarrow.parquet as pq
+        self.files = files
+        self.items: list[tuple[int, int]] = []
+        self.keys: list[str] = []
+        for fi, f in enumerate(files):
+            pf = pq.ParquetFile(f)
+            n = pf.metadata.num_rows
+            idx = (pf.read(columns=["idx"]).column("idx").to_pylist()
+                   if "idx" in pf.schema_arrow.names else list(range(n)))
+            split = split_of(f)
+            for r in range(n):
+                self.items.append((fi, r))
+                self.keys.append(f"ultraedit:{split}:{idx[r]}")
+
+    def read(self, items: list[int]) -> list[dict]:
+        """The rows of items (any order), reading only the row groups that hold them."""
+        import pyarrow.parquet as pq
+        by_file: dict[int, list[tuple[int, int]]] = {}
+        for it in items:
+            fi, r = self.items[it]
+            by_file.setdefault(fi, []).append((it, r))
+        out: dict[int, dict] = {}
+        for fi, wanted in by_file.items():
+            pf = pq.ParquetFile(self.files[fi])
+            starts, s = [], 0
+            for g in range(pf.metadata.num_row_groups):
+                starts.append(s)
+                s += pf.metadata.row_group(g).num_rows
+            groups = sorted({max(g for g, st in enumerate(starts) if st <= r) for _, r in wanted})
+            table = pf.read_row_groups(groups)
+            first = {g: sum(pf.metadata.row_group(x).num_rows for x in groups if x < g)
+                     for g in groups}
+            for it, r in wanted:
+                g = max(g for g, st in enumerate(starts) if st <= r)
+                row = table.slice(first[g] + r - starts[g], 1).to_pylist()[0]
+                row["_file"], row["_row"] = str(self.files[fi]), r
+                out[it] = row
+        return [out[it] for it in items]
+
+
+def _image_bytes(value: Any) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return value["bytes"]
+        if value.get("path") and Path(value["path"]).is_file():
+            return Path(value["path"]).read_bytes()
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    return None
+
+
+# -- the stage ---------------------------------------------------------------------------------
+class UltraEditImportStage(Stage):
+    name = "import_ultraedit"
+    table = "candidates"
+    track_state = False
+    batch_size = 64
+    writes = {"anchors": set(), "edits": set(), "candidates": set()}  # write() is custom
+
+    def __init__(self, files: list[Path], limit: int | None = None):
+        super().__init__(files=[str(f) for f in files], limit=limit)
+        self.index = _Index(files)
+        self.limit = limit
+
+    def items(self, cat: Catalog, selection: Selection, force: bool) -> pl.DataFrame:
+        # Rows already imported are skipped even with force: a row is one edit, never two.
+        done = {r[0] for r in cat.con.execute(
+            "SELECT external_id FROM edits WHERE external_id LIKE 'ultraedit:%'").fetchall()}
+        todo = [i for i, k in enumerate(self.index.keys) if k not in done]
+        if self.limit is not None:
+            todo = todo[:self.limit]
+        return pl.DataFrame({"item": todo}, schema={"item": pl.Int64})
+
+    def key_of(self, row: dict) -> int:
+        return row["item"]
+
+    def prepare(self, rows, ctx: Context):
+        return self.index.read([r["item"] for r in rows])
+
+    def process(self, rows, prepared, ctx: Context) -> BatchResult:
+        from .. import masks
+        ws = ctx.workspace
+        good, bad = [], []
+        for row, data in zip(rows, prepared):
+            where = f"{data['_file']}#{data['_row']}"
+            try:
+                media = {}
+                for col in ("source_image", "edited_image"):
+                    b = _image_bytes(data.get(col))
+                    if b is None:
+                        raise BadImage(f"{where}: no {col.replace('_', ' ')}")
+                    info, _ = inspect_image(b, f"{where} {col}")
+                    media[col] = (b, info)
+                rec: dict[str, Any] = {"key": self.index.keys[row["item"]], "where": where,
+                                       "split": split_of(Path(data["_file"])),
+                                       "idx": data.get("idx"), "row": data}
+                src, sinfo = media["source_image"]
+                rec["anchor"] = {
+                    "sha256": hashlib.sha256(src).hexdigest(),
+                    "media": ws.media.put_bytes(src, _FORMAT_EXT.get(sinfo.format, "img")),
+                    "width": sinfo.width, "height": sinfo.height, "format": sinfo.format,
+                    "orig_mode": sinfo.mode, "conversion": sinfo.conversion}
+                ed, einfo = media["edited_image"]
+                rec["edited"] = ws.media.put_bytes(ed, _FORMAT_EXT.get(einfo.format, "img"))
+                mb = _image_bytes(data.get("mask_image"))
+                rec["mask"] = None
+                if mb is not None:
+                    _, mim = inspect_image(mb, f"{where} mask_image")
+                    import numpy as np
+                    m = np.asarray(mim.convert("L")) > 127
+                    f = masks.features(m)
+                    rec["mask"] = {"mask_rle": masks.encode(m), "mask_height": m.shape[0],
+                                   "mask_width": m.shape[1], "mask_area": f.area,
+                                   "mask_bbox": f.bbox, "mask_components": f.components,
+                                   "mask_contours": f.contours}
+                good.append(rec)
+            except BadImage as e:
+                bad.append({"source_path": where, "reason": str(e)})
+        return BatchResult(extra={"good": good, "bad": bad})
+
+    def write(self, cat: Catalog, result: BatchResult, run_id: int) -> None:
+        at = now()
+        good = result.extra["good"]
+        known = dict(cat.con.execute(
+            "SELECT sha256, anchor_id FROM anchors WHERE sha256 IN (SELECT unnest(?))",
+            [[g["anchor"]["sha256"] for g in good]]).fetchall())
+        anchor_id = cat.next_id("anchors")
+        edit_id = cat.next_id("edits")
+        cand_id = cat.next_id("candidates")
+        anchors, edits, cands = [], [], []
+        for g in good:
+            d = g["row"]
+            a = g["anchor"]
+            if a["sha256"] not in known:
+                known[a["sha256"]] = anchor_id
+                anchors.append({"anchor_id": anchor_id, **a, "source_path": g["where"],
+                                "dataset": f"ultraedit:{g['split']}",
+                                "captions": [d["source_caption"]] if d.get("source_caption")
+                                else [],
+                                "external_id": f"{g['split']}:{g['idx']}",
+                                "ingest_run": run_id, "ingested_at": at})
+                anchor_id += 1
+            mask = g["mask"] or {}
+            obj = d.get("edit_object")
+            mode = "region" if g["mask"] else "free"
+            edits.append({
+                "edit_id": edit_id, "anchor_id": known[a["sha256"]],
+                "source_caption": d.get("source_caption") or "",
+                "instruction": d.get("edit_prompt") or "",
+                "target_caption": d.get("target_caption") or "",
+                "edit_object": obj if obj else "NONE",
+                "edit_type": guess_edit_type(d.get("edit_prompt"), obj),
+                "mode": mode, "edit_status": "grounded" if mode == "region" else "proposed",
+                "instruct_backend": "published", "instruct_model": "BleachNick/UltraEdit",
+                "prompt_version": "edit_type=keyword-guess", "instruct_run": run_id,
+                "external_id": g["key"],
+                "mask_rle": mask.get("mask_rle"), "mask_height": mask.get("mask_height"),
+                "mask_width": mask.get("mask_width"), "mask_area": mask.get("mask_area"),
+                "mask_bbox": mask.get("mask_bbox"),
+                "mask_components": mask.get("mask_components"),
+                "mask_contours": mask.get("mask_contours"), "created_at": at})
+            cands.append({
+                "candidate_id": cand_id, "edit_id": edit_id, "candidate_index": 0,
+                "seed": -1,  # not published
+                "gen_behaviour": "published",
+                "gen_params": json.dumps({"source": "BleachNick/UltraEdit", "split": g["split"],
+                                          "idx": g["idx"], "file": d["_file"],
+                                          "row": d["_row"]}),
+                "source_image": a["media"], "source_is_anchor": True,
+                "edited_image": g["edited"], "gen_run": run_id,
+                **{s: (float(d[s]) if d.get(s) is not None else None) for s in SCORES},
+                "score_run": run_id, "auto_status": "scored", "created_at": at})
+            edit_id += 1
+            cand_id += 1
+        if anchors:
+            cat.insert_rows("anchors", pl.DataFrame(anchors, schema_overrides={
+                "captions": pl.List(pl.String), "external_id": pl.String}))
+        if edits:
+            cat.insert_rows("edits", pl.DataFrame(edits, schema_overrides={
+                "mask_rle": pl.String, "mask_height": pl.Int32, "mask_width": pl.Int32,
+                "mask_area": pl.Float64, "mask_bbox": pl.List(pl.Int32),
+                "mask_components": pl.Int32, "mask_contours": pl.Int32}))
+        if cands:
+            cat.insert_rows("candidates", pl.DataFrame(cands, schema_overrides={
+                s: pl.Float64 for s in SCORES}))
+        bad = result.extra["bad"]
+        if bad:
+            cat.insert_rows("ingest_rejects", pl.DataFrame(
+                [{**b, "run_id": run_id, "rejected_at": at} for b in bad]))
+        result.failed = {i: b["reason"] for i, b in enumerate(bad)}
+
+
+def import_ultraedit(ws, paths: list[str | Path], *, limit: int | None = None,
+                     force: bool = False, batch_size: int | None = None,
+                     progress: bool = True):
+    """Import published UltraEdit parquet files (or folders of them, e.g. a clone of the hub
+    repo) into ws; returns the run's summary (rows_done imported, rows_failed rejected)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise UltracurateError(f"{p}: no such file or folder")
+        if not is_ultraedit_layout(p):
+            raise UltracurateError(f"{p}: not UltraEdit's published parquet layout (needs "
+                                   f"columns {', '.join(PUBLISHED_COLUMNS)})")
+        files += parquet_files(p)
+    return run_stage(ws, UltraEditImportStage(files, limit=limit), force=force,
+                     batch_size=batch_size, progress=progress)
