@@ -78,7 +78,7 @@ def make_candidates(ws) -> dict:
                         clip_sim_source=0.3, clip_sim_target=0.31, clip_sim_dir=dir_score,
                         clip_sim_image=0.9, dinov2_sim=0.8, ssim=0.5, l1=0.1, l2=0.02,
                         auto_status="rejected" if rejected else "accepted",
-                        reject_reasons=["clip_sim_dir"] if rejected else None,
+                        reject_reasons=["clip_sim_dir < 0.22"] if rejected else None,
                         gen_run=1, score_run=2, filter_run=3, created_at=now()))
                     cid += 1
                 eid += 1
@@ -131,7 +131,7 @@ def test_build_groups_slices_fields_and_views(review_ws):
                 "status", "auto_status", "mask_class", "gen_run", "score_run", "filter_run",
                 "edit_id", "anchor_id"):
         assert sample[col] == row[col], col
-    assert sample["reject_reasons"] == row["reject_reasons"] == ["clip_sim_dir"]
+    assert sample["reject_reasons"] == row["reject_reasons"] == ["clip_sim_dir < 0.22"]
     assert sample.filepath == str(ws.media.path(row["edited_image"]))
     # the anchor slice shows the real photo; the mask slice is the decoded RLE
     anchor = ds.select_group_slices("anchor").match({"candidate_id": 2}).first()
@@ -152,7 +152,7 @@ def test_build_groups_slices_fields_and_views(review_ws):
     assert len(masks) == 2 and len(set(masks)) == 1
 
     views = set(ds.list_saved_views())
-    assert {"rejected", "rejected-clip-sim-dir", "borderline", "borderline-clip-sim-dir",
+    assert {"rejected", "rejected-clip-sim-dir-0-22", "borderline", "borderline-clip-sim-dir",
             "mask-fine", "mask-too-small", "mask-fragmented", "human-decided"} <= views
     with ws.catalog(read_only=True) as cat:
         n_rej = cat.scalar("SELECT count(*) FROM candidates_v WHERE status = 'rejected' "
@@ -288,29 +288,38 @@ def test_unpulled_tags_survive_a_rebuild(review_ws):
 
 
 def test_embeddings_from_lance_attached_for_brain(review_ws):
-    import lancedb
-    import pyarrow as pa
     from ultracurate import review
+    from ultracurate.embeddings import EmbeddingStore
     ws = review_ws
     rng = np.random.default_rng(0)
     ids = list(range(1, 10))
     vecs = rng.normal(size=(9, 16)).astype("float32")
-    table = pa.table({
-        "candidate_id": pa.array(ids, pa.int64()),
-        "edited_clip": pa.array(list(vecs), pa.list_(pa.float32(), 16)),
-        "source_clip": pa.array(list(vecs[::-1].copy()), pa.list_(pa.float32(), 16)),
-    })
-    lancedb.connect(str(ws.lance_path)).create_table("candidate_clip", table)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    store = EmbeddingStore(ws.lance_path)
+    store.upsert("clip_image", "candidates", ids, "edited", [""] * 9, vecs, "tiny")
+    store.upsert("clip_image", "candidates", ids, "source", [""] * 9, vecs[::-1].copy(), "tiny")
+    with ws.catalog(read_only=True) as cat:
+        anchor_ids = [r[0] for r in cat.con.execute(
+            "SELECT anchor_id FROM anchors ORDER BY 1").fetchall()]
+    store.upsert("clip_image", "anchors", anchor_ids, "anchor", [""] * len(anchor_ids),
+                 rng.normal(size=(len(anchor_ids), 16)), "tiny")
     s = review.build_review_dataset(ws, visualize=True, progress=False)
-    assert s.embeddings == ["edited", "source"]
+    assert s.embeddings == ["anchor", "edited", "source"]
     ds = review.open_review_dataset(ws)
     sample = _edited(ds).match({"candidate_id": 3}).first()
     assert np.allclose(sample["clip_embedding"], vecs[2])
-    assert {"clip_sim_edited", "clip_sim_source", "clip_viz_edited"} <= set(
-        ds.list_brain_runs())
+    src = ds.select_group_slices("source").match({"candidate_id": 3}).first()
+    assert np.allclose(src["clip_embedding"], vecs[::-1][2])
+    assert {"clip_sim_edited", "clip_sim_source", "clip_sim_anchor",
+            "clip_viz_edited"} <= set(ds.list_brain_runs())
     # the similarity index is the stored vectors: a sample's nearest neighbour is itself
     nearest = _edited(ds).sort_by_similarity(sample.id, k=1, brain_key="clip_sim_edited")
     assert nearest.first()["candidate_id"] == 3
+    # an unchanged rebuild keeps the index instead of recomputing it
+    key_time = ds.get_brain_info("clip_sim_edited").timestamp
+    again = review.build_review_dataset(ws, progress=False)
+    assert again.unchanged == 9
+    assert review.open_review_dataset(ws).get_brain_info("clip_sim_edited").timestamp == key_time
 
 
 def test_no_embeddings_is_fine(review_ws):

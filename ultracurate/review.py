@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .catalog import Catalog, now
+from .masks import decode as decode_rle
 from .errors import UltracurateError
 from .selection import Selection, selected_keys_sql
 from .workspace import Workspace
@@ -65,17 +66,6 @@ _NOT_FIELDS = {"anchor_media", "source_image", "edited_image", "mask_rle", "gen_
 # FiftyOne's own sample fields: catalog columns of the same name are renamed.
 _RESERVED = {"id", "filepath", "tags", "metadata", "group", "created_at", "last_modified_at",
              "media_type", MASK_FIELD, FINGERPRINT_FIELD}
-
-# The keep rule's score thresholds, used for the borderline views when ultracurate.thresholds
-# (the filter's single definition) is not importable. Mode-specific values as {mode: value}.
-_FALLBACK_THRESHOLDS = {
-    "clip_sim_image": {"free": 0.75, "region": 0.70},
-    "clip_sim_dir": 0.22,
-    "clip_sim_source": 0.2,
-    "clip_sim_target": 0.2,
-    "dinov2_sim": 0.4,
-}
-
 
 # -- FiftyOne's database ---------------------------------------------------------------------
 def fiftyone_env(ws: Workspace | None = None) -> None:
@@ -151,53 +141,21 @@ def dataset_name(ws: Workspace) -> str:
     return f"ultracurate-{ws.root.name}-{digest}"
 
 
-def keep_thresholds() -> dict[str, Any]:
-    """{score column: threshold or {mode: threshold}} of the keep rule, from
-    ultracurate.thresholds when present (the filter's definition), else the method's defaults."""
-    try:
-        from . import thresholds as th  # written by the filter; optional here
-    except ImportError:
-        return dict(_FALLBACK_THRESHOLDS)
-    for attr in ("keep_rule_thresholds", "default_thresholds", "defaults"):
-        fn = getattr(th, attr, None)
-        if callable(fn):
-            try:
-                got = fn()
-            except TypeError:
-                continue
-            return _normalise_thresholds(got)
-    for attr in ("DEFAULT_THRESHOLDS", "DEFAULTS", "THRESHOLDS", "KEEP_RULE"):
-        got = getattr(th, attr, None)
-        if isinstance(got, dict):
-            return _normalise_thresholds(got)
-    return dict(_FALLBACK_THRESHOLDS)
-
-
-def _normalise_thresholds(got: Any) -> dict[str, Any]:
-    """Keep the {score: number | {mode: number}} entries of whatever shape the filter uses
-    ({'free': {...}, 'region': {...}} is turned around to {score: {mode: value}})."""
-    if hasattr(got, "__dataclass_fields__"):
-        got = asdict(got)
-    got = dict(got)
-    out: dict[str, Any] = {}
-    modes = {k for k in got if k in ("free", "region") and isinstance(got[k], dict)}
-    for mode in modes:
-        for score, v in got[mode].items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                out.setdefault(score, {})[mode] = float(v)
-    for score, v in got.items():
-        if score in modes:
-            continue
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[score] = float(v)
-        elif isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values()):
-            out[score] = {k: float(x) for k, x in v.items()}
-    # strip suffixes such as 'min_clip_sim_dir' / 'clip_sim_dir_min'
-    clean = {}
-    for k, v in out.items():
-        name = k.removeprefix("min_").removesuffix("_min")
-        clean[name] = v
-    return clean or dict(_FALLBACK_THRESHOLDS)
+def keep_thresholds(cat: Catalog | None = None) -> dict[str, dict[str, float]]:
+    """{score column: {mode: threshold}} of the keep rule: the last completed filter run's
+    thresholds when the catalog has one, else the defaults (ultracurate.thresholds)."""
+    from .thresholds import MODES, Thresholds
+    t = None
+    if cat is not None:
+        from .stages.filter import latest_thresholds
+        t = latest_thresholds(cat)
+    t = t or Thresholds.preset("ultraedit")
+    out: dict[str, dict[str, float]] = {}
+    for mode in MODES:
+        if mode in t.modes:
+            for rule in t.rules(mode):
+                out.setdefault(rule.column, {})[mode] = rule.value
+    return out
 
 
 def _slug(text: str) -> str:
@@ -207,18 +165,6 @@ def _slug(text: str) -> str:
 
 
 # -- masks -----------------------------------------------------------------------------------
-def _decode_rle(rle: str, height: int, width: int):
-    try:
-        from .masks import decode  # the region module's RLE helper
-        return decode(rle, height, width)
-    except ImportError:
-        import numpy as np
-        from pycocotools import mask as coco_mask
-        return coco_mask.decode({"size": [int(height), int(width)],
-                                 "counts": rle.encode()}).astype(bool, copy=False) \
-            if isinstance(rle, str) else np.zeros((height, width), bool)
-
-
 def mask_png(ws: Workspace, rle: str, height: int, width: int) -> Path:
     """The mask as a PNG (region = 255) under WORKSPACE/review/masks/, named by a hash of the
     RLE and its size: written once, reused by every rebuild and every candidate of the edit."""
@@ -229,7 +175,7 @@ def mask_png(ws: Workspace, rle: str, height: int, width: int) -> Path:
     if path.exists():
         return path
     try:
-        m = np.asarray(_decode_rle(rle, height, width)).astype(bool)
+        m = np.asarray(decode_rle(rle, int(height), int(width))).astype(bool)
     except Exception as e:
         raise UltracurateError(f"mask RLE does not decode ({height}x{width}): "
                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
@@ -442,7 +388,7 @@ def build_review_dataset(ws: Workspace, selection: Selection | None = None, *,
             ds.delete_groups(gone)
             summary.removed = len(gone)
 
-        summary.views = save_review_views(ds, margin=margin)
+        summary.views = save_review_views(ds, margin=margin, cat=cat)
         dirty = summary.added or summary.updated or summary.removed
         if embeddings:
             summary.embeddings = attach_embeddings(ws, ds, recompute=bool(dirty),
@@ -525,10 +471,12 @@ def _oid(s: str):
 
 
 # -- saved views -----------------------------------------------------------------------------
-def review_views(ds, margin: float = DEFAULT_MARGIN) -> dict[str, Any]:
+def review_views(ds, margin: float = DEFAULT_MARGIN, cat: Catalog | None = None
+                 ) -> dict[str, Any]:
     """The failure-case views, by name: rejected, rejected-<reason>, borderline,
     borderline-<score>, mask-<class>, type-<edit_type>, human-decided (and human-accept /
-    human-reject), over whatever values the dataset holds now."""
+    human-reject), over whatever values the dataset holds now. Borderline uses the thresholds
+    of cat's last filter run when given, else the defaults."""
     from fiftyone import ViewField as F
     views: dict[str, Any] = {}
     if not len(ds) or not ds.has_field("candidate_id"):
@@ -542,17 +490,16 @@ def review_views(ds, margin: float = DEFAULT_MARGIN) -> dict[str, Any]:
     for reason in distinct("reject_reasons"):
         views[f"rejected-{_slug(reason)}"] = ds.match(F("reject_reasons").contains(reason))
     near = []
-    for score, th in keep_thresholds().items():
+    for score, th in keep_thresholds(cat).items():
         if not ds.has_field(score):
             continue
-        if isinstance(th, dict):
-            conds = [(F("mode") == mode) & ((F(score) - t).abs() <= margin)
-                     for mode, t in th.items()]
-            cond = conds[0]
-            for c in conds[1:]:
-                cond = cond | c
+        if len(set(th.values())) == 1:  # the same in every mode
+            cond = (F(score) - next(iter(th.values()))).abs() <= margin
         else:
-            cond = (F(score) - th).abs() <= margin
+            cond = None
+            for mode, t in th.items():
+                c = (F("mode") == mode) & ((F(score) - t).abs() <= margin)
+                cond = c if cond is None else cond | c
         cond = (F(score) != None) & cond  # noqa: E711 (a MongoDB null test)
         near.append(cond)
         views[f"borderline-{_slug(score)}"] = ds.match(cond)
@@ -572,9 +519,10 @@ def review_views(ds, margin: float = DEFAULT_MARGIN) -> dict[str, Any]:
     return views
 
 
-def save_review_views(ds, margin: float = DEFAULT_MARGIN) -> list[str]:
+def save_review_views(ds, margin: float = DEFAULT_MARGIN, cat: Catalog | None = None
+                      ) -> list[str]:
     """(Re)save the failure-case views; drop saved views of values no longer present."""
-    views = review_views(ds, margin=margin)
+    views = review_views(ds, margin=margin, cat=cat)
     for old in ds.list_saved_views():
         if old not in views:
             ds.delete_saved_view(old)
@@ -584,76 +532,26 @@ def save_review_views(ds, margin: float = DEFAULT_MARGIN) -> list[str]:
 
 
 # -- embeddings ------------------------------------------------------------------------------
-def read_lance_embeddings(ws: Workspace, candidate_ids: Iterable[int] | None = None
-                          ) -> dict[str, dict[int, Any]]:
-    """CLIP image embeddings already in the workspace's LanceDB, as {slice: {candidate_id:
-    vector}}. Reads `ultracurate.embeddings.review_embeddings(ws)` when that module offers it;
-    otherwise any Lance table keyed by candidate_id whose vector columns name the slice they
-    belong to (`source...`, `edited...`/`edit...`), or a long table with a `kind`/`image`
-    column naming the slice and a `vector` column. Empty when there are none."""
-    try:
-        from . import embeddings as emb  # the scoring side's LanceDB layer, when present
-        fn = getattr(emb, "review_embeddings", None)
-        if callable(fn):
-            return fn(ws, candidate_ids)
-    except ImportError:
-        pass
-    import numpy as np
-    import pyarrow as pa
-    if not ws.lance_path.exists():
+def read_lance_embeddings(ws: Workspace) -> dict[str, dict[int, Any]]:
+    """CLIP image embeddings already in the workspace's LanceDB (ultracurate.embeddings'
+    `clip_image` table), as {slice: {id: vector}}: candidate ids for the source and edited
+    slices, anchor ids for the anchor slice. Empty when none were computed."""
+    if not ws.lance_path.exists() or not any(ws.lance_path.iterdir()):
         return {}
-    try:
-        import lancedb
-        db = lancedb.connect(str(ws.lance_path))
-        names = list(db.table_names())
-    except Exception:
-        return {}
-    wanted = set(candidate_ids) if candidate_ids is not None else None
+    from .embeddings import EmbeddingStore
+    store = EmbeddingStore(ws.lance_path)
     out: dict[str, dict[int, Any]] = {}
-    for tname in names:
-        try:
-            tbl = db.open_table(tname).to_arrow()
-        except Exception:
-            continue
-        if "candidate_id" not in tbl.column_names:
-            continue
-        vec_cols = [f.name for f in tbl.schema
-                    if (pa.types.is_fixed_size_list(f.type) or pa.types.is_list(f.type))
-                    and pa.types.is_floating(f.type.value_type)]
-        kind_col = next((c for c in ("kind", "image", "slice", "which", "role")
-                         if c in tbl.column_names), None)
-        cids = tbl.column("candidate_id").to_pylist()
-        for col in vec_cols:
-            vecs = tbl.column(col).to_pylist()
-            if kind_col and col == "vector":
-                kinds = tbl.column(kind_col).to_pylist()
-            else:
-                s = _slice_of(col) or _slice_of(tname)
-                if s is None:
-                    continue
-                kinds = [s] * len(cids)
-            for cid, k, v in zip(cids, kinds, vecs):
-                s = _slice_of(str(k)) if k is not None else None
-                if s is None or v is None or (wanted is not None and cid not in wanted):
-                    continue
-                out.setdefault(s, {})[int(cid)] = np.asarray(v, dtype=np.float32)
+    for s, row_table in (("source", "candidates"), ("edited", "candidates"),
+                         ("anchor", "anchors")):
+        ids, vecs, _ = store.get("clip_image", row_table, side=s)
+        if len(ids):
+            out[s] = {int(i): v for i, v in zip(ids, vecs)}
     return out
-
-
-def _slice_of(name: str) -> str | None:
-    n = name.lower()
-    if "source" in n or n.startswith("src"):
-        return "source"
-    if "edit" in n or "target" in n:
-        return "edited"
-    if "anchor" in n:
-        return "anchor"
-    return None
 
 
 def attach_embeddings(ws: Workspace, ds, recompute: bool = True,
                       visualize: bool = False) -> list[str]:
-    """Copy LanceDB's CLIP embeddings onto the source / edited slices (`clip_embedding`) and
+    """Copy LanceDB's CLIP embeddings onto the slices (`clip_embedding`) and
     index them for Brain similarity (brain key `clip_sim_<slice>`; with visualize also a PCA
     plot `clip_viz_<slice>`). Nothing is recomputed from images. Returns the slices attached;
     [] and no change when LanceDB has none."""
@@ -663,16 +561,14 @@ def attach_embeddings(ws: Workspace, ds, recompute: bool = True,
         if s not in ds.group_slices or not by_cid:
             continue
         view = ds.select_group_slices(s)
-        ids, cids = view.values(["id", "candidate_id"])
-        have = {cid: i for i, cid in zip(ids, cids) if cid in by_cid}
-        if not have:
+        ids, keys = view.values(["id", "anchor_id" if s == "anchor" else "candidate_id"])
+        values = {i: by_cid[k] for i, k in zip(ids, keys) if k in by_cid}
+        if not values:
             continue
         key = f"clip_sim_{s}"
-        old = view.values("clip_embedding") if view.has_field("clip_embedding") else None
-        if old is not None and not recompute and key in ds.list_brain_runs():
+        if not recompute and key in ds.list_brain_runs():
             done.append(s)
             continue
-        values = {i: by_cid[c] for c, i in have.items()}
         view.set_values("clip_embedding", values, key_field="id")
         with_emb = view.select(list(values))
         import fiftyone.brain as fob
