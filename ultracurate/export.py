@@ -40,8 +40,10 @@ SPLITS = {"free": "free_form", "region": "region_based"}
 DEFAULT_WHERE = "status = 'accepted'"
 DEFAULT_SHARD_SIZE = 2000   # the published UltraEdit chunks hold 2,000 rows
 ROW_GROUP_SIZE = 100        # rows per parquet row group: small enough to stream images
+LOAD_THREADS = 4            # media reads ahead of the writer
 
 # The published schema's columns, in its order (../shared/method.md).
+IMAGE_COLUMNS = ("source_image", "edited_image", "mask_image")
 PUBLISHED_SCORES = ("clip_sim_source", "clip_sim_target", "clip_sim_dir", "clip_sim_image",
                     "dinov2_sim", "ssim")
 # Catalog columns added by extra_columns=True: name -> datasets dtype.
@@ -123,8 +125,41 @@ def mask_png(row: dict) -> bytes | None:
         raise UltracurateError(f"candidate {row['candidate_id']}: mask of edit "
                                f"{row['edit_id']} is {e}") from None
     buf = io.BytesIO()
-    Image.fromarray((m > 0).astype("uint8") * 255, "L").save(buf, format="PNG")
+    # compress_level 1: masks are two-valued, so fast deflate is nearly as small as level 6
+    Image.fromarray((m > 0).astype("uint8") * 255, "L").save(buf, format="PNG",
+                                                              compress_level=1)
     return buf.getvalue()
+
+
+def load_row(ws: Workspace, row: dict) -> dict:
+    """A row's bytes: source and edited media as stored, and the mask as PNG (or None)."""
+    return {"source": _media_bytes(ws, row, "source_image"),
+            "edited": _media_bytes(ws, row, "edited_image"),
+            "mask": mask_png(row)}
+
+
+def _loaded(ws: Workspace, rows: list[dict], threads: int = LOAD_THREADS
+            ) -> Iterator[tuple[dict, dict]]:
+    """(row, load_row(row)) in order, read on threads a bounded window ahead (file reads and
+    PNG encoding release the GIL), so the writer never waits on the disk. The first failing
+    row, in order, raises."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+    window = deque()
+    it = iter(rows)
+    with ThreadPoolExecutor(threads) as pool:
+        try:
+            for r in it:
+                window.append((r, pool.submit(load_row, ws, r)))
+                if len(window) >= threads * 8:
+                    r0, f0 = window.popleft()
+                    yield r0, f0.result()
+            while window:
+                r0, f0 = window.popleft()
+                yield r0, f0.result()
+        finally:
+            for _, f in window:
+                f.cancel()
 
 
 def _extra_values(row: dict) -> dict:
@@ -262,17 +297,17 @@ def hf_features(extra_columns: bool = False):
     return datasets.Features(f)
 
 
-def hf_record(ws: Workspace, row: dict, extra_columns: bool = False) -> dict:
+def hf_record(ws: Workspace, row: dict, extra_columns: bool = False,
+              loaded: dict | None = None) -> dict:
     """One exported row in the published schema; images as {bytes, path} (bytes untouched)."""
-    mask = mask_png(row)
+    b = loaded or load_row(ws, row)
+    mask = b["mask"]
     rec = {"idx": row["candidate_id"],
            "source_caption": row["source_caption"],
            "target_caption": row["target_caption"],
            "edit_prompt": row["instruction"],
-           "source_image": {"bytes": _media_bytes(ws, row, "source_image"),
-                            "path": row["source_image"]},
-           "edited_image": {"bytes": _media_bytes(ws, row, "edited_image"),
-                            "path": row["edited_image"]},
+           "source_image": {"bytes": b["source"], "path": row["source_image"]},
+           "edited_image": {"bytes": b["edited"], "path": row["edited_image"]},
            # The published data has an object only for region rows ('NONE' is a global edit).
            "edit_object": row["edit_object"] if row["mode"] == "region" else None,
            "mask_image": ({"bytes": mask, "path": f"mask_{row['candidate_id']}.png"}
@@ -295,23 +330,25 @@ def _write_hf(ws, rows, tmp: Path, *, shard_size, extra_columns, advance,
         shards = list(_chunks(split_rows, shard_size))
         for i, shard in enumerate(shards):
             records = []
-            for r in shard:
-                records.append(hf_record(ws, r, extra_columns))
+            for r, loaded in _loaded(ws, shard):
+                records.append(hf_record(ws, r, extra_columns, loaded))
                 advance(1)
             table = pa.Table.from_pylist(records, schema=schema)
             split_bytes[split] = split_bytes.get(split, 0) + table.nbytes
+            # Encoded images do not compress: store them as they are, the rest with snappy.
+            compression = {c: ("NONE" if c in IMAGE_COLUMNS else "SNAPPY")
+                           for c in table.column_names}
             pq.write_table(table, tmp / "data" / f"{split}-{i:05d}-of-{len(shards):05d}.parquet",
-                           row_group_size=ROW_GROUP_SIZE)
+                           row_group_size=ROW_GROUP_SIZE, compression=compression)
         splits[split] = len(split_rows)
     return splits
 
 
 # -- jsonl -----------------------------------------------------------------------------------
-def _copy_media(ws: Workspace, row: dict, column: str, folder: Path, written: set) -> str:
-    """Copy one media file into folder (once per name); returns its path relative to the
+def _copy_media(row: dict, column: str, data: bytes, folder: Path, written: set) -> str:
+    """Write one media file into folder (once per name); returns its path relative to the
     export root."""
     name = row[column]
-    data = _media_bytes(ws, row, column)
     rel = f"{folder.name}/{name}"
     if name not in written:
         (folder / name).write_bytes(data)
@@ -327,16 +364,16 @@ def _write_jsonl(ws, rows, tmp: Path, *, shard_size, extra_columns, advance,
     written: set = set()
     splits: Counter = Counter()
     with open(tmp / "train.jsonl", "w") as f:
-        for r in rows:
-            mask = mask_png(r)
+        for r, b in _loaded(ws, rows):
+            mask = b["mask"]
             mask_rel = None
             if mask is not None:
                 mask_rel = f"masks/{r['candidate_id']}.png"
                 (tmp / mask_rel).write_bytes(mask)
             rec = {"idx": r["candidate_id"],
                    "instruction": r["instruction"],
-                   "input_image": _copy_media(ws, r, "source_image", images, written),
-                   "output_image": _copy_media(ws, r, "edited_image", images, written),
+                   "input_image": _copy_media(r, "source_image", b["source"], images, written),
+                   "output_image": _copy_media(r, "edited_image", b["edited"], images, written),
                    "mask_image": mask_rel,
                    "mode": r["mode"],
                    "source_caption": r["source_caption"],
@@ -367,7 +404,7 @@ def _write_ip2p(ws, rows, tmp: Path, *, shard_size, extra_columns, advance,
                 split_bytes) -> dict[str, int]:
     seeds: dict[str, list[int]] = {}
     splits: Counter = Counter()
-    for r in rows:
+    for r, b in _loaded(ws, rows):
         name = f"{r['edit_id']:08d}"
         folder = tmp / name
         if name not in seeds:
@@ -381,9 +418,9 @@ def _write_ip2p(ws, rows, tmp: Path, *, shard_size, extra_columns, advance,
         # candidates of one edit could share.
         seed = int(r["candidate_id"])
         seeds[name].append(seed)
-        (folder / f"{seed}_0.jpg").write_bytes(_as_jpeg(_media_bytes(ws, r, "source_image")))
-        (folder / f"{seed}_1.jpg").write_bytes(_as_jpeg(_media_bytes(ws, r, "edited_image")))
-        mask = mask_png(r)
+        (folder / f"{seed}_0.jpg").write_bytes(_as_jpeg(b["source"]))
+        (folder / f"{seed}_1.jpg").write_bytes(_as_jpeg(b["edited"]))
+        mask = b["mask"]
         if mask is not None:
             (folder / f"{seed}_mask.png").write_bytes(mask)
         meta = {s: r[s] for s in PUBLISHED_SCORES}
@@ -406,7 +443,7 @@ def _write_wds(ws, rows, tmp: Path, *, shard_size, extra_columns, advance,
     for i, shard in enumerate(shards):
         path = tmp / f"shard-{i:06d}.tar"
         with wds.TarWriter(str(path)) as sink:
-            for r in shard:
+            for r, b in _loaded(ws, shard):
                 meta = {"idx": r["candidate_id"], "edit_prompt": r["instruction"],
                         "source_caption": r["source_caption"],
                         "target_caption": r["target_caption"], "mode": r["mode"],
@@ -416,12 +453,11 @@ def _write_wds(ws, rows, tmp: Path, *, shard_size, extra_columns, advance,
                 if extra_columns:
                     meta.update(_extra_values(r))
                 sample = {"__key__": f"{r['candidate_id']:010d}",
-                          f"source.{_ext(r['source_image'])}": _media_bytes(ws, r, "source_image"),
-                          f"edited.{_ext(r['edited_image'])}": _media_bytes(ws, r, "edited_image"),
+                          f"source.{_ext(r['source_image'])}": b["source"],
+                          f"edited.{_ext(r['edited_image'])}": b["edited"],
                           "json": json.dumps(meta).encode()}
-                mask = mask_png(r)
-                if mask is not None:
-                    sample["mask.png"] = mask
+                if b["mask"] is not None:
+                    sample["mask.png"] = b["mask"]
                 sink.write(sample)
                 splits[SPLITS[r["mode"]]] += 1
                 advance(1)
