@@ -59,6 +59,7 @@ class InstructStage(Stage):
     columns = "anchor_id, captions"
     writes = {"edits": EDIT_COLUMNS}
     batch_size = 16
+    roles = ("llm",)  # what runs.models records (the back-end, not necessarily a model)
 
     def __init__(self, spec: BackendSpec | None = None, per_anchor: int = 1,
                  types: list[str] | str | None = None, quota: dict | str | None = None,

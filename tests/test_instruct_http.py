@@ -1,0 +1,188 @@
+"""The OpenAI-compatible back-end against a loopback chat-completions server started here,
+which answers well, or with malformed JSON, wrong types, a sleep past the client's timeout,
+429, 500 or a body that is not JSON, depending on the caption it is asked about."""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from ultracurate.instruct.rule import propose
+from ultracurate.stages.instruct import run_instruct
+
+KEY = "sekrit-key-123"
+
+# caption -> what the server does on each successive call (the last entry repeats)
+SCRIPT = {
+    "a brown dog on a green lawn": ["good"],
+    "a red car parked on the street": ["malformed"],
+    "a white cup on a wooden table": ["wrong_types"],
+    "a yellow bus on a road": ["sleep", "good"],
+    "a green apple on a plate": ["429", "good"],
+    "a man riding a bicycle down a street": ["500", "500", "good"],
+    "a cat sleeping on a pillow": ["500"],
+    "a lamp next to a bed": ["not_json_body", "good"],
+    "a horse grazing in a field": ["malformed", "good"],
+}
+
+
+class Server:
+    def __init__(self):
+        self.calls: dict[str, int] = {}
+        self.auth: set[str] = set()
+        self.bodies: list[dict] = []
+        self.inflight = 0
+        self.max_inflight = 0
+        self.lock = threading.Lock()
+        self.override: dict[str, str] = {}
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                with outer.lock:
+                    outer.inflight += 1
+                    outer.max_inflight = max(outer.max_inflight, outer.inflight)
+                try:
+                    outer.handle(self)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                finally:
+                    with outer.lock:
+                        outer.inflight -= 1
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def handle(self, h):
+        body = json.loads(h.rfile.read(int(h.headers["Content-Length"])))
+        user = body["messages"][1]["content"]
+        caption = user.split("Source caption: ")[1].split("\n")[0]
+        edit_type = user.split("Edit type: ")[1].split("\n")[0]
+        with self.lock:
+            self.auth.add(h.headers.get("Authorization"))
+            self.bodies.append(body)
+            n = self.calls.get(caption, 0)
+            self.calls[caption] = n + 1
+        steps = SCRIPT[caption]
+        what = self.override.get(caption) or steps[min(n, len(steps) - 1)]
+        if what == "sleep":  # the client gives up at its timeout: not counted in flight
+            with self.lock:
+                self.inflight -= 1
+            time.sleep(1.5)
+            with self.lock:
+                self.inflight += 1
+            what = "good"
+        if what in ("429", "500"):
+            return self.reply(h, int(what), {"error": {"message": "busy"}},
+                              {"Retry-After": "0"} if what == "429" else {})
+        if what == "not_json_body":
+            return self.reply(h, 200, b"<html>oops</html>")
+        content = {"good": json.dumps(propose(caption, edit_type, 0)),
+                   "malformed": '{"instruction": "make it', "wrong_types": json.dumps(
+                       {"instruction": 7, "target_caption": ["x"], "edit_type": "zoom"})}[what]
+        self.reply(h, 200, {"id": "x", "object": "chat.completion", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": content},
+             "finish_reason": "stop"}]})
+
+    @staticmethod
+    def reply(h, status, payload, headers=None):
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        h.send_response(status)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            h.send_header(k, v)
+        h.end_headers()
+        h.wfile.write(data)
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    yield s
+    s.close()
+
+
+def test_http_backend_against_loopback_server(ingested_ws, server, monkeypatch):
+    ws = ingested_ws
+    captions = list(SCRIPT)
+    with ws.catalog() as cat:
+        for aid, cap in enumerate(captions, 1):
+            cat.con.execute("UPDATE anchors SET captions = [?] WHERE anchor_id = ?", [cap, aid])
+    monkeypatch.setenv("ULTRACURATE_LLM_API_KEY", KEY)
+    kw = dict(backend="openai", model="test-model", base_url=server.url, types="replace",
+              per_anchor=1, seed=5, n_instruction_examples=6, n_full_examples=3,
+              concurrency=2, timeout=0.5, max_retries=2, backoff=0.01, progress=False)
+    s = run_instruct(ws, **kw)
+    assert (s.rows_in, s.rows_done, s.rows_failed) == (9, 8, 1)
+
+    with ws.catalog(read_only=True) as cat:
+        edits = {r["source_caption"]: r for r in cat.query("SELECT * FROM edits")}
+        state = cat.query("SELECT key, state, error FROM stage_state WHERE stage='instruct'")
+        run = cat.query("SELECT params, models FROM runs WHERE run_id = ?", [s.run_id])[0]
+    # 500 past the retries: the anchor failed (nothing written), with the reason
+    failed = [r for r in state if r["state"] == "failed"]
+    assert [r["key"] for r in failed] == [7]
+    assert "HTTP 500: busy (after 3 tries)" in failed[0]["error"]
+    assert "a cat sleeping on a pillow" not in edits
+    # transient trouble (timeout, 429, 500, a non-JSON body, one malformed answer) recovers
+    for cap in ("a brown dog on a green lawn", "a yellow bus on a road",
+                "a green apple on a plate", "a man riding a bicycle down a street",
+                "a lamp next to a bed", "a horse grazing in a field"):
+        r = edits[cap]
+        assert r["edit_status"] == "proposed", (cap, r["edit_reasons"])
+        assert r["edit_type"] == "replace" and r["mode"] == "region"
+        assert r["instruct_backend"] == "openai" and r["instruct_model"] == "test-model"
+        assert r["prompt_version"] == "instruct-v1" and len(r["exemplar_ids"]) == 9
+    assert server.calls["a yellow bus on a road"] == 2   # timed out once, then answered
+    assert server.calls["a man riding a bicycle down a street"] == 3
+    assert edits["a horse grazing in a field"]["edit_reasons"] is None
+    # answers that never validate are kept as invalid rows with every try's reason
+    bad = edits["a red car parked on the street"]
+    assert bad["edit_status"] == "invalid" and len(bad["edit_reasons"]) == 3
+    assert all("answer is not" in r and "JSON" in r for r in bad["edit_reasons"])
+    wrong = edits["a white cup on a wooden table"]
+    assert wrong["edit_status"] == "invalid"
+    assert any("'instruction' is a int" in r for r in wrong["edit_reasons"])
+    assert server.calls["a red car parked on the street"] == 3
+    # the requests: JSON mode, the seed, bounded concurrency, the key only in the header
+    assert all(b["response_format"] == {"type": "json_object"} for b in server.bodies)
+    assert all(b["model"] == "test-model" for b in server.bodies)
+    assert server.max_inflight <= 2
+    assert server.auth == {f"Bearer {KEY}"}
+    assert KEY not in run["params"] and KEY not in run["models"]
+    with ws.catalog(read_only=True) as cat:
+        dump = json.dumps(cat.query("SELECT * FROM runs") + cat.query("SELECT * FROM edits")
+                          + cat.query("SELECT * FROM stage_state"), default=str)
+    assert KEY not in dump
+    assert KEY not in ws.catalog_path.read_bytes().decode("latin-1")
+
+    # a rerun retries only the failed anchor
+    server.override["a cat sleeping on a pillow"] = "good"
+    s2 = run_instruct(ws, **kw)
+    assert (s2.rows_in, s2.rows_done, s2.rows_failed) == (1, 1, 0)
+    with ws.catalog(read_only=True) as cat:
+        assert cat.scalar("SELECT edit_status FROM edits WHERE anchor_id = 7") == "proposed"
+        assert cat.scalar("SELECT count(*) FROM edits") == 9
+
+
+def test_unreachable_server_fails_rows_not_the_job(ingested_ws):
+    s = run_instruct(ingested_ws, backend="openai", model="m", base_url="http://127.0.0.1:9/v1",
+                     types="add", max_retries=1, backoff=0.01, timeout=0.5, progress=False,
+                     n_instruction_examples=2, n_full_examples=1)
+    assert (s.rows_in, s.rows_failed, s.state) == (9, 9, "completed")
+    with ingested_ws.catalog(read_only=True) as cat:
+        errs = {r[0] for r in cat.con.execute(
+            "SELECT error FROM stage_state WHERE stage = 'instruct'").fetchall()}
+        assert cat.scalar("SELECT count(*) FROM edits") == 0
+    assert errs == {"openai: cannot reach the server (ConnectError) (after 2 tries)"}
