@@ -126,7 +126,7 @@ def test_hf_export_loads_with_datasets_and_keeps_bytes(cand_ws, tmp_path):
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "configs:" in card and "dataset_info:" in card
     assert "| change_color |" in card or "| add |" in card
-    assert "status = 'accepted'" in card
+    assert "status = 'accepted' AND selected IS NOT FALSE" in card
 
 
 def test_hf_extra_columns_and_selection(cand_ws, tmp_path):
@@ -142,6 +142,19 @@ def test_hf_extra_columns_and_selection(cand_ws, tmp_path):
         assert row["edit_type"] == f["edit_type"] and row["mask_class"] == "fine"
         assert row["seed"] == 1000 + row["candidate_id"]
         assert json.loads(row["gen_params"])["strength"] == 0.6
+
+
+def test_default_selection_skips_unbalanced_and_duplicates(cand_ws, tmp_path):
+    ws, facts = cand_ws
+    with ws.catalog() as cat:
+        cat.con.execute("UPDATE candidates SET selected = false WHERE candidate_id = 1")
+        cat.con.execute("UPDATE candidates SET duplicate_of = 1 WHERE candidate_id = 2")
+        cat.con.execute("UPDATE candidates SET selected = true WHERE candidate_id = 4")
+        cat.con.execute("UPDATE candidates SET human_decision = 'accept' WHERE candidate_id = 6")
+    s = export_dataset(ws, None, tmp_path / "o", "jsonl", progress=False)
+    ids = {json.loads(x)["idx"] for x in (tmp_path / "o" / "train.jsonl").read_text().splitlines()}
+    want = {c for c, f in facts.items() if f["status"] == "accepted"} - {1, 2} | {6}
+    assert ids == want and s.rows == len(want)
 
 
 def test_counts_per_edit_type_in_card(cand_ws, tmp_path):

@@ -37,7 +37,8 @@ from .workspace import Workspace
 
 FORMATS = ("hf", "jsonl", "ip2p", "wds")
 SPLITS = {"free": "free_form", "region": "region_based"}
-DEFAULT_WHERE = "status = 'accepted'"
+# Accepted (a human decision overrides the filter), kept by balance if it ran, not a duplicate.
+DEFAULT_WHERE = "status = 'accepted' AND selected IS NOT FALSE AND duplicate_of IS NULL"
 DEFAULT_SHARD_SIZE = 2000   # the published UltraEdit chunks hold 2,000 rows
 ROW_GROUP_SIZE = 100        # rows per parquet row group: small enough to stream images
 LOAD_THREADS = 4            # media reads ahead of the writer
@@ -84,7 +85,7 @@ class ExportSummary:
 
 # -- selecting rows --------------------------------------------------------------------------
 def select_rows(cat: Catalog, selection: Selection | None) -> list[dict]:
-    """The candidates an export writes: the selection (default: status = 'accepted'), in
+    """The candidates an export writes: the selection (default: DEFAULT_WHERE), in
     candidate_id order."""
     selection = selection or Selection()
     if selection.where is None:
@@ -174,7 +175,8 @@ def export_dataset(ws: Workspace, selection: Selection | None, out: str | Path, 
                    *, shard_size: int = DEFAULT_SHARD_SIZE, extra_columns: bool = False,
                    overwrite: bool = False, push_to_hub: str | None = None,
                    private: bool = False, progress: bool = True) -> ExportSummary:
-    """Export the selected candidates (default: status = 'accepted') to out in fmt.
+    """Export the selected candidates (default: accepted, selected by balance if it ran, not
+    duplicates) to out in fmt.
 
     All-or-nothing: out appears complete or not at all. With overwrite, an existing out is
     replaced only once the new export is complete. push_to_hub (hf format) uploads out to that

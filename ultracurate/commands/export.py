@@ -32,7 +32,8 @@ def export(out: Path = typer.Argument(..., help="Folder to write (must not exist
                                         help="Create the hub repo as private."),
            where: Optional[str] = typer.Option(
                None, "--where", help="SQL predicate over candidates_v (default: "
-                                     "status = 'accepted')."),
+                                     "status = 'accepted' AND selected IS NOT FALSE AND "
+                                     "duplicate_of IS NULL)."),
            params: Optional[List[str]] = c.ParamOpt, limit: Optional[int] = c.LimitOpt,
            sample: Optional[int] = c.SampleOpt, seed: int = c.SeedOpt,
            force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (only "
