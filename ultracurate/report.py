@@ -1,0 +1,226 @@
+"""The curation report: one self-contained HTML file (every figure inline as a base64 PNG).
+
+Sections: the selection's counts by status; the acceptance funnel (the filter's thresholds
+recomputed over the selection, without changing anything); score histograms per edit type with
+the thresholds drawn (free-form solid, region dashed); the mask-class distribution; balance
+before and after (accepted vs selected per edit type); a grid of example pairs per edit type
+(accepted first, best clip_sim_dir first).
+
+    write_report(ws, "report.html", Selection(where="mode = 'free'"))
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+from pathlib import Path
+
+from .catalog import EDIT_TYPES
+from .selection import Selection, selected_keys_sql
+from .stages.score import SCORE_COLUMNS
+from .thresholds import MODES, Thresholds
+
+_COLUMNS = ("candidate_id, edit_id, edit_type, mode, mask_class, status, auto_status, "
+            "reject_reasons, selected, duplicate_of, source_image, edited_image, instruction, "
+            + ", ".join(SCORE_COLUMNS))
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _png(fig) -> str:
+    plt = _plt()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return ("<img alt='figure' src='data:image/png;base64,"
+            + base64.b64encode(buf.getvalue()).decode() + "'>")
+
+
+def _table(headers, rows) -> str:
+    h = "".join(f"<th>{html.escape(str(x))}</th>" for x in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in r) + "</tr>"
+                   for r in rows)
+    return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _histograms(df, t: Thresholds) -> str:
+    plt = _plt()
+    import numpy as np
+    types = [e for e in EDIT_TYPES if e in set(df["edit_type"].to_list())]
+    if not types:
+        return "<p>No scored rows.</p>"
+    out = []
+    for col in SCORE_COLUMNS:
+        vals = df.select(["edit_type", col]).drop_nulls()
+        if len(vals) == 0:
+            continue
+        n = len(types)
+        ncols = min(3, n)
+        nrows = (n + ncols - 1) // ncols
+        fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.3 * nrows),
+                                 squeeze=False)
+        allv = vals[col].to_numpy()
+        lo, hi = float(np.nanmin(allv)), float(np.nanmax(allv))
+        bins = np.linspace(lo, hi if hi > lo else lo + 1e-3, 21)
+        for i, et in enumerate(types):
+            ax = axes[i // ncols][i % ncols]
+            v = vals.filter(vals["edit_type"] == et)[col].to_numpy()
+            ax.hist(v, bins=bins, color="#4878a8")
+            ax.set_title(f"{et} (n={len(v)})", fontsize=9)
+            ax.tick_params(labelsize=7)
+            for mode, style in zip(MODES, ("-", "--")):
+                for rule in t.rules(mode):
+                    if rule.column == col:
+                        ax.axvline(rule.value, color="#c03030", linestyle=style, linewidth=1,
+                                   label=f"{mode} {rule.op} {rule.value:g}")
+        for j in range(n, nrows * ncols):
+            axes[j // ncols][j % ncols].axis("off")
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, labels, loc="upper right", fontsize=7)
+        fig.suptitle(col, fontsize=11)
+        fig.tight_layout()
+        out.append(_png(fig))
+    return "\n".join(out)
+
+
+def _bar(groups, series: dict[str, list], title: str, ylabel: str = "candidates"):
+    plt = _plt()
+    import numpy as np
+    x = np.arange(len(groups))
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(groups) + 2), 3.2))
+    for i, (name, vals) in enumerate(series.items()):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, label=name)
+    ax.set_xticks(x, groups, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _funnel_section(ws, cat, selection: Selection, t: Thresholds) -> str:
+    from .stages.filter import run_filter
+    res = run_filter(ws, selection, t, dry_run=True, cat=cat)
+    if res.rows_in == 0:
+        return "<p>No scored rows in the selection.</p>"
+    rows = [("selected rows", "", "", res.rows_in)] + [
+        (s.step, s.removed_alone, s.removed, s.remaining) for s in res.funnel]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1))
+    labels = [r[0] for r in rows][::-1]
+    ax.barh(labels, [r[3] for r in rows][::-1], color="#5a9a5a")
+    ax.set_xlabel("rows remaining")
+    ax.tick_params(labelsize=8)
+    fig.tight_layout()
+    return (_table(["step", "removed alone", "removed (cumulative order)", "remaining"], rows)
+            + _png(fig) + f"<p>Automatic decisions: {res.accepted} accepted, {res.rejected} "
+            f"rejected; human decisions: {res.human_accepted} accepted, "
+            f"{res.human_rejected} rejected.</p>")
+
+
+def _examples(ws, df, per_type: int) -> str:
+    plt = _plt()
+    from .images import load_rgb
+    out = []
+    import polars as pl
+    for et in [e for e in EDIT_TYPES if e in set(df["edit_type"].to_list())]:
+        sub = (df.filter(pl.col("edit_type") == et)
+               .with_columns((pl.col("status") == "accepted").alias("_acc"))
+               .sort(["_acc", "clip_sim_dir"], descending=[True, True], nulls_last=True)
+               .head(per_type))
+        if len(sub) == 0:
+            continue
+        fig, axes = plt.subplots(len(sub), 2, figsize=(5, 2.5 * len(sub)), squeeze=False)
+        for i, r in enumerate(sub.iter_rows(named=True)):
+            for j, (key, label) in enumerate((("source_image", "source"),
+                                              ("edited_image", "edited"))):
+                ax = axes[i][j]
+                ax.axis("off")
+                try:
+                    im = load_rgb(ws.media.path(r[key]))
+                    im.thumbnail((256, 256))
+                    ax.imshow(im)
+                except Exception:
+                    ax.text(0.5, 0.5, "missing", ha="center")
+                dirs = r["clip_sim_dir"]
+                title = (f"#{r['candidate_id']} {r['status']}"
+                         + (f" dir={dirs:.2f}" if dirs is not None else "")
+                         if j == 1 else (r["instruction"] or "")[:40])
+                ax.set_title(f"{label}: {title}", fontsize=7)
+        fig.suptitle(et, fontsize=11)
+        fig.tight_layout()
+        out.append(f"<h3>{html.escape(et)}</h3>" + _png(fig))
+    return "\n".join(out) or "<p>No pairs.</p>"
+
+
+def write_report(ws, out: str | Path, selection: Selection | None = None,
+                 thresholds: Thresholds | None = None, examples: int = 4) -> Path:
+    """Write the HTML report for the selected candidates; returns its path. Thresholds drawn
+    and used for the funnel: the given ones, else the last filter run's, else UltraEdit's."""
+    from .stages.filter import latest_thresholds
+    selection = selection or Selection()
+    out = Path(out)
+    with ws.catalog(read_only=True) as cat:
+        t = thresholds or latest_thresholds(cat) or Thresholds.preset("ultraedit")
+        sql, params = selected_keys_sql(cat.con, "candidates_v", "candidate_id", selection,
+                                        None, _COLUMNS)
+        df = cat.pl(sql + " ORDER BY candidate_id", params)
+        edits = cat.query(
+            f"SELECT mode, coalesce(mask_class, '(none)') AS mask_class, count(*) AS n "
+            f"FROM edits_v WHERE edit_id IN (SELECT edit_id FROM ({sql}) s) "
+            f"GROUP BY ALL ORDER BY mode, mask_class", params)
+        funnel = _funnel_section(ws, cat, selection, t)
+    status_counts = df.group_by("status").len().sort("status").rows() if len(df) else []
+    sections = [
+        ("Selection", _table(["status", "candidates"], status_counts)
+         + f"<p>{len(df)} candidates of {df['edit_id'].n_unique() if len(df) else 0} edits. "
+           f"Selection: <code>{html.escape(str(selection.to_json()))}</code></p>"),
+        ("Acceptance funnel", funnel),
+        ("Score histograms per edit type", _histograms(df, t)),
+    ]
+    if edits:
+        groups = [f"{e['mode']} / {e['mask_class']}" for e in edits]
+        sections.append(("Mask-class distribution (edits)",
+                         _table(["mode", "mask class", "edits"],
+                                [(e["mode"], e["mask_class"], e["n"]) for e in edits])
+                         + _bar(groups, {"edits": [e["n"] for e in edits]},
+                                "edits by mask class", "edits")))
+    if len(df):
+        types = [e for e in EDIT_TYPES if e in set(df["edit_type"].to_list())]
+        acc = df.filter((df["status"] == "accepted") & df["duplicate_of"].is_null())
+        before = [int((acc["edit_type"] == et).sum()) for et in types]
+        after = [int(((acc["edit_type"] == et) & acc["selected"].fill_null(False)).sum())
+                 for et in types]
+        sections.append(("Balance before and after",
+                         _table(["edit type", "accepted", "selected"],
+                                list(zip(types, before, after)))
+                         + _bar(types, {"accepted (before)": before, "selected (after)": after},
+                                "balance by edit type")))
+    sections.append(("Example pairs per edit type", _examples(ws, df, examples)))
+    body = "\n".join(f"<section><h2>{html.escape(h)}</h2>{c}</section>" for h, c in sections)
+    doc = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>ultracurate report</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}}
+table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padding:2px 8px;
+font-size:13px}}img{{max-width:100%;display:block;margin:.5em 0}}</style></head>
+<body><h1>ultracurate report</h1>
+<p>Workspace {html.escape(str(ws.root))}, written {_dt.datetime.now():%Y-%m-%d %H:%M}.
+Thresholds: {html.escape(t.preset_name)}.</p>
+{body}
+</body></html>
+"""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(doc)
+    tmp.replace(out)
+    return out
