@@ -20,7 +20,9 @@ caption embeddings keyed by edit id.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,15 +71,17 @@ class ScoreStage(Stage):
     batch_size = 64
     roles = ("clip", "dino")
 
-    def __init__(self, cache_size: int = 4096, **params):
+    def __init__(self, cache_size: int = 4096, decode_threads: int | None = None, **params):
         super().__init__(**params)
         self.cache_size = cache_size
+        self.decode_threads = decode_threads
         self.clip = self.dino = None
         self._store: EmbeddingStore | None = None
 
     def __getstate__(self):  # shipped to Ray workers without models or the LanceDB handle
         d = self.__dict__.copy()
-        d.update(clip=None, dino=None, _store=None, _img_cache=None, _txt_cache=None)
+        d.update(clip=None, dino=None, _store=None, _img_cache=None, _txt_cache=None,
+                 _pool=None)
         return d
 
     # -- worker side ----------------------------------------------------------------------
@@ -86,8 +90,13 @@ class ScoreStage(Stage):
         ws = ctx.workspace
         self.clip = load(ws, "clip", ctx.device)
         self.dino = load(ws, "dino", ctx.device)
+        self._pool = ThreadPoolExecutor(self.decode_threads or min(8, os.cpu_count() or 1))
         self._img_cache = _LRU(self.cache_size)   # media -> (clip emb, dino emb)
         self._txt_cache = _LRU(self.cache_size)   # caption -> clip text emb
+
+    def _decode(self, path) -> tuple:
+        im = load_rgb(path)
+        return im, self.clip.pixels(im), self.dino.pixels(im)
 
     def prepare(self, rows: list[dict], ctx: Context) -> Prepared:
         media = ctx.workspace.media
@@ -95,15 +104,15 @@ class ScoreStage(Stage):
         decoded: dict[str, Any] = {}
         errors: dict[str, str] = {}
         on_gpu = str(ctx.device).startswith("cuda")
-        for name in {n for r in rows for n in (r["source_image"], r["edited_image"])}:
+        names = sorted({n for r in rows for n in (r["source_image"], r["edited_image"])})
+        # PIL decodes and resizes without the GIL: a pool keeps the device fed
+        futures = {n: self._pool.submit(self._decode, media.path(n)) for n in names}
+        for name, fut in futures.items():
             try:
-                im = load_rgb(media.path(name))
+                decoded[name], out.clip_pixels[name], out.dino_pixels[name] = fut.result()
             except BadImage as e:
                 errors[name] = str(e)
-                continue
-            decoded[name] = im
-            out.clip_pixels[name] = self.clip.pixels(im)
-            out.dino_pixels[name] = self.dino.pixels(im)
+        pairs = {}
         for r in rows:
             cid, src, edt = r["candidate_id"], r["source_image"], r["edited_image"]
             bad = [errors[n] for n in (src, edt) if n in errors]
@@ -113,11 +122,13 @@ class ScoreStage(Stage):
             a, b = decoded[src], decoded[edt]
             if b.size != a.size:  # compare at the source's size (PIL default resampling)
                 b = b.resize(a.size)
-            if on_gpu:
-                out.full[cid] = (_chw(a), _chw(b))
-            else:
-                out.pixel_scores[cid] = metrics.pixel_scores(np.asarray(a, np.float32) / 255,
-                                                             np.asarray(b, np.float32) / 255)
+            pairs[cid] = (a, b)
+        if on_gpu:
+            out.full = {cid: (_chw(a), _chw(b)) for cid, (a, b) in pairs.items()}
+        else:
+            futs = {cid: self._pool.submit(_cpu_pixel_scores, a, b)
+                    for cid, (a, b) in pairs.items()}
+            out.pixel_scores = {cid: f.result() for cid, f in futs.items()}
         captions = {c for r in rows for c in (r["source_caption"], r["target_caption"])}
         captions = sorted(c for c in captions if c not in self._txt_cache)
         if captions:
@@ -223,6 +234,12 @@ class ScoreStage(Stage):
     def finish(self, cat, run_id: int) -> None:
         if self._store is not None:
             self._store.optimize()
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(wait=False)
+
+
+def _cpu_pixel_scores(a, b) -> dict:
+    return metrics.pixel_scores(np.asarray(a, np.float32) / 255, np.asarray(b, np.float32) / 255)
 
 
 def _chw(im) -> Any:
