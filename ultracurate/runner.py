@@ -82,9 +82,9 @@ class Stage:
             _STAGES[cls.name] = cls
 
     # -- run on the driver ----------------------------------------------------------------
-    def items(self, cat: Catalog, selection: Selection, force: bool) -> pl.DataFrame:
-        """The rows still to do: the selection, narrowed by default_where, without rows this
-        stage already finished (unless force)."""
+    def items_sql(self, cat: Catalog, selection: Selection, force: bool) -> tuple[str, dict]:
+        """SQL for the rows still to do: the selection, narrowed by default_where, without rows
+        this stage already finished (unless force). Unordered; see `order_by`."""
         view, key = VIEWS[self.table], KEYS[self.table]
         extra = [f"({self.default_where})"] if self.default_where else []
         if self.track_state and not force:
@@ -94,7 +94,15 @@ class Stage:
                                         " AND ".join(extra) or None, self.columns)
         if self.track_state and not force:
             params["_uc_stage"] = self.name
-        return cat.pl(sql + f" ORDER BY {key}", params)
+        return sql, params
+
+    order_by: str | None = None  # batch order (default: the key); e.g. "anchor_id, edit_id"
+
+    def items(self, cat: Catalog, selection: Selection, force: bool) -> pl.DataFrame:
+        """The rows still to do, as one DataFrame. Stages whose work items are not catalog
+        rows override this; the runner streams the default instead (see `pending_batches`)."""
+        sql, params = self.items_sql(cat, selection, force)
+        return cat.pl(sql + f" ORDER BY {self.order_by or KEYS[self.table]}", params)
 
     def key_of(self, row: dict) -> int:
         return row[KEYS[self.table]]
@@ -210,9 +218,14 @@ class RayEngine:
             Actor = ray.remote(num_gpus=per, num_cpus=1)(_StageActor)
             actors = [Actor.remote(stage, worker_ctx) for _ in range(n)]
             pool = ActorPool(actors)
-            for batch in batches:
-                pool.submit(lambda a, b: a.run.remote(b), batch)
+            it = iter(batches)
+
+            def submit(k):  # keep at most 2 batches per worker in flight
+                for batch in _take(it, k):
+                    pool.submit(lambda a, b: a.run.remote(b), batch)
+            submit(2 * n)
             while pool.has_next():
+                submit(1)
                 try:
                     batch, result = pool.get_next()
                 except ray.exceptions.RayError as e:
@@ -299,24 +312,23 @@ def run_stage(ws: Workspace, stage: Stage, selection: Selection | None = None, *
         # power loss): close it, its committed batches stand.
         cat.con.execute("UPDATE runs SET state = 'killed', message = 'the process ended "
                         "without closing the run' WHERE state = 'running'")
-        items = stage.items(cat, selection, force)
-        rows = items.to_dicts()
         size = batch_size or stage.batch_size
-        batches = [rows[i:i + size] for i in range(0, len(rows), size)]
+        n_rows, batches = pending_batches(stage, cat, selection, force, size)
         ctx = Context(str(ws.root), device or default_device(), 0, ws.config)
         models = stage.models(ctx) if stage.roles else {}
         run_id = cat.start_run(stage.name, stage.params, selection.to_json(), models,
                                engine=getattr(engine, "name", "local"))
         ctx.run_id = run_id
-        cat.con.execute("UPDATE runs SET rows_in = ? WHERE run_id = ?", [len(rows), run_id])
+        cat.con.execute("UPDATE runs SET rows_in = ? WHERE run_id = ?", [n_rows, run_id])
         done = failed = 0
         state = "completed"
-        bar = _progress(len(rows), stage.name) if progress else None
+        bar = _progress(n_rows, stage.name) if progress else None
         try:
             if bar:
                 bar.start()
-                task = bar.add_task(stage.name, total=len(rows))
-            for batch, result in engine.map(stage, batches, ctx) if rows else ():
+                task = bar.add_task(stage.name, total=n_rows)
+            results = engine.map(stage, batches, ctx) if n_rows else iter(())
+            for batch, result in results:
                 n_done, n_failed = _commit_batch(cat, stage, batch, result, run_id)
                 done += n_done
                 failed += n_failed
@@ -336,13 +348,46 @@ def run_stage(ws: Workspace, stage: Stage, selection: Selection | None = None, *
             cat.end_run(run_id, "failed", f"{type(e).__name__}: {e}")
             raise
         finally:
+            # close the generators now: the selection stream holds a DuckDB cursor
+            for gen in (locals().get("results"), batches):
+                if hasattr(gen, "close"):
+                    gen.close()
             if bar:
                 bar.stop()
         cat.end_run(run_id, state)
-        return RunSummary(run_id, stage.name, len(rows), done, failed, state)
+        return RunSummary(run_id, stage.name, n_rows, done, failed, state)
     finally:
         if own:
             cat.close()
+
+
+def pending_batches(stage: Stage, cat: Catalog, selection: Selection, force: bool,
+                    size: int) -> tuple[int, Iterator[list[dict]]]:
+    """How many rows are pending, and their batches. The default selection is streamed from
+    DuckDB (a second cursor, sorted inside DuckDB, which spills to disk), so a job over 41M
+    rows never holds them all in Python; a stage that overrides `items` gives a DataFrame."""
+    if type(stage).items is not Stage.items:
+        rows = stage.items(cat, selection, force).to_dicts()
+        return len(rows), iter([rows[i:i + size] for i in range(0, len(rows), size)])
+    sql, params = stage.items_sql(cat, selection, force)
+    n = int(cat.scalar(f"SELECT count(*) FROM ({sql}) counted", params))
+
+    def stream() -> Iterator[list[dict]]:
+        cur = cat.con.cursor()
+        try:
+            reader = cur.sql(sql + f" ORDER BY {stage.order_by or KEYS[stage.table]}",
+                             params=params).to_arrow_reader(max(size, 2048))
+            pending: list[dict] = []
+            for rb in reader:
+                pending.extend(rb.to_pylist())
+                while len(pending) >= size:
+                    yield pending[:size]
+                    pending = pending[size:]
+            if pending:
+                yield pending
+        finally:
+            cur.close()
+    return n, stream()
 
 
 def _rollback(cat: Catalog) -> None:
