@@ -248,3 +248,19 @@ def test_soft_mask_settings_record_the_choice():
         M.soft_mask(M.encode(m), 8, 8, (4, 4), sigma=3)
     with pytest.raises(UltracurateError, match="soft_value"):
         M.soft_mask(M.encode(m), 8, 8, (4, 4), soft_value=2.0)
+
+
+def test_features_many_matches_features():
+    rng = np.random.default_rng(3)
+    ms = [disc(30, 40, 15, 20, 8), np.zeros((30, 40), bool), np.ones((30, 40), bool),
+          rng.random((30, 40)) < 0.2, l_shape()]
+    got = M.features_many([M.encode(m) for m in ms], [m.shape[0] for m in ms],
+                          [m.shape[1] for m in ms], chunk=2)
+    for i, m in enumerate(ms):
+        f = M.features(m)
+        assert got["area"][i] == pytest.approx(f.area)
+        assert got["bbox"][i] == f.bbox
+        assert (got["components"][i], got["contours"][i]) == (f.components, f.contours)
+    # past pycocotools' 255-object limit of one call
+    many = M.features_many([M.encode(ms[0])] * 600, [30] * 600, [40] * 600, shape=False)
+    assert len(many["area"]) == 600 and many["bbox"][599] == M.features(ms[0]).bbox
