@@ -186,3 +186,25 @@ def test_unreachable_server_fails_rows_not_the_job(ingested_ws):
             "SELECT error FROM stage_state WHERE stage = 'instruct'").fetchall()}
         assert cat.scalar("SELECT count(*) FROM edits") == 0
     assert errs == {"openai: cannot reach the server (ConnectError) (after 2 tries)"}
+
+
+def test_backend_from_workspace_role_custom_prompt_and_mode(ingested_ws, server, tmp_path):
+    import importlib.resources
+    ws = ingested_ws
+    with ws.catalog() as cat:
+        cat.con.execute("UPDATE anchors SET captions = ['a brown dog on a green lawn']")
+    ws.set_config("models", {"llm": f"{server.url}#cfg-model"})
+    prompt = tmp_path / "my-prompt.txt"
+    text = importlib.resources.files("ultracurate").joinpath("prompts", "instruct-v1.txt")
+    prompt.write_text(text.read_text().replace("### user\n", "### user\nBe brief.\n"))
+    from ultracurate.selection import Selection
+    s = run_instruct(ws, Selection(limit=2), types="change_global", mode="region",
+                     prompt=str(prompt), n_instruction_examples=3, n_full_examples=1,
+                     progress=False)
+    assert s.rows_done == 2
+    with ws.catalog(read_only=True) as cat:
+        rows = cat.query("SELECT * FROM edits")
+    assert {(r["instruct_backend"], r["instruct_model"], r["prompt_version"], r["mode"],
+             r["edit_object"]) for r in rows} == \
+        {("openai", "cfg-model", "my-prompt", "region", "NONE")}
+    assert all(b["messages"][1]["content"].startswith("Be brief.") for b in server.bodies)
