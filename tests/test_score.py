@@ -153,9 +153,16 @@ def test_score_stage_writes_scores_and_embeddings(ingested_ws, tiny):
     tid, tvec, _ = store.get("clip_text", "edits", [r["edit_id"]], side="target_caption")
     assert np.allclose(tvec[0], ct[1].numpy(), atol=1e-5)
 
-    # rerun: nothing pending; --force rescoring replaces (no duplicate embeddings)
+    # rerun: nothing pending; --force rescoring (with the GPU's batched pixel-score path,
+    # here on the CPU) gives the same scores and replaces the embeddings (no duplicates)
     assert run_score(ws, progress=False).rows_in == 0
-    assert run_score(ws, progress=False, force=True).rows_done == 12
+    assert run_score(ws, progress=False, force=True, pixel_scores_on_device=True,
+                     batch_size=7).rows_done == 12
+    with ws.catalog() as cat:
+        again = cat.query("SELECT * FROM candidates ORDER BY candidate_id")
+    for r0, r1 in zip(rows, again):
+        for k in ("ssim", "l1", "l2", "clip_sim_dir", "dinov2_sim"):
+            assert r1[k] == pytest.approx(r0[k], abs=1e-5)
     assert EmbeddingStore(ws.lance_path).count("clip_image") == 24
     assert ScoreStage.writes["candidates"] >= {"clip_sim_dir", "auto_status"}
     assert len(cands) == 12

@@ -71,10 +71,14 @@ class ScoreStage(Stage):
     batch_size = 64
     roles = ("clip", "dino")
 
-    def __init__(self, cache_size: int = 4096, decode_threads: int | None = None, **params):
+    def __init__(self, cache_size: int = 4096, decode_threads: int | None = None,
+                 pixel_scores_on_device: bool | None = None, **params):
+        """pixel_scores_on_device: SSIM/L1/L2 batched on the model's device (default: when it
+        is a GPU) rather than with scikit-image on the CPU threads."""
         super().__init__(**params)
         self.cache_size = cache_size
         self.decode_threads = decode_threads
+        self.pixel_scores_on_device = pixel_scores_on_device
         self.clip = self.dino = None
         self._store: EmbeddingStore | None = None
 
@@ -103,7 +107,8 @@ class ScoreStage(Stage):
         out = Prepared()
         decoded: dict[str, Any] = {}
         errors: dict[str, str] = {}
-        on_gpu = str(ctx.device).startswith("cuda")
+        on_gpu = (self.pixel_scores_on_device if self.pixel_scores_on_device is not None
+                  else str(ctx.device).startswith("cuda"))
         names = sorted({n for r in rows for n in (r["source_image"], r["edited_image"])})
         # PIL decodes and resizes without the GIL: a pool keeps the device fed
         futures = {n: self._pool.submit(self._decode, media.path(n)) for n in names}
@@ -266,13 +271,14 @@ def _pixel_scores_on_device(pairs, device) -> dict[str, np.ndarray]:
 
 def run_score(ws, selection=None, *, force: bool = False, engine=None,
               device: str | None = None, batch_size: int | None = None,
-              progress: bool = True):
-    """Score the selected generated candidates; returns the runner's RunSummary."""
+              progress: bool = True, **stage_params):
+    """Score the selected generated candidates; returns the runner's RunSummary.
+    stage_params go to ScoreStage (cache_size, decode_threads, pixel_scores_on_device)."""
     from ..runner import run_stage
     for role in ScoreStage.roles:
         from ..models import resolve
         resolve(ws, role)  # a missing checkpoint is one clear error before the job starts
-    return run_stage(ws, ScoreStage(), selection, force=force, engine=engine, device=device,
+    return run_stage(ws, ScoreStage(**stage_params), selection, force=force, engine=engine, device=device,
                      batch_size=batch_size, progress=progress)
 
 
