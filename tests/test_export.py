@@ -159,6 +159,11 @@ def test_default_selection_skips_unbalanced_and_duplicates(cand_ws, tmp_path):
 
 def test_counts_per_edit_type_in_card(cand_ws, tmp_path):
     ws, facts = cand_ws
+    with ws.catalog() as cat:
+        run = cat.start_run("filter", {"min_clip_dir": 0.22, "top_k": 4}, None,
+                            {"clip": "ViT-L-14:openai"})
+        cat.end_run(run, "completed")
+        cat.con.execute("UPDATE candidates SET filter_run = ?", [run])
     s = export_dataset(ws, None, tmp_path / "o", progress=False)
     want: dict = {}
     for f in facts.values():
@@ -171,6 +176,8 @@ def test_counts_per_edit_type_in_card(cand_ws, tmp_path):
     for t in want["free_form"]:
         row = f"| {t} | {want['free_form'].get(t, 0)} | {want['region_based'].get(t, 0)} |"
         assert row in card
+    assert "### filter (run" in card and '"min_clip_dir": 0.22' in card
+    assert "ViT-L-14:openai" in card
 
 
 def test_missing_media_leaves_nothing(cand_ws, tmp_path):
