@@ -230,6 +230,7 @@ def test_infer_edit_type():
     assert infer_edit_type("make it snow") == "change_global"
     assert infer_edit_type("make the car blue") == "change_color"
     assert infer_edit_type("add a hat to the man") == "add"
+    assert infer_edit_type("make the cat wear a hat") == "add"
     assert infer_edit_type("remove the spoon") == "others"
     assert infer_edit_type("make the dog bigger") == "transform_local"
 

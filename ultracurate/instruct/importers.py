@@ -174,7 +174,8 @@ def infer_edit_type(instruction: str) -> str:
     if re.search(r"\b(remove|delete|erase|write|text|sign|says?|number)\b", s) or \
             re.search(r"\d", s):
         return "others"
-    if re.search(r"\b(add|put|place|insert|include)\b", s) or s.startswith(("give ", "let ")):
+    if re.search(r"\b(add|put|place|insert|include|wear|wearing)\b", s) or \
+            s.startswith(("give ", "let ")):
         return "add"
     if re.search(_SCENE, s):
         return "change_global"
