@@ -36,7 +36,7 @@ class ClassifyMasksStage(Stage):
                                        max_contours=max_contours)
         super().__init__(thresholds=self.thresholds)
 
-    def items(self, cat: Catalog, selection: Selection, force: bool) -> pl.DataFrame:
+    def items_sql(self, cat: Catalog, selection: Selection, force: bool) -> tuple[str, dict]:
         pred = f"({self.default_where})"
         params: dict[str, Any] = {}
         if not force:
@@ -49,7 +49,7 @@ class ClassifyMasksStage(Stage):
             params = {"_uc_same": same or [-1], "_uc_stage": self.name}
         sql, p = selected_keys_sql(cat.con, VIEWS[self.table], "edit_id", selection, pred,
                                    self.columns)
-        return cat.pl(sql + " ORDER BY edit_id", {**p, **params})
+        return sql, {**p, **params}
 
     def process(self, rows: list[dict], prepared: Any, ctx: Context) -> BatchResult:
         out, failed = [], {}

@@ -20,7 +20,6 @@ import numpy as np
 import polars as pl
 
 from .. import masks as M
-from ..catalog import Catalog
 from ..images import BadImage, load_rgb
 from ..runner import BatchResult, Context, RunSummary, Stage, run_stage
 from ..selection import Selection
@@ -48,6 +47,8 @@ class GroundStage(Stage):
     writes = {"edits": set(MASK_SCHEMA) - {"edit_id"}}
     batch_size = 16
     roles = ("grounding", "sam")
+    # Consecutive rows of an anchor land in the same batch, so its embedding is shared.
+    order_by = "anchor_id, edit_id"
 
     def __init__(self, box_threshold: float = 0.3, text_threshold: float = 0.25,
                  backend: str | None = None, sam_batch_size: int = 8):
@@ -59,9 +60,6 @@ class GroundStage(Stage):
         self.sam_batch_size = sam_batch_size
         self._models: tuple | None = None
 
-    def items(self, cat: Catalog, selection: Selection, force: bool) -> pl.DataFrame:
-        # Consecutive rows of an anchor land in the same batch, so its embedding is shared.
-        return super().items(cat, selection, force).sort(["anchor_id", "edit_id"])
 
     def setup(self, ctx: Context) -> None:
         from ..models import grounding, resolve, sam
