@@ -218,7 +218,9 @@ def _load_random(ref, device, dtype, bt, tt) -> Grounder:
     cfg = _gdino_config(kinds[name])
     model = GroundingDinoForObjectDetection(cfg).to(device=device, dtype=dtype).eval()
     with tempfile.TemporaryDirectory() as tmp:
-        _write_gdino_processor(Path(tmp), vocab_size=cfg.text_config.vocab_size)
+        # the released checkpoints' input size: short side 800, long side at most 1333
+        _write_gdino_processor(Path(tmp), vocab_size=cfg.text_config.vocab_size,
+                               size={"shortest_edge": 800, "longest_edge": 1333})
         from transformers import AutoProcessor
         proc = AutoProcessor.from_pretrained(tmp)
     return Grounder(model, proc, "grounding-dino", str(device), dtype, ref, bt, tt)
@@ -244,14 +246,15 @@ def _wordpiece_vocab(size: int | None = None) -> list[str]:
     return vocab
 
 
-def _write_gdino_processor(folder: Path, vocab_size: int | None = None) -> int:
+def _write_gdino_processor(folder: Path, vocab_size: int | None = None,
+                           size: dict | None = None) -> int:
     from transformers import (BertTokenizer, GroundingDinoImageProcessor,
                               GroundingDinoProcessor)
     vocab = _wordpiece_vocab(vocab_size)
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tok = BertTokenizer(str(folder / "vocab.txt"), do_lower_case=True, model_max_length=256)
     # Small input for the tiny model; real checkpoints bring their own (800, max 1333).
-    ip = GroundingDinoImageProcessor(size={"shortest_edge": 128, "longest_edge": 224})
+    ip = GroundingDinoImageProcessor(size=size or {"shortest_edge": 128, "longest_edge": 224})
     GroundingDinoProcessor(image_processor=ip, tokenizer=tok).save_pretrained(str(folder))
     return len(vocab)
 
