@@ -1,0 +1,60 @@
+"""Adaptive candidate rounds: the scheme comparison on known scores, and the real loop
+(generate -> score -> filter per round) with tiny models."""
+
+from __future__ import annotations
+
+import pytest
+
+from ultracurate.models import make_tiny
+from ultracurate.stages.adaptive import compare_schemes, run_adaptive
+from ultracurate.thresholds import Thresholds
+
+from _scoring import add_candidates, set_scores
+
+GOOD = dict(clip_sim_source=0.3, clip_sim_target=0.3, clip_sim_dir=0.3, clip_sim_image=0.8,
+            dinov2_sim=0.6, ssim=0.7, l1=0.05, l2=0.01)
+BAD = dict(GOOD, clip_sim_dir=0.0)
+
+
+def test_compare_fixed_and_adaptive_schemes(ingested_ws):
+    ws = ingested_ws
+    c = add_candidates(ws, n_edits=3, per_edit=30, modes=("free",), size=16)
+    ids = c["candidate_id"].to_list()
+    a, b, d = ids[:30], ids[30:60], ids[60:]
+    scores = {cid: dict(GOOD) for cid in a}                        # all pass
+    scores |= {cid: dict(GOOD if 20 <= i < 24 else BAD) for i, cid in enumerate(b)}
+    scores |= {cid: dict(GOOD if i < 2 else BAD) for i, cid in enumerate(d)}  # only 2 pass
+    set_scores(ws, scores)
+    out = compare_schemes(ws, until_accepted=4, max_candidates=30, round_size=8)
+    assert out["edits"] == 3
+    assert out["fixed"] == {"generated": 90, "succeeded": 2, "candidates_per_success": 45.0,
+                            "mean_kept_clip_sim_dir": pytest.approx(0.3)}
+    # adaptive: A stops after round 1 (8), B after round 3 (24), C runs to 30 and fails
+    assert out["adaptive"]["generated"] == 8 + 24 + 30
+    assert out["adaptive"]["succeeded"] == 2
+    assert out["adaptive"]["candidates_per_success"] == 31.0
+
+
+def test_run_adaptive_generates_in_rounds(ingested_ws, tiny_dir):
+    make_tiny(tiny_dir, ("editor", "clip", "dino"))
+    ws = ingested_ws
+    add_candidates(ws, n_edits=2, per_edit=0, modes=("free",))
+    # tiny random models: loose thresholds so that candidates pass (scores are meaningless)
+    loose = Thresholds.preset().override(clip_sim_image_min=-1, clip_sim_dir_min=-1,
+                                         clip_min=-1, dinov2_sim_min=-1)
+    res = run_adaptive(ws, until_accepted=2, max_candidates=6, round_size=3,
+                       thresholds=loose, generate_kwargs={"size": 64})
+    assert res.edits == 2 and res.succeeded == 2
+    assert res.rounds == [{"candidates": 3, "open_edits": 2, "closed": 2}]
+    assert res.generated == 6 and res.candidates_per_success == 3.0
+    with ws.catalog() as cat:
+        rows = cat.query("SELECT edit_id, status, reject_reasons FROM candidates_v "
+                         "ORDER BY candidate_id")
+    assert [r["status"] for r in rows].count("accepted") == 4
+    assert all(r["reject_reasons"] in (None, ["not in top 2 by clip_sim_dir"]) for r in rows)
+    # a threshold nothing passes: every round runs, up to max_candidates
+    strict = Thresholds.preset().override(clip_sim_dir_min=1.0)
+    res = run_adaptive(ws, until_accepted=2, max_candidates=6, round_size=3,
+                       thresholds=strict, generate_kwargs={"size": 64})
+    assert [r["candidates"] for r in res.rounds] == [3, 6] and res.succeeded == 0
+    assert res.generated == 12
