@@ -51,7 +51,7 @@ def load(ref: str, device: str = "cpu", dtype: Any = None):
 
     dtype = dtype or default_dtype(device)
     local = Path(str(ref))
-    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if local.exists():
         if not (local / "model_index.json").exists():
             raise UltracurateError(f"editor checkpoint {local}: not a diffusers pipeline folder "

@@ -1,0 +1,60 @@
+"""`ultracurate generate`: candidate pairs for the selected edits (a thin layer over
+ultracurate.stages.generate.run_generate)."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from . import _common as c
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate)
+
+
+def generate(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
+             limit: Optional[int] = c.LimitOpt, sample: Optional[int] = c.SampleOpt,
+             seed: int = c.SeedOpt,
+             candidates: int = typer.Option(30, "--candidates", "-n",
+                                            help="Candidates per edit (planned up to this "
+                                                 "many; rerun with more to add more)."),
+             mode: str = typer.Option("auto", "--mode", help="free, region, or auto (each "
+                                      "edit's own mode; region needs a grounded mask)."),
+             behaviour: str = typer.Option("method", "--behaviour", help="method (proper "
+                                           "Prompt-to-Prompt, SDXL added conditioning on) or "
+                                           "ultraedit-compat (what the released generator "
+                                           "does)."),
+             size: int = typer.Option(512, "--size", help="Square generation size (512 as "
+                                      "the method; 64 or 128 for tiny demo models)."),
+             keep_anchor_source: bool = typer.Option(
+                 False, "--keep-anchor-source", help="Save the real anchor photo (resized and "
+                 "cropped) as the source image instead of its regeneration."),
+             soft_variant: str = typer.Option("ultraedit", "--soft-variant",
+                                              help="Region soft mask: ultraedit or feathered."),
+             force: bool = c.ForceOpt, engine: str = c.EngineOpt,
+             address: Optional[str] = c.AddressOpt,
+             workers: Optional[int] = typer.Option(None, "--workers",
+                                                   help="Ray: model replicas (default: one "
+                                                        "per GPU, else one)."),
+             device: Optional[str] = c.DeviceOpt, batch_size: Optional[int] = c.BatchOpt,
+             workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
+    """Generate candidate pairs (source image, edited image) for the selected edits: plan
+    the candidate rows with deterministic seeds, then render them in batches across edits.
+    Resumable: rerun the same command to finish a stopped run."""
+    from ..stages.generate import run_generate
+    ws = c.workspace(workspace)
+    out = run_generate(ws, c.selection(where, params, limit, sample, seed),
+                       candidates=candidates, mode=mode, behaviour=behaviour, engine=engine,
+                       seed=seed, size=size, keep_anchor_source=keep_anchor_source,
+                       soft_variant=soft_variant, address=address, workers=workers,
+                       device=device, batch_size=batch_size, force=force)
+    if as_json:
+        c.emit(out.to_json(), True)
+        return
+    plan = out.plan.to_json()
+    skipped = ", ".join(f"{n} {r}" for r, n in plan["skipped"].items()) or "none"
+    typer.echo(f"planned {plan['planned']} new candidates for {plan['edits']} edits "
+               f"(skipped edits: {skipped})")
+    c.print_summary(out.run, False)
