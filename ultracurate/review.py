@@ -68,18 +68,21 @@ _RESERVED = {"id", "filepath", "tags", "metadata", "group", "created_at", "last_
              "media_type", MASK_FIELD, FINGERPRINT_FIELD}
 
 # -- FiftyOne's database ---------------------------------------------------------------------
-def fiftyone_env(ws: Workspace | None = None) -> None:
-    """Set FiftyOne's environment before it is imported: no usage tracking, and the
-    workspace's `[review] database_uri` / `database_dir` unless FIFTYONE_* already set them.
-    A user's own MongoDB (FIFTYONE_DATABASE_URI) skips FiftyOne's version check."""
-    os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+def fiftyone_env(ws: Workspace | None = None, environ: dict | None = None) -> dict:
+    """Set FiftyOne's environment before it is imported (in environ, default os.environ): no
+    usage tracking, and the workspace's `[review] database_uri` / `database_dir` unless
+    FIFTYONE_* already set them. A user's own MongoDB (FIFTYONE_DATABASE_URI) skips
+    FiftyOne's version check. Returns environ."""
+    env = os.environ if environ is None else environ
+    env.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
     cfg = ws.section("review") if ws is not None else {}
-    if cfg.get("database_uri") and "FIFTYONE_DATABASE_URI" not in os.environ:
-        os.environ["FIFTYONE_DATABASE_URI"] = str(cfg["database_uri"])
-    if cfg.get("database_dir") and "FIFTYONE_DATABASE_DIR" not in os.environ:
-        os.environ["FIFTYONE_DATABASE_DIR"] = str(Path(cfg["database_dir"]).expanduser())
-    if os.environ.get("FIFTYONE_DATABASE_URI"):
-        os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
+    if cfg.get("database_uri") and "FIFTYONE_DATABASE_URI" not in env:
+        env["FIFTYONE_DATABASE_URI"] = str(cfg["database_uri"])
+    if cfg.get("database_dir") and "FIFTYONE_DATABASE_DIR" not in env:
+        env["FIFTYONE_DATABASE_DIR"] = str(Path(cfg["database_dir"]).expanduser())
+    if env.get("FIFTYONE_DATABASE_URI"):
+        env.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
+    return env
 
 
 def _fo(ws: Workspace | None = None):
@@ -116,8 +119,7 @@ def fiftyone_health(ws: Workspace | None = None, timeout: float = 120.0) -> dict
     """Whether FiftyOne's database starts and answers, checked in a child process (a database
     that cannot start makes FiftyOne hang or exit): {'ok', 'fiftyone_version',
     'mongodb_version', 'database_uri', 'database_dir', 'datasets'} or {'ok': False, 'error'}."""
-    fiftyone_env(ws)
-    env = dict(os.environ)
+    env = fiftyone_env(ws, dict(os.environ))
     try:
         proc = subprocess.run([sys.executable, "-c", _HEALTH_SCRIPT], capture_output=True,
                               text=True, timeout=timeout, env=env)
