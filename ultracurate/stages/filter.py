@@ -70,7 +70,7 @@ def _cond(rule: Rule) -> str:
 
 def _per_mode(exprs: dict[str, str], default: str = "NULL") -> str:
     whens = " ".join(f"WHEN '{m}' THEN {e}" for m, e in exprs.items())
-    return f"(CASE mode {whens} ELSE {default} END)"
+    return f"(CASE mode {whens} ELSE {default} END)" if whens else f"({default})"
 
 
 def _decision_sql(cat: Catalog, selection: Selection, t: Thresholds) -> tuple[str, dict, list]:
