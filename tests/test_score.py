@@ -168,16 +168,18 @@ def test_score_stage_writes_scores_and_embeddings(ingested_ws, tiny):
     assert len(cands) == 12
 
 
-def test_score_records_a_missing_image_as_failed(ingested_ws, tiny):
-    from ultracurate.stages.score import run_score
+def test_score_records_a_missing_image_as_failed(ingested_ws, tiny, capsys):
+    import json
+    from ultracurate.cli import main
     ws = ingested_ws
     cands = add_candidates(ws, n_edits=1, per_edit=2)
     bad = int(cands["candidate_id"][1])
     with ws.catalog() as cat:
         cat.con.execute("UPDATE candidates SET edited_image = 'ffff-missing.png' "
                         "WHERE candidate_id = ?", [bad])
-    s = run_score(ws, progress=False)
-    assert (s.rows_done, s.rows_failed) == (1, 1)
+    main(["score", "-w", str(ws.root), "--json"])
+    s = json.loads(capsys.readouterr().out)
+    assert (s["rows_done"], s["rows_failed"]) == (1, 1)
     with ws.catalog() as cat:
         err = cat.scalar("SELECT error FROM stage_state WHERE stage = 'score' AND key = ?",
                          [bad])
