@@ -144,3 +144,7 @@ def test_cli_filter_options_selection_and_topk(scored, capsys):
     r = run_filter(ws, sel, Thresholds.preset().override(unset=("clip_sim_image_min",
                                                                 "clip_sim_dir_min")))
     assert r.accepted == 1
+    # no top-k in any mode: every passing row of the free edit is accepted
+    r = run_filter(ws, Selection(where="mode = 'free'"),
+                   Thresholds.preset().override(unset=("top_k",)))
+    assert r.accepted == 5
