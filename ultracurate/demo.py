@@ -52,20 +52,93 @@ def write_demo_photos(folder: str | Path) -> Path:
     return table
 
 
-def run_demo(out: str | Path, seed: int = 0, progress: bool = True) -> dict:
-    """The whole pipeline on the bundled photos with tiny random-weight models, on the CPU.
-    Returns a summary (stage -> run summary / output path)."""
+# Tiny random-weight models give meaningless scores, so UltraEdit's thresholds would pass
+# nothing. The demo keeps only the direction rule (clip_sim_dir >= 0: about half the rows) and
+# top-2 per edit, so that the filter visibly accepts and rejects; the pipeline is the real one.
+DEMO_THRESHOLDS = dict(clip_sim_dir_min=0.0, top_k=2, drop_if_fewer=False,
+                       unset=("clip_sim_image_min", "clip_sim_source_min",
+                              "clip_sim_target_min", "dinov2_sim_min"))
+
+
+def run_demo(out: str | Path, seed: int = 0, progress: bool = True, size: int = 64,
+             candidates: int = 3, review: bool = True) -> dict:
+    """The whole pipeline on the bundled photos with tiny random-weight models, on the CPU:
+    ingest, instruct, ground, classify-masks, generate, score, filter, balance, dedup, review
+    (dataset only, no App), export and report. Returns what each step did."""
+    from .export import export_dataset
     from .models import ROLES, make_tiny
+    from .report import write_report
     from .runner import run_stage
+    from .stages.balance import run_balance
+    from .stages.classify_masks import run_classify_masks
+    from .stages.dedup import run_dedup
+    from .stages.filter import run_filter
+    from .stages.generate import run_generate
+    from .stages.ground import run_ground
     from .stages.ingest import IngestStage, discover
+    from .stages.instruct import run_instruct
+    from .stages.score import run_score
+    from .thresholds import Thresholds
     from .workspace import Workspace
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UltracurateError(f"{out} exists and is not empty; pick a new folder or remove it")
     ws = Workspace.init(out, {"models": {"profile": "tiny"}})
-    summary: dict = {"workspace": str(ws.root)}
+    steps: dict = {"workspace": str(ws.root)}
+
+    def say(msg: str) -> None:
+        if progress:
+            print(f"== {msg}", flush=True)
+
+    say("building tiny random-weight models (saved as real checkpoints)")
     make_tiny(ws.root / "models" / "tiny", ROLES)
+    say("ingest: scikit-image's real photos with captions from examples/")
     table = write_demo_photos(ws.root / "photos")
-    summary["ingest"] = run_stage(ws, IngestStage(discover([table])), progress=progress).to_json()
-    return summary
+    steps["ingest"] = run_stage(ws, IngestStage(discover([table])), progress=progress).to_json()
+    say("instruct: rule back-end, 2 edits per anchor over the nine types")
+    steps["instruct"] = run_instruct(ws, per_anchor=2, backend="rule", seed=seed,
+                                     progress=progress).to_json()
+    say("ground: GroundingDINO + SAM (tiny) on region edits")
+    # random tiny detectors score low: a permissive box threshold lets some masks through
+    steps["ground"] = run_ground(ws, box_threshold=0.0, text_threshold=0.0,
+                                 progress=progress).to_json()
+    steps["classify_masks"] = run_classify_masks(ws, progress=progress).to_json()
+    say(f"generate: {candidates} candidate pairs per edit at {size}px (tiny SDXL)")
+    steps["generate"] = _jsonable(run_generate(ws, candidates=candidates, mode="auto",
+                                               seed=seed, size=size, progress=progress))
+    say("score: CLIP, DINOv2, SSIM, L1, L2 (tiny models: meaningless values)")
+    steps["score"] = run_score(ws, progress=progress).to_json()
+    say("filter: the demo's own loose thresholds (see DEMO_THRESHOLDS)")
+    thresholds = Thresholds.preset("ultraedit").override(**DEMO_THRESHOLDS)
+    steps["filter"] = _jsonable(run_filter(ws, thresholds=thresholds))
+    steps["balance"] = _jsonable(run_balance(ws, by=("edit_type",), cap=4, seed=seed))
+    # tiny random CLIP embeds every small image alike: only near-identical ones count here
+    steps["dedup"] = _jsonable(run_dedup(ws, threshold=0.9999))
+    if review:
+        say("review: FiftyOne grouped dataset (open it with `ultracurate review`)")
+        from .review import build_review_dataset
+        steps["review"] = _jsonable(build_review_dataset(ws, progress=progress))
+    say("export: Hugging Face dataset in UltraEdit's published schema")
+    steps["export"] = _jsonable(export_dataset(ws, None, ws.root / "exports" / "hf",
+                                               fmt="hf", progress=progress))
+    report = write_report(ws, ws.root / "reports" / "report.html", thresholds=thresholds)
+    steps["report"] = str(report)
+    say(f"done: report at {report}")
+    return steps
+
+
+def _jsonable(obj):
+    """A stage's summary object as plain data."""
+    import dataclasses
+    if hasattr(obj, "to_json"):
+        return obj.to_json()
+    if dataclasses.is_dataclass(obj):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
