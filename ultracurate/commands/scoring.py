@@ -44,17 +44,17 @@ def filter_(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.P
             clip_min: Optional[float] = typer.Option(
                 None, "--clip-min", help="Shortcut: clip_sim_source and clip_sim_target "
                                          "at least this."),
-            clip_source_min: Optional[float] = typer.Option(None, "--clip-source-min"),
-            clip_target_min: Optional[float] = typer.Option(None, "--clip-target-min"),
-            clip_dir_min: Optional[float] = typer.Option(None, "--clip-dir-min"),
-            clip_image_min: Optional[float] = typer.Option(None, "--clip-image-min"),
-            clip_image_max: Optional[float] = typer.Option(None, "--clip-image-max"),
-            dino_min: Optional[float] = typer.Option(None, "--dino-min"),
-            dino_max: Optional[float] = typer.Option(None, "--dino-max"),
-            ssim_min: Optional[float] = typer.Option(None, "--ssim-min"),
-            ssim_max: Optional[float] = typer.Option(None, "--ssim-max"),
-            l1_max: Optional[float] = typer.Option(None, "--l1-max"),
-            l2_max: Optional[float] = typer.Option(None, "--l2-max"),
+            clip_source_min: Optional[float] = typer.Option(None, "--clip-source-min", help="Keep rows with clip_sim_source at least this."),
+            clip_target_min: Optional[float] = typer.Option(None, "--clip-target-min", help="Keep rows with clip_sim_target at least this."),
+            clip_dir_min: Optional[float] = typer.Option(None, "--clip-dir-min", help="Keep rows with clip_sim_dir at least this."),
+            clip_image_min: Optional[float] = typer.Option(None, "--clip-image-min", help="Keep rows with clip_sim_image at least this."),
+            clip_image_max: Optional[float] = typer.Option(None, "--clip-image-max", help="Keep rows with clip_sim_image at most this."),
+            dino_min: Optional[float] = typer.Option(None, "--dino-min", help="Keep rows with dinov2_sim at least this."),
+            dino_max: Optional[float] = typer.Option(None, "--dino-max", help="Keep rows with dinov2_sim at most this."),
+            ssim_min: Optional[float] = typer.Option(None, "--ssim-min", help="Keep rows with ssim at least this."),
+            ssim_max: Optional[float] = typer.Option(None, "--ssim-max", help="Keep rows with ssim at most this."),
+            l1_max: Optional[float] = typer.Option(None, "--l1-max", help="Keep rows with l1 at most this."),
+            l2_max: Optional[float] = typer.Option(None, "--l2-max", help="Keep rows with l2 at most this."),
             top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the best K per "
                                                 "edit by clip_sim_dir (default: 4 free, 3 "
                                                 "region)."),
