@@ -222,20 +222,42 @@ def _fo_field(duck_type: str):
 
 def _declare_fields(ds, cat: Catalog, fields: dict[str, str], fo) -> None:
     """Declare every copied column's field with its type up front, so that a column that is
-    NULL on every row so far still exists (and takes values on a later update)."""
+    NULL on every row so far still exists (and takes values on a later update), and samples
+    are added without FiftyOne inferring a schema per sample."""
+    import fiftyone.core.fields as fof
+    for s in SLICES:
+        if s not in (ds.group_slices or []):
+            ds.add_group_slice(s, "image")
+    if ds.default_group_slice != DEFAULT_SLICE:
+        ds.default_group_slice = DEFAULT_SLICE
     types = {r[0]: r[1] for r in cat.con.execute("DESCRIBE candidates_v").fetchall()}
-    schema = ds.get_field_schema()
+    have = ds.get_field_schema()
+    wanted = {}
     for col, name in fields.items():
-        if name not in schema:
+        if name not in have:
             ftype, kw = _fo_field(types[col])
+            wanted[name] = (ftype, kw)
+    if FINGERPRINT_FIELD not in have:
+        wanted[FINGERPRINT_FIELD] = (fof.StringField, {})
+    if MASK_FIELD not in have:
+        wanted[MASK_FIELD] = (fof.EmbeddedDocumentField, {"document_type": fo.Segmentation})
+    if not wanted:
+        return
+    merge = getattr(ds, "_merge_sample_field_schema", None)
+    if merge is not None:  # one schema update instead of a database round trip per field
+        schema = {}
+        for name, (ftype, kw) in wanted.items():
+            if ftype is fof.EmbeddedDocumentField:
+                schema[name] = ftype(kw["document_type"], null=True)
+            else:
+                schema[name] = ftype(null=True, **kw)
+        merge(schema)
+        return
+    for name, (ftype, kw) in wanted.items():
+        if ftype is fof.EmbeddedDocumentField:
+            ds.add_sample_field(name, ftype, embedded_doc_type=kw["document_type"])
+        else:
             ds.add_sample_field(name, ftype, **kw)
-    if FINGERPRINT_FIELD not in schema:
-        import fiftyone.core.fields as fof
-        ds.add_sample_field(FINGERPRINT_FIELD, fof.StringField)
-    if MASK_FIELD not in schema:
-        import fiftyone.core.fields as fof
-        ds.add_sample_field(MASK_FIELD, fof.EmbeddedDocumentField,
-                            embedded_doc_type=fo.Segmentation)
 
 
 def _plain(v: Any) -> Any:
@@ -381,8 +403,8 @@ def build_review_dataset(ws: Workspace, selection: Selection | None = None, *,
                         new_samples.append(sample)
                     summary.added += 1
                 bar.advance(task)
-            if new_samples:
-                ds.add_samples(new_samples, progress=False)
+            if new_samples:  # every field is declared: no per-sample schema inference
+                ds.add_samples(new_samples, expand_schema=False, progress=False)
             summary.updated = _update_groups(ds, changed, existing, fields, ws, fo)
 
         gone = [existing[c][0] for c in existing if c not in wanted]
@@ -463,7 +485,7 @@ def _update_groups(ds, changed: list[tuple[dict, str]], existing: dict, fields: 
     if stale:
         ds.delete_samples(stale)
     if extra:
-        ds.add_samples(extra, progress=False)
+        ds.add_samples(extra, expand_schema=False, progress=False)
     return len(by_gid)
 
 
@@ -525,12 +547,26 @@ def save_review_views(ds, margin: float = DEFAULT_MARGIN, cat: Catalog | None = 
                       ) -> list[str]:
     """(Re)save the failure-case views; drop saved views of values no longer present."""
     views = review_views(ds, margin=margin, cat=cat)
-    for old in ds.list_saved_views():
+    # Saving a view costs a few database round trips: re-save only those whose definition
+    # changed (their digests are kept in the dataset's info).
+    digests = {name: _view_digest(view) for name, view in views.items()}
+    known = dict((ds.info or {}).get("ultracurate_views", {}))
+    saved = set(ds.list_saved_views())
+    for old in saved:
         if old not in views:
             ds.delete_saved_view(old)
     for name, view in views.items():
-        ds.save_view(name, view, overwrite=True)
+        if name not in saved or known.get(name) != digests[name]:
+            ds.save_view(name, view, overwrite=True)
+    if known != digests:
+        ds.info = {**(ds.info or {}), "ultracurate_views": digests}
+        ds.save()
     return list(views)
+
+
+def _view_digest(view) -> str:
+    stages = [{k: v for k, v in st.items() if k != "_uuid"} for st in view._serialize()]
+    return hashlib.sha1(json.dumps(stages, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # -- embeddings ------------------------------------------------------------------------------
