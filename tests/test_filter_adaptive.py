@@ -58,3 +58,36 @@ def test_run_adaptive_generates_in_rounds(ingested_ws, tiny_dir):
                        thresholds=strict, generate_kwargs={"size": 64})
     assert [r["candidates"] for r in res.rounds] == [3, 6] and res.succeeded == 0
     assert res.generated == 12
+
+
+def test_generate_until_accepted_from_the_cli(ingested_ws, tiny_dir):
+    """`generate --until-accepted K --max-candidates M` runs the rounds: with UltraEdit's
+    thresholds nothing made by random tiny models passes, so every open edit gets rounds of
+    --round-size until --max-candidates, and the catalog shows it."""
+    import json
+    import os
+    import subprocess
+    import sys
+    make_tiny(tiny_dir, ("editor", "clip", "dino"))
+    ws = ingested_ws
+    add_candidates(ws, n_edits=2, per_edit=0, modes=("free",))
+    env = dict(os.environ, ULTRACURATE_WORKSPACE=str(ws.root), ULTRACURATE_PROGRESS="0")
+    res = subprocess.run([sys.executable, "-m", "ultracurate.cli", "generate",
+                          "--until-accepted", "2", "--max-candidates", "4", "--round-size", "2",
+                          "--size", "64", "--json"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout[res.stdout.index("{"):])
+    assert out["edits"] == 2 and [r["candidates"] for r in out["rounds"]] == [2, 4]
+    with ws.catalog(read_only=True) as cat:
+        per_edit = dict(cat.con.execute(
+            "SELECT edit_id, count(*) FROM candidates WHERE edited_image IS NOT NULL "
+            "GROUP BY ALL").fetchall())
+        statuses = {r[0] for r in cat.con.execute(
+            "SELECT DISTINCT auto_status FROM candidates").fetchall()}
+    assert sorted(per_edit.values()) == [4, 4] and out["generated"] == 8
+    assert statuses <= {"accepted", "rejected"}
+    bad = subprocess.run([sys.executable, "-m", "ultracurate.cli", "generate",
+                          "--until-accepted", "5", "--max-candidates", "4"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: adaptive rounds need")

@@ -38,6 +38,16 @@ def generate(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.
              workers: Optional[int] = typer.Option(None, "--workers",
                                                    help="Ray: model replicas (default: one "
                                                         "per GPU, else one)."),
+             until_accepted: Optional[int] = typer.Option(
+                 None, "--until-accepted", help="Adaptive rounds: generate, score and filter "
+                 "in rounds, and stop an edit once this many of its candidates pass."),
+             max_candidates: int = typer.Option(30, "--max-candidates", help="Adaptive "
+                                                "rounds: at most this many candidates per "
+                                                "edit."),
+             round_size: int = typer.Option(8, "--round-size", help="Adaptive rounds: new "
+                                            "candidates per edit per round."),
+             preset: str = typer.Option("ultraedit", "--preset", help="Adaptive rounds: the "
+                                        "filter's thresholds (ultraedit or ip2p)."),
              device: Optional[str] = c.DeviceOpt, batch_size: Optional[int] = c.BatchOpt,
              workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
     """Generate candidate pairs (source image, edited image) for the selected edits: plan
@@ -45,6 +55,24 @@ def generate(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.
     Resumable: rerun the same command to finish a stopped run."""
     from ..stages.generate import run_generate
     ws = c.workspace(workspace)
+    if until_accepted is not None:
+        from ..stages.adaptive import run_adaptive
+        from ..thresholds import Thresholds
+        res = run_adaptive(
+            ws, c.selection(where, params, limit, sample, seed), until_accepted=until_accepted,
+            max_candidates=max_candidates, round_size=round_size,
+            thresholds=Thresholds.preset(preset),
+            generate_kwargs=dict(mode=mode, behaviour=behaviour, engine=engine, seed=seed,
+                                 size=size, keep_anchor_source=keep_anchor_source,
+                                 soft_variant=soft_variant, address=address, workers=workers,
+                                 device=device, batch_size=batch_size),
+            score_kwargs=dict(device=device), progress=True)
+        data = res.to_json()
+        per = data["candidates_per_success"]
+        c.emit(data, as_json, f"adaptive rounds: {data['succeeded']} of {data['edits']} edits "
+               f"reached {until_accepted} accepted; {data['generated']} candidates generated"
+               + (f" ({per:.1f} per successful edit)" if per else ""))
+        return
     out = run_generate(ws, c.selection(where, params, limit, sample, seed),
                        candidates=candidates, mode=mode, behaviour=behaviour, engine=engine,
                        seed=seed, size=size, keep_anchor_source=keep_anchor_source,
