@@ -15,8 +15,10 @@ if [ "$(id -u)" -ne 0 ]; then
     if command -v sudo >/dev/null 2>&1; then
         SUDO=sudo
     else
-        echo "setup-test-deps: need root (or sudo) to install: ${need[*]}" >&2
-        exit 1
+        # Not fatal: the browser test skips itself, saying what is missing.
+        echo "setup-test-deps: cannot install ${need[*]} (needs root or sudo);" \
+             "the FiftyOne App browser test will be skipped" >&2
+        exit 0
     fi
 else
     SUDO=
