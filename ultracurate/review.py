@@ -357,14 +357,14 @@ def _fill(sample, row: dict, fields: dict[str, str], fp: str, paths: dict[str, s
 def build_review_dataset(ws: Workspace, selection: Selection | None = None, *,
                          name: str | None = None, reviewer: str | None = None,
                          prune: bool = True, embeddings: bool = True,
-                         visualize: bool = False, margin: float = DEFAULT_MARGIN,
+                         visualize: bool = True, margin: float = DEFAULT_MARGIN,
                          progress: bool = True) -> ReviewSummary:
     """Create or update the workspace's grouped FiftyOne dataset from the selected candidates
     (those with an edited image). Only groups whose catalog fields changed are rewritten;
     groups that left the selection are removed when prune. Tags set in the App are pulled into
     the catalog first (as `reviewer`), so a rewrite never loses them. Attaches CLIP embeddings
-    from LanceDB when present (Brain similarity; a PCA plot too when visualize) and re-saves the
-    failure-case views. Records a `review` run."""
+    from LanceDB when present (Brain similarity, and a PCA embeddings plot when visualize) and
+    re-saves the failure-case views. Records a `review` run."""
     fo = _fo(ws)
     name = name or dataset_name(ws)
     summary = ReviewSummary(dataset=name)

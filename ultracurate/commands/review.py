@@ -31,8 +31,9 @@ def review(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.Pa
                                                        "login name)."),
            margin: float = typer.Option(0.02, "--margin", help="Borderline views: scores "
                                         "within this of a keep-rule threshold."),
-           visualize: bool = typer.Option(False, "--visualize", help="Also compute a PCA "
-                                          "embeddings plot from LanceDB's CLIP vectors."),
+           visualize: bool = typer.Option(True, "--visualize/--no-visualize",
+                                          help="Compute a PCA embeddings plot from LanceDB's "
+                                               "CLIP vectors (when there are any)."),
            dataset: Optional[str] = typer.Option(None, "--dataset", help="FiftyOne dataset "
                                                  "name (default: one per workspace)."),
            workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
