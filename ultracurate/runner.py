@@ -86,13 +86,14 @@ class Stage:
         """SQL for the rows still to do: the selection, narrowed by default_where, without rows
         this stage already finished (unless force). Unordered; see `order_by`."""
         view, key = VIEWS[self.table], KEYS[self.table]
-        extra = [f"({self.default_where})"] if self.default_where else []
-        if self.track_state and not force:
-            extra.append(f"NOT EXISTS (SELECT 1 FROM stage_state s WHERE s.stage = $_uc_stage "
-                         f"AND s.state = 'done' AND s.key = sel.{key})")
-        sql, params = selected_keys_sql(cat.con, view, key, selection,
-                                        " AND ".join(extra) or None, self.columns)
-        if self.track_state and not force:
+        skip_done = self.track_state and not force
+        # An explicit ANTI JOIN: DuckDB plans it as a hash anti-join before the view's joins
+        # (NOT EXISTS became a mark join after them, 3-5x slower at 4M rows).
+        join = (f"ANTI JOIN (SELECT key FROM stage_state WHERE stage = $_uc_stage "
+                f"AND state = 'done') done ON done.key = sel.{key}") if skip_done else None
+        sql, params = selected_keys_sql(cat.con, view, key, selection, self.default_where,
+                                        self.columns, join=join)
+        if skip_done:
             params["_uc_stage"] = self.name
         return sql, params
 

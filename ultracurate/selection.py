@@ -132,11 +132,12 @@ def _view_columns(con: duckdb.DuckDBPyConnection, view: str) -> list[str]:
 
 def selected_keys_sql(con: duckdb.DuckDBPyConnection, view: str, key: str,
                       selection: Selection, extra_where: str | None = None,
-                      columns: str = "*") -> tuple[str, dict]:
+                      columns: str = "*", join: str | None = None) -> tuple[str, dict]:
     """SQL (and its bound parameters) for the rows of view that selection picks.
 
-    --sample and --limit apply to the user's selection alone, before extra_where (a stage's
-    own predicate, trusted) narrows it, so that rerunning the same sample resumes the same rows.
+    --sample and --limit apply to the user's selection alone, before extra_where and join (a
+    stage's own predicate and join, trusted) narrow it, so that rerunning the same sample
+    resumes the same rows.
     """
     user = selection.checked_where(con, view)
     params = {k: v for k, v in selection.params.items() if user and f"${k}" in user}
@@ -149,6 +150,8 @@ def selected_keys_sql(con: duckdb.DuckDBPyConnection, view: str, key: str,
         inner += f" ORDER BY {key} LIMIT $_uc_limit"
         params["_uc_limit"] = int(selection.limit)
     sql = f"SELECT {columns} FROM ({inner}) sel"
+    if join:  # trusted, from a stage: e.g. an ANTI JOIN against finished rows
+        sql += f" {join}"
     if extra_where:
         sql += f" WHERE ({extra_where})"
     return sql, params
