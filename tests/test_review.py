@@ -369,3 +369,13 @@ def test_bad_mask_rle_names_the_candidate(review_ws):
                         "WHERE edit_id = 3")
     with pytest.raises(UltracurateError, match="candidate 4"):
         review.build_review_dataset(review_ws, progress=False)
+
+
+def test_bad_selection_changes_nothing(review_ws):
+    from ultracurate import review
+    from ultracurate.errors import SelectionError
+    with pytest.raises(SelectionError, match="nosuch"):
+        review.build_review_dataset(review_ws, Selection(where="nosuch = 1"), progress=False)
+    assert review.open_review_dataset(review_ws) is None
+    with review_ws.catalog(read_only=True) as cat:
+        assert cat.scalar("SELECT count(*) FROM runs WHERE stage LIKE 'review%'") == 0

@@ -220,7 +220,7 @@ def _fo_field(duck_type: str):
     return fof.StringField, {}
 
 
-def _declare_fields(ds, cat: Catalog, fields: dict[str, str], fo) -> None:
+def _declare_fields(ds, types: dict[str, str], fields: dict[str, str], fo) -> None:
     """Declare every copied column's field with its type up front, so that a column that is
     NULL on every row so far still exists (and takes values on a later update), and samples
     are added without FiftyOne inferring a schema per sample."""
@@ -230,7 +230,6 @@ def _declare_fields(ds, cat: Catalog, fields: dict[str, str], fo) -> None:
             ds.add_group_slice(s, "image")
     if ds.default_group_slice != DEFAULT_SLICE:
         ds.default_group_slice = DEFAULT_SLICE
-    types = {r[0]: r[1] for r in cat.con.execute("DESCRIBE candidates_v").fetchall()}
     have = ds.get_field_schema()
     wanted = {}
     for col, name in fields.items():
@@ -368,62 +367,85 @@ def build_review_dataset(ws: Workspace, selection: Selection | None = None, *,
     fo = _fo(ws)
     name = name or dataset_name(ws)
     summary = ReviewSummary(dataset=name)
-    ds = open_review_dataset(ws, name, create=True)
+    # The catalog is held only to pull and read, not while FiftyOne writes, so that other
+    # jobs can write to it meanwhile.
     with ws.catalog() as cat:
+        (selection or Selection()).checked_where(cat.con, "candidates_v")  # fail before any change
+        ds = open_review_dataset(ws, name, create=True)
         if len(ds):
             summary.pulled = pull_decisions(ws, name=name, reviewer=reviewer, cat=cat).changed
         rows = selected_candidates(cat, selection)
-        fields = _field_names(cat.columns("candidates_v"))
-        _declare_fields(ds, cat, fields, fo)
-        summary.selected = len(rows)
+        types = {r[0]: r[1] for r in cat.con.execute("DESCRIBE candidates_v").fetchall()}
+        thresholds = keep_thresholds(cat)
+    fields = _field_names(types)
+    _declare_fields(ds, types, fields, fo)
+    summary.selected = len(rows)
 
-        existing = _existing_groups(ds)
-        wanted = {r["candidate_id"] for r in rows}
-        new_samples, changed = [], []
-        bar = _bar(progress, len(rows), "review")
-        with bar:
-            task = bar.add_task("review", total=len(rows))
-            for row in rows:
-                cid = row["candidate_id"]
-                fp = _fingerprint(row)
-                if cid in existing and existing[cid][1] == fp:
-                    summary.unchanged += 1
-                elif cid in existing:
-                    changed.append((row, fp))
-                else:
-                    paths = _slice_paths(ws, row)
-                    group = fo.Group()
-                    for s in SLICES:
-                        if s not in paths:
-                            continue
-                        sample = fo.Sample(filepath=paths[s], group=group.element(s))
-                        _fill(sample, row, fields, fp, paths, s, fo)
-                        if s == DEFAULT_SLICE:
-                            sample.tags = _catalog_tags(row)
-                        new_samples.append(sample)
-                    summary.added += 1
+    existing = _existing_groups(ds)
+    wanted = {r["candidate_id"] for r in rows}
+    changed = []
+    bar = _bar(progress, len(rows), "review")
+    with bar:
+        task = bar.add_task("review", total=len(rows))
+        new_samples, pending = [], 0
+        for row in rows:
+            cid = row["candidate_id"]
+            fp = _fingerprint(row)
+            if cid in existing and existing[cid][1] == fp:
+                summary.unchanged += 1
                 bar.advance(task)
-            if new_samples:  # every field is declared: no per-sample schema inference
-                ds.add_samples(new_samples, expand_schema=False, progress=False)
-            summary.updated = _update_groups(ds, changed, existing, fields, ws, fo)
+            elif cid in existing:
+                changed.append((row, fp))
+            else:
+                new_samples += _new_group(ws, row, fields, fp, fo)
+                summary.added += 1
+                pending += 1
+                if pending >= _ADD_CHUNK:
+                    ds.add_samples(new_samples, expand_schema=False, progress=False)
+                    bar.advance(task, pending)
+                    new_samples, pending = [], 0
+        if new_samples:  # every field is declared: no per-sample schema inference
+            ds.add_samples(new_samples, expand_schema=False, progress=False)
+        bar.advance(task, pending)
+        summary.updated = _update_groups(ds, changed, existing, fields, ws, fo)
+        bar.advance(task, len(changed))
 
-        gone = [existing[c][0] for c in existing if c not in wanted]
-        if prune and gone:
-            ds.delete_groups(gone)
-            summary.removed = len(gone)
+    gone = [existing[c][0] for c in existing if c not in wanted]
+    if prune and gone:
+        ds.delete_groups(gone)
+        summary.removed = len(gone)
 
-        summary.views = save_review_views(ds, margin=margin, cat=cat)
-        dirty = summary.added or summary.updated or summary.removed
-        if embeddings:
-            summary.embeddings = attach_embeddings(ws, ds, recompute=bool(dirty),
-                                                   visualize=visualize)
-        summary.run_id = _record(cat, "review", {"dataset": name, "margin": margin,
-                                                 "prune": prune}, selection,
-                                 rows_in=len(rows), rows_done=summary.added + summary.updated,
-                                 message=json.dumps({k: v for k, v in summary.to_json().items()
-                                                     if k in ("added", "updated", "unchanged",
-                                                              "removed", "pulled")}))
+    summary.views = save_review_views(ds, margin=margin, thresholds=thresholds)
+    dirty = summary.added or summary.updated or summary.removed
+    if embeddings:
+        summary.embeddings = attach_embeddings(ws, ds, recompute=bool(dirty),
+                                               visualize=visualize)
+    with ws.catalog() as cat:
+        summary.run_id = _record(
+            cat, "review", {"dataset": name, "margin": margin, "prune": prune}, selection,
+            rows_in=len(rows), rows_done=summary.added + summary.updated,
+            message=json.dumps({k: v for k, v in summary.to_json().items()
+                                if k in ("added", "updated", "unchanged", "removed",
+                                         "pulled")}))
     return summary
+
+
+_ADD_CHUNK = 500  # groups per add_samples call (and progress step)
+
+
+def _new_group(ws: Workspace, row: dict, fields: dict, fp: str, fo) -> list:
+    paths = _slice_paths(ws, row)
+    group = fo.Group()
+    out = []
+    for s in SLICES:
+        if s not in paths:
+            continue
+        sample = fo.Sample(filepath=paths[s], group=group.element(s))
+        _fill(sample, row, fields, fp, paths, s, fo)
+        if s == DEFAULT_SLICE:
+            sample.tags = _catalog_tags(row)
+        out.append(sample)
+    return out
 
 
 def _bar(progress: bool, total: int, name: str):
@@ -495,12 +517,13 @@ def _oid(s: str):
 
 
 # -- saved views -----------------------------------------------------------------------------
-def review_views(ds, margin: float = DEFAULT_MARGIN, cat: Catalog | None = None
-                 ) -> dict[str, Any]:
+def review_views(ds, margin: float = DEFAULT_MARGIN,
+                 thresholds: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
     """The failure-case views, by name: rejected, rejected-<reason>, borderline,
     borderline-<score>, mask-<class>, type-<edit_type>, human-decided (and human-accept /
-    human-reject), over whatever values the dataset holds now. Borderline uses the thresholds
-    of cat's last filter run when given, else the defaults."""
+    human-reject), over whatever values the dataset holds now. Borderline uses thresholds
+    ({score: {mode: value}}, as `keep_thresholds` gives), by default the keep rule's
+    defaults."""
     from fiftyone import ViewField as F
     views: dict[str, Any] = {}
     if not len(ds) or not ds.has_field("candidate_id"):
@@ -511,10 +534,16 @@ def review_views(ds, margin: float = DEFAULT_MARGIN, cat: Catalog | None = None
         return edited.distinct(f) if ds.has_field(f) else []
 
     views["rejected"] = ds.match(F("status") == "rejected")
-    for reason in distinct("reject_reasons"):
-        views[f"rejected-{_slug(reason)}"] = ds.match(F("reject_reasons").contains(reason))
+    def put(name, view):  # two values with one slug ('a b', 'a-b') keep a view each
+        unique, k = name, 2
+        while unique in views:
+            unique, k = f"{name}-{k}", k + 1
+        views[unique] = view
+
+    for reason in sorted(distinct("reject_reasons")):
+        put(f"rejected-{_slug(reason)}", ds.match(F("reject_reasons").contains(reason)))
     near = []
-    for score, th in keep_thresholds(cat).items():
+    for score, th in (thresholds or keep_thresholds()).items():
         if not ds.has_field(score):
             continue
         if len(set(th.values())) == 1:  # the same in every mode
@@ -532,10 +561,10 @@ def review_views(ds, margin: float = DEFAULT_MARGIN, cat: Catalog | None = None
         for c in near[1:]:
             cond = cond | c
         views["borderline"] = ds.match(cond)
-    for cls in distinct("mask_class"):
-        views[f"mask-{_slug(cls)}"] = ds.match(F("mask_class") == cls)
-    for t in distinct("edit_type"):
-        views[f"type-{_slug(t)}"] = ds.match(F("edit_type") == t)
+    for cls in sorted(distinct("mask_class")):
+        put(f"mask-{_slug(cls)}", ds.match(F("mask_class") == cls))
+    for t in sorted(distinct("edit_type")):
+        put(f"type-{_slug(t)}", ds.match(F("edit_type") == t))
     views["human-decided"] = ds.match((F("human_decision") != None)  # noqa: E711
                                       | (F("human_tags").length() > 0))
     views["human-accept"] = ds.match(F("human_decision") == "accept")
@@ -543,10 +572,10 @@ def review_views(ds, margin: float = DEFAULT_MARGIN, cat: Catalog | None = None
     return views
 
 
-def save_review_views(ds, margin: float = DEFAULT_MARGIN, cat: Catalog | None = None
-                      ) -> list[str]:
+def save_review_views(ds, margin: float = DEFAULT_MARGIN,
+                      thresholds: dict[str, dict[str, float]] | None = None) -> list[str]:
     """(Re)save the failure-case views; drop saved views of values no longer present."""
-    views = review_views(ds, margin=margin, cat=cat)
+    views = review_views(ds, margin=margin, thresholds=thresholds)
     # Saving a view costs a few database round trips: re-save only those whose definition
     # changed (their digests are kept in the dataset's info).
     digests = {name: _view_digest(view) for name, view in views.items()}
