@@ -244,21 +244,26 @@ def test_tags_pulled_back_and_survive_refilter(review_ws):
     # pulling again changes nothing and records no run
     assert review.pull_decisions(ws, reviewer="ana").changed == 0
 
-    # a re-filter rewrites auto_status; the human decisions still win
+    # a re-filter (the real one, UltraEdit's thresholds) rewrites auto_status and
+    # reject_reasons of every row; the human decisions still win
+    from ultracurate.stages.filter import run_filter
+    res = run_filter(ws)
+    assert res.rows_in == 9
     with ws.catalog() as cat:
-        cat.con.execute("UPDATE candidates SET auto_status = 'accepted', reject_reasons = NULL"
-                        " WHERE candidate_id = 4")
-        cat.con.execute("UPDATE candidates SET auto_status = 'rejected' WHERE candidate_id = 1")
-        st = dict(cat.con.execute("SELECT candidate_id, status FROM candidates_v "
-                                  "WHERE candidate_id IN (1, 4)").fetchall())
-    assert st == {1: "accepted", 4: "rejected"}
+        st = {r["candidate_id"]: r for r in cat.query(
+            "SELECT candidate_id, status, auto_status, filter_run FROM candidates_v "
+            "WHERE candidate_id IN (1, 4)")}
+    assert st[1]["auto_status"] == "rejected" and st[1]["status"] == "accepted"
+    assert st[4]["status"] == "rejected"
+    assert st[1]["filter_run"] == res.run_id
 
-    # the rebuild shows the decisions, and the human-decided views find them
+    # the rebuild shows the new filter run and the decisions; the human views find them
     s = review.build_review_dataset(ws, progress=False)
-    assert s.updated == 3  # 1 and 4 (decided, re-filtered) and 5 (tagged)
+    assert s.updated == 9 and s.unchanged == 0  # filter_run changed on every row
     ds.reload()
     assert _edited(ds).match({"candidate_id": 4}).first()["status"] == "rejected"
     assert _edited(ds).match({"candidate_id": 4}).first()["human_decision"] == "reject"
+    assert _edited(ds).match({"candidate_id": 4}).first().tags == ["bad_mask", "reject"]
     assert len(ds.load_saved_view("human-decided")) == 3
     assert ds.load_saved_view("human-reject").values("candidate_id") == [4]
 
