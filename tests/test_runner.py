@@ -173,3 +173,28 @@ def test_ray_worker_that_cannot_start_stops_the_job_with_a_clear_error(ingested_
         ray.shutdown()
     with ingested_ws.catalog(read_only=True) as cat:
         assert cat.scalar("SELECT state FROM runs WHERE stage = 'test_nomodel'") == "failed"
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(ws, tmp_path):
+    n = 240
+    _make_images(tmp_path / "imgs", n)
+    cmd, env = _cli("ingest", str(tmp_path / "imgs"), "--batch-size", "3", ws=ws)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    media = ws.root / "media"
+    deadline = time.time() + 120
+    while time.time() < deadline and sum(1 for _ in media.glob("??/*")) < 30:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("error: ingest interrupted")
+    with ws.catalog(read_only=True) as cat:
+        assert cat.scalar("SELECT state FROM runs") == "interrupted"
+        first = cat.scalar("SELECT count(*) FROM anchors")
+    assert 0 < first < n
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=300).returncode == 0
+    with ws.catalog(read_only=True) as cat:
+        assert cat.scalar("SELECT count(DISTINCT sha256) FROM anchors") == n
+        assert cat.scalar("SELECT count(*) FROM anchors") == n

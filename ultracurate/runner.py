@@ -324,7 +324,9 @@ def run_stage(ws: Workspace, stage: Stage, selection: Selection | None = None, *
         done = failed = 0
         state = "completed"
         bar = _progress(n_rows, stage.name) if progress else None
+        ctrl_c = _DeferredInterrupt()
         try:
+            ctrl_c.install()
             if bar:
                 bar.start()
                 task = bar.add_task(stage.name, total=n_rows)
@@ -335,10 +337,17 @@ def run_stage(ws: Workspace, stage: Stage, selection: Selection | None = None, *
                 failed += n_failed
                 if bar:
                     bar.advance(task, len(batch))
+                if ctrl_c.requested:
+                    raise KeyboardInterrupt
             cat.con.execute("BEGIN")
             stage.finish(cat, run_id)
             cat.con.execute("COMMIT")
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, RuntimeError) as e:
+            # DuckDB turns a Ctrl-C during a query into RuntimeError('Query interrupted')
+            if isinstance(e, RuntimeError) and not ctrl_c.requested:
+                _rollback(cat)
+                cat.end_run(run_id, "failed", f"{type(e).__name__}: {e}")
+                raise
             state = "interrupted"
             _rollback(cat)
             cat.end_run(run_id, state, "interrupted by the user")
@@ -349,6 +358,7 @@ def run_stage(ws: Workspace, stage: Stage, selection: Selection | None = None, *
             cat.end_run(run_id, "failed", f"{type(e).__name__}: {e}")
             raise
         finally:
+            ctrl_c.restore()
             # close the generators now: the selection stream holds a DuckDB cursor
             for gen in (locals().get("results"), batches):
                 if hasattr(gen, "close"):
@@ -360,6 +370,34 @@ def run_stage(ws: Workspace, stage: Stage, selection: Selection | None = None, *
     finally:
         if own:
             cat.close()
+
+
+class _DeferredInterrupt:
+    """The first Ctrl-C asks the job to stop after the batch in hand is committed; a second
+    one stops it at once (the batch in hand is rolled back). Only in the main thread."""
+
+    def __init__(self):
+        self.requested = 0
+        self._old = None
+
+    def install(self) -> None:
+        import signal
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested += 1
+        if self.requested > 1:
+            raise KeyboardInterrupt
+        import sys
+        print("\nstopping after the current batch (Ctrl-C again to stop now)",
+              file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        import signal
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
 
 
 def pending_batches(stage: Stage, cat: Catalog, selection: Selection, force: bool,
