@@ -97,10 +97,8 @@ class ClipModel:
         if len(pixels) == 0:
             return torch.zeros((0, self.embed_dim))
         with torch.inference_mode():
-            x = pixels.to(self.device, non_blocking=True).to(self.dtype).div_(255.0)
-            mean = torch.tensor(self.mean, device=self.device, dtype=self.dtype).view(1, 3, 1, 1)
-            std = torch.tensor(self.std, device=self.device, dtype=self.dtype).view(1, 3, 1, 1)
-            emb = self.model.encode_image((x - mean) / std)
+            emb = self.model.encode_image(normalize(pixels, self.mean, self.std, self.device,
+                                                    self.dtype))
             return _unit(emb)
 
     def encode_images(self, images: Sequence) -> "torch.Tensor":  # noqa: F821
@@ -119,6 +117,15 @@ class ClipModel:
 
     def encode_texts(self, texts: Sequence[str]) -> "torch.Tensor":  # noqa: F821
         return self.encode_tokens(self.tokenize(texts))
+
+
+def normalize(pixels, mean, std, device, dtype):
+    """uint8 (N, 3, S, S) -> (x / 255 - mean) / std on device, in dtype."""
+    import torch
+    x = pixels.to(device, non_blocking=True).to(dtype).div_(255.0)
+    m = torch.tensor(mean, device=device, dtype=dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=device, dtype=dtype).view(1, 3, 1, 1)
+    return (x - m) / s
 
 
 def _unit(emb):

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import UltracurateError
-from .clip import _default_dtype, _unit, resize_crop_pixels
+from .clip import _default_dtype, _unit, normalize, resize_crop_pixels
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -73,10 +73,8 @@ class DinoModel:
         if len(pixels) == 0:
             return torch.zeros((0, self.embed_dim))
         with torch.inference_mode():
-            x = pixels.to(self.device, non_blocking=True).to(self.dtype).div_(255.0)
-            mean = torch.tensor(self.mean, device=self.device, dtype=self.dtype).view(1, 3, 1, 1)
-            std = torch.tensor(self.std, device=self.device, dtype=self.dtype).view(1, 3, 1, 1)
-            out = self.model(pixel_values=(x - mean) / std)
+            out = self.model(pixel_values=normalize(pixels, self.mean, self.std, self.device,
+                                                    self.dtype))
             return _unit(out.last_hidden_state[:, 0])
 
     def encode_images(self, images: Sequence) -> "torch.Tensor":  # noqa: F821

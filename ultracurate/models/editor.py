@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UltracurateError
+from ._bpe import bytes_to_unicode
 
 DEFAULT_REF = "stabilityai/sdxl-turbo"
 
@@ -91,7 +92,7 @@ def write_clip_tokenizer(folder: str | Path) -> Path:
     bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
     lines = gzip.open(bpe).read().decode("utf-8").split("\n")
     merges = lines[1:49152 - 256 - 2 + 1]
-    byte_chars = list(_bytes_to_unicode().values())
+    byte_chars = list(bytes_to_unicode().values())
     vocab = byte_chars + [c + "</w>" for c in byte_chars]
     vocab += ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
@@ -103,20 +104,6 @@ def write_clip_tokenizer(folder: str | Path) -> Path:
     tok = CLIPTokenizer(vocab=vocab_map, merges=pairs, model_max_length=77)
     tok.save_pretrained(str(folder))
     return folder
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    # GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest above 255.
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-          + list(range(ord("®"), ord("ÿ") + 1)))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
 
 
 def tiny_components(tokenizer_dir: str | Path) -> dict:

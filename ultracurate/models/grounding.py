@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import UltracurateError
+from ._bpe import bytes_to_unicode
 
 BOX_THRESHOLD = 0.3
 TEXT_THRESHOLD = 0.25
@@ -277,24 +278,10 @@ def _make_tiny_gdino(folder: Path) -> None:
     GroundingDinoForObjectDetection(cfg).eval().save_pretrained(str(folder))
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable character table."""
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-          + list(range(ord("®"), ord("ÿ") + 1)))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def _make_tiny_owlv2(folder: Path) -> None:
     from transformers import (CLIPTokenizer, Owlv2Config, Owlv2ForObjectDetection,
                               Owlv2ImageProcessor, Owlv2Processor)
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (folder / "merges.txt").write_text("#version: 0.2\n")
