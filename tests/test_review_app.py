@@ -113,8 +113,9 @@ def test_app_on_loopback_shows_dataset_and_pulls_tags_on_exit(review_ws, tmp_pat
     n_samples = len(ds.select_group_slices(_allow_mixed=True))
 
     port = _free_port()
-    env = dict(os.environ, ULTRACURATE_PROGRESS="0")
-    log = open(tmp_path / "review.log", "w+")
+    env = dict(os.environ, ULTRACURATE_PROGRESS="0", PYTHONUNBUFFERED="1")
+    log_path = tmp_path / "review.log"
+    log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "ultracurate.cli", "review", "-w",
                              str(ws.root), "--port", str(port), "--reviewer", "app-user"],
                             stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -125,8 +126,10 @@ def test_app_on_loopback_shows_dataset_and_pulls_tags_on_exit(review_ws, tmp_pat
         _until("the App's page", lambda: urllib.request.urlopen(url, timeout=5).status == 200,
                120)
         assert _listening_address(port) == "127.0.0.1"  # loopback only, by default
-        log.seek(0)
-        assert url in log.read()  # the command printed its URL
+
+        def printed():  # read through a path of its own: the child shares log's offset
+            return url in log_path.read_text()
+        _until("the command to print its URL", printed, 60)
 
         driver = WebDriver(tmp_path / "chromium-profile")
         driver.get(url)
@@ -165,8 +168,8 @@ def test_app_on_loopback_shows_dataset_and_pulls_tags_on_exit(review_ws, tmp_pat
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             raise
-        log.seek(0)
-        output = log.read()
+        log.close()
+        output = log_path.read_text()
     assert proc.returncode == 0, output[-2000:]
     assert "pulled 1 decisions" in output
     with ws.catalog(read_only=True) as cat:
