@@ -11,6 +11,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
 os.environ.setdefault("ULTRACURATE_PROGRESS", "0")
+# FiftyOne's MongoDB for the whole session lives in a temporary folder, not ~/.fiftyone (a
+# user's own database is used instead when FIFTYONE_DATABASE_URI is set).
+if not os.environ.get("FIFTYONE_DATABASE_URI"):
+    import tempfile
+    os.environ.setdefault("FIFTYONE_DATABASE_DIR", tempfile.mkdtemp(prefix="uc-fodb-"))
 
 from ultracurate.workspace import Workspace  # noqa: E402
 
