@@ -198,3 +198,20 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(ws, tmp_path):
     with ws.catalog(read_only=True) as cat:
         assert cat.scalar("SELECT count(DISTINCT sha256) FROM anchors") == n
         assert cat.scalar("SELECT count(*) FROM anchors") == n
+
+
+def test_a_batch_that_raises_in_ingest_is_counted_failed_and_retried(ws, demo_photos,
+                                                                      monkeypatch):
+    from ultracurate.stages import ingest as ingest_mod
+    from ultracurate.stages.ingest import IngestStage, discover
+    real = ingest_mod.inspect_image
+    monkeypatch.setattr(ingest_mod, "inspect_image",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("disk on fire")))
+    s = run_stage(ws, IngestStage(discover([demo_photos])), progress=False)
+    assert (s.rows_done, s.rows_failed) == (0, 9)
+    with ws.catalog(read_only=True) as cat:
+        assert cat.scalar("SELECT count(*) FROM anchors") == 0
+        assert cat.scalar("SELECT count(*) FROM ingest_rejects") == 0
+    monkeypatch.setattr(ingest_mod, "inspect_image", real)
+    s = run_stage(ws, IngestStage(discover([demo_photos])), progress=False)
+    assert (s.rows_in, s.rows_done) == (9, 9)

@@ -439,12 +439,10 @@ def _rollback(cat: Catalog) -> None:
 def _commit_batch(cat: Catalog, stage: Stage, batch: list[dict],
                   result: BatchResult | BaseException, run_id: int) -> tuple[int, int]:
     keys = [stage.key_of(r) for r in batch] if stage.track_state else []
-    if isinstance(result, BaseException):
+    n_all = len(batch)
+    if isinstance(result, BaseException):  # the whole batch failed: every row, with the error
         err = f"{type(result).__name__}: {result}".splitlines()[0]
-        result = BatchResult(failed={k: err for k in keys})
-        n_all = len(batch)
-    else:
-        n_all = len(batch)
+        result = BatchResult(failed={k: err for k in (keys or range(n_all))})
     cat.con.execute("BEGIN")
     try:
         stage.write(cat, result, run_id)

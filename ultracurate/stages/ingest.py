@@ -216,6 +216,8 @@ class IngestStage(Stage):
                            failed={i: "" for i in range(len(bad))})
 
     def write(self, cat: Catalog, result: BatchResult, run_id: int) -> None:
+        if "good" not in result.extra:
+            return  # the batch raised: nothing to record, its items stay pending for a rerun
         at = now()
         rows = []
         known = dict(cat.con.execute("SELECT sha256, anchor_id FROM anchors WHERE sha256 IN "
