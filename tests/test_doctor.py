@@ -21,8 +21,10 @@ def test_doctor_reports_each_part(ws, tiny_dir, capsys):
     from ultracurate.catalog import SCHEMA_VERSION
     from ultracurate.cli import main
     from ultracurate.models import make_tiny
-    refs = make_tiny(tiny_dir, ("clip",))
-    ws.set_config("models", {"clip": refs["clip"], "llm": "rule",
+    # a tiny folder of its own: the session's may hold every role by now
+    own = tiny_dir.parent / f"{tiny_dir.name}-doctor"
+    refs = make_tiny(own, ("clip",))
+    ws.set_config("models", {"clip": refs["clip"], "llm": "rule", "tiny_dir": str(own),
                              "sam": "vit_b:/nowhere/sam_vit_b.pth"})
     with pytest.raises(SystemExit) as e:
         main(["doctor", "-w", str(ws.root), "--json", "--skip", "fiftyone"])
