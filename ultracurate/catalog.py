@@ -6,10 +6,12 @@ views.sql re-created on each open). Nothing else in the package issues DDL.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import importlib.resources
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -47,6 +49,16 @@ SCHEMA_VERSION = migrations()[-1][0]
 
 def now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
+
+
+@dataclass
+class JobRun:
+    """The run of a one-transaction job (see Catalog.job)."""
+    run_id: int
+    rows_in: int = 0
+    rows_done: int = 0
+    rows_failed: int = 0
+    message: str | None = None
 
 
 class Catalog:
@@ -149,6 +161,25 @@ class Catalog:
             [run_id, stage, json.dumps(params, default=str), json.dumps(selection, default=str),
              json.dumps(models or {}, default=str), code_version(__version__), engine, now()])
         return run_id
+
+    @contextlib.contextmanager
+    def job(self, stage: str, params: dict, selection: dict | None = None,
+            models: dict | None = None):
+        """A job that is one transaction (filter, balance, dedup, review pulls): its run row
+        and its writes commit together, or nothing does. Yields a JobRun whose counters and
+        message the caller sets; they are written when the block ends without error."""
+        self.con.execute("BEGIN")
+        try:
+            run = JobRun(self.start_run(stage, params, selection, models))
+            yield run
+            self.con.execute(
+                "UPDATE runs SET rows_in = ?, rows_done = ?, rows_failed = ?, ended_at = ?, "
+                "state = 'completed', message = ? WHERE run_id = ?",
+                [run.rows_in, run.rows_done, run.rows_failed, now(), run.message, run.run_id])
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
 
     def end_run(self, run_id: int, state: str, message: str | None = None) -> None:
         self.con.execute(

@@ -737,23 +737,14 @@ def pull_decisions(ws: Workspace, name: str | None = None, reviewer: str | None 
                                                "human_tags": pl.List(pl.Utf8),
                                                "reviewer": pl.Utf8,
                                                "decided_at": pl.Datetime("us")})
-            cat.con.execute("BEGIN")
-            try:
-                run_id = cat.start_run("review-pull", {"dataset": name, "reviewer": reviewer},
-                                       None, None)
+            with cat.job("review-pull", {"dataset": name, "reviewer": reviewer}) as run:
                 cat.update_rows("candidates", df)
-                cat.con.execute("UPDATE runs SET rows_in = ?, rows_done = ? WHERE run_id = ?",
-                                [summary.groups, summary.changed, run_id])
-                cat.end_run(run_id, "completed",
-                            json.dumps({"accepted": summary.accepted,
-                                        "rejected": summary.rejected,
-                                        "cleared": summary.cleared,
-                                        "conflicts": summary.conflicts}))
-                cat.con.execute("COMMIT")
-            except BaseException:
-                cat.con.execute("ROLLBACK")
-                raise
-            summary.run_id = run_id
+                run.rows_in, run.rows_done = summary.groups, summary.changed
+                run.message = json.dumps({"accepted": summary.accepted,
+                                          "rejected": summary.rejected,
+                                          "cleared": summary.cleared,
+                                          "conflicts": summary.conflicts})
+            summary.run_id = run.run_id
         _normalise_tags(ds, tags)
     finally:
         if own:
@@ -779,17 +770,9 @@ def _normalise_tags(ds, tags: dict[int, list[str]]) -> None:
 
 def _record(cat: Catalog, stage: str, params: dict, selection: Selection | None,
             rows_in: int, rows_done: int, message: str | None) -> int:
-    cat.con.execute("BEGIN")
-    try:
-        run_id = cat.start_run(stage, params, selection.to_json() if selection else None, None)
-        cat.con.execute("UPDATE runs SET rows_in = ?, rows_done = ? WHERE run_id = ?",
-                        [rows_in, rows_done, run_id])
-        cat.end_run(run_id, "completed", message)
-        cat.con.execute("COMMIT")
-    except BaseException:
-        cat.con.execute("ROLLBACK")
-        raise
-    return run_id
+    with cat.job(stage, params, selection.to_json() if selection else None) as run:
+        run.rows_in, run.rows_done, run.message = rows_in, rows_done, message
+    return run.run_id
 
 
 # -- the App ---------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ interrupted import resumes. A row whose image does not decode is recorded in ing
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 from pathlib import Path

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ..catalog import Catalog, now
+from ..catalog import Catalog
 from ..errors import UltracurateError
 from ..selection import Selection, selected_keys_sql
 
@@ -103,35 +103,30 @@ def run_balance(ws, by: tuple[str, ...] | list[str] = ("edit_type",), target: in
         q = quotas(before, target, cap)
         qt = pa.table({"grp": pa.array(list(q), pa.string()),
                        "quota": pa.array(list(q.values()), pa.int64())})
-        cat.con.execute("BEGIN")
+        cat.con.register("_uc_quota", qt)
         try:
-            run_id = cat.start_run("balance", {"by": list(by), "target": target, "cap": cap,
-                                               "seed": seed}, selection.to_json(), None)
-            cat.con.register("_uc_quota", qt)
-            chosen = f"""
-                SELECT p.candidate_id FROM (
-                  SELECT candidate_id, grp, row_number() OVER (
-                    PARTITION BY grp ORDER BY hash(candidate_id, $_uc_bseed), candidate_id) AS rn
-                  FROM ({pool_sql}) p0) p JOIN _uc_quota USING (grp) WHERE rn <= quota"""
-            all_sel = f"SELECT candidate_id FROM ({inner}) s"
-            cat.con.execute(
-                f"""UPDATE candidates SET
-                      selected = candidate_id IN ({chosen}),
-                      balance_run = $_uc_run
-                    WHERE candidate_id IN ({all_sel})""",
-                {**params, "_uc_bseed": int(seed), "_uc_run": run_id})
-            after = {r["grp"]: r["n"] for r in cat.query(
-                f"SELECT {grp} AS grp, count(*) AS n FROM candidates_v "
-                f"WHERE balance_run = $r AND selected GROUP BY grp ORDER BY grp",
-                {"r": run_id})}
-            total = sum(after.values())
-            cat.con.execute(
-                "UPDATE runs SET rows_in = ?, rows_done = ?, ended_at = ?, state = 'completed' "
-                "WHERE run_id = ?", [sum(before.values()), total, now(), run_id])
-            cat.con.execute("COMMIT")
-        except BaseException:
-            cat.con.execute("ROLLBACK")
-            raise
+            with cat.job("balance", {"by": list(by), "target": target, "cap": cap,
+                                     "seed": seed}, selection.to_json()) as run:
+                run_id = run.run_id
+                chosen = f"""
+                    SELECT p.candidate_id FROM (
+                      SELECT candidate_id, grp, row_number() OVER (
+                        PARTITION BY grp ORDER BY hash(candidate_id, $_uc_bseed),
+                                                  candidate_id) AS rn
+                      FROM ({pool_sql}) p0) p JOIN _uc_quota USING (grp) WHERE rn <= quota"""
+                all_sel = f"SELECT candidate_id FROM ({inner}) s"
+                cat.con.execute(
+                    f"""UPDATE candidates SET
+                          selected = candidate_id IN ({chosen}),
+                          balance_run = $_uc_run
+                        WHERE candidate_id IN ({all_sel})""",
+                    {**params, "_uc_bseed": int(seed), "_uc_run": run_id})
+                after = {r["grp"]: r["n"] for r in cat.query(
+                    f"SELECT {grp} AS grp, count(*) AS n FROM candidates_v "
+                    f"WHERE balance_run = $r AND selected GROUP BY grp ORDER BY grp",
+                    {"r": run_id})}
+                total = sum(after.values())
+                run.rows_in, run.rows_done = sum(before.values()), total
         finally:
             cat.con.unregister("_uc_quota")
         res = BalanceResult(run_id, by, before, {g: after.get(g, 0) for g in before}, total)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from ..catalog import Catalog, now
+from ..catalog import Catalog
 from ..embeddings import EmbeddingStore
 from ..errors import UltracurateError
 from ..images import BadImage, load_rgb
@@ -141,10 +141,9 @@ def run_dedup(ws, threshold: float = 0.95, what: str = "both",
             res.edited_duplicates = find_duplicates(store, "candidates", "edited", cand_ids,
                                                     threshold)
             res.edited_checked = len(cand_ids)
-        cat.con.execute("BEGIN")
-        try:
-            run_id = cat.start_run("dedup", {"threshold": threshold, "what": what},
-                                   selection.to_json(), None)
+        with cat.job("dedup", {"threshold": threshold, "what": what},
+                     selection.to_json()) as run:
+            run_id = run.run_id
             for table, key, ids, dups in (("anchors", "anchor_id", anchor_ids,
                                            res.anchor_duplicates),
                                           ("candidates", "candidate_id", cand_ids,
@@ -155,14 +154,7 @@ def run_dedup(ws, threshold: float = 0.95, what: str = "both",
                     {key: ids, "duplicate_of": [dups.get(i) for i in ids],
                      "dedup_run": [run_id] * len(ids)},
                     schema={key: pl.Int64, "duplicate_of": pl.Int64, "dedup_run": pl.Int64}))
-            n = len(anchor_ids) + len(cand_ids)
-            cat.con.execute(
-                "UPDATE runs SET rows_in = ?, rows_done = ?, ended_at = ?, state = 'completed' "
-                "WHERE run_id = ?", [n, n, now(), run_id])
-            cat.con.execute("COMMIT")
-        except BaseException:
-            cat.con.execute("ROLLBACK")
-            raise
+            run.rows_in = run.rows_done = len(anchor_ids) + len(cand_ids)
         res.run_id = run_id
         return res
     finally:

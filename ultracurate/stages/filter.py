@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from ..catalog import Catalog, now
+from ..catalog import Catalog
 from ..selection import Selection, selected_keys_sql
 from ..thresholds import MODES, Rule, Thresholds
 
@@ -174,10 +174,8 @@ def run_filter(ws, selection: Selection | None = None, thresholds: Thresholds | 
                               steps, counts["h_acc"], counts["h_rej"], dry_run, t.to_dict())
         if dry_run:
             return result
-        cat.con.execute("BEGIN")
-        try:
-            run_id = cat.start_run("filter", {"thresholds": t.to_dict()},
-                                   selection.to_json(), None)
+        with cat.job("filter", {"thresholds": t.to_dict()}, selection.to_json()) as run:
+            run_id = run.run_id
             cat.con.execute(
                 f"""UPDATE candidates SET
                       auto_status = CASE WHEN len(d.final_reasons) = 0 THEN 'accepted'
@@ -187,14 +185,8 @@ def run_filter(ws, selection: Selection | None = None, thresholds: Thresholds | 
                       filter_run = $_uc_run
                     FROM ({sql}) d WHERE candidates.candidate_id = d.candidate_id""",
                 {**params, "_uc_run": run_id})
-            cat.con.execute(
-                "UPDATE runs SET rows_in = ?, rows_done = ?, ended_at = ?, state = "
-                "'completed', message = ? WHERE run_id = ?",
-                [total, total, now(), json.dumps(result.to_json()["funnel"]), run_id])
-            cat.con.execute("COMMIT")
-        except BaseException:
-            cat.con.execute("ROLLBACK")
-            raise
+            run.rows_in = run.rows_done = total
+            run.message = json.dumps(result.to_json()["funnel"])
         result.run_id = run_id
         return result
     finally:

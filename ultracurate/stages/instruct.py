@@ -23,7 +23,7 @@ from ..errors import UltracurateError
 from ..instruct.backends import Answer, BackendSpec, Request, spec_from_role
 from ..instruct.captions import word_count
 from ..instruct.plan import derive_seed, parse_quota, parse_types, plan_types
-from ..instruct.validation import NONE, Proposal, validate
+from ..instruct.validation import Proposal, validate
 from ..runner import BatchResult, Context, RunSummary, Stage, run_stage
 from ..selection import Selection, selected_keys_sql
 
