@@ -68,3 +68,20 @@ def test_models_profiles(tmp_path):
     tiny = Workspace.init(tmp_path / "tiny", {"models": {"profile": "tiny"}})
     with pytest.raises(UltracurateError, match="make-tiny"):
         resolve(tiny, "sam")
+
+
+def test_a_one_transaction_job_commits_its_run_with_its_writes_or_nothing(ingested_ws):
+    with ingested_ws.catalog() as cat:
+        with cat.job("relabel", {"to": "x"}) as run:
+            cat.con.execute("UPDATE anchors SET dataset = 'x' WHERE anchor_id <= 2")
+            run.rows_in, run.rows_done, run.message = 9, 2, "two"
+        row = cat.query("SELECT * FROM runs WHERE stage = 'relabel'")[0]
+        assert (row["state"], row["rows_in"], row["rows_done"], row["message"]) == \
+            ("completed", 9, 2, "two")
+        with pytest.raises(ZeroDivisionError):
+            with cat.job("relabel-again", {}) as run:
+                cat.con.execute("UPDATE anchors SET dataset = 'y'")
+                1 / 0
+        assert cat.scalar("SELECT count(*) FROM runs WHERE stage = 'relabel-again'") == 0
+        assert cat.scalar("SELECT count(*) FROM anchors WHERE dataset = 'y'") == 0
+        assert cat.scalar("SELECT count(*) FROM anchors WHERE dataset = 'x'") == 2
