@@ -85,3 +85,29 @@ def test_a_one_transaction_job_commits_its_run_with_its_writes_or_nothing(ingest
         assert cat.scalar("SELECT count(*) FROM runs WHERE stage = 'relabel-again'") == 0
         assert cat.scalar("SELECT count(*) FROM anchors WHERE dataset = 'y'") == 0
         assert cat.scalar("SELECT count(*) FROM anchors WHERE dataset = 'x'") == 2
+
+
+def test_gc_removes_only_unreferenced_media(ingested_ws):
+    import json
+
+    from ultracurate.cli import main
+    ws = ingested_ws
+    orphan = ws.media.put_bytes(b"made by a killed job's first try", "jpg")
+    (ws.media.tmp).mkdir(exist_ok=True)
+    (ws.media.tmp / "x.part").write_bytes(b"half")
+    with ws.catalog(read_only=True) as cat:
+        used = [r[0] for r in cat.con.execute("SELECT media FROM anchors").fetchall()]
+
+    def gc(*args):
+        import contextlib
+        import io
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            main(["gc", "-w", str(ws.root), "--json", *args])
+        return json.loads(buf.getvalue())
+    assert gc("--dry-run")["files"] == [orphan] and ws.media.exists(orphan)
+    out = gc()
+    assert out["files"] == [orphan] and out["partial"] == 1
+    assert not ws.media.exists(orphan)
+    assert all(ws.media.exists(n) for n in used) and len(used) == 9
+    assert gc()["files"] == []

@@ -63,6 +63,13 @@ class MediaStore:
         src = Path(src)
         return self.put_bytes(src.read_bytes(), ext or src.suffix.lstrip(".") or "bin")
 
+    def names(self):
+        """Every file name in the store (not the partial ones in tmp/)."""
+        for sub in self.root.iterdir():
+            if sub.is_dir() and sub.name != "tmp" and len(sub.name) == 2:
+                for f in sub.iterdir():
+                    yield f.name
+
     def clean_tmp(self) -> int:
         """Remove partial files a killed job left behind; returns how many."""
         if not self.tmp.exists():
@@ -133,6 +140,14 @@ class Workspace:
 
     def section(self, name: str) -> dict:
         return dict(self.config.get(name, {}))
+
+    def unreferenced_media(self, cat: Catalog) -> list[str]:
+        """Media files no catalog row points at: what a killed job's rerun made differently,
+        or what belonged to rows since deleted."""
+        used = {r[0] for r in cat.con.execute(
+            "SELECT media FROM anchors UNION SELECT source_image FROM candidates "
+            "UNION SELECT edited_image FROM candidates").fetchall() if r[0]}
+        return sorted(n for n in self.media.names() if n not in used)
 
     def remove(self) -> None:
         shutil.rmtree(self.root)

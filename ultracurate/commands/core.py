@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
     app.command("sql")(sql)
     app.command("show")(show)
     app.command("select")(select)
+    app.command("gc")(gc)
     models_app = typer.Typer(help="Model checkpoints by role.", no_args_is_help=True)
     models_app.command("make-tiny")(make_tiny)
     models_app.command("list")(models_list)
@@ -146,6 +147,26 @@ def show(candidate_or_edit: str = typer.Argument(..., help="Candidate id, or e<I
     with ws.catalog(read_only=True) as cat:
         data = show_row(cat, candidate_or_edit)
     c.emit(data, as_json, "\n".join(f"{k:>18}: {v}" for k, v in data.items()))
+
+
+def gc(dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed; "
+                                    "remove nothing."),
+       workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
+    """Remove media files that no catalog row references (and partial files of killed jobs)."""
+    ws = c.workspace(workspace)
+    # the catalog's write lock is held throughout, so no job writes media meanwhile
+    with ws.catalog() as cat:
+        names = ws.unreferenced_media(cat)
+        freed = sum(ws.media.path(n).stat().st_size for n in names)
+        partial = 0
+        if not dry_run:
+            for n in names:
+                ws.media.path(n).unlink(missing_ok=True)
+            partial = ws.media.clean_tmp()
+    verb = "would remove" if dry_run else "removed"
+    c.emit({"files": names, "bytes": freed, "partial": partial, "dry_run": dry_run}, as_json,
+           f"{verb} {len(names)} unreferenced media files ({freed / 1e6:.1f} MB)"
+           + (f" and {partial} partial files" if partial else ""))
 
 
 def make_tiny(directory: Path = typer.Argument(..., help="Folder for the tiny checkpoints."),
