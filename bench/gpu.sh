@@ -5,8 +5,12 @@
 #   on the device:   bash bench/gpu.sh                 (figures and logs under $OUT)
 #   here, on a CPU:  SMOKE=1 bash bench/gpu.sh         (tiny sizes: checks the script runs)
 #
-# The device image has torch, transformers, timm and accelerate; the rest travels as wheels in
-# .whl (see /work/.library/device/README.md), which this script installs first when present.
+# The device image has torch, transformers, timm, accelerate, pyarrow, opencv and scikit-image;
+# the rest travels as wheels in .whl (see /work/.library/device/README.md), installed first here.
+# generate and ground need about 9 MB of wheels: diffusers, open_clip_torch, ftfy, wcwidth,
+# pycocotools, segment-anything. score runs the real stage over a catalog and needs duckdb,
+# polars and lancedb too (about 240 MB, over the 64 MiB a call carries): it is skipped unless
+# NO_SCORE=0, until it gets a path without the catalog.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/gpu}
@@ -35,6 +39,6 @@ if [ "${SMOKE:-0}" = 1 ]; then
     run ground 600 "$PY" bench/masks.py --real --device cpu --tiny "$TINY" --anchors 2 --edits-per-anchor 2
 else
     run generate 300 "$PY" bench/generate.py --real-arch --device cuda --size 512 --pairs 64 --batch 16
-    run score 240 "$PY" bench/score.py --real --device cuda --out "$OUT/score.json"
+    [ "${NO_SCORE:-1}" = 0 ] && run score 240 "$PY" bench/score.py --real --device cuda --out "$OUT/score.json"
     run ground 180 "$PY" bench/masks.py --real --device cuda --anchors 16 --edits-per-anchor 2
 fi

@@ -17,10 +17,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import tomli_w
+from typing import TYPE_CHECKING
 
-from .catalog import Catalog
 from .errors import UltracurateError
+
+if TYPE_CHECKING:  # imported where used, so that MediaStore alone needs no DuckDB
+    from .catalog import Catalog
 
 CONFIG_NAME = "ultracurate.toml"
 ENV_VAR = "ULTRACURATE_WORKSPACE"
@@ -102,6 +104,9 @@ class Workspace:
         cfg = {k: dict(v) for k, v in DEFAULT_CONFIG.items()}
         for section, values in (config or {}).items():
             cfg.setdefault(section, {}).update(values)
+        import tomli_w
+
+        from .catalog import Catalog
         (root / CONFIG_NAME).write_text(tomli_w.dumps(cfg))
         Catalog(root / "catalog.duckdb").close()
         return cls(root)
@@ -129,10 +134,12 @@ class Workspace:
     def lance_path(self) -> Path:
         return self.root / "lance"
 
-    def catalog(self, read_only: bool = False) -> Catalog:
+    def catalog(self, read_only: bool = False) -> "Catalog":
+        from .catalog import Catalog
         return Catalog(self.catalog_path, read_only=read_only)
 
     def set_config(self, section: str, values: dict) -> None:
+        import tomli_w
         self.config.setdefault(section, {}).update(values)
         tmp = self.root / (CONFIG_NAME + ".tmp")
         tmp.write_text(tomli_w.dumps(self.config))
@@ -141,7 +148,7 @@ class Workspace:
     def section(self, name: str) -> dict:
         return dict(self.config.get(name, {}))
 
-    def unreferenced_media(self, cat: Catalog) -> list[str]:
+    def unreferenced_media(self, cat: "Catalog") -> list[str]:
         """Media files no catalog row points at: what a killed job's rerun made differently,
         or what belonged to rows since deleted."""
         used = {r[0] for r in cat.con.execute(
