@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 install: $(STAMP)
 
 demo: install
-	$(BIN)/ultracurate demo $(DEMO_DIR)
+	$(BIN)/ultracurate demo $(DEMO_DIR) --force
 
 test: install
 	bash scripts/setup-test-deps.sh

@@ -61,7 +61,7 @@ DEMO_THRESHOLDS = dict(clip_sim_dir_min=0.0, top_k=2, drop_if_fewer=False,
 
 
 def run_demo(out: str | Path, seed: int = 0, progress: bool = True, size: int = 64,
-             candidates: int = 3, review: bool = True) -> dict:
+             candidates: int = 3, review: bool = True, force: bool = False) -> dict:
     """The whole pipeline on the bundled photos with tiny random-weight models, on the CPU:
     ingest, instruct, ground, classify-masks, generate, score, filter, balance, dedup, review
     (dataset only, no App), export and report. Returns what each step did."""
@@ -83,7 +83,13 @@ def run_demo(out: str | Path, seed: int = 0, progress: bool = True, size: int = 
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        raise UltracurateError(f"{out} exists and is not empty; pick a new folder or remove it")
+        if not (force and (out / "ultracurate.toml").exists()):
+            raise UltracurateError(f"{out} exists and is not empty; pick a new folder"
+                                   + (" (--force replaces only an earlier workspace)"
+                                      if force else " or pass --force to replace an earlier "
+                                      "demo workspace"))
+        import shutil
+        shutil.rmtree(out)
     ws = Workspace.init(out, {"models": {"profile": "tiny"}})
     steps: dict = {"workspace": str(ws.root)}
 

@@ -15,10 +15,13 @@ def register(app: typer.Typer) -> None:
 
 def demo(directory: Path = typer.Argument(Path("demo-workspace"), help="New folder for the "
                                           "demo workspace."),
-         seed: int = c.SeedOpt, as_json: bool = c.JsonOpt):
+         seed: int = c.SeedOpt,
+         force: bool = typer.Option(False, "--force", help="Replace DIRECTORY if it holds an "
+                                    "earlier workspace."),
+         as_json: bool = c.JsonOpt):
     """Run every stage on scikit-image's real photos with tiny random-weight models on the
     CPU, ending in an export and a report. (Tiny models give meaningless scores: the demo
     shows the pipeline, not good edits.)"""
     from ..demo import run_demo
-    summary = run_demo(directory, seed=seed)
+    summary = run_demo(directory, seed=seed, force=force)
     c.emit(summary, as_json)

@@ -1,0 +1,39 @@
+"""The main job: `ultracurate demo` runs every stage on the bundled photos with tiny models and
+ends in a loadable Hugging Face export and an HTML report."""
+
+import pytest
+
+from ultracurate.demo import run_demo
+from ultracurate.errors import UltracurateError
+from ultracurate.workspace import Workspace
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_pipeline(tmp_path):
+    import datasets
+    out = tmp_path / "demo"
+    steps = run_demo(out, progress=False)
+    for stage in ("ingest", "instruct", "ground", "classify_masks", "score"):
+        assert steps[stage]["state"] == "completed" and steps[stage]["rows_failed"] == 0, stage
+    assert steps["generate"]["run"]["rows_done"] > 0
+    ws = Workspace(out)
+    with ws.catalog(read_only=True) as cat:
+        counts = dict(cat.con.execute("SELECT status, count(*) FROM candidates_v "
+                                      "GROUP BY ALL").fetchall())
+        types = cat.scalar("SELECT count(DISTINCT edit_type) FROM edits")
+        stages = {r[0] for r in cat.con.execute("SELECT DISTINCT stage FROM runs").fetchall()}
+    assert counts.get("accepted", 0) > 0 and counts.get("rejected", 0) > 0  # the filter decided
+    assert types == 9
+    assert {"ingest", "instruct", "ground", "classify-masks", "generate", "score", "filter",
+            "balance", "dedup", "review"} <= stages  # export reads the catalog only
+    ds = datasets.load_dataset(str(out / "exports" / "hf"))
+    rows = sum(len(split) for split in ds.values())
+    assert rows == steps["export"]["rows"] > 0
+    split = next(iter(ds.values()))
+    assert {"source_caption", "target_caption", "edit_prompt", "source_image", "edited_image",
+            "clip_sim_dir", "dinov2_sim", "ssim"} <= set(split.column_names)
+    assert split[0]["edited_image"].size[0] > 0
+    html = (out / "reports" / "report.html").read_text()
+    assert "Acceptance funnel" in html and "data:image/png;base64" in html
+    with pytest.raises(UltracurateError, match="--force"):
+        run_demo(out, progress=False)
