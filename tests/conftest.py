@@ -13,9 +13,13 @@ os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
 os.environ.setdefault("ULTRACURATE_PROGRESS", "0")
 # FiftyOne's MongoDB for the whole session lives in a temporary folder, not ~/.fiftyone (a
 # user's own database is used instead when FIFTYONE_DATABASE_URI is set).
-if not os.environ.get("FIFTYONE_DATABASE_URI"):
+if not os.environ.get("FIFTYONE_DATABASE_URI") and "FIFTYONE_DATABASE_DIR" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
-    os.environ.setdefault("FIFTYONE_DATABASE_DIR", tempfile.mkdtemp(prefix="uc-fodb-"))
+    os.environ["FIFTYONE_DATABASE_DIR"] = tempfile.mkdtemp(prefix="uc-fodb-")
+    # registered before FiftyOne is imported, so it runs after FiftyOne stops its mongod
+    atexit.register(shutil.rmtree, os.environ["FIFTYONE_DATABASE_DIR"], True)
 
 from ultracurate.workspace import Workspace  # noqa: E402
 
