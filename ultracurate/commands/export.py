@@ -16,12 +16,12 @@ def register(app: typer.Typer) -> None:
 
 def export(out: Path = typer.Argument(..., help="Folder to write (must not exist unless "
                                       "--force)."),
-           fmt: str = typer.Option("hf", "--format", "-f",
+           fmt: c.ExportFormat = typer.Option("hf", "--format", "-f",
                                    help="hf (parquet + dataset card, loads with "
                                         "datasets.load_dataset), jsonl (training jsonl), ip2p "
                                         "(InstructPix2Pix folders), wds (WebDataset tars)."),
-           shard_size: int = typer.Option(2000, "--shard-size",
-                                          help="Rows per parquet / tar shard."),
+           shard_size: int = c.Count(2000, "--shard-size", min=1, max=c.MAX_BATCH,
+                                     help="Rows per parquet / tar shard."),
            extra_columns: bool = typer.Option(False, "--extra-columns",
                                               help="Add catalog columns (edit_type, mask_class, "
                                                    "seed, candidate_id, ...)."),
