@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from ..errors import register_secret
+
 from .backends import Answer, Backend, Request
 from .prompt import PromptTemplate
 
@@ -41,6 +43,7 @@ class OpenAIBackend(Backend):
         self.json_mode = json_mode
         headers = {"Content-Type": "application/json"}
         if api_key:
+            register_secret(api_key)  # redacted from every message, whatever echoes it
             headers["Authorization"] = f"Bearer {api_key}"
         self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout),
                                     limits=httpx.Limits(max_connections=self.concurrency))
