@@ -156,8 +156,10 @@ class Catalog:
         return rows[0][0] if rows else None
 
     def schema_checksum(self) -> str:
-        """sha256 of the schema version and every table's columns and types: recorded in
-        schema_meta by each writer, checked on every open."""
+        """'<duckdb version>:<sha256>' of the schema version and every table's columns and
+        types: recorded in schema_meta by each writer, checked on every open. The DuckDB
+        version is part of it because type names may print differently in another version;
+        a checksum from another version is not compared (a writer records a new one)."""
         rows = self.con.execute(
             "SELECT table_name, column_index, column_name, data_type FROM duckdb_columns() "
             "WHERE database_name = current_database() AND schema_name = 'main' AND table_name "
@@ -165,7 +167,7 @@ class Catalog:
             "current_database() AND schema_name = 'main') ORDER BY table_name, column_index"
         ).fetchall()
         text = json.dumps([self.schema_version(), rows], default=str)
-        return hashlib.sha256(text.encode()).hexdigest()
+        return f"{duckdb.__version__}:{hashlib.sha256(text.encode()).hexdigest()}"
 
     def check(self) -> None:
         """Refuse a catalog this ultracurate cannot read safely, before anything is written:
@@ -177,34 +179,24 @@ class Catalog:
                 f"ultracurate ({SCHEMA_VERSION}); upgrade ultracurate")
         self._check_length()
         stored = self._meta("schema_checksum")
-        if stored is not None and stored != self.schema_checksum():
+        if (stored is not None and stored.startswith(f"{duckdb.__version__}:")
+                and stored != self.schema_checksum()):
             raise CatalogDamagedError(damaged_message(
                 "its tables do not match the schema checksum in schema_meta", self.path))
 
     def _check_length(self) -> None:
-        """A truncated file may still open and answer queries that need only its first blocks
-        (a count), so the file must hold the last block any table's data is stored in (read
-        from DuckDB's own storage info: metadata only, no data is read)."""
-        tables = [r[0] for r in self.con.execute(
-            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
-            "AND schema_name = 'main'").fetchall()]
-        if not tables:
-            return
-        per_table = " UNION ALL ".join(
-            "SELECT max(greatest(block_id, coalesce(list_max(additional_block_ids), -1))) AS b "
-            f"FROM pragma_storage_info('{t}') WHERE persistent" for t in tables)
-        last = self.con.execute(f"SELECT max(b) FROM ({per_table})").fetchone()[0]
+        """A truncated file may still open and answer the queries that need only its first
+        blocks (a count), so its length is checked: DuckDB writes whole blocks after its three
+        4 KiB headers, and a copy or a disk that stopped part-way leaves a length that is
+        not. (A cut exactly at a block boundary shows up when a missing block is read.)"""
         block_size = self.con.execute(
             "SELECT block_size FROM pragma_database_size() "
-            "WHERE database_name = current_database()").fetchone()[0]
-        if last is None or not block_size:
-            return
-        needed = _FILE_HEADERS + (int(last) + 1) * int(block_size)
+            "WHERE database_name = current_database()").fetchone()
         size = self.path.stat().st_size
-        if size < needed:
+        if block_size and block_size[0] and (size - _FILE_HEADERS) % int(block_size[0]):
             raise CatalogDamagedError(damaged_message(
-                f"the file has {size} bytes, its data reaches byte {needed}: it was truncated",
-                self.path))
+                f"its length, {size} bytes, is not whole {block_size[0]}-byte blocks: it was "
+                "truncated", self.path))
 
     def migrate(self) -> None:
         current = self.schema_version()

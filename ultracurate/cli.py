@@ -83,7 +83,14 @@ def main(argv: list[str] | None = None) -> None:
     `error: ...`, and a non-zero exit (2 for a refused option, 130 for Ctrl-C)."""
     os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
     from . import limits
-    limits.HARD_EXIT = True  # a user statement that ignores its interrupt ends the process
+    hard_exit, limits.HARD_EXIT = limits.HARD_EXIT, True  # see limits.bounded
+    try:
+        _main(argv)
+    finally:  # main() called in-process (tests, scripts) leaves the caller's setting
+        limits.HARD_EXIT = hard_exit
+
+
+def _main(argv: list[str] | None) -> None:
     for handler in logging.getLogger().handlers + [logging.lastResort]:
         if handler is not None and not any(isinstance(f, _RedactSecrets)
                                            for f in handler.filters):

@@ -305,7 +305,8 @@ def run_stage(ws: Workspace, stage: Stage, selection: Selection | None = None, *
     """Run stage over the selection's pending rows, committing batch by batch."""
     selection = selection or Selection()
     engine = engine or LocalEngine()
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size
+                                   or batch_size < 1):
         raise UltracurateError(f"batch size must be a whole number >= 1, got {batch_size!r}")
     own = cat is None
     cat = cat or ws.catalog()

@@ -23,6 +23,7 @@ The guard, in order:
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +53,8 @@ class Selection:
 
     def __post_init__(self):
         for name, value in (("limit", self.limit), ("sample", self.sample)):
-            if value is not None and (not isinstance(value, int) or value < 0):
+            if value is not None and (not isinstance(value, numbers.Integral)
+                                      or isinstance(value, bool) or value < 0):
                 raise SelectionError(f"--{name} must be a whole number >= 0, got {value!r}")
 
     def to_json(self) -> dict:
