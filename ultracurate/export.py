@@ -870,20 +870,24 @@ def _alive(folder: Path) -> bool:
 
 
 def leftovers(parent: Path, name: str | None = None) -> list[Path]:
-    """What killed or replaced exports left in parent (for OUT name, or any): hidden
-    `.OUT.partial-xxxxxxxx` folders of exports that no longer run, and `.OUT.old-xxxxxxxx`
-    entries (a replaced export, or a file an older version moved aside)."""
-    stem = re.escape(name) if name else ".+"
-    pattern = re.compile(rf"^\.{stem}\.(partial|old)-[0-9a-f]{{8}}$")
+    """What killed or replaced exports left in parent: hidden `.X.partial-xxxxxxxx` and
+    `.X.old-xxxxxxxx` entries that carry this tool's marker (any X), and, for X = name, those
+    without it too (made before exports were marked, or a file --force once moved aside).
+    Never a partial export whose process still runs, nor anything holding a workspace."""
+    pattern = re.compile(r"^\.(.+)\.(partial|old)-[0-9a-f]{8}$")
     try:
         entries = sorted(parent.iterdir())
     except OSError:
         return []
     found = []
     for p in entries:
-        if not pattern.match(p.name):
+        m = pattern.match(p.name)
+        if not m:
             continue
-        if p.is_dir() and not p.is_symlink() and (_alive(p) or _holds_workspace(p)):
+        folder = p.is_dir() and not p.is_symlink()
+        if not (folder and (p / MARKER).exists()) and m.group(1) != name:
+            continue
+        if folder and (_alive(p) or _holds_workspace(p)):
             continue
         found.append(p)
     return found
@@ -908,12 +912,12 @@ def remove_leftovers(paths: list[Path]) -> list[Path]:
 
 def export_leftovers(ws: Workspace, cat: Catalog) -> list[Path]:
     """Leftovers beside every export recorded in runs, and in the workspace's exports/."""
-    parents = {ws.root / "exports"}
+    found = set(leftovers(ws.root / "exports"))
     for (out,) in cat.con.execute("SELECT DISTINCT json_extract_string(params, '$.out') "
                                   "FROM runs WHERE stage = 'export'").fetchall():
         if out:
-            parents.add(Path(out).parent)
-    return [p for parent in sorted(parents) for p in leftovers(parent)]
+            found.update(leftovers(Path(out).parent, Path(out).name))
+    return sorted(found)
 
 
 def _replace(tmp: Path, out: Path) -> None:
