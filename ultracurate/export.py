@@ -41,6 +41,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import time
 import uuid
 from collections import Counter
@@ -681,8 +682,9 @@ def export_dataset(ws: Workspace, selection: Selection | None, out: str | Path, 
                          float(val_fraction), sel.seed if seed is None else int(seed),
                          license, langs, citation)
     opts.check()
-    if push_to_hub and fmt != "hf":
-        raise UltracurateError("--push-to-hub needs --format hf")
+    if push_to_hub and (fmt != "hf" or layout != "default"):
+        raise UltracurateError("--push-to-hub needs --format hf and the default layout (the "
+                               "ultraedit layout is two datasets: push each folder yourself)")
     out = Path(out).expanduser().resolve()
     check_target(out, ws, overwrite)
     started = time.perf_counter()
@@ -781,13 +783,16 @@ def _end_run(ws: Workspace, run_id: int, state: str, rows_in: int, rows_done: in
                 cat.con.execute("UPDATE runs SET rows_in = ?, rows_done = ? WHERE run_id = ?",
                                 [rows_in, rows_done, run_id])
             return
-        except CatalogBusyError:
-            if time.monotonic() > deadline:
-                import sys
-                print(f"warning: export run {run_id} is {state}, but the catalog was busy: "
-                      "its run row still says running", file=sys.stderr)
-                return
-            time.sleep(0.2)
+        except CatalogBusyError as e:
+            if time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            why = str(e)
+        except UltracurateError as e:  # never hide the export's own outcome behind this
+            why = str(e)
+        print(f"warning: export run {run_id} was {state}, but its run row could not be "
+              f"closed ({why})", file=sys.stderr)
+        return
 
 
 def _stale_balance(cat: Catalog) -> list[str]:
