@@ -184,12 +184,12 @@ def known_anchors(cat: Catalog, shas: list[str]) -> dict[str, tuple[int, str]]:
         shas).fetchall()}
 
 
-def record_rejects(cat: Catalog, bad: list[dict], run_id: int) -> int:
+def record_rejects(cat: Catalog, bad: list[dict], run_id: int) -> None:
     """Insert bad ({source_path, reason, sha256}) into ingest_rejects, once per source and
     bytes: a source already rejected for the same bytes (a forced rerun, the same row twice in
-    a batch) adds no row. Returns the rows added."""
+    a batch) adds no row."""
     if not bad:
-        return 0
+        return
     once: dict[tuple, dict] = {}
     for b in bad:
         once.setdefault((b["source_path"], b.get("sha256")), b)
@@ -197,7 +197,6 @@ def record_rejects(cat: Catalog, bad: list[dict], run_id: int) -> int:
     df = pl.DataFrame([{"source_path": b["source_path"], "reason": b["reason"],
                         "sha256": b.get("sha256"), "run_id": run_id, "rejected_at": at}
                        for b in once.values()], schema_overrides={"sha256": pl.String})
-    before = int(cat.scalar("SELECT count(*) FROM ingest_rejects"))
     cat.con.register("_rejects", df.to_arrow())
     try:
         cat.con.execute(
@@ -207,7 +206,6 @@ def record_rejects(cat: Catalog, bad: list[dict], run_id: int) -> int:
             "r.source_path AND x.sha256 IS NOT DISTINCT FROM r.sha256)")
     finally:
         cat.con.unregister("_rejects")
-    return int(cat.scalar("SELECT count(*) FROM ingest_rejects")) - before
 
 
 # -- the stage ------------------------------------------------------------------------------
