@@ -73,7 +73,6 @@ Preset = Literal[tuple(PRESETS)]                              # ultraedit, ip2p
 Profile = Literal["ultraedit", "tiny"]                        # models.resolve
 Behaviour = Literal["method", "ultraedit-compat"]             # generation.params.BEHAVIOURS
 SoftVariant = Literal["ultraedit", "feathered"]               # masks.soft_mask variants
-ExportFormat = Literal["hf", "jsonl", "ip2p", "wds"]          # export.FORMATS
 InstructionsFormat = Literal["ultraedit", "ip2p", "magicbrush"]  # instruct.importers.FORMATS
 LLMBackend = Literal["rule", "openai", "transformers"]        # instruct.backends.BACKENDS
 DType = Literal["float32", "float16", "bfloat16"]
