@@ -11,7 +11,6 @@ import datetime as _dt
 import hashlib
 import importlib.resources
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,8 +61,6 @@ def first_line(e) -> str:
 _DAMAGE = ("not a valid duckdb database file", "could not read enough bytes",
            "corrupt database file", "does not match stored checksum",
            "failure while replaying wal", "invalid block", "serialization error")
-
-
 _FILE_HEADERS = 3 * 4096  # DuckDB's main header and its two database headers
 
 

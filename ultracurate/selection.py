@@ -49,6 +49,9 @@ class Selection:
     limit: int | None = None
     sample: int | None = None
     seed: int = 0
+    # A predicate ultracurate wrote itself (a job's own id list): checked like any other, but
+    # not run once more under the user-SQL bounds (its cost is the job's, not a user's typo).
+    trusted: bool = False
     _checked: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -68,7 +71,8 @@ class Selection:
             return None
         key = (id(con), view, self.where, repr(sorted(self.params.items())))
         if key not in self._checked:
-            self._checked[key] = check_predicate(con, view, self.where, self.params)
+            self._checked[key] = check_predicate(con, view, self.where, self.params,
+                                                 run=not self.trusted)
         return self._checked[key]
 
     def checked_where(self, con: duckdb.DuckDBPyConnection, view: str) -> str | None:
@@ -81,7 +85,7 @@ class Selection:
 class Checked:
     predicate: str           # with :name rewritten to $name
     params: dict[str, Any]   # exactly the parameters the predicate names
-    rows: int                # how many rows of the view it selected when checked
+    rows: int | None         # how many rows of the view it selected when checked (run)
 
 
 def _colon_to_dollar(predicate: str) -> str:
@@ -169,8 +173,9 @@ def _check_function(name: str, kinds: list) -> None:
 
 
 def check_predicate(con: duckdb.DuckDBPyConnection, view: str, predicate: str,
-                    params: dict[str, Any]) -> Checked:
-    """Validate predicate over view (see the module's docstring); SelectionError if not."""
+                    params: dict[str, Any], run: bool = True) -> Checked:
+    """Validate predicate over view (see the module's docstring); SelectionError if not.
+    run=False skips step 4 (a trusted predicate: DuckDB still binds it when it is used)."""
     predicate = _colon_to_dollar(predicate)
     sql = f"SELECT * FROM {view} WHERE ({predicate}\n)"
     parsed = _parse(con, sql)
@@ -221,7 +226,8 @@ def check_predicate(con: duckdb.DuckDBPyConnection, view: str, predicate: str,
         raise SelectionError(f"--where uses parameter ${missing[0]} with no value "
                              f"(give it with -p {missing[0]} VALUE)")
     bound_params = {p: params[p] for p in used_params}
-    return Checked(predicate, bound_params, _run_once(con, view, predicate, bound_params))
+    rows = _run_once(con, view, predicate, bound_params) if run else None
+    return Checked(predicate, bound_params, rows)
 
 
 def _run_once(con: duckdb.DuckDBPyConnection, view: str, predicate: str,

@@ -298,7 +298,8 @@ def run_generate(ws: Workspace, selection: Selection | None = None, *, candidate
             stage.default_where = "auto_status IN ('planned', 'generated', 'failed')"
         cand_sel = Selection(where="list_contains($_uc_edits, edit_id) AND "
                                    "candidate_index < $_uc_n",
-                             params={"_uc_edits": edit_ids, "_uc_n": int(candidates)})
+                             params={"_uc_edits": edit_ids, "_uc_n": int(candidates)},
+                             trusted=True)
         run = run_stage(ws, stage, cand_sel, force=force, engine=eng, device=device,
                         batch_size=batch_size, progress=progress, cat=cat)
     return GenerateSummary(report, run)
