@@ -403,6 +403,8 @@ def test_a_tampered_catalog_cannot_make_a_command_read_or_write_outside(hws, tmp
     out = tmp_path / "out"
     out.mkdir()
     before, files = contents(ws), tree(ws_root)
+    with ws.catalog(read_only=True) as cat:
+        last_run = cat.scalar("SELECT coalesce(max(run_id), 0) FROM runs")
     res = run_many([
         ["export", str(out / "e"), "-f", "jsonl", "--where", "candidate_id <= 4"] + w,
         ["report", str(out / "r.html")] + w,
@@ -414,7 +416,15 @@ def test_a_tampered_catalog_cannot_make_a_command_read_or_write_outside(hws, tmp
     assert list(out.iterdir()) == []
     assert file_sha(secret) == secret_sha and sorted(p.name for p in tmp_path.iterdir()) == \
         ["copy", "out", "secret.png"]
-    assert contents(ws) == before and tree(ws_root) == files
+    after = contents(ws)
+    assert {t: v for t, v in after.items() if t != "runs"} == \
+        {t: v for t, v in before.items() if t != "runs"}
+    with ws.catalog(read_only=True) as cat:  # an export is a recorded job: it failed
+        new_runs = cat.query("SELECT stage, state, message FROM runs WHERE run_id > ?",
+                             [last_run])
+    assert all(r["stage"] == "export" and r["state"] == "failed" and
+               "is not a media name" in r["message"] for r in new_runs), new_runs
+    assert tree(ws_root) == files
 
 
 # -- a damaged catalog --------------------------------------------------------------------------
