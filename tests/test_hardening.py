@@ -785,21 +785,40 @@ def test_an_api_key_echoed_by_a_server_is_redacted_everywhere(hws, tmp_path):
 
 
 # -- FiftyOne's database started by two processes at once --------------------------------------
+def _can_isolate_processes() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    try:
+        return subprocess.run(["unshare", "-p", "-f", "--mount-proc", "true"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 @pytest.mark.slow
-def test_two_review_pulls_started_together_while_the_database_starts(hws, tmp_path):
-    """Both start FiftyOne's database in a fresh folder at the same moment: without the start
-    lock one of them failed after a minute with ServiceListenTimeout. Each must end in its own
-    one-line answer (here: no review dataset yet), neither with a traceback."""
+@pytest.mark.skipif(not _can_isolate_processes(),
+                    reason="FiftyOne joins any database service running on the machine: "
+                           "the race needs a PID namespace of its own")
+def test_review_pulls_started_together_while_the_database_starts(hws, tmp_path):
+    """Three `review --pull` start FiftyOne's database in a fresh folder at the same moment:
+    without the start lock one of them failed after a minute with ServiceListenTimeout. Each
+    must end in its own one-line answer (here: no review dataset yet), none with a traceback.
+    They run in a PID namespace of their own: FiftyOne attaches to any database service it can
+    see, whatever its folder, and everything they start ends with the namespace."""
+    from ultracurate.review import dataset_name
     env = dict(os.environ, FIFTYONE_DATABASE_DIR=str(tmp_path / "fodb"),
                FIFTYONE_DO_NOT_TRACK="true", ULTRACURATE_PROGRESS="0")
     env.pop("FIFTYONE_DATABASE_URI", None)
     env.pop("FIFTYONE_PRIVATE_DATABASE_PORT", None)
-    procs = [subprocess.Popen([ULTRACURATE, "review", "--pull", "-w", str(hws.root)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(3)]
-    outs = [p.communicate(timeout=400) for p in procs]
-    from ultracurate.review import dataset_name
-    for p, (out, err) in zip(procs, outs):
+    script = " ".join(
+        f"({ULTRACURATE} review --pull -w {hws.root} > {tmp_path}/out{i} 2> {tmp_path}/err{i};"
+        f" echo $? > {tmp_path}/rc{i}) &" for i in range(3)) + " wait"
+    subprocess.run(["unshare", "-p", "-f", "--mount-proc", "sh", "-c", script], env=env,
+                   timeout=600, check=True)
+    for i in range(3):
+        err = (tmp_path / f"err{i}").read_text()
+        out = (tmp_path / f"out{i}").read_text()
         lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-        assert p.returncode == 1 and "Traceback" not in out + err, err
+        assert (tmp_path / f"rc{i}").read_text().strip() == "1", err
+        assert "Traceback" not in out + err, err
         assert len(lines) == 1 and f"no review dataset '{dataset_name(hws)}' yet" in lines[0]
