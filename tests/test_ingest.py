@@ -59,7 +59,7 @@ def test_bad_input_corpus(ws, corpus):
     folder, table = corpus
     summary = _ingest(ws, [folder, table])
     with ws.catalog(read_only=True) as cat:
-        anchors = {r["source_path"].split("/")[-1]: r for r in cat.query("SELECT * FROM anchors")}
+        anchors = {r["source_path"].split("/")[-1]: r for r in cat.query("SELECT * FROM anchors_v")}
         rejects = {r["source_path"].split("/")[-1]: r["reason"]
                    for r in cat.query("SELECT * FROM ingest_rejects")}
     assert set(anchors) == {"plain.jpg", "rotated.jpg", "cmyk.jpg", "palette.png",
@@ -96,7 +96,7 @@ def test_captions_and_rerun_skips_what_was_done(ws, demo_photos):
     s2 = _ingest(ws, [demo_photos])
     assert (s1.rows_done, s2.rows_in) == (9, 0)
     with ws.catalog(read_only=True) as cat:
-        row = cat.query("SELECT * FROM anchors WHERE external_id = 'astronaut'")[0]
+        row = cat.query("SELECT * FROM anchors_v WHERE external_id = 'astronaut'")[0]
         assert len(row["captions"]) == 3 and "astronaut" in row["captions"][0]
         assert cat.scalar("SELECT count(*) FROM runs WHERE stage = 'ingest'") == 2
         assert cat.scalar("SELECT count(DISTINCT sha256) FROM anchors") == 9
@@ -114,7 +114,7 @@ def test_coco_captions_json(ws, demo_photos, tmp_path):
     (coco / "captions_val.json").write_text(json.dumps(doc))
     _ingest(ws, [coco / "captions_val.json"])
     with ws.catalog(read_only=True) as cat:
-        rows = {r["external_id"]: r["captions"] for r in cat.query("SELECT * FROM anchors")}
+        rows = {r["external_id"]: r["captions"] for r in cat.query("SELECT * FROM anchors_v")}
     assert rows == {"11": ["a cat", "an orange cat"], "12": ["a cup"]}
 
 
@@ -130,7 +130,7 @@ def test_hf_dataset_folder_and_parquet(ws, demo_photos, tmp_path):
     s = _ingest(ws, [tmp_path / "hf", tmp_path / "rows.parquet"])
     with ws.catalog(read_only=True) as cat:
         assert cat.scalar("SELECT count(*) FROM anchors") == 1  # same bytes twice
-        assert cat.query("SELECT captions FROM anchors")[0]["captions"] == ["a rocket"]
+        assert cat.query("SELECT captions FROM anchors_v")[0]["captions"] == ["a rocket"]
     assert s.rows_in == 2
 
 

@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from _anchors import set_captions
 from ultracurate.instruct.rule import propose
 from ultracurate.stages.instruct import run_instruct
 
@@ -117,8 +118,7 @@ def test_http_backend_against_loopback_server(ingested_ws, server, monkeypatch):
     ws = ingested_ws
     captions = list(SCRIPT)
     with ws.catalog() as cat:
-        for aid, cap in enumerate(captions, 1):
-            cat.con.execute("UPDATE anchors SET captions = [?] WHERE anchor_id = ?", [cap, aid])
+        set_captions(cat, {aid: [cap] for aid, cap in enumerate(captions, 1)})
     monkeypatch.setenv("ULTRACURATE_LLM_API_KEY", KEY)
     kw = dict(backend="openai", model="test-model", base_url=server.url, types="replace",
               per_anchor=1, seed=5, n_instruction_examples=6, n_full_examples=3,
@@ -192,7 +192,7 @@ def test_backend_from_workspace_role_custom_prompt_and_mode(ingested_ws, server,
     import importlib.resources
     ws = ingested_ws
     with ws.catalog() as cat:
-        cat.con.execute("UPDATE anchors SET captions = ['a brown dog on a green lawn']")
+        set_captions(cat, {aid: ["a brown dog on a green lawn"] for aid in range(1, 10)})
     ws.set_config("models", {"llm": f"{server.url}#cfg-model"})
     prompt = tmp_path / "my-prompt.txt"
     text = importlib.resources.files("ultracurate").joinpath("prompts", "instruct-v1.txt")

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from ..catalog import Catalog, now
+from ..catalog import Catalog, normalize_caption, now
 from ..errors import UltracurateError
-from ..images import MAX_PIXELS, BadImage, inspect_image
+from ..images import MAX_PIXELS, BadImage, inspect_image, read_bytes
 from ..runner import BatchResult, Context, Stage
 from ..selection import Selection
 
@@ -31,12 +31,33 @@ CAPTION_COLUMNS = ("caption", "captions", "text", "source_caption", "input_text"
 
 @dataclass
 class Item:
-    """One thing to ingest: a file path, or in-memory bytes from a dataset row."""
+    """One thing to ingest: a file path, or in-memory bytes from a dataset row, with its
+    captions (each with its source: ingest, coco, import:<format>, ...)."""
     source: str
     captions: list[str]
     dataset: str
     external_id: str | None = None
     data: bytes | None = None
+    caption_source: str = "ingest"      # the source of captions given without one
+    caption_sources: list[str] = field(default_factory=list)  # one per caption
+
+    def __post_init__(self):
+        given, sources = list(self.captions), list(self.caption_sources)
+        self.captions, self.caption_sources = [], []
+        for i, text in enumerate(given):
+            self.add_caption(text, sources[i] if i < len(sources) else self.caption_source)
+
+    def add_caption(self, text, source: str | None = None) -> None:
+        """Append a caption unless it is empty or already here (order of arrival kept)."""
+        text = normalize_caption(text)
+        if text and text not in self.captions:
+            self.captions.append(text)
+            self.caption_sources.append(source or self.caption_source)
+
+    def merge(self, other: "Item") -> None:
+        for text, source in zip(other.captions, other.caption_sources):
+            self.add_caption(text, source)
+        self.external_id = self.external_id or other.external_id
 
 
 # -- discovering items ----------------------------------------------------------------------
@@ -56,28 +77,36 @@ def discover(paths: list[str | Path], captions_file: str | Path | None = None) -
             items += _from_table(p)
         elif p.suffix.lower() in IMAGE_EXTS or p.is_file():
             items.append(Item(str(p.resolve()), [], "files"))
-    # The same file named twice (a folder and a captions table): one item, captions merged.
+    return merge_items(items)
+
+
+def merge_items(items: list[Item]) -> list[Item]:
+    """One item per source (a folder and a captions table naming the same file, two table
+    rows for one path, COCO's several captions): captions merged in order, de-duplicated."""
     merged: dict[str, Item] = {}
     for it in items:
         if it.source in merged:
-            first = merged[it.source]
-            first.captions += [c for c in it.captions if c not in first.captions]
-            first.external_id = first.external_id or it.external_id
+            merged[it.source].merge(it)
         else:
             merged[it.source] = it
     return list(merged.values())
 
 
 def _from_folder(folder: Path, captions_file) -> list[Item]:
-    caps: dict[str, list[str]] = {}
+    caps: dict[str, Item] = {}
     if captions_file:
-        for it in _from_table(Path(captions_file), base=folder):
-            caps[it.source] = it.captions
+        caps = {it.source: it for it in merge_items(_from_table(Path(captions_file),
+                                                                base=folder))}
     out = []
     for f in sorted(folder.rglob("*")):
-        if f.is_file() and (f.suffix.lower() in IMAGE_EXTS or f.suffix == ""):
-            src = str(f.resolve())
-            out.append(Item(src, caps.get(src, []), folder.name))
+        # a symbolic link whose target is gone is kept, and rejected with its reason
+        usable = f.is_file() or (f.is_symlink() and not f.exists())
+        if usable and (f.suffix.lower() in IMAGE_EXTS or f.suffix == ""):
+            src = str(f.resolve()) if f.exists() else str(f.absolute())
+            it = Item(src, [], folder.name)
+            if src in caps:
+                it.merge(caps[src])
+            out.append(it)
     return out
 
 
@@ -97,7 +126,8 @@ def _from_coco(path: Path) -> list[Item]:
     out = []
     for image_id, name in images.items():
         f = next((r / name for r in roots if (r / name).exists()), path.parent / name)
-        out.append(Item(str(f.resolve()), caps.get(image_id, []), "coco", str(image_id)))
+        out.append(Item(str(f.resolve()), caps.get(image_id, []), "coco", str(image_id),
+                        caption_source="coco"))
     return out
 
 
@@ -159,11 +189,16 @@ def _from_hf_disk(folder: Path) -> list[Item]:
 
 # -- the stage ------------------------------------------------------------------------------
 class IngestStage(Stage):
+    """Anchors from items. An item whose file is already an anchor (or a recorded copy of one)
+    is not read again, but captions it brings that the anchor lacks are added; a file with
+    the same bytes as an anchor adds its captions to that anchor and is recorded as a
+    duplicate."""
+
     name = "ingest"
     table = "anchors"
     writes = {"anchors": {"sha256", "media", "source_path", "dataset", "width", "height",
-                          "format", "orig_mode", "conversion", "captions", "external_id",
-                          "ingest_run", "ingested_at"}}
+                          "format", "orig_mode", "conversion", "external_id", "ingest_run",
+                          "ingested_at"}}
     batch_size = 16
     track_state = False
 
@@ -171,16 +206,49 @@ class IngestStage(Stage):
         super().__init__(n_items=len(items), max_pixels=max_pixels)
         self._items = items
         self.max_pixels = max_pixels
+        self.anchors_added = 0
+        self.captions_added = 0
 
     def items(self, cat: Catalog, selection: Selection, force: bool) -> pl.DataFrame:
-        """Sources not yet recorded (as an anchor or a reject): an ingest resumes."""
-        seen = set()
-        if not force:
-            seen = {r[0] for r in cat.con.execute(
-                "SELECT source_path FROM anchors UNION ALL "
-                "SELECT source_path FROM ingest_rejects").fetchall()}
-        todo = [i for i, it in enumerate(self._items) if it.source not in seen]
-        return pl.DataFrame({"item": todo}, schema={"item": pl.Int64})
+        """Sources not yet recorded (as an anchor or a reject), so an ingest resumes; and
+        recorded ones (anchors, copies of anchors) that bring captions their anchor lacks,
+        with that anchor's id. force: every item, read again."""
+        n = len(self._items)
+        if force:
+            return pl.DataFrame({"item": range(n), "anchor_id": [None] * n},
+                                schema={"item": pl.Int64, "anchor_id": pl.Int64})
+        sources = pl.DataFrame({"item": range(n), "source": [it.source for it in self._items]},
+                               schema={"item": pl.Int64, "source": pl.String})
+        cat.con.register("_sources", sources.to_arrow())
+        try:
+            # each source's anchor: the one made from it, or the one its bytes duplicate;
+            # a source rejected for another reason (unreadable) maps to no anchor
+            seen = cat.pl(
+                "SELECT s.item, coalesce(a.anchor_id, r.duplicate_of) AS anchor_id "
+                "FROM _sources s LEFT JOIN anchors a ON a.source_path = s.source "
+                "LEFT JOIN (SELECT source_path, max(duplicate_of) AS duplicate_of "
+                "           FROM ingest_rejects GROUP BY ALL) r ON r.source_path = s.source "
+                "WHERE a.anchor_id IS NOT NULL OR r.source_path IS NOT NULL")
+            known = dict(zip(seen["item"].to_list(), seen["anchor_id"].to_list()))
+            anchors = sorted({a for a in known.values() if a is not None})
+            have: dict[int, set[str]] = {}
+            if anchors:
+                for aid, text in cat.con.execute(
+                        "SELECT anchor_id, caption FROM anchor_captions WHERE anchor_id IN "
+                        "(SELECT unnest(?))", [anchors]).fetchall():
+                    have.setdefault(aid, set()).add(text)
+        finally:
+            cat.con.unregister("_sources")
+        todo, ids = [], []
+        for i, it in enumerate(self._items):
+            if i not in known:
+                todo.append(i)
+                ids.append(None)
+            elif known[i] is not None and set(it.captions) - have.get(known[i], set()):
+                todo.append(i)
+                ids.append(known[i])
+        return pl.DataFrame({"item": todo, "anchor_id": ids},
+                            schema={"item": pl.Int64, "anchor_id": pl.Int64})
 
     def key_of(self, row: dict) -> int:
         return row["item"]
@@ -190,26 +258,23 @@ class IngestStage(Stage):
         good, bad = [], []
         for row in rows:
             it = self._items[row["item"]]
+            captions = list(zip(it.captions, it.caption_sources))
+            if row.get("anchor_id") is not None:  # already an anchor: its new captions only
+                good.append({"anchor_id": row["anchor_id"], "captions": captions})
+                continue
             try:
-                if it.data is not None:
-                    data = it.data
-                else:
-                    try:
-                        data = Path(it.source).read_bytes()
-                    except FileNotFoundError:
-                        raise BadImage(f"{it.source}: file not found") from None
-                    except IsADirectoryError:
-                        raise BadImage(f"{it.source}: is a folder") from None
+                data = it.data if it.data is not None else read_bytes(it.source)
                 info, _ = inspect_image(data, it.source, self.max_pixels)
                 sha = hashlib.sha256(data).hexdigest()
                 ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp",
                        "TIFF": "tif", "GIF": "gif"}.get(info.format, "img")
                 name = ws.media.put_bytes(data, ext)
-                good.append({"sha256": sha, "media": name, "source_path": it.source,
-                             "dataset": it.dataset, "width": info.width,
-                             "height": info.height, "format": info.format,
-                             "orig_mode": info.mode, "conversion": info.conversion,
-                             "captions": it.captions, "external_id": it.external_id})
+                good.append({"anchor": {
+                    "sha256": sha, "media": name, "source_path": it.source,
+                    "dataset": it.dataset, "width": info.width, "height": info.height,
+                    "format": info.format, "orig_mode": info.mode,
+                    "conversion": info.conversion, "external_id": it.external_id},
+                    "captions": captions})
             except BadImage as e:
                 bad.append({"source_path": it.source, "reason": str(e)})
         return BatchResult(extra={"good": good, "bad": bad},
@@ -219,25 +284,49 @@ class IngestStage(Stage):
         if "good" not in result.extra:
             return  # the batch raised: nothing to record, its items stay pending for a rerun
         at = now()
-        rows = []
-        known = dict(cat.con.execute("SELECT sha256, anchor_id FROM anchors WHERE sha256 IN "
-                                     "(SELECT unnest(?))",
-                                     [[g["sha256"] for g in result.extra["good"]]]).fetchall())
+        good = result.extra["good"]
         bad = list(result.extra["bad"])
+        shas = [g["anchor"]["sha256"] for g in good if "anchor" in g]
+        known = {sha: (aid, path) for sha, aid, path in cat.con.execute(
+            "SELECT sha256, anchor_id, source_path FROM anchors WHERE sha256 IN "
+            "(SELECT unnest(?))", [shas]).fetchall()}
+        copies = {g["anchor"]["source_path"] for g in good if "anchor" in g}
+        recorded = {r[0] for r in cat.con.execute(
+            "SELECT source_path FROM ingest_rejects WHERE source_path IN (SELECT unnest(?))",
+            [sorted(copies)]).fetchall()} if copies else set()
+        rows, captions = [], []
         next_id = cat.next_id("anchors")
-        for g in result.extra["good"]:
-            if g["sha256"] in known:
-                bad.append({"source_path": g["source_path"],
-                            "reason": f"{g['source_path']}: duplicate of anchor "
-                                      f"{known[g['sha256']]} (same bytes)"})
-                continue
-            known[g["sha256"]] = next_id
-            rows.append({"anchor_id": next_id, **g, "ingest_run": run_id, "ingested_at": at})
-            next_id += 1
+        for g in good:
+            a = g.get("anchor")
+            if a is None:
+                aid = g["anchor_id"]
+            elif a["sha256"] in known:
+                aid, path = known[a["sha256"]]
+                if path != a["source_path"] and a["source_path"] not in recorded:
+                    bad.append({"source_path": a["source_path"], "duplicate_of": aid,
+                                "reason": f"{a['source_path']}: duplicate of anchor {aid} "
+                                          "(same bytes)"})
+                    recorded.add(a["source_path"])
+            else:
+                aid = next_id
+                next_id += 1
+                known[a["sha256"]] = (aid, a["source_path"])
+                rows.append({"anchor_id": aid, **a, "ingest_run": run_id, "ingested_at": at})
+            captions += [{"anchor_id": aid, "caption": text, "source": source}
+                         for text, source in g["captions"]]
         if rows:
             cat.insert_rows("anchors", pl.DataFrame(rows, schema_overrides={
-                "captions": pl.List(pl.String), "external_id": pl.String}))
-        if bad:
-            cat.insert_rows("ingest_rejects", pl.DataFrame(
-                [{**b, "run_id": run_id, "rejected_at": at} for b in bad]))
+                "external_id": pl.String}))
+        self.anchors_added += len(rows)
+        self.captions_added += cat.add_captions(captions, run_id)
+        cat.add_rejects(bad, run_id)
         result.failed = {i: "" for i in range(len(bad))}
+
+    def report(self, cat: Catalog, run_id: int) -> dict:
+        missing = cat.anchors_without_caption()
+        notes = [f"{self.anchors_added} new anchors, {self.captions_added} new captions"]
+        if missing:
+            notes.append(f"{missing} anchors have no caption: write them with "
+                         "`ultracurate caption` (or ingest a captions table for them)")
+        return {"anchors_added": self.anchors_added, "captions_added": self.captions_added,
+                "anchors_without_caption": missing, "notes": notes}
