@@ -48,6 +48,9 @@ def corpus(tmp_path, demo_photos):
     assert (d / "bomb.png").stat().st_size < 200_000
     # the same bytes twice: one anchor
     (d / "z_copy_of_plain.jpg").write_bytes((d / "plain.jpg").read_bytes())
+    # a symbolic link whose target is gone, and one that points at itself
+    (d / "dangling.jpg").symlink_to(tmp_path / "moved-away.jpg")
+    (d / "loop.jpg").symlink_to(d / "loop.jpg")
     table = tmp_path / "table.jsonl"
     rows = [{"path": str(d / "plain.jpg"), "caption": "a cat"},
             {"path": str(tmp_path / "missing.jpg"), "caption": "gone"}]
@@ -65,9 +68,18 @@ def test_bad_input_corpus(ws, corpus):
     assert set(anchors) == {"plain.jpg", "rotated.jpg", "cmyk.jpg", "palette.png",
                             "alpha.png", "sixteen.png"}
     assert set(rejects) == {"zero.jpg", "notes.png", "truncated.jpg", "garbage.jpg",
-                            "bomb.png", "z_copy_of_plain.jpg", "missing.jpg"}
+                            "bomb.png", "z_copy_of_plain.jpg", "missing.jpg",
+                            "dangling.jpg", "loop.jpg"}
     for name, reason in rejects.items():
         assert name in reason and "\n" not in reason
+        assert " at 0x" not in reason and "object" not in reason, reason
+    assert rejects["dangling.jpg"].endswith("dangling.jpg: broken symbolic link")
+    assert "loop.jpg: cannot read (" in rejects["loop.jpg"]
+    # equal reasons group in `stats` (no per-process object address in them)
+    from ultracurate.stats import catalog_stats
+    with ws.catalog(read_only=True) as cat:
+        by_reason = catalog_stats(cat)["ingest_reject_reasons"]
+    assert by_reason["not a readable image (cannot identify image file)"] == 2
     assert "empty file" in rejects["zero.jpg"]
     assert "pixel limit" in rejects["bomb.png"]
     assert "file not found" in rejects["missing.jpg"]
@@ -87,7 +99,7 @@ def test_bad_input_corpus(ws, corpus):
         assert im.mode == "RGB" and im.size == (a["width"], a["height"])
     # 16-bit data is scaled, not clipped to white
     assert 30 < np.asarray(load_rgb(ws.media.path(anchors["sixteen.png"]["media"]))).mean() < 220
-    assert summary.rows_in == 13 and summary.rows_failed == 7
+    assert summary.rows_in == 15 and summary.rows_failed == 9
     assert not list((ws.root / "media" / "tmp").glob("*"))
 
 
@@ -137,3 +149,24 @@ def test_hf_dataset_folder_and_parquet(ws, demo_photos, tmp_path):
 def test_missing_source_is_a_clear_error(ws, tmp_path):
     with pytest.raises(UltracurateError, match="no such file"):
         discover([tmp_path / "nope"])
+
+
+@pytest.mark.parametrize("error, reason", [
+    (OSError("cannot identify image file <_io.BytesIO object at 0x7f3a2c1b9e50>"),
+     "cannot identify image file"),
+    (ValueError("bad <function load at 0x7f00deadbeef> value"), "bad <function load> value"),
+    (RuntimeError("first line\nsecond line"), "first line"),
+    (RuntimeError("\n\n  late first line  \n"), "late first line"),
+    (ValueError(), "ValueError"),
+    ("x" * 600, "x" * 497 + "..."),
+    ("already clean", "already clean"),
+])
+def test_reason_text(error, reason):
+    from ultracurate.errors import reason_text
+    assert reason_text(error) == reason
+
+
+def test_reason_text_typed():
+    from ultracurate.errors import reason_text
+    assert reason_text(ValueError("at <_io.BytesIO object at 0x1234abcd>"), typed=True) == \
+        "ValueError: at"

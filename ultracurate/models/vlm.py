@@ -177,6 +177,8 @@ class VLM:
 def load(ref: str, device: str = "cpu", dtype: Any = None) -> VLM:
     """An image-text-to-text model and its processor by hub id or folder (safetensors)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # the runner shows its own progress
     try:
         processor = AutoProcessor.from_pretrained(ref)
         model = AutoModelForImageTextToText.from_pretrained(

@@ -14,7 +14,8 @@ reached, is failed with the reason, so a rerun tries it again.
 
 from __future__ import annotations
 
-from ..captioners import Captioner, CaptionerSpec, captioner_spec, validate_caption
+from ..captioners import (Captioner, CaptionerSpec, captioner_spec, load_prompt,
+                          validate_caption)
 from ..catalog import Catalog
 from ..images import BadImage, load_rgb
 from ..instruct.plan import derive_seed
@@ -43,6 +44,12 @@ class CaptionStage(Stage):
         from ..errors import UltracurateError
         if max_attempts < 1:
             raise UltracurateError("max_attempts must be at least 1")
+        # a bad prompt or grammar name is one clear error before any run is recorded
+        if spec.grammar:
+            from ..models.vlm import Grammar
+            Grammar.load(spec.grammar)
+        if spec.prompt:
+            load_prompt(spec.prompt)
         self.spec = spec
         self.source = spec.source
         self.all_anchors, self.force = bool(all_anchors), bool(force)
@@ -135,7 +142,9 @@ class CaptionStage(Stage):
                 if text is not None:
                     found.append({**row, "caption": text, "invalid_reason": None})
                     continue
-                raw = " ".join(str(ans.content or "").split())[:MAX_INVALID_CHARS]
+                # kept as text a person can read: control characters shown as U+FFFD
+                raw = "".join(ch if ch.isprintable() else "\ufffd" for ch in " ".join(
+                    str(ans.content or "").split()))[:MAX_INVALID_CHARS]
                 found.append({**row, "caption": raw, "invalid_reason": "; ".join(reasons)})
                 last[aid] = reasons
                 still.append(aid)
