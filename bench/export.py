@@ -64,7 +64,7 @@ def build(root: Path, rows: int, size: int) -> Workspace:
         m = np.zeros((size, size), bool)
         m[size // 4: size // 2 + i % 50, size // 4: 3 * size // 4] = True
         anchors.append({"anchor_id": i + 1, "sha256": s_name.split(".")[0], "media": s_name,
-                        "width": size, "height": size, "captions": [f"photo {i}"]})
+                        "width": size, "height": size})
         edits.append({"edit_id": i + 1, "anchor_id": i + 1, "source_caption": f"photo {i}",
                       "instruction": f"edit number {i}", "target_caption": f"photo {i} edited",
                       "edit_object": "object" if region else "NONE",
@@ -79,8 +79,7 @@ def build(root: Path, rows: int, size: int) -> Workspace:
                       "dinov2_sim": 0.7, "ssim": 0.6, "auto_status": "accepted"})
     with ws.catalog() as cat:
         cat.con.execute("BEGIN")
-        cat.insert_rows("anchors", pl.DataFrame(anchors, schema_overrides={
-            "captions": pl.List(pl.String)}))
+        cat.insert_rows("anchors", pl.DataFrame(anchors))
         cat.insert_rows("edits", pl.DataFrame(edits))
         cat.insert_rows("candidates", pl.DataFrame(cands))
         cat.con.execute("COMMIT")
