@@ -72,8 +72,8 @@ def test_tiny_captioner_invalid_then_grammar_then_instruct(bare_ws, tmp_path, de
     assert (s.rows_in, s.rows_done, s.rows_failed) == (9, 9, 0)
     assert s.extra == {"captions_added": 9, "invalid_answers": 0,
                        "anchors_without_caption": 0, "notes": [
-                           "9 new captions (caption:captioner), 0 invalid answers kept with "
-                           "their reasons"]}
+                           "new captions (caption:captioner): 9, invalid answers kept with "
+                           "their reasons: 0"]}
     good = _captions(ws)
     slots = Grammar.load("tiny-caption").slots
     for r in good:

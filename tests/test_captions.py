@@ -46,9 +46,9 @@ def test_captions_merge_across_rows_files_and_ingests(ws, photos, tmp_path, caps
     main(["ingest", str(photos), "--captions", str(csv), "-w", str(ws.root)])
     out = capsys.readouterr().out.splitlines()
     assert out[0].endswith("3 done, 0 failed of 3 rows")
-    assert out[1:] == ["  3 new anchors, 3 new captions",
-                       "  1 anchors have no caption: write them with `ultracurate caption` "
-                       "(or ingest a captions table for them)"]
+    assert out[1:] == ["  new anchors: 3, new captions: 3",
+                       "  anchors without a caption: 1; write theirs with `ultracurate "
+                       "caption` (or ingest a captions table for them)"]
     assert _captions(ws) == {"chelsea.jpg": [("a cat", "ingest"), ("a ginger cat", "ingest")],
                              "coffee.jpg": [("a cup of coffee", "ingest")], "rocket.jpg": []}
 

@@ -204,6 +204,8 @@ def make_tiny(folder: str | Path, words: list[str]) -> str:
                               LlavaForConditionalGeneration, LlavaProcessor,
                               PreTrainedTokenizerFast)
 
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab = {w: i for i, w in enumerate(dict.fromkeys(TINY_SPECIALS + [w.lower()

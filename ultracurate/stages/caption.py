@@ -87,11 +87,11 @@ class CaptionStage(Stage):
 
     def report(self, cat: Catalog, run_id: int) -> dict:
         missing = cat.anchors_without_caption()
-        notes = [f"{self.captions_added} new captions ({self.source}), "
-                 f"{self.invalid_answers} invalid answers kept with their reasons"]
+        notes = [f"new captions ({self.source}): {self.captions_added}, invalid answers kept "
+                 f"with their reasons: {self.invalid_answers}"]
         if missing:
-            notes.append(f"{missing} anchors still have no caption (see `ultracurate stats`; "
-                         "failed ones are retried by a rerun)")
+            notes.append(f"anchors still without a caption: {missing} (the failed ones are "
+                         "retried by a rerun)")
         return {"captions_added": self.captions_added,
                 "invalid_answers": self.invalid_answers,
                 "anchors_without_caption": missing, "notes": notes}

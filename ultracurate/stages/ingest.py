@@ -324,9 +324,9 @@ class IngestStage(Stage):
 
     def report(self, cat: Catalog, run_id: int) -> dict:
         missing = cat.anchors_without_caption()
-        notes = [f"{self.anchors_added} new anchors, {self.captions_added} new captions"]
+        notes = [f"new anchors: {self.anchors_added}, new captions: {self.captions_added}"]
         if missing:
-            notes.append(f"{missing} anchors have no caption: write them with "
+            notes.append(f"anchors without a caption: {missing}; write theirs with "
                          "`ultracurate caption` (or ingest a captions table for them)")
         return {"anchors_added": self.anchors_added, "captions_added": self.captions_added,
                 "anchors_without_caption": missing, "notes": notes}
