@@ -18,7 +18,7 @@ from typing import Any
 
 import polars as pl
 
-from ..catalog import Catalog, normalize_caption, now
+from ..catalog import Catalog, named_queries, normalize_caption, now
 from ..errors import UltracurateError
 from ..images import MAX_PIXELS, BadImage, inspect_image, read_bytes
 from ..runner import BatchResult, Context, Stage
@@ -217,38 +217,25 @@ class IngestStage(Stage):
         if force:
             return pl.DataFrame({"item": range(n), "anchor_id": [None] * n},
                                 schema={"item": pl.Int64, "anchor_id": pl.Int64})
-        sources = pl.DataFrame({"item": range(n), "source": [it.source for it in self._items]},
-                               schema={"item": pl.Int64, "source": pl.String})
-        cat.con.register("_sources", sources.to_arrow())
+        import pyarrow as pa
+        cat.con.register("_sources", pa.table({
+            "item": pa.array(range(n), pa.int64()),
+            "source": pa.array([it.source for it in self._items], pa.string())}))
+        cat.con.register("_item_captions", pa.table({
+            "item": pa.array([i for i, it in enumerate(self._items) for _ in it.captions],
+                             pa.int64()),
+            "caption": pa.array([c for it in self._items for c in it.captions], pa.string())}))
         try:
-            # each source's anchor: the one made from it, or the one its bytes duplicate;
-            # a source rejected for another reason (unreadable) maps to no anchor
-            seen = cat.pl(
-                "SELECT s.item, coalesce(a.anchor_id, r.duplicate_of) AS anchor_id "
-                "FROM _sources s LEFT JOIN anchors a ON a.source_path = s.source "
-                "LEFT JOIN (SELECT source_path, max(duplicate_of) AS duplicate_of "
-                "           FROM ingest_rejects GROUP BY ALL) r ON r.source_path = s.source "
-                "WHERE a.anchor_id IS NOT NULL OR r.source_path IS NOT NULL")
-            known = dict(zip(seen["item"].to_list(), seen["anchor_id"].to_list()))
-            anchors = sorted({a for a in known.values() if a is not None})
-            have: dict[int, set[str]] = {}
-            if anchors:
-                for aid, text in cat.con.execute(
-                        "SELECT anchor_id, caption FROM anchor_captions WHERE anchor_id IN "
-                        "(SELECT unnest(?))", [anchors]).fetchall():
-                    have.setdefault(aid, set()).add(text)
+            seen = cat.pl(named_queries("ingest")["recorded_sources"])
         finally:
             cat.con.unregister("_sources")
-        todo, ids = [], []
-        for i, it in enumerate(self._items):
-            if i not in known:
-                todo.append(i)
-                ids.append(None)
-            elif known[i] is not None and set(it.captions) - have.get(known[i], set()):
-                todo.append(i)
-                ids.append(known[i])
-        return pl.DataFrame({"item": todo, "anchor_id": ids},
-                            schema={"item": pl.Int64, "anchor_id": pl.Int64})
+            cat.con.unregister("_item_captions")
+        # recorded: skipped, unless its anchor lacks some of its captions (then only those)
+        todo = pl.DataFrame({"item": range(n)}, schema={"item": pl.Int64}).join(
+            seen, on="item", how="left")
+        return todo.filter(pl.col("new_captions").is_null() | (
+            (pl.col("new_captions") > 0) & pl.col("anchor_id").is_not_null())
+        ).select("item", "anchor_id").sort("item")
 
     def key_of(self, row: dict) -> int:
         return row["item"]
