@@ -257,21 +257,6 @@ class Catalog:
         finally:
             self.con.unregister("_anchors")
 
-    def add_rejects(self, rows: list[dict], run_id: int) -> None:
-        """Record files an ingest could not use: source_path, reason (made one line, without
-        object reprs) and, for a copy of an anchor's bytes, duplicate_of."""
-        if not rows:
-            return
-        import polars as pl
-        at = now()
-        self.insert_rows("ingest_rejects", pl.DataFrame({
-            "source_path": [r["source_path"] for r in rows],
-            "reason": [reason_text(r["reason"]) for r in rows],
-            "duplicate_of": [r.get("duplicate_of") for r in rows],
-            "run_id": [run_id] * len(rows), "rejected_at": [at] * len(rows)},
-            schema={"source_path": pl.String, "reason": pl.String, "duplicate_of": pl.Int64,
-                    "run_id": pl.Int64, "rejected_at": pl.Datetime("us")}))
-
     def anchors_without_caption(self) -> int:
         return int(self.scalar(named_queries("captions")["without_caption"]))
 

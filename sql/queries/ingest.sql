@@ -1,6 +1,6 @@
 -- Queries of the ingest stage (ultracurate.stages.ingest).
 
--- name: recorded_sources
+-- name: recorded_items
 -- Items (registered _sources: item, source) already recorded by an earlier ingest, with the
 -- anchor each maps to (the one made from it, or the one its bytes duplicate; NULL for a file
 -- rejected as unusable) and how many of its captions (registered _item_captions: item,

@@ -6,6 +6,15 @@ jsonl/csv/parquet table with path and caption columns, and Hugging Face datasets
 oversized images are caught), deduplicated by the sha256 of its bytes, and its original bytes
 are copied into the media store. A file that cannot be used is recorded in ingest_rejects with
 a one-line reason; it never stops the ingest and never leaves half a row.
+
+Captions (with their source: ingest, coco, ...) are merged per content hash into
+anchor_captions: several rows for one file, a copy of an anchor's bytes elsewhere, a later
+ingest of captions for files already in the catalog; de-duplicated, in order of arrival.
+
+A rerun skips what was recorded (anchors and rejects, by source), except for sources that bring
+captions their anchor lacks (only those captions are added; the file is not read again);
+`--force` looks at every source again, and a source rejected before for the same bytes adds no
+second reject row (`recorded_sources` and `record_rejects`, shared with the UltraEdit importer).
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from typing import Any
 import polars as pl
 
 from ..catalog import Catalog, named_queries, normalize_caption, now
-from ..errors import UltracurateError
+from ..errors import UltracurateError, reason_text
 from ..images import MAX_PIXELS, BadImage, inspect_image, read_bytes
 from ..runner import BatchResult, Context, Stage
 from ..selection import Selection
@@ -187,6 +196,56 @@ def _from_hf_disk(folder: Path) -> list[Item]:
     return out
 
 
+# -- what an ingest has recorded -------------------------------------------------------------
+def recorded_sources(cat: Catalog, anchors: bool = True) -> set[str]:
+    """Sources an ingest has recorded, as a reject (and, with anchors, as an anchor): a rerun
+    without --force skips them."""
+    sql = "SELECT source_path FROM ingest_rejects"
+    if anchors:
+        sql += " UNION SELECT source_path FROM anchors"
+    return {r[0] for r in cat.con.execute(sql).fetchall()}
+
+
+def known_anchors(cat: Catalog, shas: list[str]) -> dict[str, tuple[int, str]]:
+    """sha256 -> (anchor_id, source_path) of the anchors among shas."""
+    shas = list(dict.fromkeys(shas))
+    if not shas:
+        return {}
+    # a literal IN list: DuckDB answers it from the sha256 index, `IN (SELECT unnest(?))`
+    # scans the table (bench/catalog.py: anchor_lookup)
+    marks = ", ".join("?" * len(shas))
+    return {sha: (aid, src) for sha, aid, src in cat.con.execute(
+        f"SELECT sha256, anchor_id, source_path FROM anchors WHERE sha256 IN ({marks})",
+        shas).fetchall()}
+
+
+def record_rejects(cat: Catalog, bad: list[dict], run_id: int) -> None:
+    """Insert bad ({source_path, reason, sha256, duplicate_of}) into ingest_rejects, once per
+    source and bytes: a source already rejected for the same bytes (a forced rerun, the same
+    row twice in a batch) adds no row. Reasons are stored one line, without object reprs."""
+    if not bad:
+        return
+    once: dict[tuple, dict] = {}
+    for b in bad:
+        once.setdefault((b["source_path"], b.get("sha256")), b)
+    at = now()
+    df = pl.DataFrame([{"source_path": b["source_path"], "reason": reason_text(b["reason"]),
+                        "sha256": b.get("sha256"), "duplicate_of": b.get("duplicate_of"),
+                        "run_id": run_id, "rejected_at": at}
+                       for b in once.values()],
+                      schema_overrides={"sha256": pl.String, "duplicate_of": pl.Int64})
+    cat.con.register("_rejects", df.to_arrow())
+    try:
+        cat.con.execute(
+            "INSERT INTO ingest_rejects (source_path, reason, sha256, duplicate_of, run_id, "
+            "rejected_at) SELECT source_path, reason, sha256, duplicate_of, run_id, "
+            "rejected_at FROM _rejects r "
+            "WHERE NOT EXISTS (SELECT 1 FROM ingest_rejects x WHERE x.source_path = "
+            "r.source_path AND x.sha256 IS NOT DISTINCT FROM r.sha256)")
+    finally:
+        cat.con.unregister("_rejects")
+
+
 # -- the stage ------------------------------------------------------------------------------
 class IngestStage(Stage):
     """Anchors from items. An item whose file is already an anchor (or a recorded copy of one)
@@ -226,7 +285,7 @@ class IngestStage(Stage):
                              pa.int64()),
             "caption": pa.array([c for it in self._items for c in it.captions], pa.string())}))
         try:
-            seen = cat.pl(named_queries("ingest")["recorded_sources"])
+            seen = cat.pl(named_queries("ingest")["recorded_items"])
         finally:
             cat.con.unregister("_sources")
             cat.con.unregister("_item_captions")
@@ -249,10 +308,11 @@ class IngestStage(Stage):
             if row.get("anchor_id") is not None:  # already an anchor: its new captions only
                 good.append({"anchor_id": row["anchor_id"], "captions": captions})
                 continue
+            sha = None  # a reject records the bytes it was made of (None: unreadable)
             try:
                 data = it.data if it.data is not None else read_bytes(it.source)
-                info, _ = inspect_image(data, it.source, self.max_pixels)
                 sha = hashlib.sha256(data).hexdigest()
+                info, _ = inspect_image(data, it.source, self.max_pixels)
                 ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp",
                        "TIFF": "tif", "GIF": "gif"}.get(info.format, "img")
                 name = ws.media.put_bytes(data, ext)
@@ -263,7 +323,7 @@ class IngestStage(Stage):
                     "conversion": info.conversion, "external_id": it.external_id},
                     "captions": captions})
             except BadImage as e:
-                bad.append({"source_path": it.source, "reason": str(e)})
+                bad.append({"source_path": it.source, "reason": str(e), "sha256": sha})
         return BatchResult(extra={"good": good, "bad": bad},
                            failed={i: "" for i in range(len(bad))})
 
@@ -273,14 +333,7 @@ class IngestStage(Stage):
         at = now()
         good = result.extra["good"]
         bad = list(result.extra["bad"])
-        shas = [g["anchor"]["sha256"] for g in good if "anchor" in g]
-        known = {sha: (aid, path) for sha, aid, path in cat.con.execute(
-            "SELECT sha256, anchor_id, source_path FROM anchors WHERE sha256 IN "
-            "(SELECT unnest(?))", [shas]).fetchall()}
-        copies = {g["anchor"]["source_path"] for g in good if "anchor" in g}
-        recorded = {r[0] for r in cat.con.execute(
-            "SELECT source_path FROM ingest_rejects WHERE source_path IN (SELECT unnest(?))",
-            [sorted(copies)]).fetchall()} if copies else set()
+        known = known_anchors(cat, [g["anchor"]["sha256"] for g in good if "anchor" in g])
         rows, captions = [], []
         next_id = cat.next_id("anchors")
         for g in good:
@@ -289,11 +342,11 @@ class IngestStage(Stage):
                 aid = g["anchor_id"]
             elif a["sha256"] in known:
                 aid, path = known[a["sha256"]]
-                if path != a["source_path"] and a["source_path"] not in recorded:
-                    bad.append({"source_path": a["source_path"], "duplicate_of": aid,
+                if path != a["source_path"]:  # else: this very file, met again by --force
+                    bad.append({"source_path": a["source_path"], "sha256": a["sha256"],
+                                "duplicate_of": aid,
                                 "reason": f"{a['source_path']}: duplicate of anchor {aid} "
                                           "(same bytes)"})
-                    recorded.add(a["source_path"])
             else:
                 aid = next_id
                 next_id += 1
@@ -306,7 +359,7 @@ class IngestStage(Stage):
                 "external_id": pl.String}))
         self.anchors_added += len(rows)
         self.captions_added += cat.add_captions(captions, run_id)
-        cat.add_rejects(bad, run_id)
+        record_rejects(cat, bad, run_id)
         result.failed = {i: "" for i in range(len(bad))}
 
     def report(self, cat: Catalog, run_id: int) -> dict:
