@@ -147,6 +147,43 @@ def test_cli_caption(bare_ws, capsys):
         assert cat.scalar("SELECT count(*) FROM runs WHERE stage = 'caption'") == 1
 
 
+def _tiny_blip(folder, words):
+    """A tiny random-weight BLIP captioner (no chat template) saved as a checkpoint folder."""
+    import torch
+    from transformers import (BertTokenizerFast, BlipConfig, BlipForConditionalGeneration,
+                              BlipImageProcessor, BlipProcessor)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(dict.fromkeys(words))
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, model_max_length=64)
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(BlipConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=64, encoder_hidden_size=32,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id,
+                         sep_token_id=tok.sep_token_id, eos_token_id=tok.sep_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=32, patch_size=8),
+        projection_dim=32)).save_pretrained(folder)
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+                  tokenizer=tok).save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_captioner_without_chat_template_continues_its_prefix(bare_ws, tmp_path):
+    """BLIP-style image-to-text models load through the same loader; they get the photo and
+    the --prefix (no chat prompt), and their answers are validated like any other."""
+    ref = _tiny_blip(tmp_path / "blip", ["a", "photo", "of"] + Grammar.load("tiny-caption").words)
+    s = run_caption(bare_ws, model=ref, prefix="a photo of", max_new_tokens=6, batch_size=4,
+                    progress=False)
+    assert s.rows_in == 9 and s.rows_done + s.rows_failed == 9
+    rows = _captions(bare_ws) + _captions(bare_ws, valid=False)
+    assert len(rows) == 9
+    for r in rows:
+        assert r["caption"].startswith("a photo of")  # the caption continues the prefix
+        assert (r["source"], r["model"], r["prompt"]) == ("caption:blip", ref,
+                                                          "prefix:a photo of")
+
+
 @pytest.mark.slow
 def test_caption_on_the_ray_engine(bare_ws, tmp_path, demo_photos):
     import ray

@@ -161,8 +161,6 @@ class VLM:
         if grammar is not None:
             gen["prefix_allowed_tokens_fn"] = grammar.allowed_tokens_fn(self.tokenizer)
         tok = self.tokenizer
-        if tok.pad_token_id is not None:
-            gen["pad_token_id"] = tok.pad_token_id
         torch.manual_seed(seed % (2 ** 63))
         with torch.inference_mode():
             out = self.model.generate(**enc, **gen)
@@ -192,6 +190,9 @@ def load(ref: str, device: str = "cpu", dtype: Any = None) -> VLM:
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         tok.padding_side = "left"  # decoder-only batches are padded on the left to generate
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and gen.pad_token_id is None:  # else generate warns on every call
+            gen.pad_token_id = tok.pad_token_id
     return VLM(model, processor, ref, str(device))
 
 
