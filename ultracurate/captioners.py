@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .chat import Answer, ChatClient, is_url, message, split_role_url, strip_userinfo
+from .chat import (Answer, ChatClient, image_part, is_url, message, split_role_url,
+                   strip_userinfo)
 from .errors import UltracurateError, reason_text
 from .instruct.captions import MAX_CAPTION_WORDS
 
@@ -137,7 +138,6 @@ class HTTPCaptioner(Captioner):
         return to_data_url(image, max_side=self.image_size)
 
     def body(self, data_url: str, seed: int) -> dict:
-        from .chat import image_part
         return {"model": self.model,
                 "messages": [message("user", self.text, image_part(data_url))],
                 "max_tokens": self.max_new_tokens, "temperature": self.temperature,

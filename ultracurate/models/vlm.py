@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UltracurateError, reason_text
+from .llm import _dtype as torch_dtype  # one rule for transformers models' dtype
 
 TINY_IMAGE_SIZE = 32
 TINY_PATCH = 8
@@ -34,22 +35,6 @@ TINY_CHAT_TEMPLATE = (
     "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
     "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endif %}</s> {% endfor %}"
     "{% if add_generation_prompt %}<|assistant|> {% endif %}")
-
-
-def torch_dtype(dtype, device: str):
-    """bfloat16 on a GPU, float32 on the CPU, unless given (a torch dtype or its name)."""
-    import torch
-    if dtype is None:
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    if isinstance(dtype, str):
-        try:
-            return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-                    "fp16": torch.float16, "bfloat16": torch.bfloat16,
-                    "bf16": torch.bfloat16}[dtype]
-        except KeyError:
-            raise UltracurateError(f"unknown dtype '{dtype}' (float32, float16 or "
-                                   "bfloat16)") from None
-    return dtype
 
 
 @dataclass
