@@ -71,7 +71,7 @@ def run_demo(out: str | Path, seed: int = 0, progress: bool = True, size: int = 
              candidates: int = 3, review: bool = True, force: bool = False) -> dict:
     """The whole pipeline on the bundled photos with tiny random-weight models, on the CPU:
     ingest (some photos without captions), caption (those), instruct, ground, classify-masks,
-    generate, score, filter, balance, dedup, review (dataset only, no App), export and report.
+    generate, score, filter, dedup, balance, review (dataset only, no App), export and report.
     Returns what each step did."""
     from .export import export_dataset
     from .models import ROLES, make_tiny
@@ -133,9 +133,10 @@ def run_demo(out: str | Path, seed: int = 0, progress: bool = True, size: int = 
     say("filter: the demo's own loose thresholds (see DEMO_THRESHOLDS)")
     thresholds = Thresholds.preset("ultraedit").override(**DEMO_THRESHOLDS)
     steps["filter"] = _jsonable(run_filter(ws, thresholds=thresholds))
-    steps["balance"] = _jsonable(run_balance(ws, by=("edit_type",), cap=4, seed=seed))
-    # tiny random CLIP embeds every small image alike: only near-identical ones count here
+    # dedup before balance: balance chooses among rows that are not duplicates
+    # (tiny random CLIP embeds every small image alike: only near-identical ones count here)
     steps["dedup"] = _jsonable(run_dedup(ws, threshold=0.9999))
+    steps["balance"] = _jsonable(run_balance(ws, by=("edit_type",), cap=4, seed=seed))
     if review:
         say("review: FiftyOne grouped dataset (open it with `ultracurate review`)")
         from .review import build_review_dataset
