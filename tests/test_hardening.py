@@ -237,6 +237,9 @@ def _where_cases(ws: Path, out: Path) -> list[tuple[list[str], str]]:
         "classify-masks": (["classify-masks"], ["max(edit_id) > 0",
                                                 "edit_id = $missing"]),
         "instruct": (["instruct"], ["error('boom') IS NULL", "CAST(sha256 AS BIGINT) = 1"]),
+        "caption": (["caption", "--backend", "openai", "--model", "m", "--base-url",
+                     "http://127.0.0.1:9/v1"], ["error('boom') IS NULL",
+                                                "CAST(sha256 AS BIGINT) = 1"]),
     }
     return [(argv + w + ["--where", pred], pred) for argv, preds in commands.values()
             for pred in preds]
@@ -246,7 +249,7 @@ def test_every_command_refuses_hostile_where_in_one_line_and_changes_nothing(hws
     cases = _where_cases(hws.root, tmp_path)
     assert {c[0][0] for c in cases} >= {"select", "score", "filter", "balance", "dedup",
                                          "report", "review", "export", "generate", "ground",
-                                         "classify-masks", "instruct"}
+                                         "classify-masks", "instruct", "caption"}
     before, files = contents(hws), tree(hws.root)
     results = run_many([argv for argv, _ in cases])
     for (argv, pred), res in zip(cases, results):
@@ -513,7 +516,9 @@ def test_the_clis_choices_are_the_librarys(tmp_path):
     from ultracurate.stages.generate import MODES as GENERATE_MODES
     from ultracurate.stages.instruct import MODES as INSTRUCT_MODES
     assert get_args(c.Behaviour) == BEHAVIOURS
+    from ultracurate.captioners import BACKENDS as CAPTION_BACKENDS
     assert get_args(c.LLMBackend) == BACKENDS and get_args(c.Benchmark) == BENCHMARKS
+    assert get_args(c.CaptionBackend) == CAPTION_BACKENDS
     assert get_args(c.InstructionsFormat) == INSTRUCTION_FORMATS
     assert get_args(c.EditMode) == GENERATE_MODES == INSTRUCT_MODES
     for profile in get_args(c.Profile):
@@ -558,6 +563,10 @@ BAD_OPTIONS = [
     (["instruct", "--temperature", "nan"], "--temperature"),
     (["instruct", "--backend", "x"], "--backend"),
     (["instruct", "--dtype", "float8"], "--dtype"),
+    (["caption", "--max-attempts", "0"], "--max-attempts"),
+    (["caption", "--temperature", "nan"], "--temperature"),
+    (["caption", "--backend", "x"], "--backend"),
+    (["caption", "--image-size", "-1"], "--image-size"),
     (["review", "--port", "0"], "--port"),
     (["review", "--port", "70000"], "--port"),
     (["review", "--margin", "-1"], "--margin"),
@@ -630,7 +639,7 @@ def test_coco_annotations_without_caption_or_image_id_are_recorded_rejects(tmp_p
     assert json.loads(first["stdout"])["rows_done"] == 2
     assert json.loads(again["stdout"])["rows_in"] == 0  # rejects are not retried
     with ws.catalog(read_only=True) as cat:
-        anchors = cat.query("SELECT external_id, captions FROM anchors ORDER BY external_id")
+        anchors = cat.query("SELECT external_id, captions FROM anchors_v ORDER BY external_id")
         rejects = dict(cat.con.execute(
             "SELECT source_path, reason FROM ingest_rejects").fetchall())
     assert anchors == [{"external_id": "1", "captions": ["a good caption"]},

@@ -1,5 +1,6 @@
-"""The one exception type a user sees (its message is a single clear line), and `redact`, which
-every error passes through before it is printed or stored in the catalog."""
+"""The one exception type a user sees (its message is a single clear line);
+`reason_text`, which makes any error a one-line reason fit to store in the catalog;
+and `redact`, which every error passes through before it is stored or printed."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ class CatalogDamagedError(UltracurateError):
 
 # -- secrets ---------------------------------------------------------------------------------
 # Environment variables whose values are secrets wherever they turn up in a message.
-SECRET_ENV = ("ULTRACURATE_LLM_API_KEY", "OPENAI_API_KEY", "HF_TOKEN",
-              "HUGGING_FACE_HUB_TOKEN")
+SECRET_ENV = ("ULTRACURATE_LLM_API_KEY", "ULTRACURATE_VLM_API_KEY", "OPENAI_API_KEY",
+              "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 REDACTED = "[REDACTED]"
 _known: set[str] = set()
 _PATTERNS = [
@@ -61,3 +62,30 @@ def redact(text):
     for pattern, replacement in _PATTERNS:
         out = pattern.sub(replacement, out)
     return out
+
+
+# `<_io.BytesIO object at 0x7f...>`, `<function f at 0x...>`: the address differs per process,
+# so a reason holding one never groups with its equals in `stats`.
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
+_ADDRESS = re.compile(r"<([^<>]*?) at 0x[0-9a-fA-F]+>")
+MAX_REASON_CHARS = 500
+
+
+def reason_text(error: BaseException | str | None, *, typed: bool = False) -> str:
+    """A reason as the catalog stores it: one line, no object reprs or memory addresses, no
+    secrets (redact), at most MAX_REASON_CHARS. typed: prefix an exception's type name (for
+    unexpected errors)."""
+    if error is None:
+        return ""
+    text = str(error)
+    text = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    text = _ADDRESS.sub(r"<\1>", _OBJECT_REPR.sub("", text)).strip()
+    if isinstance(error, BaseException):
+        if not text:
+            text = type(error).__name__
+        elif typed:
+            text = f"{type(error).__name__}: {text}"
+    text = redact(text)
+    if len(text) > MAX_REASON_CHARS:
+        text = text[:MAX_REASON_CHARS - 3] + "..."
+    return text

@@ -75,6 +75,7 @@ Behaviour = Literal["method", "ultraedit-compat"]             # generation.param
 SoftVariant = Literal["ultraedit", "feathered"]               # masks.soft_mask variants
 InstructionsFormat = Literal["ultraedit", "ip2p", "magicbrush"]  # instruct.importers.FORMATS
 LLMBackend = Literal["rule", "openai", "transformers"]        # instruct.backends.BACKENDS
+CaptionBackend = Literal["transformers", "openai"]           # captioners.BACKENDS
 DType = Literal["float32", "float16", "bfloat16"]
 GroundBackend = Literal["grounding-dino", "owlv2"]            # models.grounding
 DedupWhat = Literal["anchors", "edited", "both"]              # stages.dedup.run_dedup
@@ -156,3 +157,5 @@ def print_summary(summary, as_json: bool) -> None:
         typer.echo(f"{summary.stage}: run {summary.run_id} {summary.state}: "
                    f"{summary.rows_done} done, {summary.rows_failed} failed "
                    f"of {summary.rows_in} rows")
+        for note in getattr(summary, "extra", {}).get("notes", []):
+            typer.echo(f"  {note}")
