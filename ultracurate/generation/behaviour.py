@@ -89,9 +89,14 @@ class Method:
         maps = [refine_mapper(tokenizer, p.source_caption, p.target_caption) for p in pairs]
         return torch.stack([m for m, _ in maps]), torch.stack([a for _, a in maps])
 
-    def windows(self, self_on: list[bool], cross_on: list[bool]):
-        """Per pair of the UNet call."""
-        return torch.tensor(self_on), torch.tensor(cross_on)
+    def check_call(self, pairs) -> None:
+        """Any mix of candidates, steps and parameters may share a call."""
+
+    def attention_step(self, self_on: list[bool], cross_on: list[bool], act: list[int],
+                       mapper: torch.Tensor, alphas: torch.Tensor):
+        """(self_on, cross_on, mapper, alphas) for the UNet call of step i: one switch and one
+        alignment per pair still in the call (act)."""
+        return torch.tensor(self_on), torch.tensor(cross_on), mapper[act], alphas[act]
 
     def blend_rows(self, i: int, last: torch.Tensor) -> torch.Tensor:
         """After odd steps, and after each pair's last step (with the clean anchor latent)."""
@@ -150,9 +155,15 @@ class Compat:
         maps = [refine_mapper(tokenizer, captions[0], c) for c in captions[1:]]
         return torch.stack([m for m, _ in maps]), torch.stack([a for _, a in maps])
 
-    def windows(self, self_on: list[bool], cross_on: list[bool]):
-        """One switch for the whole call (its pairs share their parameters)."""
-        return self_on[0], cross_on[0]
+    def check_call(self, pairs) -> None:
+        """A released call's pairs share one seed, hence one set of parameters."""
+        if len({(p.params["total_steps"], p.params["mode"]) for p in pairs}) > 1:
+            raise ValueError("a compat call's pairs share one seed, so one set of parameters")
+
+    def attention_step(self, self_on: list[bool], cross_on: list[bool], act: list[int],
+                       mapper: torch.Tensor, alphas: torch.Tensor):
+        """One switch for the whole call, and every prompt aligned to the first."""
+        return self_on[0], cross_on[0], mapper, alphas
 
     def blend_rows(self, i: int, last: torch.Tensor) -> torch.Tensor:
         """After odd steps only (the clean anchor latent when the last step index is odd)."""

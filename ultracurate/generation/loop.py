@@ -130,9 +130,7 @@ def run_pairs(pipe, pairs: list[Pair], behaviour, *, trace: Trace | None = None,
     device, dtype = unet.device, unet.dtype
     n_pairs, everyone = len(pairs), list(range(len(pairs)))
     region = pairs[0].params["mode"] == "region"
-    if bh.name == COMPAT and len({(p.params["total_steps"], p.params["mode"])
-                                  for p in pairs}) > 1:
-        raise ValueError("a compat call's pairs share one seed, so one set of parameters")
+    bh.check_call(pairs)
 
     # 1. Captions, rows [source_0, target_0, source_1, target_1, ...].
     captions = [c for p in pairs for c in (p.source_caption, p.target_caption)]
@@ -186,11 +184,10 @@ def run_pairs(pipe, pairs: list[Pair], behaviour, *, trace: Trace | None = None,
 
             # Attention control windows of step i (fractions of each pair's real steps).
             fr = [pairs[p].params for p in act]
-            edit.self_on, edit.cross_on = bh.windows(
+            edit.self_on, edit.cross_on, edit.mapper, edit.alphas = bh.attention_step(
                 [i < int(n_steps[p] * f["self_replace_frac"]) for p, f in zip(act, fr)],
-                [i < int((n_steps[p] + 1) * f["cross_replace_frac"]) for p, f in zip(act, fr)])
-            edit.mapper, edit.alphas = (all_mapper, all_alphas) if bh.name == COMPAT else (
-                all_mapper[act], all_alphas[act])
+                [i < int((n_steps[p] + 1) * f["cross_replace_frac"]) for p, f in zip(act, fr)],
+                act, all_mapper, all_alphas)
 
             # eps = UNet(z / sqrt(sigma^2 + 1), t, captions); then the scheduler step.
             z_i = z if whole else z[r]
