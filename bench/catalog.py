@@ -7,6 +7,8 @@ on the same data, in the same run:
   pending       the runner's selection of pending rows (selection minus stage_state 'done'),
                 all of them as a DataFrame; pending_first_batch: the count and the first batch,
                 which is what a job waits for (the runner streams the rest)
+  anchor_lookup which of 64 sha256 are anchors (what ingest and the UltraEdit import ask per
+                batch), through the sha256 index, against `IN (SELECT unnest(?))`, a scan
 
 Usage: python bench/catalog.py [--rows N] [--no-pandas] [--keep DIR]
 Prints a table and writes bench/out/catalog.json. Peak RSS is reported (41M must fit 24 GiB).
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ultracurate.catalog import EDIT_TYPES  # noqa: E402
 from ultracurate.runner import Stage, pending_batches  # noqa: E402
 from ultracurate.selection import Selection, selected_keys_sql  # noqa: E402
+from ultracurate.stages.ingest import known_anchors  # noqa: E402
 from ultracurate.stats import catalog_stats  # noqa: E402
 from ultracurate.workspace import Workspace  # noqa: E402
 
@@ -120,6 +123,14 @@ def run_ultracurate(ws: Workspace) -> dict:
             return n, len(first)
         res["pending_first_batch"], (n_first, _) = best_of(first_batch)
         assert n_first == pending
+
+        shas = [r[0] for r in cat.con.execute(
+            "SELECT sha256 FROM anchors USING SAMPLE 64 ROWS").fetchall()]
+        res["anchor_lookup"], found = best_of(lambda: len(known_anchors(cat, shas)))
+        res["anchor_lookup_scan"], scanned = best_of(lambda: len(cat.con.execute(
+            "SELECT sha256, anchor_id, source_path FROM anchors WHERE sha256 IN "
+            "(SELECT unnest(?))", [shas]).fetchall()))
+        assert found == scanned == len(shas)
     return {"seconds": res, "where_rows": n_where, "pending_rows": pending,
             "candidates_by_status": stats["candidates_by_status"]}
 
@@ -200,6 +211,9 @@ def main():
         if q == "pending_first_batch":
             b = out.get("pandas", {}).get("seconds", {}).get("pending")
         print(f"{q:<20}{a:>18.3f}" + (f"{b:>14.3f}{b / a:>9.1f}x" if b else f"{'-':>14}{'-':>10}"))
+    a, b = uc["seconds"]["anchor_lookup"], uc["seconds"]["anchor_lookup_scan"]
+    print(f"{'anchor_lookup':<20}{a:>18.4f}{b:>14.4f}{b / a:>9.1f}x  (baseline: IN (SELECT "
+          "unnest(?)), a scan)")
     if "pandas" in out:
         print(f"(pandas also spent {out['pandas']['load_seconds']:.1f} s loading the tables)")
     print(f"rows selected: where {uc['where_rows']:,}, pending {uc['pending_rows']:,}; "

@@ -1,13 +1,17 @@
 """Export throughput: `ultracurate export --format hf` against building the same dataset with
 `datasets.Dataset.from_dict(...)` + `to_parquet`, in the same run, on the same workspace.
 
-A synthetic workspace is built first (real JPEGs, quality 100 as the generator saves them, half
-the rows region-based with a mask), then timed, each from the catalog to parquet on disk:
+A synthetic workspace is built first, shaped like generated data: real JPEGs at 512 px, quality
+100 (as the generator saves them), from 640x427 anchors; half the rows region-based with a mask
+stored at the anchor's size and gen_params as generation records them (size, soft-mask
+settings), so that the export crops every mask into its pair's geometry. Then, each from the
+catalog to files on disk:
 
-  ultracurate hf        export_dataset(fmt="hf"): media bytes copied as they are, masks to PNG
-  datasets (bytes)      the same rows as {bytes, path} dicts -> Dataset.from_dict -> to_parquet
-  datasets (PIL)        the usual recipe: decoded PIL images -> from_dict (datasets re-encodes)
-  ultracurate jsonl/wds the other formats, for reference
+  ultracurate hf            export_dataset(fmt="hf"): media bytes copied, masks cropped to PNG
+  ultracurate hf + soft     the same with soft_masks=True (the soft mask rebuilt per region row)
+  datasets (bytes)          the same rows as {bytes, path} dicts -> Dataset.from_dict -> to_parquet
+  datasets (PIL)            the usual recipe: decoded PIL images -> from_dict (datasets re-encodes)
+  ultracurate jsonl/wds/ip2p the other formats, for reference
 
 Export does no model work, so the figures depend on the disk and CPU, not on a GPU.
 Usage: python bench/export.py [--rows 1000] [--size 512] [--repeat 2] [--no-pil] [--keep DIR]
@@ -34,11 +38,14 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ultracurate.export import (SPLITS, export_dataset, hf_features, hf_record,  # noqa: E402
-                                select_rows)
-from ultracurate.masks import encode  # noqa: E402
+from ultracurate.export import (ExportOptions, export_dataset, hf_features,  # noqa: E402
+                                hf_row, load_item, record, select_rows)
+from ultracurate.masks import encode, soft_mask_settings  # noqa: E402
 from ultracurate.selection import Selection  # noqa: E402
 from ultracurate.workspace import Workspace  # noqa: E402
+
+
+ANCHOR_W, ANCHOR_H = 640, 427   # a COCO-shaped landscape photo
 
 
 def build(root: Path, rows: int, size: int) -> Workspace:
@@ -61,22 +68,29 @@ def build(root: Path, rows: int, size: int) -> Workspace:
         ed_b = jpeg(Image.fromarray(np.clip(arr[:, ::-1] + 10, 0, 255).astype(np.uint8)))
         s_name, e_name = ws.media.put_bytes(src_b, "jpg"), ws.media.put_bytes(ed_b, "jpg")
         region = i % 2 == 1
-        m = np.zeros((size, size), bool)
-        m[size // 4: size // 2 + i % 50, size // 4: 3 * size // 4] = True
+        m = np.zeros((ANCHOR_H, ANCHOR_W), bool)   # an L shape at the anchor's size
+        m[100:300 + i % 50, 250:300] = True
+        m[250:300 + i % 50, 250:420] = True
+        rle = encode(m)
+        gp = {"mode": "region" if region else "free", "size": size}
+        if region:
+            gp["mask"] = soft_mask_settings("ultraedit", 0.5, (size,), rle=rle,
+                                            height=ANCHOR_H, width=ANCHOR_W)
         anchors.append({"anchor_id": i + 1, "sha256": s_name.split(".")[0], "media": s_name,
-                        "width": size, "height": size, "captions": [f"photo {i}"]})
+                        "width": ANCHOR_W, "height": ANCHOR_H, "captions": [f"photo {i}"]})
         edits.append({"edit_id": i + 1, "anchor_id": i + 1, "source_caption": f"photo {i}",
                       "instruction": f"edit number {i}", "target_caption": f"photo {i} edited",
                       "edit_object": "object" if region else "NONE",
                       "edit_type": ("add", "replace", "change_color")[i % 3],
                       "mode": "region" if region else "free", "edit_status": "grounded",
-                      "mask_rle": encode(m) if region else None,
-                      "mask_height": size if region else None,
-                      "mask_width": size if region else None})
+                      "mask_rle": rle if region else None,
+                      "mask_height": ANCHOR_H if region else None,
+                      "mask_width": ANCHOR_W if region else None})
         cands.append({"candidate_id": i + 1, "edit_id": i + 1, "candidate_index": 0, "seed": i,
                       "source_image": s_name, "edited_image": e_name, "clip_sim_source": 0.3,
                       "clip_sim_target": 0.3, "clip_sim_dir": 0.25, "clip_sim_image": 0.8,
-                      "dinov2_sim": 0.7, "ssim": 0.6, "auto_status": "accepted"})
+                      "dinov2_sim": 0.7, "ssim": 0.6, "auto_status": "accepted",
+                      "gen_params": json.dumps(gp)})
     with ws.catalog() as cat:
         cat.con.execute("BEGIN")
         cat.insert_rows("anchors", pl.DataFrame(anchors, schema_overrides={
@@ -92,22 +106,23 @@ def folder_bytes(p: Path) -> int:
 
 
 def baseline_datasets(ws: Workspace, out: Path, pil: bool) -> None:
-    """What a user writes without ultracurate: rows from the catalog, then datasets."""
+    """What a user writes without ultracurate: rows from the catalog (masks in the pair's
+    geometry by the same code), then datasets."""
     import datasets
     with ws.catalog(read_only=True) as cat:
         rows = select_rows(cat, Selection())
     feats = hf_features()
+    opts = ExportOptions()
     out.mkdir(parents=True)
-    for split in SPLITS.values():
-        recs = [hf_record(ws, r) for r in rows if SPLITS[r["mode"]] == split]
-        if pil:
-            for r in recs:
-                for k in ("source_image", "edited_image", "mask_image"):
-                    if r[k] is not None:
-                        r[k] = Image.open(io.BytesIO(r[k]["bytes"]))
-        cols = {k: [r[k] for r in recs] for k in feats}
-        ds = datasets.Dataset.from_dict(cols, features=feats)
-        ds.to_parquet(str(out / f"{split}.parquet"))
+    recs = [hf_row(record(load_item(ws, r), opts)) for r in rows]
+    if pil:
+        for r in recs:
+            for k in ("source_image", "edited_image", "mask_image"):
+                if r[k] is not None:
+                    r[k] = Image.open(io.BytesIO(r[k]["bytes"]))
+    cols = {k: [r[k] for r in recs] for k in feats}
+    ds = datasets.Dataset.from_dict(cols, features=feats)
+    ds.to_parquet(str(out / "train.parquet"))
 
 
 def timed(fn) -> float:
@@ -150,12 +165,15 @@ def main() -> None:
         outs = root / "outs"
         run("ultracurate hf", lambda: export_dataset(ws, None, outs / "hf", "hf", progress=False),
             outs / "hf")
+        run("ultracurate hf --soft-masks",
+            lambda: export_dataset(ws, None, outs / "hfs", "hf", soft_masks=True,
+                                   progress=False), outs / "hfs")
         run("datasets from_dict (bytes)",
             lambda: baseline_datasets(ws, outs / "ds_bytes", pil=False), outs / "ds_bytes")
         if not args.no_pil:
             run("datasets from_dict (PIL, re-encoded)",
                 lambda: baseline_datasets(ws, outs / "ds_pil", pil=True), outs / "ds_pil")
-        for fmt in ("jsonl", "wds"):
+        for fmt in ("jsonl", "wds", "ip2p"):
             run(f"ultracurate {fmt}",
                 lambda fmt=fmt: export_dataset(ws, None, outs / fmt, fmt, progress=False),
                 outs / fmt)

@@ -12,7 +12,8 @@ SELECT e.*,
        a.dataset      AS dataset,
        a.width        AS anchor_width,
        a.height       AS anchor_height,
-       a.conversion   AS anchor_conversion
+       a.conversion   AS anchor_conversion,
+       a.duplicate_of AS anchor_duplicate_of   -- the anchor is a near-duplicate (dedup)
 FROM edits e JOIN anchors a USING (anchor_id);
 
 -- status: a human decision overrides the automatic one, and survives re-filtering.

@@ -25,7 +25,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert counts.get("accepted", 0) > 0 and counts.get("rejected", 0) > 0  # the filter decided
     assert types == 9
     assert {"ingest", "instruct", "ground", "classify-masks", "generate", "score", "filter",
-            "balance", "dedup", "review"} <= stages  # export reads the catalog only
+            "balance", "dedup", "review", "export"} <= stages
     ds = datasets.load_dataset(str(out / "exports" / "hf"))
     rows = sum(len(split) for split in ds.values())
     assert rows == steps["export"]["rows"] > 0

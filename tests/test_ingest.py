@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from _snapshot import catalog_rows
 from ultracurate.errors import UltracurateError
 from ultracurate.images import load_rgb
 from ultracurate.runner import run_stage
@@ -89,6 +90,33 @@ def test_bad_input_corpus(ws, corpus):
     assert 30 < np.asarray(load_rgb(ws.media.path(anchors["sixteen.png"]["media"]))).mean() < 220
     assert summary.rows_in == 13 and summary.rows_failed == 7
     assert not list((ws.root / "media" / "tmp").glob("*"))
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_second_ingest_changes_nothing(ws, corpus, force):
+    """A rerun skips every recorded source; a forced one looks at them all again and records
+    nothing new: no file is a duplicate of its own anchor, no reject is recorded twice for the
+    same bytes."""
+    folder, table = corpus
+    _ingest(ws, [folder, table])
+    before = catalog_rows(ws)
+    assert len(before["anchors"]) == 6 and len(before["ingest_rejects"]) == 7
+    s = run_stage(ws, IngestStage(discover([folder, table])), force=force, progress=False)
+    assert s.rows_in == (13 if force else 0) and s.rows_failed == (7 if force else 0)
+    assert catalog_rows(ws) == before
+
+
+def test_a_fixed_file_is_ingested_by_a_forced_rerun(ws, corpus, demo_photos):
+    folder, table = corpus
+    _ingest(ws, [folder, table])
+    (folder / "truncated.jpg").write_bytes((demo_photos.parent / "coffee.jpg").read_bytes())
+    assert _ingest(ws, [folder, table]).rows_in == 0  # rejected sources wait for --force
+    s = run_stage(ws, IngestStage(discover([folder, table])), force=True, progress=False)
+    assert s.rows_failed == 6  # the six other bad files, the same bytes: no new reject rows
+    with ws.catalog(read_only=True) as cat:
+        assert cat.scalar("SELECT count(*) FROM anchors WHERE source_path LIKE "
+                          "'%truncated.jpg'") == 1
+        assert cat.scalar("SELECT count(*) FROM ingest_rejects") == 7  # the old one stays
 
 
 def test_captions_and_rerun_skips_what_was_done(ws, demo_photos):

@@ -63,7 +63,7 @@ DEMO_THRESHOLDS = dict(clip_sim_dir_min=0.0, top_k=2, drop_if_fewer=False,
 def run_demo(out: str | Path, seed: int = 0, progress: bool = True, size: int = 64,
              candidates: int = 3, review: bool = True, force: bool = False) -> dict:
     """The whole pipeline on the bundled photos with tiny random-weight models, on the CPU:
-    ingest, instruct, ground, classify-masks, generate, score, filter, balance, dedup, review
+    ingest, instruct, ground, classify-masks, generate, score, filter, dedup, balance, review
     (dataset only, no App), export and report. Returns what each step did."""
     from .export import export_dataset
     from .models import ROLES, make_tiny
@@ -118,9 +118,10 @@ def run_demo(out: str | Path, seed: int = 0, progress: bool = True, size: int = 
     say("filter: the demo's own loose thresholds (see DEMO_THRESHOLDS)")
     thresholds = Thresholds.preset("ultraedit").override(**DEMO_THRESHOLDS)
     steps["filter"] = _jsonable(run_filter(ws, thresholds=thresholds))
-    steps["balance"] = _jsonable(run_balance(ws, by=("edit_type",), cap=4, seed=seed))
-    # tiny random CLIP embeds every small image alike: only near-identical ones count here
+    # dedup before balance: balance chooses among rows that are not duplicates
+    # (tiny random CLIP embeds every small image alike: only near-identical ones count here)
     steps["dedup"] = _jsonable(run_dedup(ws, threshold=0.9999))
+    steps["balance"] = _jsonable(run_balance(ws, by=("edit_type",), cap=4, seed=seed))
     if review:
         say("review: FiftyOne grouped dataset (open it with `ultracurate review`)")
         from .review import build_review_dataset

@@ -10,10 +10,11 @@ MagicBrush (OSU-NLP-Group/MagicBrush, evaluation/image_eval.py), generated vs gr
   clip_t      cosine of the generated image's and the ground-truth caption's CLIP embeddings
               (clip_t_oracle: the same with the ground-truth image)
   Two settings: single_turn (every turn edited from its ground-truth input: the first-turn
-  image and the `inde_<i>` images against every `output<i>`) and multi_turn (the last
-  `iter_<i>` image, edited from the model's own previous output, against the last `output<i>`).
-  Layout: PRED/<id>/<anything>_1.png, inde_<i>.png, iter_<i>.png; REF/<id>/<...>output<i>.png;
-  captions JSON {<id>: {<gt file name>: caption}} (MagicBrush's global_descriptions.json).
+  image and the `inde_<i>` images against every `output<i>`) and multi_turn (the `iter_<n>`
+  image, edited from the model's own previous outputs, against the last `output<n>`).
+  Layout: PRED/<id>/<id>_1.png, <id>_inde_<i>.png, <id>_iter_<i>.png (MagicBrush's README; the
+  `<id>_` before inde_/iter_ may be left out); REF/<id>/<...>output<i>.png; captions JSON
+  {<id>: {<gt file name>: caption}} (MagicBrush's global_descriptions.json).
 
 Emu Edit (facebook/emu_edit_test_set), the edited image vs the input image:
   clip_dir    cosine of (E_img(edited) - E_img(input)) and (E_txt(output_caption) -
@@ -26,7 +27,9 @@ Emu Edit (facebook/emu_edit_test_set), the edited image vs the input image:
   folder, or a parquet / jsonl table with idx, image, input_caption, output_caption (and task).
 
 CLIP and DINO load through `ultracurate.models.clip.load` / `ultracurate.models.dino.load`
-(defaults: the real checkpoints; tests pass tiny ones by path).
+(defaults: the real checkpoints; tests pass tiny ones by path), in float32 on every device.
+Captions longer than CLIP's 77-token context are truncated (end token kept; the reference
+tokenizer raises instead) and counted in `EvalResult.truncated_captions`.
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ DEFAULT_DINO = "facebook/dino-vits16"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# MagicBrush's DINO runs in float32; so does every metric model here, on CUDA too (where
+# ultracurate's models default to float16), so that a score does not depend on the device.
+EVAL_DTYPE = "float32"
 METRIC_ORDER = {"magicbrush": ("l1", "l2", "clip_i", "dino", "clip_t", "clip_t_oracle"),
                 "emuedit": ("clip_dir", "clip_img", "clip_out", "l1", "dino")}
 
@@ -71,10 +77,12 @@ class EvalResult:
     counts: dict[str, int]
     models: dict[str, str]
     per_sample: dict[str, list[dict]] = field(default_factory=dict)
+    # setting -> how many captions were longer than CLIP's 77 tokens (scored truncated)
+    truncated_captions: dict[str, int] = field(default_factory=dict)
 
     def to_json(self, per_sample: bool = True) -> dict:
         out = {"benchmark": self.benchmark, "metrics": self.settings, "counts": self.counts,
-               "models": self.models}
+               "truncated_captions": self.truncated_captions, "models": self.models}
         if per_sample:
             out["per_sample"] = self.per_sample
         return out
@@ -117,12 +125,12 @@ class Encoders:
                  device: str = "cpu", batch_size: int = 32, need_dino: bool = True):
         from .models import clip as clip_mod
         from .models import dino as dino_mod
-        self.clip = clip_mod.load(clip_ref, device)
+        self.clip = clip_mod.load(clip_ref, device, dtype=EVAL_DTYPE)
         self.dino = None
         if need_dino:
             # MagicBrush's DINO transform: Resize(256, bicubic), CenterCrop(224), ImageNet
             # normalisation, whatever the checkpoint's own processor says.
-            self.dino = dino_mod.load(dino_ref, device, resize=256, crop=224)
+            self.dino = dino_mod.load(dino_ref, device, dtype=EVAL_DTYPE, resize=256, crop=224)
             self.dino.mean, self.dino.std = IMAGENET_MEAN, IMAGENET_STD
         self.batch_size = batch_size
         self.models = {"clip": str(clip_ref), "dino": str(dino_ref) if need_dino else ""}
@@ -141,6 +149,7 @@ class Encoders:
         return torch.stack([self._cache[(which, _key(k))] for k in keys]) if keys else None
 
     def texts(self, texts: Sequence[str]):
+        """Unit-norm CLIP text embeddings (N, D); texts over 77 tokens are truncated."""
         import torch
         out = []
         for i in range(0, len(texts), self.batch_size):
@@ -158,6 +167,13 @@ def _cos(a, b) -> list[float]:
 
 
 # -- MagicBrush ------------------------------------------------------------------------------
+# A prediction's name: `<id>_1` (the first turn), `[<id>_]inde_<i>` (turn i edited from the
+# ground-truth input), `[<id>_]iter_<i>` (turn i edited from the model's own previous output).
+# The reference script matches these by substring; names are parsed whole here, so that
+# `139_inde_10` is turn 10 of the independent setting and never also "a `_1` image".
+_PRED_NAME = re.compile(r"^(?:.*_)?(?P<kind>inde|iter)_(?P<turn>\d+)$")
+
+
 def _turn(name: str) -> int:
     m = re.search(r"(\d+)$", Path(name).stem)
     return int(m.group(1)) if m else -1
@@ -166,6 +182,68 @@ def _turn(name: str) -> int:
 def _images_in(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()
                   if p.suffix.lower() in IMAGE_EXTS and "mask" not in p.name)
+
+
+@dataclass
+class _Predictions:
+    """One session's prediction files, by role."""
+    first: list[str]
+    inde: dict[int, str]
+    iter: dict[int, str]
+
+
+def _read_predictions(gen_dir: Path) -> _Predictions:
+    first, found = [], {"inde": {}, "iter": {}}
+    for n in _images_in(gen_dir):
+        stem = Path(n).stem
+        m = _PRED_NAME.match(stem)
+        if m:
+            turns = found[m["kind"]]
+            t = int(m["turn"])
+            if t in turns:
+                raise UltracurateError(f"{gen_dir}: two {m['kind']}_ images for turn {t} "
+                                       f"({turns[t]}, {n})")
+            turns[t] = n
+        elif stem.endswith("_1"):
+            first.append(n)
+    return _Predictions(first, found["inde"], found["iter"])
+
+
+def _session_pairs(img_id: str, gen_dir: Path, gt_dir: Path
+                   ) -> tuple[list[tuple[Path, Path]], tuple[Path, Path]]:
+    """(single-turn pairs in turn order, the multi-turn pair) of one session."""
+    gts = sorted((n for n in _images_in(gt_dir) if "output" in n), key=_turn)
+    if not gts:
+        raise UltracurateError(f"{gt_dir}: no output<i> ground-truth image")
+    n = len(gts)
+    pred = _read_predictions(gen_dir)
+    if len(pred.first) != 1:
+        raise UltracurateError(f"{gen_dir}: expected one first-turn image named "
+                               f"{img_id}_1.png, found {len(pred.first)}")
+    if len(pred.inde) + 1 != n:
+        raise UltracurateError(f"{gen_dir}: {len(pred.inde) + 1} single-turn images for "
+                               f"{n} ground-truth turns")
+    if set(pred.inde) != set(range(2, n + 1)):
+        raise UltracurateError(f"{gen_dir}: inde_ images are turns "
+                               f"{', '.join(map(str, sorted(pred.inde)))}; the ground truth has "
+                               f"turns 2..{n}")
+    beyond = sorted(t for t in pred.iter if not 2 <= t <= n)
+    if beyond:
+        raise UltracurateError(f"{gen_dir}: iter_{beyond[0]} is not a turn of session {img_id} "
+                               f"(iter_ images are turns 2..{n})" if n > 1 else
+                               f"{gen_dir}: session {img_id} has one turn but an iter_ image "
+                               f"({pred.iter[beyond[0]]})")
+    if n > 1 and n not in pred.iter:
+        # The reference raises when a session has no iter_ image (else it would score the
+        # first turn against the last ground truth); an earlier iter_ is no better.
+        have = f"has {', '.join(pred.iter[t] for t in sorted(pred.iter))}" if pred.iter \
+            else "has no iter_ image"
+        raise UltracurateError(f"{gen_dir}: session {img_id} has {n} turns but {have}; its "
+                               f"multi-turn image is {img_id}_iter_{n}.png")
+    turns = [pred.first[0]] + [pred.inde[t] for t in range(2, n + 1)]
+    single = [(gen_dir / g, gt_dir / t) for g, t in zip(turns, gts)]
+    final = pred.iter[n] if n > 1 else pred.first[0]
+    return single, (gen_dir / final, gt_dir / gts[-1])
 
 
 def magicbrush_pairs(predictions: str | Path, references: str | Path,
@@ -185,37 +263,21 @@ def magicbrush_pairs(predictions: str | Path, references: str | Path,
             f"predictions and references hold different ids ({len(missing)} missing"
             + (f", e.g. {missing[0]}" if missing else "") + f", {len(extra)} extra"
             + (f", e.g. {extra[0]}" if extra else "") + ")")
+
+    def cap(img_id, gt: Path):
+        if captions is None:
+            return None
+        try:
+            return captions[img_id][gt.name]
+        except (KeyError, TypeError):
+            raise UltracurateError(f"captions have no entry for {img_id}/{gt.name}") from None
+
     single, multi = [], []
     for img_id in ref_ids:
-        gt_dir, gen_dir = ref / img_id, pred / img_id
-        gts = sorted((n for n in _images_in(gt_dir) if "output" in n), key=_turn)
-        gens = _images_in(gen_dir)
-        if not gts:
-            raise UltracurateError(f"{gt_dir}: no output<i> ground-truth image")
-        first = [n for n in gens if Path(n).stem.endswith("_1")
-                 and not n.startswith(("inde_", "iter_"))]
-        if len(first) != 1:
-            raise UltracurateError(f"{gen_dir}: expected one first-turn image named *_1.png, "
-                                   f"found {len(first)}")
-        inde = sorted((n for n in gens if n.startswith("inde_")), key=_turn)
-        iters = sorted((n for n in gens if n.startswith("iter_")), key=_turn)
-        turns = [first[0]] + inde
-        if len(turns) != len(gts):
-            raise UltracurateError(f"{gen_dir}: {len(turns)} single-turn images for "
-                                   f"{len(gts)} ground-truth turns")
-
-        def cap(gt_name):
-            if captions is None:
-                return None
-            try:
-                return captions[img_id][gt_name]
-            except (KeyError, TypeError):
-                raise UltracurateError(f"captions have no entry for {img_id}/{gt_name}") from None
-
-        for i, (g, t) in enumerate(zip(turns, gts), 1):
-            single.append(Pair(f"{img_id}/{i}", gen_dir / g, gt_dir / t, cap(t)))
-        final = iters[-1] if iters and len(gts) > 1 else first[0]
-        multi.append(Pair(img_id, gen_dir / final, gt_dir / gts[-1], cap(gts[-1])))
+        turns, (g, t) = _session_pairs(img_id, pred / img_id, ref / img_id)
+        for i, (gi, ti) in enumerate(turns, 1):
+            single.append(Pair(f"{img_id}/{i}", gi, ti, cap(img_id, ti)))
+        multi.append(Pair(img_id, g, t, cap(img_id, t)))
     return {"single_turn": single, "multi_turn": multi}
 
 
@@ -237,9 +299,11 @@ def score_magicbrush(pairs: list[Pair], enc: Encoders, progress: Callable[[int],
         for row, v in zip(rows, _cos(gd, rd)):
             row["dino"] = v
     if all(p.caption is not None for p in pairs):
-        t = enc.texts([p.caption for p in pairs])
-        for row, v, o in zip(rows, _cos(g, t), _cos(r, t)):
+        captions = [p.caption for p in pairs]
+        t = enc.texts(captions)
+        for row, v, o, cut in zip(rows, _cos(g, t), _cos(r, t), enc.clip.truncated(captions)):
             row["clip_t"], row["clip_t_oracle"] = v, o
+            row["truncated_captions"] = int(cut)
     return _means(rows), rows
 
 
@@ -323,8 +387,12 @@ def score_emuedit(pairs: list[Pair], enc: Encoders, progress: Callable[[int], No
     e, i = enc.images("clip", gen_keys, _open), enc.images("clip", in_keys, load_input)
     t_out = enc.texts([p.caption for p in pairs])
     t_in = enc.texts([p.input_caption for p in pairs])
-    for row, d, o, im in zip(rows, _cos(e - i, t_out - t_in), _cos(e, t_out), _cos(i, e)):
+    cut_out = enc.clip.truncated([p.caption for p in pairs])
+    cut_in = enc.clip.truncated([p.input_caption for p in pairs])
+    for row, d, o, im, c_out, c_in in zip(rows, _cos(e - i, t_out - t_in), _cos(e, t_out),
+                                          _cos(i, e), cut_out, cut_in):
         row["clip_dir"], row["clip_out"], row["clip_img"] = d, o, im
+        row["truncated_captions"] = int(c_out) + int(c_in)
     if enc.dino is not None:
         ed, idn = enc.images("dino", gen_keys, _open), enc.images("dino", in_keys, load_input)
         for row, v in zip(rows, _cos(idn, ed)):
@@ -332,9 +400,19 @@ def score_emuedit(pairs: list[Pair], enc: Encoders, progress: Callable[[int], No
     return _means(rows), rows
 
 
+_METRICS = {m for names in METRIC_ORDER.values() for m in names}
+
+
 def _means(rows: list[dict]) -> dict[str, float]:
-    keys = [k for k in rows[0] if k not in ("id", "task")] if rows else []
+    keys = [k for k in rows[0] if k in _METRICS] if rows else []
     return {k: float(np.mean([r[k] for r in rows])) for k in keys}
+
+
+def _truncated(rows: list[dict]) -> int | None:
+    """How many of rows' captions were truncated; None when no caption was scored."""
+    if not rows or "truncated_captions" not in rows[0]:
+        return None
+    return sum(r["truncated_captions"] for r in rows)
 
 
 # -- the public entry point ------------------------------------------------------------------
@@ -362,24 +440,28 @@ def evaluate(benchmark: str, predictions: str | Path, references: str | Path, *,
     enc = Encoders(clip, dino, device, batch_size, need_dino=need_dino)
     total = sum(len(p) for p in settings.values())
     from .export import _bar
-    scored, per_sample, counts = {}, {}, {}
+    scored, per_sample, counts, truncated = {}, {}, {}, {}
     with _bar(total, f"eval {benchmark}", progress) as advance:
         for name, pairs in settings.items():
             if not pairs:
                 raise UltracurateError(f"{benchmark}: no pairs to evaluate in {name}")
             fn = score_magicbrush if benchmark == "magicbrush" else score_emuedit
             means, rows = fn(pairs, enc, advance)
-            scored[name], per_sample[name], counts[name] = means, rows, len(rows)
+            groups = {name: rows}
             if benchmark == "emuedit" and any(r["task"] for r in rows):
                 for task in sorted({r["task"] for r in rows if r["task"]}):
-                    sub = [r for r in rows if r["task"] == task]
-                    scored[f"task:{task}"] = _means(sub)
-                    counts[f"task:{task}"] = len(sub)
+                    groups[f"task:{task}"] = [r for r in rows if r["task"] == task]
+            per_sample[name] = rows
+            for group, sub in groups.items():
+                scored[group] = means if group == name else _means(sub)
+                counts[group] = len(sub)
+                if _truncated(sub) is not None:
+                    truncated[group] = _truncated(sub)
     if metrics:
         scored = {s: {k: v for k, v in m.items() if k in metrics or
                       (k == "clip_t_oracle" and "clip_t" in metrics)}
                   for s, m in scored.items()}
-    return EvalResult(benchmark, scored, counts, enc.models, per_sample)
+    return EvalResult(benchmark, scored, counts, enc.models, per_sample, truncated)
 
 
 def render_table(result: EvalResult) -> None:
@@ -396,4 +478,9 @@ def render_table(result: EvalResult) -> None:
     for setting, vals in result.settings.items():
         t.add_row(setting, str(result.counts.get(setting, "")),
                   *[f"{vals[m]:.4f}" if m in vals else "" for m in order])
-    Console().print(t)
+    console = Console()
+    console.print(t)
+    if result.truncated_captions:
+        # the reference scripts' tokenizer refuses such captions; say how many were cut
+        console.print("captions over CLIP's 77 tokens, scored truncated: " + ", ".join(
+            f"{k} {v}" for k, v in result.truncated_captions.items()))

@@ -309,6 +309,42 @@ def soft_mask(rle: str, height: int, width: int, latent_hw: tuple[int, int], *,
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
+def pair_mask(rle: str, height: int, width: int, crop: int | None,
+              out_hw: tuple[int, int]) -> np.ndarray:
+    """The stored mask in the geometry of a candidate's image pair (out_hw = its images'
+    height, width): through `crop_mask` first when generation cropped the anchor to crop x
+    crop (the very mask the editor blended with), then nearest neighbour to out_hw if the
+    pair's images have another size still (e.g. imported rows)."""
+    mask = decode(rle, height, width)
+    if crop is not None and mask.shape != (crop, crop):
+        mask = crop_mask(mask, crop)
+    if mask.shape != tuple(out_hw):
+        mask = resize_nearest(mask, out_hw)
+    return mask
+
+
+def recorded_soft_mask(rle: str, height: int, width: int, settings: dict,
+                       out_hw: tuple[int, int], boxes: Sequence | None = None) -> np.ndarray:
+    """The soft mask a candidate was generated with, rebuilt from the settings
+    `soft_mask_settings` recorded in its gen_params, at out_hw (its images' size: the mask
+    before generation's nearest-neighbour step down to latent size). boxes: the detector
+    boxes (anchor pixels), needed when the settings say they were used."""
+    variant = settings.get("variant", "ultraedit")
+    if settings.get("version", SOFT_MASK_VERSION) != SOFT_MASK_VERSION:
+        raise UltracurateError(f"soft mask settings of version {settings.get('version')} "
+                               f"(this ultracurate builds version {SOFT_MASK_VERSION})")
+    known = ULTRAEDIT_SOFT_DEFAULTS if variant == "ultraedit" else FEATHERED_DEFAULTS
+    params: dict[str, Any] = {k: settings[k] for k in known if k in settings}
+    if variant == "ultraedit" and settings.get("boxes") == "detector":
+        if not boxes:
+            raise UltracurateError("its soft mask used the detector's boxes, which the edit "
+                                   "no longer has")
+        params["boxes"] = boxes
+    return soft_mask(rle, height, width, out_hw, variant=variant,
+                     soft_value=settings.get("soft_value"), crop=settings.get("crop"),
+                     **params)
+
+
 def _settings(variant: str, soft_value, crop, params: dict) -> dict:
     if variant == "ultraedit":
         known = dict(ULTRAEDIT_SOFT_DEFAULTS)

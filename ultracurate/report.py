@@ -3,7 +3,8 @@
 Sections: the selection's counts by status; the acceptance funnel (the filter's thresholds
 recomputed over the selection, without changing anything); score histograms per edit type with
 the thresholds drawn (free-form solid, region dashed); the mask-class distribution; balance
-before and after (accepted vs selected per edit type); a grid of example pairs per edit type
+before and after (per edit type: the accepted, de-duplicated rows balance chooses from, and the
+rows export takes by default); a grid of example pairs per edit type
 (accepted first, best clip_sim_dir first).
 
     write_report(ws, "report.html", Selection(where="mode = 'free'"))
@@ -163,6 +164,18 @@ def _examples(ws, df, per_type: int) -> str:
     return "\n".join(out) or "<p>No pairs.</p>"
 
 
+def balance_counts(cat, selection: Selection) -> dict[str, tuple[int, int]]:
+    """{edit_type: (rows balance chooses from, rows export takes by default)} within the
+    selection: the same predicates balance and export use, so the three agree."""
+    from .export import DEFAULT_WHERE
+    from .stages.balance import POOL_WHERE
+    sql, params = selected_keys_sql(cat.con, "candidates_v", "candidate_id", selection)
+    return {r[0]: (int(r[1]), int(r[2])) for r in cat.con.execute(
+        f"SELECT edit_type, count(*) FILTER (WHERE {POOL_WHERE}), "
+        f"count(*) FILTER (WHERE {DEFAULT_WHERE}) FROM ({sql}) s GROUP BY edit_type",
+        params).fetchall()}
+
+
 def write_report(ws, out: str | Path, selection: Selection | None = None,
                  thresholds: Thresholds | None = None, examples: int = 4) -> Path:
     """Write the HTML report for the selected candidates; returns its path. Thresholds drawn
@@ -180,6 +193,7 @@ def write_report(ws, out: str | Path, selection: Selection | None = None,
             f"FROM edits_v WHERE edit_id IN (SELECT edit_id FROM ({sql}) s) "
             f"GROUP BY ALL ORDER BY mode, mask_class", params)
         funnel = _funnel_section(ws, cat, selection, t)
+        balance = balance_counts(cat, selection)
     status_counts = df.group_by("status").len().sort("status").rows() if len(df) else []
     sections = [
         ("Selection", _table(["status", "candidates"], status_counts)
@@ -196,13 +210,11 @@ def write_report(ws, out: str | Path, selection: Selection | None = None,
                          + _bar(groups, {"edits": [e["n"] for e in edits]},
                                 "edits by mask class", "edits")))
     if len(df):
-        types = [e for e in EDIT_TYPES if e in set(df["edit_type"].to_list())]
-        acc = df.filter((df["status"] == "accepted") & df["duplicate_of"].is_null())
-        before = [int((acc["edit_type"] == et).sum()) for et in types]
-        after = [int(((acc["edit_type"] == et) & acc["selected"].fill_null(False)).sum())
-                 for et in types]
+        types = [e for e in EDIT_TYPES if e in balance]
+        before = [balance[et][0] for et in types]
+        after = [balance[et][1] for et in types]
         sections.append(("Balance before and after",
-                         _table(["edit type", "accepted", "selected"],
+                         _table(["edit type", "accepted", "selected (export's default)"],
                                 list(zip(types, before, after)))
                          + _bar(types, {"accepted (before)": before, "selected (after)": after},
                                 "balance by edit type")))

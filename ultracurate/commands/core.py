@@ -152,21 +152,27 @@ def show(candidate_or_edit: str = typer.Argument(..., help="Candidate id, or e<I
 def gc(dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed; "
                                     "remove nothing."),
        workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
-    """Remove media files that no catalog row references (and partial files of killed jobs)."""
+    """Remove media files that no catalog row references (and partial files of killed jobs,
+    and what killed exports left beside their output folders)."""
+    from ..export import export_leftovers, remove_leftovers
     ws = c.workspace(workspace)
     # the catalog's write lock is held throughout, so no job writes media meanwhile
     with ws.catalog() as cat:
         names = ws.unreferenced_media(cat)
         freed = sum(ws.media.path(n).stat().st_size for n in names)
         partial = 0
+        stale = export_leftovers(ws, cat)
         if not dry_run:
             for n in names:
                 ws.media.path(n).unlink(missing_ok=True)
             partial = ws.media.clean_tmp()
+            remove_leftovers(stale)
     verb = "would remove" if dry_run else "removed"
-    c.emit({"files": names, "bytes": freed, "partial": partial, "dry_run": dry_run}, as_json,
+    c.emit({"files": names, "bytes": freed, "partial": partial,
+            "export_leftovers": [str(p) for p in stale], "dry_run": dry_run}, as_json,
            f"{verb} {len(names)} unreferenced media files ({freed / 1e6:.1f} MB)"
-           + (f" and {partial} partial files" if partial else ""))
+           + (f" and {partial} partial files" if partial else "")
+           + (f" and {len(stale)} leftovers of killed exports" if stale else ""))
 
 
 def make_tiny(directory: Path = typer.Argument(..., help="Folder for the tiny checkpoints."),

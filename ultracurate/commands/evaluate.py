@@ -18,7 +18,10 @@ def register(app: typer.Typer) -> None:
 def eval_cmd(benchmark: str = typer.Option(..., "--benchmark", "-b",
                                            help="magicbrush or emuedit."),
              predictions: Path = typer.Option(..., "--predictions",
-                                              help="Folder of the model's edited images."),
+                                              help="Folder of the model's edited images. "
+                                                   "MagicBrush: <id>/<id>_1.png, "
+                                                   "<id>_inde_<i>.png, <id>_iter_<i>.png; Emu "
+                                                   "Edit: <idx>.png."),
              references: Path = typer.Option(..., "--references",
                                              help="MagicBrush: folder of <id>/output<i>.png; "
                                                   "Emu Edit: the test set (saved dataset, hub "

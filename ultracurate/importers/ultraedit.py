@@ -12,8 +12,15 @@ Each published row becomes
   a candidate   edited_image bytes, the published scores, auto_status `scored`, so that the
                 filter, balance and review stages and a re-score run over it.
 Image bytes go into the media store unchanged. The import is a stage run (recorded in `runs`,
-with a progress bar); rows already imported (by `ultraedit:<split>:<idx>`) are skipped, so an
-interrupted import resumes. A row whose image does not decode is recorded in ingest_rejects.
+with a progress bar) and idempotent: a row is one edit, whatever the runs and files it comes in.
+- Its identity is `ultraedit:<split>:<idx>` (the edit's external_id; a file without an idx
+  column, or a row whose idx is null, uses `<file stem>#<row>` for idx): rows already imported
+  are skipped, even with --force, so an interrupted import resumes; an idx repeated in the
+  files is imported once (its first row not already rejected).
+- A row whose image does not decode is recorded in ingest_rejects (source `<file>#<row>`, with
+  the sha256 of its image bytes) and skipped by later runs, as photo ingest skips a rejected
+  file; --force retries it, and a retry over the same bytes adds no second reject row.
+So a second import of the same files changes no table (it records only its run).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from ..errors import UltracurateError
 from ..images import BadImage, inspect_image
 from ..runner import BatchResult, Context, Stage, run_stage
 from ..selection import Selection
+from ..stages.ingest import known_anchors, record_rejects, recorded_sources
 
 PUBLISHED_COLUMNS = ("source_caption", "target_caption", "edit_prompt", "source_image",
                      "edited_image")
@@ -121,11 +129,18 @@ class _Index:
             pf = pq.ParquetFile(f)
             n = pf.metadata.num_rows
             idx = (pf.read(columns=["idx"]).column("idx").to_pylist()
-                   if "idx" in pf.schema_arrow.names else list(range(n)))
+                   if "idx" in pf.schema_arrow.names else [None] * n)
             split = split_of(f)
             for r in range(n):
                 self.items.append((fi, r))
-                self.keys.append(f"ultraedit:{split}:{idx[r]}")
+                # without an idx, the row's place: row numbers restart in every chunk
+                self.keys.append(f"ultraedit:{split}:"
+                                 + (str(idx[r]) if idx[r] is not None else f"{f.stem}#{r}"))
+
+    def source(self, item: int) -> str:
+        """Where item is, as rejects and anchors record it: `<file>#<row>`."""
+        fi, r = self.items[item]
+        return f"{self.files[fi]}#{r}"
 
     def read(self, items: list[int]) -> list[dict]:
         """The rows of items (any order), reading only the row groups that hold them."""
@@ -148,9 +163,21 @@ class _Index:
             for it, r in wanted:
                 g = max(g for g, st in enumerate(starts) if st <= r)
                 row = table.slice(first[g] + r - starts[g], 1).to_pylist()[0]
-                row["_file"], row["_row"] = str(self.files[fi]), r
+                row["_file"], row["_row"], row["_source"] = str(self.files[fi]), r, \
+                    self.source(it)
                 out[it] = row
         return [out[it] for it in items]
+
+
+def _row_sha256(row: dict) -> str:
+    """The sha256 of a row's image bytes (source, edited, mask, each length-prefixed): what a
+    reject of the row records, so that a retry can tell the same bytes from new ones."""
+    h = hashlib.sha256()
+    for col in ("source_image", "edited_image", "mask_image"):
+        b = _image_bytes(row.get(col)) or b""
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
 
 
 def _image_bytes(value: Any) -> bytes | None:
@@ -181,10 +208,17 @@ class UltraEditImportStage(Stage):
         self.limit = limit
 
     def items(self, cat: Catalog, selection: Selection, force: bool) -> pl.DataFrame:
-        # Rows already imported are skipped even with force: a row is one edit, never two.
-        done = {r[0] for r in cat.con.execute(
+        # One row per edit not yet imported, even with force: a row is one edit, never two,
+        # and an idx repeated in these files is imported once. Rejected rows wait for --force,
+        # as in ingest; meanwhile a later copy of the same idx is tried in their place.
+        taken = {r[0] for r in cat.con.execute(
             "SELECT external_id FROM edits WHERE external_id LIKE 'ultraedit:%'").fetchall()}
-        todo = [i for i, k in enumerate(self.index.keys) if k not in done]
+        rejected = set() if force else recorded_sources(cat, anchors=False)
+        todo = []
+        for i, k in enumerate(self.index.keys):
+            if k not in taken and self.index.source(i) not in rejected:
+                todo.append(i)
+                taken.add(k)
         if self.limit is not None:
             todo = todo[:self.limit]
         return pl.DataFrame({"item": todo}, schema={"item": pl.Int64})
@@ -200,7 +234,7 @@ class UltraEditImportStage(Stage):
         ws = ctx.workspace
         good, bad = [], []
         for row, data in zip(rows, prepared):
-            where = f"{data['_file']}#{data['_row']}"
+            where = data["_source"]
             try:
                 media = {}
                 for col in ("source_image", "edited_image"):
@@ -233,15 +267,14 @@ class UltraEditImportStage(Stage):
                                    "mask_contours": f.contours}
                 good.append(rec)
             except BadImage as e:
-                bad.append({"source_path": where, "reason": str(e)})
+                bad.append({"source_path": where, "reason": str(e), "sha256": _row_sha256(data)})
         return BatchResult(extra={"good": good, "bad": bad})
 
     def write(self, cat: Catalog, result: BatchResult, run_id: int) -> None:
         at = now()
         good = result.extra["good"]
-        known = dict(cat.con.execute(
-            "SELECT sha256, anchor_id FROM anchors WHERE sha256 IN (SELECT unnest(?))",
-            [[g["anchor"]["sha256"] for g in good]]).fetchall())
+        known = {sha: aid for sha, (aid, _) in
+                 known_anchors(cat, [g["anchor"]["sha256"] for g in good]).items()}
         anchor_id = cat.next_id("anchors")
         edit_id = cat.next_id("edits")
         cand_id = cat.next_id("candidates")
@@ -302,9 +335,7 @@ class UltraEditImportStage(Stage):
             cat.insert_rows("candidates", pl.DataFrame(cands, schema_overrides={
                 s: pl.Float64 for s in SCORES}))
         bad = result.extra["bad"]
-        if bad:
-            cat.insert_rows("ingest_rejects", pl.DataFrame(
-                [{**b, "run_id": run_id, "rejected_at": at} for b in bad]))
+        record_rejects(cat, bad, run_id)
         result.failed = {i: b["reason"] for i, b in enumerate(bad)}
 
 
@@ -313,13 +344,16 @@ def import_ultraedit(ws, paths: list[str | Path], *, limit: int | None = None,
                      progress: bool = True):
     """Import published UltraEdit parquet files (or folders of them, e.g. a clone of the hub
     repo) into ws; returns the run's summary (rows_done imported, rows_failed rejected)."""
-    files: list[Path] = []
+    files: dict[Path, None] = {}
     for p in map(Path, paths):
         if not p.exists():
             raise UltracurateError(f"{p}: no such file or folder")
         if not is_ultraedit_layout(p):
             raise UltracurateError(f"{p}: not UltraEdit's published parquet layout (needs "
                                    f"columns {', '.join(PUBLISHED_COLUMNS)})")
-        files += parquet_files(p)
+        # absolute, so that a row's source is the same from any folder; a file named twice
+        # (itself and its folder) is read once
+        files.update((f.resolve(), None) for f in parquet_files(p))
+    files = list(files)
     return run_stage(ws, UltraEditImportStage(files, limit=limit), force=force,
                      batch_size=batch_size, progress=progress)

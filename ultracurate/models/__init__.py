@@ -87,8 +87,11 @@ def make_tiny(folder: str | Path, roles: tuple[str, ...] = ROLES) -> dict[str, s
 
 
 def describe(ws, roles: tuple[str, ...]) -> dict:
-    """What a run records about its models: the reference of each role, and library versions."""
+    """What a run records about its models: the reference of each role, the workspace's
+    profile (a dataset card says 'tiny random weights' from it), and library versions."""
     out: dict[str, Any] = {}
+    if roles and ws is not None:
+        out["profile"] = ws.section("models").get("profile", "ultraedit")
     for role in roles:
         try:
             out[role] = resolve(ws, role)

@@ -108,6 +108,16 @@ class ClipModel:
         """Token ids (N, 77); longer captions are truncated (end token kept)."""
         return self.tokenizer(list(texts))
 
+    def truncated(self, texts: Sequence[str]) -> list[bool]:
+        """Which texts are longer than the 77-token context (start and end tokens included),
+        i.e. lose words in `tokenize`."""
+        if len(texts) == 0:
+            return []
+        # one position more than the context: a text that needs it is one tokenize cuts
+        # (CLIP's BPE tokenizer pads with 0)
+        longer = self.tokenizer(list(texts), context_length=CONTEXT_LENGTH + 1)
+        return (longer[:, CONTEXT_LENGTH] != 0).tolist()
+
     def encode_tokens(self, tokens) -> "torch.Tensor":  # noqa: F821
         import torch
         if len(tokens) == 0:

@@ -2,7 +2,8 @@
 
 Rows are grouped by one or more columns of candidates_v (edit_type by default; e.g. also
 mask_class). The pool is the selected rows whose effective status is 'accepted' (human
-decisions included) and that are not marked as duplicates. Per group:
+decisions included) and that are not marked as duplicates (of an edited image, or made from a
+near-duplicate anchor): run `dedup` before `balance`. Per group:
 
 - `cap=N`: keep at most N rows of each group;
 - `target=N`: about N rows in all, spread as evenly as the groups allow: every group gets the
@@ -25,7 +26,10 @@ from ..catalog import Catalog
 from ..errors import UltracurateError
 from ..selection import Selection, selected_keys_sql
 
-POOL_WHERE = "status = 'accepted' AND duplicate_of IS NULL"
+# The rows balance chooses from, and (with `selected IS NOT FALSE`) what export takes by default:
+# accepted, not a duplicate edited image, not made from a near-duplicate anchor.
+POOL_WHERE = ("status = 'accepted' AND duplicate_of IS NULL "
+              "AND anchor_duplicate_of IS NULL")
 
 
 @dataclass

@@ -11,7 +11,9 @@ Rows are visited in id order; a row whose cosine similarity to an earlier row re
 threshold is a duplicate of it (of the earlier row's own original, when that one is itself a
 duplicate), so every duplicate points at a kept row and the lowest id of a cluster is kept.
 `duplicate_of` (and `dedup_run`) is rewritten for every row considered: a rerun with another
-threshold clears marks that no longer hold. Balance leaves duplicates out.
+threshold clears marks that no longer hold. Balance and export leave duplicates out, and the
+candidates of a duplicate anchor too (`anchor_duplicate_of` in candidates_v); so dedup runs
+before balance.
 """
 
 from __future__ import annotations

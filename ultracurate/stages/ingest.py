@@ -6,6 +6,10 @@ jsonl/csv/parquet table with path and caption columns, and Hugging Face datasets
 oversized images are caught), deduplicated by the sha256 of its bytes, and its original bytes
 are copied into the media store. A file that cannot be used is recorded in ingest_rejects with
 a one-line reason; it never stops the ingest and never leaves half a row.
+
+A rerun skips what was recorded (anchors and rejects, by source); `--force` looks at every source
+again, and a source rejected before for the same bytes adds no second reject row
+(`recorded_sources` and `record_rejects`, shared with the UltraEdit importer).
 """
 
 from __future__ import annotations
@@ -157,6 +161,53 @@ def _from_hf_disk(folder: Path) -> list[Item]:
     return out
 
 
+# -- what an ingest has recorded -------------------------------------------------------------
+def recorded_sources(cat: Catalog, anchors: bool = True) -> set[str]:
+    """Sources an ingest has recorded, as a reject (and, with anchors, as an anchor): a rerun
+    without --force skips them."""
+    sql = "SELECT source_path FROM ingest_rejects"
+    if anchors:
+        sql += " UNION SELECT source_path FROM anchors"
+    return {r[0] for r in cat.con.execute(sql).fetchall()}
+
+
+def known_anchors(cat: Catalog, shas: list[str]) -> dict[str, tuple[int, str]]:
+    """sha256 -> (anchor_id, source_path) of the anchors among shas."""
+    shas = list(dict.fromkeys(shas))
+    if not shas:
+        return {}
+    # a literal IN list: DuckDB answers it from the sha256 index, `IN (SELECT unnest(?))`
+    # scans the table (bench/catalog.py: anchor_lookup)
+    marks = ", ".join("?" * len(shas))
+    return {sha: (aid, src) for sha, aid, src in cat.con.execute(
+        f"SELECT sha256, anchor_id, source_path FROM anchors WHERE sha256 IN ({marks})",
+        shas).fetchall()}
+
+
+def record_rejects(cat: Catalog, bad: list[dict], run_id: int) -> None:
+    """Insert bad ({source_path, reason, sha256}) into ingest_rejects, once per source and
+    bytes: a source already rejected for the same bytes (a forced rerun, the same row twice in
+    a batch) adds no row."""
+    if not bad:
+        return
+    once: dict[tuple, dict] = {}
+    for b in bad:
+        once.setdefault((b["source_path"], b.get("sha256")), b)
+    at = now()
+    df = pl.DataFrame([{"source_path": b["source_path"], "reason": b["reason"],
+                        "sha256": b.get("sha256"), "run_id": run_id, "rejected_at": at}
+                       for b in once.values()], schema_overrides={"sha256": pl.String})
+    cat.con.register("_rejects", df.to_arrow())
+    try:
+        cat.con.execute(
+            "INSERT INTO ingest_rejects (source_path, reason, sha256, run_id, rejected_at) "
+            "SELECT source_path, reason, sha256, run_id, rejected_at FROM _rejects r "
+            "WHERE NOT EXISTS (SELECT 1 FROM ingest_rejects x WHERE x.source_path = "
+            "r.source_path AND x.sha256 IS NOT DISTINCT FROM r.sha256)")
+    finally:
+        cat.con.unregister("_rejects")
+
+
 # -- the stage ------------------------------------------------------------------------------
 class IngestStage(Stage):
     name = "ingest"
@@ -174,11 +225,7 @@ class IngestStage(Stage):
 
     def items(self, cat: Catalog, selection: Selection, force: bool) -> pl.DataFrame:
         """Sources not yet recorded (as an anchor or a reject): an ingest resumes."""
-        seen = set()
-        if not force:
-            seen = {r[0] for r in cat.con.execute(
-                "SELECT source_path FROM anchors UNION ALL "
-                "SELECT source_path FROM ingest_rejects").fetchall()}
+        seen = set() if force else recorded_sources(cat)
         todo = [i for i, it in enumerate(self._items) if it.source not in seen]
         return pl.DataFrame({"item": todo}, schema={"item": pl.Int64})
 
@@ -190,6 +237,7 @@ class IngestStage(Stage):
         good, bad = [], []
         for row in rows:
             it = self._items[row["item"]]
+            sha = None
             try:
                 if it.data is not None:
                     data = it.data
@@ -200,8 +248,8 @@ class IngestStage(Stage):
                         raise BadImage(f"{it.source}: file not found") from None
                     except IsADirectoryError:
                         raise BadImage(f"{it.source}: is a folder") from None
-                info, _ = inspect_image(data, it.source, self.max_pixels)
                 sha = hashlib.sha256(data).hexdigest()
+                info, _ = inspect_image(data, it.source, self.max_pixels)
                 ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp",
                        "TIFF": "tif", "GIF": "gif"}.get(info.format, "img")
                 name = ws.media.put_bytes(data, ext)
@@ -211,7 +259,7 @@ class IngestStage(Stage):
                              "orig_mode": info.mode, "conversion": info.conversion,
                              "captions": it.captions, "external_id": it.external_id})
             except BadImage as e:
-                bad.append({"source_path": it.source, "reason": str(e)})
+                bad.append({"source_path": it.source, "reason": str(e), "sha256": sha})
         return BatchResult(extra={"good": good, "bad": bad},
                            failed={i: "" for i in range(len(bad))})
 
@@ -220,24 +268,22 @@ class IngestStage(Stage):
             return  # the batch raised: nothing to record, its items stay pending for a rerun
         at = now()
         rows = []
-        known = dict(cat.con.execute("SELECT sha256, anchor_id FROM anchors WHERE sha256 IN "
-                                     "(SELECT unnest(?))",
-                                     [[g["sha256"] for g in result.extra["good"]]]).fetchall())
+        known = known_anchors(cat, [g["sha256"] for g in result.extra["good"]])
         bad = list(result.extra["bad"])
         next_id = cat.next_id("anchors")
         for g in result.extra["good"]:
             if g["sha256"] in known:
-                bad.append({"source_path": g["source_path"],
-                            "reason": f"{g['source_path']}: duplicate of anchor "
-                                      f"{known[g['sha256']]} (same bytes)"})
+                aid, src = known[g["sha256"]]
+                if src != g["source_path"]:  # else: this very file, met again by --force
+                    bad.append({"source_path": g["source_path"], "sha256": g["sha256"],
+                                "reason": f"{g['source_path']}: duplicate of anchor {aid} "
+                                          "(same bytes)"})
                 continue
-            known[g["sha256"]] = next_id
+            known[g["sha256"]] = (next_id, g["source_path"])
             rows.append({"anchor_id": next_id, **g, "ingest_run": run_id, "ingested_at": at})
             next_id += 1
         if rows:
             cat.insert_rows("anchors", pl.DataFrame(rows, schema_overrides={
                 "captions": pl.List(pl.String), "external_id": pl.String}))
-        if bad:
-            cat.insert_rows("ingest_rejects", pl.DataFrame(
-                [{**b, "run_id": run_id, "rejected_at": at} for b in bad]))
+        record_rejects(cat, bad, run_id)
         result.failed = {i: "" for i in range(len(bad))}
