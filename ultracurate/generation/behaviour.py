@@ -60,6 +60,7 @@ class Method:
     added_conditioning = True
     processor = RefineProcessor
     pairs_per_call = {"free": 16, "region": 16}  # the default; a plan may choose another
+    region_at_native_size = False     # region calls run at any size
 
     # seed planning: one seed per candidate, from (run seed, edit, index)
     def seed(self, run_seed: int, edit_id: int, index: int, mode: str, group: int) -> int:
@@ -67,6 +68,11 @@ class Method:
 
     def sample_params(self, seed: int, mode: str, device: str = "cpu") -> dict:
         return P.sample_method(seed, mode)
+
+    def draw_call_params(self, pairs, mode: str, device: str = "cpu") -> None:
+        """Each candidate's parameters from its own seed."""
+        for p in pairs:
+            p.params = self.sample_params(p.seed, mode, device)
 
     def noise(self, pairs, device) -> PerPairNoise:
         return PerPairNoise([p.seed for p in pairs], device)
@@ -113,6 +119,7 @@ class Compat:
     added_conditioning = False          # the driver sets unet.config.addition_embed_type = None
     processor = CompatProcessor
     pairs_per_call = {"free": 7, "region": 6}   # the released driver's batches
+    region_at_native_size = True      # the inpaint pipeline works at unet.sample_size * 8
 
     # seed planning: one 32-bit seed per released call (the edits of a mode, taken
     # PAIRS_PER_CALL at a time, per candidate index)
@@ -121,6 +128,13 @@ class Compat:
 
     def sample_params(self, seed: int, mode: str, device: str = "cpu") -> dict:
         return P.sample_compat(seed, mode, device)
+
+    def draw_call_params(self, pairs, mode: str, device: str = "cpu") -> None:
+        """The call's parameters from its seed (pairs[0].seed), shared by its pairs. Seeds
+        the global generators: call it right before run_pairs."""
+        prm = self.sample_params(pairs[0].seed, mode, device)
+        for p in pairs:
+            p.params = dict(prm)
 
     def noise(self, pairs, device) -> GlobalNoise:
         return GlobalNoise(device)

@@ -247,7 +247,7 @@ def generate_compat(pipe, pairs: list[Pair], seed: int, mode: str, **kw) -> tupl
     caption is the attention base of every prompt). Returns (images, parameters). Raises
     behaviour.CallDropped where the released generator fails (its driver drops the call)."""
     bh = get(COMPAT)
-    prm = bh.sample_params(seed, mode, str(pipe.unet.device))
     for p in pairs:
-        p.params, p.seed = dict(prm), seed
-    return run_pairs(pipe, pairs, bh, **kw), prm
+        p.seed = seed
+    bh.draw_call_params(pairs, mode, str(pipe.unet.device))
+    return run_pairs(pipe, pairs, bh, **kw), dict(pairs[0].params)

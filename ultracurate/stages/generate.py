@@ -260,11 +260,11 @@ class GenerateStage(Stage):
     def process(self, rows: list[dict], prepared: dict, ctx: Context) -> BatchResult:
         """Render the batch's calls, one model call each (a call's rows are all here: the
         runner never splits a gen_call)."""
-        from ..generation import Pair, generate_compat, run_pairs
+        from ..generation import Pair, run_pairs
         from ..masks import soft_mask_settings
 
         failed: dict[int, str] = {}
-        dropped: dict[int, str] = {}
+        dropped: dict[int, tuple[str, str]] = {}     # id -> (reason, planned gen_params)
         calls: dict[object, list[tuple[dict, Pair]]] = {}
         for r in rows:
             anchor = prepared.get(r["anchor_media"])
@@ -281,17 +281,13 @@ class GenerateStage(Stage):
         with ThreadPoolExecutor(self.write_threads) as pool:
             for members in calls.values():
                 crows, pairs = [r for r, _ in members], [p for _, p in members]
-                behaviour, mode = crows[0]["gen_behaviour"], json.loads(
-                    crows[0]["gen_params"])["mode"]
+                bh = BEHAVIOURS[crows[0]["gen_behaviour"]]
+                mode = json.loads(crows[0]["gen_params"])["mode"]
                 try:
-                    if behaviour == COMPAT and mode == "region":
+                    if mode == "region" and bh.region_at_native_size:
                         self._check_native_size()
-                    if behaviour == COMPAT:
-                        images, _ = generate_compat(self.pipe, pairs, pairs[0].seed, mode)
-                    else:
-                        for p in pairs:
-                            p.params = BEHAVIOURS[behaviour].sample_params(p.seed, mode)
-                        images = run_pairs(self.pipe, pairs, behaviour)
+                    bh.draw_call_params(pairs, mode, str(self.pipe.unet.device))
+                    images = run_pairs(self.pipe, pairs, bh)
                 except CallDropped as e:  # the released driver drops the whole call
                     dropped.update({r["candidate_id"]: (f"dropped: {e}", r["gen_params"])
                                     for r in crows})
