@@ -54,9 +54,13 @@ def build(ws: Workspace, n: int) -> float:
         con.execute("SET preserve_insertion_order = false")
         con.execute(f"""
             INSERT INTO anchors (anchor_id, sha256, media, source_path, dataset, width, height,
-                                 format, orig_mode, conversion, captions, ingested_at)
+                                 format, orig_mode, conversion, ingested_at)
             SELECT i, md5(i::VARCHAR), md5(i::VARCHAR) || '.jpg', '/data/coco/' || i || '.jpg',
-                   'coco', 640, 480, 'JPEG', 'RGB', '', ['a photo number ' || i], now()
+                   'coco', 640, 480, 'JPEG', 'RGB', '', now()
+            FROM range(1, {n_anchors} + 1) t(i)""")
+        con.execute(f"""
+            INSERT INTO anchor_captions (anchor_id, caption_index, caption, source, created_at)
+            SELECT i, 0, 'a photo number ' || i, 'coco', now()
             FROM range(1, {n_anchors} + 1) t(i)""")
         con.execute(f"""
             INSERT INTO edits (edit_id, anchor_id, source_caption, instruction, target_caption,

@@ -77,7 +77,7 @@ def build(root: Path, rows: int, size: int) -> Workspace:
             gp["mask"] = soft_mask_settings("ultraedit", 0.5, (size,), rle=rle,
                                             height=ANCHOR_H, width=ANCHOR_W)
         anchors.append({"anchor_id": i + 1, "sha256": s_name.split(".")[0], "media": s_name,
-                        "width": ANCHOR_W, "height": ANCHOR_H, "captions": [f"photo {i}"]})
+                        "width": ANCHOR_W, "height": ANCHOR_H})
         edits.append({"edit_id": i + 1, "anchor_id": i + 1, "source_caption": f"photo {i}",
                       "instruction": f"edit number {i}", "target_caption": f"photo {i} edited",
                       "edit_object": "object" if region else "NONE",
@@ -93,8 +93,7 @@ def build(root: Path, rows: int, size: int) -> Workspace:
                       "gen_params": json.dumps(gp)})
     with ws.catalog() as cat:
         cat.con.execute("BEGIN")
-        cat.insert_rows("anchors", pl.DataFrame(anchors, schema_overrides={
-            "captions": pl.List(pl.String)}))
+        cat.insert_rows("anchors", pl.DataFrame(anchors))
         cat.insert_rows("edits", pl.DataFrame(edits))
         cat.insert_rows("candidates", pl.DataFrame(cands))
         cat.con.execute("COMMIT")

@@ -54,7 +54,7 @@ def make_workspace(root: Path, n: int, size: int):
     for a in range(1, n_anchors + 1):
         img = rng.integers(0, 255, (size, size, 3), np.uint8)
         anchors.append(dict(anchor_id=a, sha256=f"{a:064x}", media=png(img), width=size,
-                            height=size, captions=[f"photo {a}"], ingested_at=now()))
+                            height=size, ingested_at=now()))
     for cid in range(1, n + 1):
         a = (cid - 1) % n_anchors + 1
         mode = "region" if cid % 2 else "free"

@@ -54,8 +54,8 @@ def build_workspace(root: Path, pairs: int, size: int, per_edit: int, models: di
 
     with ws.catalog() as cat:
         anchor = ws.media.put_bytes(variant(0), "jpg")
-        cat.con.execute("INSERT INTO anchors (anchor_id, sha256, media, width, height, "
-                        "captions) VALUES (1, 'x', ?, ?, ?, ['a photo'])", [anchor, size, size])
+        cat.con.execute("INSERT INTO anchors (anchor_id, sha256, media, width, height) "
+                        "VALUES (1, 'x', ?, ?, ?)", [anchor, size, size])
         n_edits = (pairs + per_edit - 1) // per_edit
         edits = pl.DataFrame({
             "edit_id": list(range(1, n_edits + 1)), "anchor_id": [1] * n_edits,

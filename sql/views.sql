@@ -2,8 +2,19 @@
 -- new column shows up here without a migration of its own. Column names are unique across the
 -- join so that a user writes edit_type = 'replace' wherever they select.
 
+-- captions: the anchor's usable captions in order of arrival (caption_sources beside them,
+-- one source per caption); [] when it has none. A predicate on them aggregates
+-- anchor_captions, so it costs seconds at millions of anchors (bench/results/caption.md).
 CREATE OR REPLACE VIEW anchors_v AS
-SELECT a.* FROM anchors a;
+SELECT a.*,
+       coalesce(c.captions, []) AS captions,
+       coalesce(c.caption_sources, []) AS caption_sources
+FROM anchors a LEFT JOIN (
+    SELECT anchor_id,
+           list(caption ORDER BY caption_index) AS captions,
+           list(source ORDER BY caption_index) AS caption_sources
+    FROM anchor_captions WHERE invalid_reason IS NULL GROUP BY anchor_id
+) c USING (anchor_id);
 
 CREATE OR REPLACE VIEW edits_v AS
 SELECT e.*,

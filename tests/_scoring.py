@@ -19,7 +19,7 @@ def add_candidates(ws, n_edits: int = 6, per_edit: int = 4, modes=("free", "regi
     source = the anchor at size x size, edited = a brightness/contrast-changed copy (candidate
     index 0 of each edit is identical to its source). Returns the candidate rows."""
     with ws.catalog() as cat:
-        anchors = cat.query("SELECT anchor_id, media, captions FROM anchors ORDER BY anchor_id")
+        anchors = cat.query("SELECT anchor_id, media, captions FROM anchors_v ORDER BY anchor_id")
         eid0 = cat.next_id("edits")
         cid0 = cat.next_id("candidates")
         edits, cands = [], []

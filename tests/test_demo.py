@@ -1,9 +1,10 @@
-"""The main job: `ultracurate demo` runs every stage on the bundled photos with tiny models and
-ends in a loadable Hugging Face export and an HTML report."""
+"""The main job: `ultracurate demo` runs every stage on the bundled photos with tiny models (some
+photos ingested without captions, captioned by the tiny captioner) and ends in a loadable
+Hugging Face export and an HTML report."""
 
 import pytest
 
-from ultracurate.demo import run_demo
+from ultracurate.demo import DEMO_UNCAPTIONED, run_demo
 from ultracurate.errors import UltracurateError
 from ultracurate.workspace import Workspace
 
@@ -13,8 +14,13 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     import datasets
     out = tmp_path / "demo"
     steps = run_demo(out, progress=False)
-    for stage in ("ingest", "instruct", "ground", "classify_masks", "score"):
+    for stage in ("ingest", "caption", "instruct", "ground", "classify_masks", "score"):
         assert steps[stage]["state"] == "completed" and steps[stage]["rows_failed"] == 0, stage
+    # photos ingested without captions got theirs from the tiny captioner ...
+    assert steps["ingest"]["anchors_without_caption"] == len(DEMO_UNCAPTIONED)
+    assert steps["caption"]["rows_done"] == steps["caption"]["captions_added"] == \
+        len(DEMO_UNCAPTIONED)
+    assert steps["caption"]["anchors_without_caption"] == 0
     assert steps["generate"]["run"]["rows_done"] > 0
     ws = Workspace(out)
     with ws.catalog(read_only=True) as cat:
@@ -22,10 +28,24 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
                                       "GROUP BY ALL").fetchall())
         types = cat.scalar("SELECT count(DISTINCT edit_type) FROM edits")
         stages = {r[0] for r in cat.con.execute("SELECT DISTINCT stage FROM runs").fetchall()}
+        # ... and flow through the whole pipeline: their model captions became edits whose
+        # candidates were generated, scored and decided by the filter
+        flow = cat.query(
+            "SELECT a.external_id, c.caption, c.model, c.prompt, count(DISTINCT e.edit_id) AS "
+            "edits, count(cv.candidate_id) FILTER (WHERE cv.status IN ('accepted', "
+            "'rejected')) AS decided FROM anchors a JOIN anchor_captions c USING (anchor_id) "
+            "JOIN edits e ON e.anchor_id = a.anchor_id AND e.source_caption = c.caption "
+            "LEFT JOIN candidates_v cv ON cv.edit_id = e.edit_id "
+            "WHERE c.source = 'caption:captioner' GROUP BY ALL ORDER BY 1")
+    assert sorted(r["external_id"] for r in flow) == sorted(DEMO_UNCAPTIONED)
+    for r in flow:
+        assert r["edits"] == 2 and r["decided"] > 0, r
+        assert r["model"].endswith("models/tiny/captioner")
+        assert r["prompt"] == "caption-v1+grammar:tiny-caption"
     assert counts.get("accepted", 0) > 0 and counts.get("rejected", 0) > 0  # the filter decided
     assert types == 9
-    assert {"ingest", "instruct", "ground", "classify-masks", "generate", "score", "filter",
-            "balance", "dedup", "review", "export"} <= stages
+    assert {"ingest", "caption", "instruct", "ground", "classify-masks", "generate", "score",
+            "filter", "balance", "dedup", "review", "export"} <= stages
     ds = datasets.load_dataset(str(out / "exports" / "hf"))
     rows = sum(len(split) for split in ds.values())
     assert rows == steps["export"]["rows"] > 0

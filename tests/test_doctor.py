@@ -59,10 +59,12 @@ def test_doctor_text_output_and_success(ws, tiny_dir, capsys):
     from ultracurate.models import ROLES, make_tiny
     make_tiny(tiny_dir, ("clip",))
     ws.set_config("models", {r: str(tiny_dir / "clip") for r in ROLES if r != "llm"}
-                  | {"llm": "rule"})
+                  | {"llm": "rule", "captioner": "http://me:pw@127.0.0.1:9/v1#vlm"})
     main(["doctor", "-w", str(ws.root), "--skip", "fiftyone", "--skip", "ray"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert all(line.split()[0] in ("OK", "WARN") for line in lines)
+    served = next(line for line in lines if line.split()[:3] == ["OK", "model", "captioner"])
+    assert "http://127.0.0.1:9/v1#vlm (a served model" in served and "pw" not in served
     assert any(line.split()[:2] == ["OK", "catalog"] for line in lines)
     assert sum(line.split()[1] == "model" for line in lines) == len(ROLES)
 

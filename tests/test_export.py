@@ -31,7 +31,7 @@ def add_candidates(ws, n_anchors: int = 4, statuses=("accepted", "accepted", "re
     rectangular region mask. Returns {candidate_id: row facts} for the tests to compare with."""
     facts = {}
     with ws.catalog() as cat:
-        anchors = cat.query("SELECT anchor_id, media, width, height, captions FROM anchors "
+        anchors = cat.query("SELECT anchor_id, media, width, height, captions FROM anchors_v "
                             f"ORDER BY anchor_id LIMIT {n_anchors}")
         edits, cands = [], []
         eid = cid = 1

@@ -22,6 +22,7 @@ from ultracurate.models import make_tiny
 from ultracurate.runner import run_stage
 from ultracurate.stages.ingest import IngestStage, discover
 
+from _anchors import set_captions
 from _exports import by_idx, read_export
 from _scoring import add_candidates
 
@@ -76,8 +77,9 @@ def flow_ws(ingested_ws, tiny_dir, tmp_path):
     (folder / "copy.jpg").write_bytes(buf.getvalue())
     run_stage(ws, IngestStage(discover([folder])), progress=False)
     with ws.catalog() as cat:
-        cat.con.execute("UPDATE anchors SET captions = ['a copy of the first photo'] "
-                        "WHERE len(captions) = 0")
+        bare = [r[0] for r in cat.con.execute(
+            "SELECT anchor_id FROM anchors_v WHERE len(captions) = 0").fetchall()]
+        set_captions(cat, {aid: ["a copy of the first photo"] for aid in bare})
     c = add_candidates(ws, n_edits=12, per_edit=3)
     ids = c["candidate_id"].to_list()
     with ws.catalog() as cat:

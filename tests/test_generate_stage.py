@@ -29,7 +29,7 @@ def add_edits(ws) -> dict[str, int]:
     region edit without a mask, one with an over-long caption. Returns name -> edit_id."""
     make_tiny(ws.section("models")["tiny_dir"], ("editor",))
     with ws.catalog() as cat:
-        an = cat.query("SELECT anchor_id, captions, width, height FROM anchors "
+        an = cat.query("SELECT anchor_id, captions, width, height FROM anchors_v "
                        "ORDER BY anchor_id")
         m = np.zeros((an[2]["height"], an[2]["width"]), bool)
         m[an[2]["height"] // 4: an[2]["height"] * 3 // 4, an[2]["width"] // 3:] = True

@@ -38,7 +38,7 @@ def add_edits(ws, per_anchor=OBJECTS, extra=True) -> list[dict]:
     """Region edits (one per object per anchor), plus a free edit and a NONE region edit that
     ground must leave alone."""
     with ws.catalog() as cat:
-        anchors = cat.query("SELECT anchor_id, captions FROM anchors ORDER BY anchor_id")
+        anchors = cat.query("SELECT anchor_id, captions FROM anchors_v ORDER BY anchor_id")
         eid = cat.next_id("edits")
         rows = []
         for a in anchors:

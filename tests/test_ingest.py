@@ -49,6 +49,9 @@ def corpus(tmp_path, demo_photos):
     assert (d / "bomb.png").stat().st_size < 200_000
     # the same bytes twice: one anchor
     (d / "z_copy_of_plain.jpg").write_bytes((d / "plain.jpg").read_bytes())
+    # a symbolic link whose target is gone, and one that points at itself
+    (d / "dangling.jpg").symlink_to(tmp_path / "moved-away.jpg")
+    (d / "loop.jpg").symlink_to(d / "loop.jpg")
     table = tmp_path / "table.jsonl"
     rows = [{"path": str(d / "plain.jpg"), "caption": "a cat"},
             {"path": str(tmp_path / "missing.jpg"), "caption": "gone"}]
@@ -60,15 +63,24 @@ def test_bad_input_corpus(ws, corpus):
     folder, table = corpus
     summary = _ingest(ws, [folder, table])
     with ws.catalog(read_only=True) as cat:
-        anchors = {r["source_path"].split("/")[-1]: r for r in cat.query("SELECT * FROM anchors")}
+        anchors = {r["source_path"].split("/")[-1]: r for r in cat.query("SELECT * FROM anchors_v")}
         rejects = {r["source_path"].split("/")[-1]: r["reason"]
                    for r in cat.query("SELECT * FROM ingest_rejects")}
     assert set(anchors) == {"plain.jpg", "rotated.jpg", "cmyk.jpg", "palette.png",
                             "alpha.png", "sixteen.png"}
     assert set(rejects) == {"zero.jpg", "notes.png", "truncated.jpg", "garbage.jpg",
-                            "bomb.png", "z_copy_of_plain.jpg", "missing.jpg"}
+                            "bomb.png", "z_copy_of_plain.jpg", "missing.jpg",
+                            "dangling.jpg", "loop.jpg"}
     for name, reason in rejects.items():
         assert name in reason and "\n" not in reason
+        assert " at 0x" not in reason and "object" not in reason, reason
+    assert rejects["dangling.jpg"].endswith("dangling.jpg: broken symbolic link")
+    assert "loop.jpg: cannot read (" in rejects["loop.jpg"]
+    # equal reasons group in `stats` (no per-process object address in them)
+    from ultracurate.stats import catalog_stats
+    with ws.catalog(read_only=True) as cat:
+        by_reason = catalog_stats(cat)["ingest_reject_reasons"]
+    assert by_reason["not a readable image (cannot identify image file)"] == 2
     assert "empty file" in rejects["zero.jpg"]
     assert "pixel limit" in rejects["bomb.png"]
     assert "file not found" in rejects["missing.jpg"]
@@ -88,7 +100,7 @@ def test_bad_input_corpus(ws, corpus):
         assert im.mode == "RGB" and im.size == (a["width"], a["height"])
     # 16-bit data is scaled, not clipped to white
     assert 30 < np.asarray(load_rgb(ws.media.path(anchors["sixteen.png"]["media"]))).mean() < 220
-    assert summary.rows_in == 13 and summary.rows_failed == 7
+    assert summary.rows_in == 15 and summary.rows_failed == 9
     assert not list((ws.root / "media" / "tmp").glob("*"))
 
 
@@ -100,9 +112,9 @@ def test_a_second_ingest_changes_nothing(ws, corpus, force):
     folder, table = corpus
     _ingest(ws, [folder, table])
     before = catalog_rows(ws)
-    assert len(before["anchors"]) == 6 and len(before["ingest_rejects"]) == 7
+    assert len(before["anchors"]) == 6 and len(before["ingest_rejects"]) == 9
     s = run_stage(ws, IngestStage(discover([folder, table])), force=force, progress=False)
-    assert s.rows_in == (13 if force else 0) and s.rows_failed == (7 if force else 0)
+    assert s.rows_in == (15 if force else 0) and s.rows_failed == (9 if force else 0)
     assert catalog_rows(ws) == before
 
 
@@ -112,11 +124,11 @@ def test_a_fixed_file_is_ingested_by_a_forced_rerun(ws, corpus, demo_photos):
     (folder / "truncated.jpg").write_bytes((demo_photos.parent / "coffee.jpg").read_bytes())
     assert _ingest(ws, [folder, table]).rows_in == 0  # rejected sources wait for --force
     s = run_stage(ws, IngestStage(discover([folder, table])), force=True, progress=False)
-    assert s.rows_failed == 6  # the six other bad files, the same bytes: no new reject rows
+    assert s.rows_failed == 8  # the eight other bad files, the same bytes: no new reject rows
     with ws.catalog(read_only=True) as cat:
         assert cat.scalar("SELECT count(*) FROM anchors WHERE source_path LIKE "
                           "'%truncated.jpg'") == 1
-        assert cat.scalar("SELECT count(*) FROM ingest_rejects") == 7  # the old one stays
+        assert cat.scalar("SELECT count(*) FROM ingest_rejects") == 9  # the old one stays
 
 
 def test_captions_and_rerun_skips_what_was_done(ws, demo_photos):
@@ -124,7 +136,7 @@ def test_captions_and_rerun_skips_what_was_done(ws, demo_photos):
     s2 = _ingest(ws, [demo_photos])
     assert (s1.rows_done, s2.rows_in) == (9, 0)
     with ws.catalog(read_only=True) as cat:
-        row = cat.query("SELECT * FROM anchors WHERE external_id = 'astronaut'")[0]
+        row = cat.query("SELECT * FROM anchors_v WHERE external_id = 'astronaut'")[0]
         assert len(row["captions"]) == 3 and "astronaut" in row["captions"][0]
         assert cat.scalar("SELECT count(*) FROM runs WHERE stage = 'ingest'") == 2
         assert cat.scalar("SELECT count(DISTINCT sha256) FROM anchors") == 9
@@ -142,7 +154,7 @@ def test_coco_captions_json(ws, demo_photos, tmp_path):
     (coco / "captions_val.json").write_text(json.dumps(doc))
     _ingest(ws, [coco / "captions_val.json"])
     with ws.catalog(read_only=True) as cat:
-        rows = {r["external_id"]: r["captions"] for r in cat.query("SELECT * FROM anchors")}
+        rows = {r["external_id"]: r["captions"] for r in cat.query("SELECT * FROM anchors_v")}
     assert rows == {"11": ["a cat", "an orange cat"], "12": ["a cup"]}
 
 
@@ -158,10 +170,31 @@ def test_hf_dataset_folder_and_parquet(ws, demo_photos, tmp_path):
     s = _ingest(ws, [tmp_path / "hf", tmp_path / "rows.parquet"])
     with ws.catalog(read_only=True) as cat:
         assert cat.scalar("SELECT count(*) FROM anchors") == 1  # same bytes twice
-        assert cat.query("SELECT captions FROM anchors")[0]["captions"] == ["a rocket"]
+        assert cat.query("SELECT captions FROM anchors_v")[0]["captions"] == ["a rocket"]
     assert s.rows_in == 2
 
 
 def test_missing_source_is_a_clear_error(ws, tmp_path):
     with pytest.raises(UltracurateError, match="no such file"):
         discover([tmp_path / "nope"])
+
+
+@pytest.mark.parametrize("error, reason", [
+    (OSError("cannot identify image file <_io.BytesIO object at 0x7f3a2c1b9e50>"),
+     "cannot identify image file"),
+    (ValueError("bad <function load at 0x7f00deadbeef> value"), "bad <function load> value"),
+    (RuntimeError("first line\nsecond line"), "first line"),
+    (RuntimeError("\n\n  late first line  \n"), "late first line"),
+    (ValueError(), "ValueError"),
+    ("x" * 600, "x" * 497 + "..."),
+    ("already clean", "already clean"),
+])
+def test_reason_text(error, reason):
+    from ultracurate.errors import reason_text
+    assert reason_text(error) == reason
+
+
+def test_reason_text_typed():
+    from ultracurate.errors import reason_text
+    assert reason_text(ValueError("at <_io.BytesIO object at 0x1234abcd>"), typed=True) == \
+        "ValueError: at"

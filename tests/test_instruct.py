@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from _anchors import set_captions
 from ultracurate.catalog import EDIT_TYPES
 from ultracurate.errors import UltracurateError
 from ultracurate.instruct.captions import contains_phrase, fix_articles, noun_phrases
@@ -178,17 +179,18 @@ def _photos(ws):
 def test_instruct_selection_quota_mode_and_bad_captions(ingested_ws):
     ws = ingested_ws
     with ws.catalog() as cat:  # an anchor whose only caption is too long, one with none
-        cat.con.execute("UPDATE anchors SET captions = [repeat('word ', 61)] WHERE anchor_id = 1")
-        cat.con.execute("UPDATE anchors SET captions = [] WHERE anchor_id = 2")
+        set_captions(cat, {1: ["word " * 61], 2: []})
     s = run_instruct(ws, Selection(where="anchor_id <= :n", params={"n": 6}),
                      quota="replace=4,change_color=4", per_anchor=2, mode="free",
                      progress=False)
-    # anchor 2 has no caption (not selected by the stage), anchor 1 fails with a reason and
-    # takes no share of the quota: anchors 3-6 get all eight edits
-    assert (s.rows_in, s.rows_failed) == (5, 1)
+    # anchors 1 (a caption too long) and 2 (none) fail with their reasons and take no share
+    # of the quota: anchors 3-6 get all eight edits
+    assert (s.rows_in, s.rows_failed) == (6, 2)
     with ws.catalog(read_only=True) as cat:
-        err = cat.scalar("SELECT error FROM stage_state WHERE stage='instruct' AND key=1")
-    assert "no caption of 1 to 60 words" in err
+        errs = dict(cat.con.execute("SELECT key, error FROM stage_state "
+                                    "WHERE stage='instruct' AND state = 'failed'").fetchall())
+    assert "no caption of 1 to 60 words" in errs[1]
+    assert errs[2].startswith("anchor 2: no caption (write one with `ultracurate caption`")
     rows = _edits(ws)
     assert {r["anchor_id"] for r in rows} == {3, 4, 5, 6}
     assert sorted(r["edit_type"] for r in rows) == ["change_color"] * 4 + ["replace"] * 4

@@ -1,14 +1,13 @@
-"""The OpenAI-compatible back-end against a loopback chat-completions server started here,
+"""The OpenAI-compatible back-end against a loopback chat-completions server (tests/_loopback.py),
 which answers well, or with malformed JSON, wrong types, a sleep past the client's timeout,
 429, 500 or a body that is not JSON, depending on the caption it is asked about."""
 
 import json
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from _anchors import set_captions
+from _loopback import LoopbackServer, completion
 from ultracurate.instruct.rule import propose
 from ultracurate.stages.instruct import run_instruct
 
@@ -28,82 +27,30 @@ SCRIPT = {
 }
 
 
-class Server:
+class Server(LoopbackServer):
     def __init__(self):
-        self.calls: dict[str, int] = {}
-        self.auth: set[str] = set()
-        self.bodies: list[dict] = []
-        self.inflight = 0
-        self.max_inflight = 0
-        self.lock = threading.Lock()
+        super().__init__()
         self.override: dict[str, str] = {}
-        outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                with outer.lock:
-                    outer.inflight += 1
-                    outer.max_inflight = max(outer.max_inflight, outer.inflight)
-                try:
-                    outer.handle(self)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-                finally:
-                    with outer.lock:
-                        outer.inflight -= 1
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def handle(self, h):
-        body = json.loads(h.rfile.read(int(h.headers["Content-Length"])))
+    def answer(self, body, headers):
         user = body["messages"][1]["content"]
         caption = user.split("Source caption: ")[1].split("\n")[0]
         edit_type = user.split("Edit type: ")[1].split("\n")[0]
-        with self.lock:
-            self.auth.add(h.headers.get("Authorization"))
-            self.bodies.append(body)
-            n = self.calls.get(caption, 0)
-            self.calls[caption] = n + 1
+        n = self.count(caption)
         steps = SCRIPT[caption]
         what = self.override.get(caption) or steps[min(n, len(steps) - 1)]
-        if what == "sleep":  # the client gives up at its timeout: not counted in flight
-            with self.lock:
-                self.inflight -= 1
-            time.sleep(1.5)
-            with self.lock:
-                self.inflight += 1
+        if what == "sleep":  # the client gives up at its timeout
+            self.sleep(1.5)
             what = "good"
         if what in ("429", "500"):
-            return self.reply(h, int(what), {"error": {"message": "busy"}},
-                              {"Retry-After": "0"} if what == "429" else {})
+            return (int(what), {"error": {"message": "busy"}},
+                    {"Retry-After": "0"} if what == "429" else {})
         if what == "not_json_body":
-            return self.reply(h, 200, b"<html>oops</html>")
+            return 200, b"<html>oops</html>", {}
         content = {"good": json.dumps(propose(caption, edit_type, 0)),
                    "malformed": '{"instruction": "make it', "wrong_types": json.dumps(
                        {"instruction": 7, "target_caption": ["x"], "edit_type": "zoom"})}[what]
-        self.reply(h, 200, {"id": "x", "object": "chat.completion", "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": content},
-             "finish_reason": "stop"}]})
-
-    @staticmethod
-    def reply(h, status, payload, headers=None):
-        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        h.send_response(status)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            h.send_header(k, v)
-        h.end_headers()
-        h.wfile.write(data)
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        return 200, completion(content), {}
 
 
 @pytest.fixture
@@ -117,8 +64,7 @@ def test_http_backend_against_loopback_server(ingested_ws, server, monkeypatch):
     ws = ingested_ws
     captions = list(SCRIPT)
     with ws.catalog() as cat:
-        for aid, cap in enumerate(captions, 1):
-            cat.con.execute("UPDATE anchors SET captions = [?] WHERE anchor_id = ?", [cap, aid])
+        set_captions(cat, {aid: [cap] for aid, cap in enumerate(captions, 1)})
     monkeypatch.setenv("ULTRACURATE_LLM_API_KEY", KEY)
     kw = dict(backend="openai", model="test-model", base_url=server.url, types="replace",
               per_anchor=1, seed=5, n_instruction_examples=6, n_full_examples=3,
@@ -192,7 +138,7 @@ def test_backend_from_workspace_role_custom_prompt_and_mode(ingested_ws, server,
     import importlib.resources
     ws = ingested_ws
     with ws.catalog() as cat:
-        cat.con.execute("UPDATE anchors SET captions = ['a brown dog on a green lawn']")
+        set_captions(cat, {aid: ["a brown dog on a green lawn"] for aid in range(1, 10)})
     ws.set_config("models", {"llm": f"{server.url}#cfg-model"})
     prompt = tmp_path / "my-prompt.txt"
     text = importlib.resources.files("ultracurate").joinpath("prompts", "instruct-v1.txt")

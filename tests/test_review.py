@@ -42,7 +42,7 @@ def make_candidates(ws) -> dict:
     from pycocotools import mask as coco_mask
     import polars as pl
     with ws.catalog() as cat:
-        anchors = cat.query("SELECT anchor_id, media, captions FROM anchors ORDER BY anchor_id")
+        anchors = cat.query("SELECT anchor_id, media, captions FROM anchors_v ORDER BY anchor_id")
         edits, cands = [], []
         eid, cid = 1, 1
         types = ["replace", "add", "change_color", "change_global", "turn"]

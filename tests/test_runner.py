@@ -75,6 +75,34 @@ def test_a_batch_never_splits_a_group(ingested_ws, size):
         assert len(b) <= size or len(whole) == 1
 
 
+class ReprRaiser(Stage):
+    """Raises errors whose messages hold object reprs: in a batch, and at the end."""
+
+    name = "test_repr"
+    table = "anchors"
+    columns = "anchor_id"
+    batch_size = 4
+
+    def process(self, rows, prepared, ctx):
+        raise ValueError(f"cannot use {object()}\nsecond line")
+
+    def finish(self, cat, run_id):
+        raise RuntimeError(f"gave up on <_io.BytesIO object at 0x{id(self):x}>")
+
+
+def test_stored_reasons_hold_no_object_reprs(ingested_ws):
+    """Every reason the runner stores (a failed batch's rows, a failed run's message) is one
+    line without memory addresses, so equal failures group together."""
+    with pytest.raises(RuntimeError):
+        run_stage(ingested_ws, ReprRaiser(), progress=False)
+    with ingested_ws.catalog(read_only=True) as cat:
+        errors = {r[0] for r in cat.con.execute(
+            "SELECT error FROM stage_state WHERE stage = 'test_repr'").fetchall()}
+        message = cat.scalar("SELECT message FROM runs WHERE stage = 'test_repr'")
+    assert errors == {"ValueError: cannot use"}
+    assert message == "RuntimeError: gave up on"
+
+
 def _states(ws, stage="test_parity"):
     with ws.catalog(read_only=True) as cat:
         return {r["key"]: (r["state"], r["error"]) for r in cat.query(

@@ -17,9 +17,11 @@ from typing import Any, Iterable
 
 import duckdb
 
-from .errors import CatalogBusyError, UltracurateError
+from .errors import CatalogBusyError, UltracurateError, reason_text
 
 TABLES = ("anchors", "edits", "candidates")
+# What a caption row may carry besides its anchor and text (see Catalog.add_captions).
+CAPTION_FIELDS = ("source", "model", "prompt", "invalid_reason")
 VIEWS = {"anchors": "anchors_v", "edits": "edits_v", "candidates": "candidates_v"}
 KEYS = {"anchors": "anchor_id", "edits": "edit_id", "candidates": "candidate_id"}
 EDIT_TYPES = (
@@ -31,6 +33,12 @@ EDIT_TYPES = (
 def sql_text(name: str) -> str:
     """Text of a file under sql/ (e.g. 'views.sql', 'queries/stats.sql')."""
     return importlib.resources.files("ultracurate.sql").joinpath(name).read_text()
+
+
+def named_queries(name: str) -> dict[str, str]:
+    """The '-- name: key' blocks of sql/queries/<name>.sql."""
+    blocks = re.split(r"^-- name: *(\w+) *$", sql_text(f"queries/{name}.sql"), flags=re.M)
+    return {blocks[i]: blocks[i + 1].strip() for i in range(1, len(blocks), 2)}
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -184,7 +192,7 @@ class Catalog:
     def end_run(self, run_id: int, state: str, message: str | None = None) -> None:
         self.con.execute(
             "UPDATE runs SET ended_at = ?, state = ?, message = ? WHERE run_id = ?",
-            [now(), state, message, run_id])
+            [now(), state, reason_text(message) if message else None, run_id])
 
     def update_rows(self, table: str, df, key: str | None = None) -> None:
         """UPDATE table SET <df's columns> FROM df, matched on the key column. One statement,
@@ -211,12 +219,54 @@ class Catalog:
         finally:
             self.con.unregister("_ins")
 
+    def add_captions(self, rows: list[dict], run_id: int | None) -> int:
+        """Merge captions into anchor_captions; returns how many were new. Each row has
+        anchor_id, caption and source (and optionally model, prompt, invalid_reason); texts
+        are whitespace-normalised, empty ones dropped (unless invalid), and a text the anchor
+        already has (from any source) is not added again. New captions keep the rows' order after the anchor's
+        existing ones. Call inside the caller's transaction."""
+        import pyarrow as pa
+        # an invalid answer is kept with its reason even when it is empty
+        rows = [r for r in rows if normalize_caption(r.get("caption")) or r.get("invalid_reason")]
+        if not rows:
+            return 0
+        cols = {"anchor_id": pa.array([int(r["anchor_id"]) for r in rows], pa.int64()),
+                "caption": pa.array([normalize_caption(r["caption"]) for r in rows]),
+                "ord": pa.array(range(len(rows)), pa.int64())}
+        for f in CAPTION_FIELDS:
+            cols[f] = pa.array([r.get(f) for r in rows], pa.string())
+        ids = cols["anchor_id"].to_pylist()
+        self.con.register("_captions", pa.table(cols))
+        try:
+            n = self.con.execute(named_queries("captions")["add"],
+                                 {"run_id": run_id, "at": now(), "lo": min(ids),
+                                  "hi": max(ids)}).fetchall()
+        finally:
+            self.con.unregister("_captions")
+        return int(n[0][0]) if n else 0
+
+    def remove_captions(self, anchor_ids: list[int], source: str) -> None:
+        """Drop one source's captions of these anchors (a captioner's --force rerun)."""
+        if not anchor_ids:
+            return
+        import pyarrow as pa
+        self.con.register("_anchors", pa.table({"anchor_id": pa.array(anchor_ids, pa.int64())}))
+        try:
+            self.con.execute(named_queries("captions")["remove_source"],
+                             {"lo": min(anchor_ids), "hi": max(anchor_ids), "source": source})
+        finally:
+            self.con.unregister("_anchors")
+
+    def anchors_without_caption(self) -> int:
+        return int(self.scalar(named_queries("captions")["without_caption"]))
+
     def mark_state(self, stage: str, keys: Iterable[int], state: str, run_id: int,
                    errors: Iterable[str | None] | None = None) -> None:
         keys = list(keys)
         if not keys:
             return
-        errors = list(errors) if errors is not None else [None] * len(keys)
+        errors = ([reason_text(e) if e else None for e in errors] if errors is not None
+                  else [None] * len(keys))
         import pyarrow as pa
         tbl = pa.table({"key": pa.array(keys, pa.int64()),
                         "error": pa.array(errors, pa.string())})
@@ -228,6 +278,12 @@ class Catalog:
                 [stage, state, run_id, now()])
         finally:
             self.con.unregister("_st")
+
+
+def normalize_caption(text) -> str:
+    """A caption as stored: surrounding whitespace stripped, inner runs of whitespace one
+    space ('' for None)."""
+    return " ".join(str(text).split()) if text is not None else ""
 
 
 def code_version(version: str) -> str:

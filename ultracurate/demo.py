@@ -1,5 +1,6 @@
 """Bundled real photos (scikit-image's) with hand-written captions from examples/, and the demo
-that runs the whole pipeline on them with tiny models on the CPU."""
+that runs the whole pipeline on them with tiny models on the CPU (some photos are ingested
+without captions and captioned by the tiny captioner)."""
 
 from __future__ import annotations
 
@@ -28,9 +29,14 @@ def _skimage_photo(name: str) -> np.ndarray:
     return getattr(data, name)()
 
 
-def write_demo_photos(folder: str | Path) -> Path:
+# Photos the demo ingests without their captions: the tiny captioner writes theirs.
+DEMO_UNCAPTIONED = ("coffee", "rocket", "motorcycle_right")
+
+
+def write_demo_photos(folder: str | Path, without_captions: tuple[str, ...] = ()) -> Path:
     """Write the demo's real photos and a captions table (demo_anchors.jsonl) into folder;
-    returns the table's path, which `ultracurate ingest` reads."""
+    returns the table's path, which `ultracurate ingest` reads. Photos named in
+    without_captions are listed with no caption."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -46,7 +52,8 @@ def write_demo_photos(folder: str | Path) -> Path:
                 im.convert("RGB").save(path, quality=95)
             else:
                 im.save(path)
-        rows.append({"path": path.name, "captions": spec["captions"], "id": spec["image"]})
+        caps = [] if spec["image"] in without_captions else spec["captions"]
+        rows.append({"path": path.name, "captions": caps, "id": spec["image"]})
     table = folder / "demo_anchors.jsonl"
     table.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return table
@@ -63,8 +70,9 @@ DEMO_THRESHOLDS = dict(clip_sim_dir_min=0.0, top_k=2, drop_if_fewer=False,
 def run_demo(out: str | Path, seed: int = 0, progress: bool = True, size: int = 64,
              candidates: int = 3, review: bool = True, force: bool = False) -> dict:
     """The whole pipeline on the bundled photos with tiny random-weight models, on the CPU:
-    ingest, instruct, ground, classify-masks, generate, score, filter, dedup, balance, review
-    (dataset only, no App), export and report. Returns what each step did."""
+    ingest (some photos without captions), caption (those), instruct, ground, classify-masks,
+    generate, score, filter, dedup, balance, review (dataset only, no App), export and report.
+    Returns what each step did."""
     from .export import export_dataset
     from .models import ROLES, make_tiny
     from .report import write_report
@@ -75,6 +83,8 @@ def run_demo(out: str | Path, seed: int = 0, progress: bool = True, size: int = 
     from .stages.filter import run_filter
     from .stages.generate import run_generate
     from .stages.ground import run_ground
+    from .models.captioner import TINY_GRAMMAR
+    from .stages.caption import run_caption
     from .stages.ingest import IngestStage, discover
     from .stages.instruct import run_instruct
     from .stages.score import run_score
@@ -99,9 +109,14 @@ def run_demo(out: str | Path, seed: int = 0, progress: bool = True, size: int = 
 
     say("building tiny random-weight models (saved as real checkpoints)")
     make_tiny(ws.root / "models" / "tiny", ROLES)
-    say("ingest: scikit-image's real photos with captions from examples/")
-    table = write_demo_photos(ws.root / "photos")
+    say(f"ingest: scikit-image's real photos, captions from examples/ except for "
+        f"{len(DEMO_UNCAPTIONED)} ingested without")
+    table = write_demo_photos(ws.root / "photos", without_captions=DEMO_UNCAPTIONED)
     steps["ingest"] = run_stage(ws, IngestStage(discover([table])), progress=progress).to_json()
+    say("caption: the tiny random-weight captioner (LLaVA architecture) for the photos "
+        "without captions, decoding under its word grammar (English words, not a description)")
+    steps["caption"] = run_caption(ws, grammar=TINY_GRAMMAR, seed=seed,
+                                   progress=progress).to_json()
     say("instruct: rule back-end, 2 edits per anchor over the nine types")
     steps["instruct"] = run_instruct(ws, per_anchor=2, backend="rule", seed=seed,
                                      progress=progress).to_json()

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import UltracurateError
+from .errors import UltracurateError, reason_text
 
 # Larger than any real photo dataset's images, far smaller than a decompression bomb.
 MAX_PIXELS = 64_000_000
@@ -50,8 +50,7 @@ def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadImage(f"{name}: image is over the pixel limit (decompression bomb)") from None
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise BadImage(f"{name}: not a readable image ({first})") from None
+        raise BadImage(f"{name}: not a readable image ({reason_text(e)})") from None
     return im
 
 
@@ -91,15 +90,23 @@ def inspect_image(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS
     return ImageInfo(rgb.width, rgb.height, fmt, mode, ",".join(steps)), rgb
 
 
-def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def read_bytes(path: str | Path) -> bytes:
+    """A file's bytes, or BadImage with a one-line reason naming it (a missing file, a broken
+    symbolic link, a folder, a file the OS will not read)."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
-        raise BadImage(f"{path}: file not found") from None
+        why = "broken symbolic link" if path.is_symlink() else "file not found"
+        raise BadImage(f"{path}: {why}") from None
+    except IsADirectoryError:
+        raise BadImage(f"{path}: is a folder") from None
     except OSError as e:
-        raise BadImage(f"{path}: cannot read ({e.strerror})") from None
-    return inspect_image(data, str(path), max_pixels)[1]
+        raise BadImage(f"{path}: cannot read ({e.strerror or reason_text(e)})") from None
+
+
+def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    return inspect_image(read_bytes(path), str(path), max_pixels)[1]
 
 
 def resize_center_crop(im: Image.Image, size: int = 512,
@@ -124,3 +131,15 @@ def to_png_bytes(im: Image.Image) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def to_data_url(im: Image.Image, max_side: int | None = 1024, quality: int = 90) -> str:
+    """An RGB image as a `data:image/jpeg;base64,...` URL, the form OpenAI-compatible vision
+    endpoints take. The long side is scaled down to max_side first (None: as it is): a
+    served VLM resizes anyway, and a 60-megapixel anchor would be a 20 MB request."""
+    import base64
+    if max_side and max(im.size) > max_side:
+        scale = max_side / max(im.size)
+        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                       Image.Resampling.BICUBIC)
+    return "data:image/jpeg;base64," + base64.b64encode(to_jpeg_bytes(im, quality)).decode()

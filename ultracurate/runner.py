@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import polars as pl
 
 from .catalog import KEYS, VIEWS, Catalog
-from .errors import UltracurateError
+from .errors import UltracurateError, reason_text
 from .selection import Selection, selected_keys_sql
 from .workspace import Workspace
 
@@ -135,6 +135,11 @@ class Stage:
 
     def finish(self, cat: Catalog, run_id: int) -> None:
         """Called once after the last batch (in its own transaction)."""
+
+    def report(self, cat: Catalog, run_id: int) -> dict:
+        """What the run's summary adds to its counts (after finish): stage-specific figures,
+        and `notes`, lines a person should read (also the run's message)."""
+        return {}
 
     def _check_writes(self, table: str, cols) -> None:
         allowed = self.writes.get(table, set())
@@ -282,9 +287,12 @@ class RunSummary:
     rows_done: int
     rows_failed: int
     state: str
+    extra: dict = field(default_factory=dict)  # Stage.report's figures and notes
 
     def to_json(self) -> dict:
-        return self.__dict__.copy()
+        out = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        out.update(self.extra)
+        return out
 
 
 class Interrupted(UltracurateError):
@@ -354,6 +362,7 @@ def run_stage(ws: Workspace, stage: Stage, selection: Selection | None = None, *
             cat.con.execute("BEGIN")
             stage.finish(cat, run_id)
             cat.con.execute("COMMIT")
+            extra = stage.report(cat, run_id)
         except (KeyboardInterrupt, RuntimeError) as e:
             # DuckDB turns a Ctrl-C during a query into RuntimeError('Query interrupted')
             if isinstance(e, RuntimeError) and not ctrl_c.requested:
@@ -377,8 +386,8 @@ def run_stage(ws: Workspace, stage: Stage, selection: Selection | None = None, *
                     gen.close()
             if bar:
                 bar.stop()
-        cat.end_run(run_id, state)
-        return RunSummary(run_id, stage.name, n_rows, done, failed, state)
+        cat.end_run(run_id, state, "; ".join(extra.get("notes", [])) or None)
+        return RunSummary(run_id, stage.name, n_rows, done, failed, state, extra)
     finally:
         if own:
             cat.close()
@@ -480,7 +489,7 @@ def _commit_batch(cat: Catalog, stage: Stage, batch: list[dict],
     keys = [stage.key_of(r) for r in batch] if stage.track_state else []
     n_all = len(batch)
     if isinstance(result, BaseException):  # the whole batch failed: every row, with the error
-        err = f"{type(result).__name__}: {result}".splitlines()[0]
+        err = reason_text(result, typed=True)
         result = BatchResult(failed={k: err for k in (keys or range(n_all))})
     cat.con.execute("BEGIN")
     try:

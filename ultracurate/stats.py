@@ -5,14 +5,8 @@ from __future__ import annotations
 import json
 import re
 
-from .catalog import Catalog, sql_text
+from .catalog import Catalog, named_queries
 from .errors import UltracurateError
-
-
-def named_queries(name: str) -> dict[str, str]:
-    """The '-- name: key' blocks of sql/queries/<name>.sql."""
-    blocks = re.split(r"^-- name: *(\w+) *$", sql_text(f"queries/{name}.sql"), flags=re.M)
-    return {blocks[i]: blocks[i + 1].strip() for i in range(1, len(blocks), 2)}
 
 
 def catalog_stats(cat: Catalog) -> dict[str, dict[str, int]]:

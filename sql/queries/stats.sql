@@ -3,7 +3,17 @@
 
 -- name: anchors
 SELECT 'anchors' AS label, count(*) AS n FROM anchors
+UNION ALL SELECT 'without a caption', count(*) FROM anchors
+    WHERE anchor_id NOT IN (SELECT anchor_id FROM anchor_captions WHERE invalid_reason IS NULL)
 UNION ALL SELECT 'rejected files', count(*) FROM ingest_rejects;
+
+-- name: captions_by_source
+SELECT source AS label, count(*) AS n FROM anchor_captions WHERE invalid_reason IS NULL
+GROUP BY ALL ORDER BY n DESC, label;
+
+-- name: invalid_captions
+SELECT invalid_reason AS label, count(*) AS n FROM anchor_captions
+WHERE invalid_reason IS NOT NULL GROUP BY ALL ORDER BY n DESC, label;
 
 -- name: edits_by_status
 SELECT edit_status AS label, count(*) AS n FROM edits GROUP BY ALL ORDER BY n DESC;

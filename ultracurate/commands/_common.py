@@ -67,3 +67,5 @@ def print_summary(summary, as_json: bool) -> None:
         typer.echo(f"{summary.stage}: run {summary.run_id} {summary.state}: "
                    f"{summary.rows_done} done, {summary.rows_failed} failed "
                    f"of {summary.rows_in} rows")
+        for note in getattr(summary, "extra", {}).get("notes", []):
+            typer.echo(f"  {note}")

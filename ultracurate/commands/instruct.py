@@ -50,6 +50,10 @@ def instruct(
                                          "it is recorded as invalid."),
         mode: str = typer.Option("auto", "--mode", help="auto (region when there is an edit "
                                  "object), free or region."),
+        caption_source: Optional[str] = typer.Option(
+            None, "--caption-source", help="Write from captions of these sources only, "
+            "comma-separated: ingest, coco, caption:<model>, or a prefix with '*' "
+            "(caption:*). Default: every source."),
         concurrency: int = typer.Option(8, "--concurrency", help="Concurrent HTTP requests."),
         timeout: float = typer.Option(60.0, "--timeout", help="HTTP request timeout (s)."),
         max_retries: int = typer.Option(4, "--max-retries", help="HTTP retries on timeouts, "
@@ -68,7 +72,7 @@ def instruct(
         workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
     """Write candidate edits (instruction, target caption, edit object, type, mode) from the
     selected anchors' captions. Invalid answers are retried, then kept with edit_status
-    'invalid' and their reasons."""
+    'invalid' and their reasons; an anchor without a usable caption fails with the reason."""
     from ..runner import make_engine
     from ..stages.instruct import run_instruct
     ws = c.workspace(workspace)
@@ -80,7 +84,7 @@ def instruct(
         max_attempts=max_attempts, mode=mode, concurrency=concurrency, timeout=timeout,
         max_retries=max_retries, temperature=temperature, max_new_tokens=max_new_tokens,
         dtype=dtype, device=device, force=force, engine=make_engine(engine, address),
-        batch_size=batch_size)
+        batch_size=batch_size, caption_source=caption_source)
     c.print_summary(summary, as_json)
 
 

@@ -278,7 +278,7 @@ class UltraEditImportStage(Stage):
         anchor_id = cat.next_id("anchors")
         edit_id = cat.next_id("edits")
         cand_id = cat.next_id("candidates")
-        anchors, edits, cands = [], [], []
+        anchors, captions, edits, cands = [], [], [], []
         for g in good:
             d = g["row"]
             a = g["anchor"]
@@ -286,11 +286,12 @@ class UltraEditImportStage(Stage):
                 known[a["sha256"]] = anchor_id
                 anchors.append({"anchor_id": anchor_id, **a, "source_path": g["where"],
                                 "dataset": f"ultraedit:{g['split']}",
-                                "captions": [d["source_caption"]] if d.get("source_caption")
-                                else [],
                                 "external_id": f"{g['split']}:{g['idx']}",
                                 "ingest_run": run_id, "ingested_at": at})
                 anchor_id += 1
+            # every row's source caption is kept (merged, de-duplicated) on its anchor
+            captions.append({"anchor_id": known[a["sha256"]], "source": "ultraedit",
+                             "caption": d.get("source_caption")})
             mask = g["mask"] or {}
             obj = d.get("edit_object")
             mode = "region" if g["mask"] else "free"
@@ -325,7 +326,8 @@ class UltraEditImportStage(Stage):
             cand_id += 1
         if anchors:
             cat.insert_rows("anchors", pl.DataFrame(anchors, schema_overrides={
-                "captions": pl.List(pl.String), "external_id": pl.String}))
+                "external_id": pl.String}))
+        cat.add_captions(captions, run_id)
         if edits:
             cat.insert_rows("edits", pl.DataFrame(edits, schema_overrides={
                 "mask_rle": pl.String, "mask_height": pl.Int32, "mask_width": pl.Int32,

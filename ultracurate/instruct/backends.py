@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
+from ..chat import Answer, is_url, split_role_url, strip_userinfo
 from ..errors import UltracurateError
 from .exemplars import Exemplar
+
+__all__ = ["BACKENDS", "Answer", "Backend", "BackendSpec", "Request", "RuleBackend",
+           "spec_from_role"]
 
 BACKENDS = ("rule", "openai", "transformers")
 
@@ -30,13 +33,6 @@ class Request:
     @property
     def exemplar_ids(self) -> list[str]:
         return [e.id for e in self.full_examples] + [e.id for e in self.instruction_examples]
-
-
-@dataclass
-class Answer:
-    content: Any = None        # str (model text) or dict (rule back-end)
-    error: str | None = None   # transport failure after retries: the anchor fails
-    invalid: str | None = None  # already known unusable, with the reason
 
 
 class Backend:
@@ -95,7 +91,7 @@ class BackendSpec:
     def public(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k != "api_key"}
         if self.base_url:
-            out["base_url"] = _strip_userinfo(self.base_url)
+            out["base_url"] = strip_userinfo(self.base_url)
         return out
 
     def build(self, device: str = "cpu") -> Backend:
@@ -138,24 +134,13 @@ def env_model() -> str:
     return model
 
 
-def _strip_userinfo(url: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host += f":{parts.port}"
-        parts = parts._replace(netloc=host)
-    return urlunsplit(parts)
-
-
 def spec_from_role(ref: str) -> BackendSpec:
     """The back-end a workspace's `llm` role names: 'rule', an http(s) URL of an
     OpenAI-compatible server (model after '#', e.g. http://host:8000/v1#Qwen2.5-7B), or a
     transformers checkpoint (hub id or path)."""
     if ref == "rule":
         return BackendSpec("rule")
-    if ref.startswith(("http://", "https://")):
-        url, _, model = ref.partition("#")
-        return BackendSpec("openai", model=model or None, base_url=url)
+    if is_url(ref):
+        url, model = split_role_url(ref)
+        return BackendSpec("openai", model=model, base_url=url)
     return BackendSpec("transformers", model=ref)

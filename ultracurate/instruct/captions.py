@@ -219,5 +219,27 @@ def contains_phrase(caption: str, phrase: str) -> bool:
     return re.search(pat, caption.lower()) is not None
 
 
+# UltraEdit skips captions longer than this (instruct uses none longer; a captioner's longer
+# answer is invalid).
+MAX_CAPTION_WORDS = 60
+
+
+def source_matches(source: str, patterns: list[str] | None) -> bool:
+    """Whether a caption source (ingest, coco, caption:<model>, ...) is one of patterns: a
+    name, or a prefix ending in '*' ('caption:*': any captioner). None: every source."""
+    if not patterns:
+        return True
+    return any(source.startswith(p[:-1]) if p.endswith("*") else source == p
+               for p in patterns)
+
+
+def parse_sources(value: str | list[str] | None) -> list[str] | None:
+    """--caption-source 'coco,caption:*' as a list (None or '' for every source)."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [s.strip() for s in items if s.strip()] or None
+
+
 def word_count(text: str) -> int:
     return len(text.split())

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import polars as pl
 
-from ..catalog import EDIT_TYPES, now
+from ..catalog import EDIT_TYPES, normalize_caption, now
 from ..errors import UltracurateError
 from .captions import COLOURS
 from .validation import NONE, normalize_type
@@ -203,9 +203,9 @@ def import_instructions(ws, path: str | Path, fmt: str, *, images_root: str | Pa
     items: dict[str, Item] = {}
     for r in records:
         if r.image and (r.data is not None or Path(r.image).is_file()):
-            it = items.setdefault(r.image, Item(r.image, [], f"import-{fmt}", None, r.data))
-            if r.source_caption and r.source_caption not in it.captions:
-                it.captions.append(r.source_caption)
+            it = items.setdefault(r.image, Item(r.image, [], f"import-{fmt}", None, r.data,
+                                                caption_source=f"import:{fmt}"))
+            it.add_caption(r.source_caption)
     with ws.catalog() as cat:
         before = int(cat.scalar("SELECT count(*) FROM anchors"))
         if items:
@@ -213,10 +213,10 @@ def import_instructions(ws, path: str | Path, fmt: str, *, images_root: str | Pa
         created = int(cat.scalar("SELECT count(*) FROM anchors")) - before
         by_sha = dict(cat.con.execute("SELECT sha256, anchor_id FROM anchors").fetchall())
         by_caption = dict(cat.con.execute(
-            "SELECT c, min(anchor_id) FROM (SELECT anchor_id, unnest(captions) AS c "
-            "FROM anchors) GROUP BY c").fetchall())
+            "SELECT caption, min(anchor_id) FROM anchor_captions WHERE invalid_reason IS NULL "
+            "GROUP BY caption").fetchall())
         first_caption = dict(cat.con.execute(
-            "SELECT anchor_id, captions[1] FROM anchors").fetchall())
+            "SELECT anchor_id, captions[1] FROM anchors_v").fetchall())
         anchor_of: dict[str, int] = {}
         for src, it in items.items():
             try:
@@ -242,7 +242,7 @@ def import_instructions(ws, path: str | Path, fmt: str, *, images_root: str | Pa
                 reasons["image could not be ingested (see ingest_rejects)"] += 1
                 continue
             if aid is None:
-                aid = by_caption.get(r.source_caption)
+                aid = by_caption.get(normalize_caption(r.source_caption))
             if aid is None:
                 reasons["image not found and no anchor has its source caption" if r.image
                         else "no image and no anchor has its source caption"] += 1

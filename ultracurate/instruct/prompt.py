@@ -46,15 +46,7 @@ class PromptTemplate:
     def load(cls, ref: str | None = None) -> "PromptTemplate":
         """A packaged version ('instruct-v1') or a path to a template file (its version is
         the file's stem)."""
-        ref = ref or DEFAULT_VERSION
-        p = Path(ref)
-        if p.suffix == ".txt" and p.exists():
-            return cls(p.read_text(), p.stem)
-        res = importlib.resources.files("ultracurate").joinpath("prompts", f"{ref}.txt")
-        if not res.is_file():
-            raise UltracurateError(f"no prompt template '{ref}' (packaged: "
-                                   f"{', '.join(packaged_versions())})")
-        return cls(res.read_text(), ref)
+        return cls(*prompt_file(ref or DEFAULT_VERSION, "instruct"))
 
     def messages(self, source_caption: str, edit_type: str, instruction_examples:
                  list[Exemplar], full_examples: list[Exemplar]) -> list[dict]:
@@ -73,6 +65,20 @@ class PromptTemplate:
                 {"role": "user", "content": self.user.substitute(values)}]
 
 
-def packaged_versions() -> list[str]:
+def prompt_file(ref: str, kind: str) -> tuple[str, str]:
+    """(text, version) of a prompt: a packaged version of this kind ('instruct-v1',
+    'caption-v1') or a path to a .txt file, whose version is its stem."""
+    p = Path(ref)
+    if p.suffix == ".txt" and p.exists():
+        return p.read_text(), p.stem
+    res = importlib.resources.files("ultracurate").joinpath("prompts", f"{ref}.txt")
+    if not ref.startswith(f"{kind}-") or not res.is_file():
+        raise UltracurateError(f"no {kind} prompt '{ref}' (packaged: "
+                               f"{', '.join(packaged_versions(kind))}; or a .txt file)")
+    return res.read_text(), ref
+
+
+def packaged_versions(kind: str = "instruct") -> list[str]:
     folder = importlib.resources.files("ultracurate").joinpath("prompts")
-    return sorted(e.name[:-4] for e in folder.iterdir() if e.name.endswith(".txt"))
+    return sorted(e.name[:-4] for e in folder.iterdir()
+                  if e.name.endswith(".txt") and e.name.startswith(f"{kind}-"))

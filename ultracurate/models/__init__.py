@@ -2,7 +2,8 @@
 
 Roles: editor (SDXL-architecture diffusers pipeline), clip (open_clip), dino (transformers
 DINOv2), grounding (transformers GroundingDINO / OWLv2), sam (segment-anything), llm
-(transformers causal LM, or 'rule' for the offline back-end).
+(transformers causal LM, or 'rule' for the offline back-end), captioner (an image-text-to-text
+model through `models.vlm`, or a served OpenAI-compatible vision endpoint).
 
 A workspace's config picks a profile (`[models] profile = "ultraedit" | "tiny"`) and may
 override any role (`[models] clip = "/path/or/hub-id"`). Each role has a module
@@ -20,7 +21,7 @@ from typing import Any
 
 from ..errors import UltracurateError
 
-ROLES = ("editor", "clip", "dino", "grounding", "sam", "llm")
+ROLES = ("editor", "clip", "dino", "grounding", "sam", "llm", "captioner")
 
 # The real defaults of the method (../shared/method.md), by hub id.
 ULTRAEDIT_PROFILE = {
@@ -30,6 +31,8 @@ ULTRAEDIT_PROFILE = {
     "grounding": "IDEA-Research/grounding-dino-base",
     "sam": "vit_h:sam_vit_h_4b8939.pth",
     "llm": "rule",
+    # UltraEdit used datasets' own captions; for photos without any, a chat VLM writes them
+    "captioner": "Qwen/Qwen2.5-VL-3B-Instruct",
 }
 TINY_DIR = "models/tiny"
 

@@ -21,13 +21,12 @@ import polars as pl
 from ..catalog import Catalog, now
 from ..errors import UltracurateError
 from ..instruct.backends import Answer, BackendSpec, Request, spec_from_role
-from ..instruct.captions import word_count
+from ..instruct.captions import MAX_CAPTION_WORDS, parse_sources, source_matches, word_count
 from ..instruct.plan import derive_seed, parse_quota, parse_types, plan_types
 from ..instruct.validation import Proposal, validate
 from ..runner import BatchResult, Context, RunSummary, Stage, run_stage
 from ..selection import Selection, selected_keys_sql
 
-MAX_CAPTION_WORDS = 60   # UltraEdit skips captions longer than this
 MODES = ("auto", "free", "region")
 
 EDIT_COLUMNS = {"edit_id", "anchor_id", "source_caption", "instruction", "target_caption",
@@ -55,8 +54,9 @@ class _Slot:
 class InstructStage(Stage):
     name = "instruct"
     table = "anchors"
-    default_where = "len(captions) > 0"
-    columns = "anchor_id, captions"
+    # every selected anchor: one without a usable caption is failed with that reason
+    default_where = None
+    columns = "anchor_id, captions, caption_sources"
     writes = {"edits": EDIT_COLUMNS}
     batch_size = 16
     roles = ("llm",)  # what runs.models records (the back-end, not necessarily a model)
@@ -66,7 +66,8 @@ class InstructStage(Stage):
                  seed: int = 0, exemplars: str | Path | None = None,
                  n_instruction_examples: int = 50, n_full_examples: int = 10,
                  max_attempts: int = 3, mode: str = "auto",
-                 max_caption_words: int = MAX_CAPTION_WORDS):
+                 max_caption_words: int = MAX_CAPTION_WORDS,
+                 caption_source: str | list[str] | None = None):
         self.spec = spec or BackendSpec("rule")
         self.per_anchor = int(per_anchor)
         self.types = parse_types(types)
@@ -79,13 +80,15 @@ class InstructStage(Stage):
         self.exemplars_path = str(exemplars) if exemplars else None
         self.n_instr, self.n_full = int(n_instruction_examples), int(n_full_examples)
         self.max_caption_words = max_caption_words
+        self.caption_source = parse_sources(caption_source)
         # What runs.params records: never the API key.
         super().__init__(backend=self.spec.public(), per_anchor=self.per_anchor,
                          types=self.types, quota=self.quota, seed=self.seed,
                          exemplars=self.exemplars_path or "examples/exemplars.jsonl",
                          n_instruction_examples=self.n_instr, n_full_examples=self.n_full,
                          max_attempts=self.max_attempts, mode=mode,
-                         max_caption_words=max_caption_words)
+                         max_caption_words=max_caption_words,
+                         caption_source=self.caption_source)
         self._backend = None
         self._exemplars = None
         if self.spec.backend != "rule":  # fail early on a bad exemplar file
@@ -101,7 +104,8 @@ class InstructStage(Stage):
         rows = cat.pl(sql + " ORDER BY anchor_id", params)
         # Anchors without a usable caption take no share of the plan; they stay in (with an
         # empty plan) so that process() records why they were left out.
-        usable = [bool(self._captions(c)) for c in rows["captions"].to_list()]
+        usable = [bool(self._captions(c, s)) for c, s in
+                  zip(rows["captions"].to_list(), rows["caption_sources"].to_list())]
         plan = iter(plan_types(sum(usable), self.per_anchor, self.types, self.quota))
         plans = [next(plan) if u else [] for u in usable]
         rows = rows.with_columns(pl.Series("plan", plans, dtype=pl.List(pl.String)),
@@ -152,10 +156,9 @@ class InstructStage(Stage):
         slots: list[_Slot] = []
         for row in rows:
             aid = row["anchor_id"]
-            caps = self._captions(row["captions"])
+            caps = self._captions(row["captions"], row["caption_sources"])
             if not caps:
-                failed[aid] = (f"anchor {aid}: no caption of 1 to {self.max_caption_words} "
-                               "words")
+                failed[aid] = self._no_caption(aid, row["captions"], row["caption_sources"])
                 continue
             offset = random.Random(derive_seed(self.seed, aid)).randrange(len(caps))
             for j, t in enumerate(row["plan"]):
@@ -186,9 +189,22 @@ class InstructStage(Stage):
         edits = [self._row(s, backend) for s in slots if s.anchor_id not in failed]
         return BatchResult(extra={"edits": edits}, failed=failed)
 
-    def _captions(self, captions) -> list[str]:
-        return [" ".join(c.split()) for c in (captions or [])
-                if c and 0 < word_count(c) <= self.max_caption_words]
+    def _captions(self, captions, sources) -> list[str]:
+        """The anchor's captions instruct may use: from the chosen sources, 1 to
+        max_caption_words words."""
+        return [" ".join(c.split()) for c, s in zip(captions or [], sources or [])
+                if c and 0 < word_count(c) <= self.max_caption_words
+                and source_matches(s, self.caption_source)]
+
+    def _no_caption(self, aid: int, captions, sources) -> str:
+        """Why an anchor has no usable caption, and what fixes it."""
+        if not captions:
+            return (f"anchor {aid}: no caption (write one with `ultracurate caption`, or "
+                    "ingest a captions table for it)")
+        if not any(source_matches(s, self.caption_source) for s in sources):
+            return (f"anchor {aid}: no caption from source {','.join(self.caption_source)} "
+                    f"(it has {', '.join(sorted(set(sources)))})")
+        return f"anchor {aid}: no caption of 1 to {self.max_caption_words} words"
 
     def _request(self, s: _Slot, attempt: int) -> Request:
         seed = derive_seed(self.seed, s.anchor_id, s.index, attempt)
@@ -242,9 +258,13 @@ def run_instruct(ws, selection: Selection | None = None, *, per_anchor: int = 1,
                  backoff: float = 1.0, temperature: float = 0.7, max_new_tokens: int = 256,
                  llm_batch_size: int = 8, dtype: str | None = None,
                  device: str | None = None, force: bool = False, engine=None,
-                 batch_size: int | None = None, progress: bool = True) -> RunSummary:
+                 batch_size: int | None = None, progress: bool = True,
+                 caption_source: str | list[str] | None = None) -> RunSummary:
     """Write `per_anchor` candidate edits for each selected anchor (types round-robin over
     `types`, or spread by `quota` {type: total}) and insert them into `edits`.
+
+    caption_source: which captions to write from ('coco', 'caption:*', a comma-separated
+    list; default every source). An anchor without a usable caption is failed with the reason.
 
     backend: 'rule' (offline), 'openai' (chat-completions server at base_url, or
     $ULTRACURATE_LLM_BASE_URL / $OPENAI_BASE_URL; key from api_key or
@@ -258,7 +278,8 @@ def run_instruct(ws, selection: Selection | None = None, *, per_anchor: int = 1,
                         max_new_tokens=max_new_tokens, batch_size=llm_batch_size, dtype=dtype)
     stage = InstructStage(spec, per_anchor=per_anchor, types=types, quota=quota, seed=seed,
                           exemplars=exemplars, n_instruction_examples=n_instruction_examples,
-                          n_full_examples=n_full_examples, max_attempts=max_attempts, mode=mode)
+                          n_full_examples=n_full_examples, max_attempts=max_attempts, mode=mode,
+                          caption_source=caption_source)
     return run_stage(ws, stage, selection, force=force, engine=engine, device=device,
                      batch_size=batch_size, progress=progress)
 

@@ -1,0 +1,76 @@
+"""`caption`: write captions for anchors that have none, with a captioning model."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from . import _common as c
+
+
+def register(app: typer.Typer) -> None:
+    app.command("caption")(caption)
+
+
+def caption(
+        backend: Optional[str] = typer.Option(None, "--backend", help="transformers (a local "
+                                              "image-text-to-text model) or openai (a vision "
+                                              "chat endpoint). Default: from the workspace's "
+                                              "captioner role."),
+        model: Optional[str] = typer.Option(None, "--model", help="Hub id or folder "
+                                            "(transformers), or the served model's name "
+                                            "(openai). Default: the captioner role."),
+        base_url: Optional[str] = typer.Option(None, "--base-url", help="Vision chat "
+                                               "endpoint, e.g. http://localhost:8000/v1 "
+                                               "(default: $ULTRACURATE_VLM_BASE_URL)."),
+        api_key: Optional[str] = typer.Option(None, "--api-key", help="API key (default: "
+                                              "$ULTRACURATE_VLM_API_KEY or $OPENAI_API_KEY); "
+                                              "never stored."),
+        prompt: Optional[str] = typer.Option(None, "--prompt", help="Caption prompt for chat "
+                                             "models: a packaged version (caption-v1) or a "
+                                             ".txt file."),
+        prefix: Optional[str] = typer.Option(None, "--prefix", help="Text a captioner without "
+                                             "a chat template continues (BLIP: 'a photo of'; "
+                                             "Florence-2: '<MORE_DETAILED_CAPTION>')."),
+        grammar: Optional[str] = typer.Option(None, "--grammar", help="Constrain a local "
+                                              "model's decoding to a word grammar: a packaged "
+                                              "name (tiny-caption) or a .json file."),
+        all_anchors: bool = typer.Option(False, "--all", help="Caption every selected anchor, "
+                                         "not only those without a usable caption."),
+        max_attempts: int = typer.Option(2, "--max-attempts", help="Tries per photo when an "
+                                         "answer is invalid (served models, or sampling)."),
+        concurrency: int = typer.Option(8, "--concurrency", help="Concurrent HTTP requests."),
+        timeout: float = typer.Option(60.0, "--timeout", help="HTTP request timeout (s)."),
+        max_retries: int = typer.Option(4, "--max-retries", help="HTTP retries on timeouts, "
+                                        "429 and 5xx."),
+        temperature: float = typer.Option(0.0, "--temperature", help="Sampling temperature "
+                                          "(0: greedy)."),
+        max_new_tokens: int = typer.Option(60, "--max-new-tokens", help="Longest caption, in "
+                                           "tokens."),
+        image_size: int = typer.Option(1024, "--image-size", help="openai: photos are sent "
+                                       "with their long side at most this many pixels."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="transformers: float32, "
+                                            "float16 or bfloat16."),
+        where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
+        limit: Optional[int] = c.LimitOpt, sample: Optional[int] = c.SampleOpt,
+        seed: int = c.SeedOpt, force: bool = c.ForceOpt, engine: str = c.EngineOpt,
+        address: Optional[str] = c.AddressOpt, device: Optional[str] = c.DeviceOpt,
+        batch_size: Optional[int] = c.BatchOpt,
+        workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
+    """Write captions (source caption:<model>) for the selected anchors that have no usable
+    caption. Invalid answers are kept with their reasons; an anchor left without a caption
+    fails with the reason and is retried by a rerun. --force replaces this captioner's
+    earlier captions of the anchors it redoes."""
+    from ..runner import make_engine
+    from ..stages.caption import run_caption
+    ws = c.workspace(workspace)
+    summary = run_caption(
+        ws, c.selection(where, params, limit, sample, seed), backend=backend, model=model,
+        base_url=base_url, api_key=api_key, prompt=prompt, prefix=prefix, grammar=grammar,
+        all_anchors=all_anchors, max_attempts=max_attempts, seed=seed,
+        concurrency=concurrency, timeout=timeout, max_retries=max_retries,
+        max_new_tokens=max_new_tokens, temperature=temperature, image_size=image_size,
+        dtype=dtype, device=device, force=force, engine=make_engine(engine, address),
+        batch_size=batch_size)
+    c.print_summary(summary, as_json)
