@@ -286,3 +286,17 @@ def selected_keys_sql(con: duckdb.DuckDBPyConnection, view: str, key: str,
     if extra_where:
         sql += f" WHERE ({extra_where})"
     return sql, params
+
+
+def referenced_columns(con: duckdb.DuckDBPyConnection, view: str,
+                       selection: Selection) -> set[str]:
+    """Lower-case names of the view's columns that the selection's predicate reads (after
+    the same validation as every --where)."""
+    where = selection.checked_where(con, view)
+    if not where:
+        return set()
+    sql = f"SELECT * FROM {view} WHERE ({where}\n)"
+    node = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
+    return {n["column_names"][-1].lower() for n in _walk(node["statements"][0]["node"]
+                                                           ["where_clause"])
+            if n.get("class") == "COLUMN_REF"}

@@ -36,6 +36,15 @@ def generate(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.
              soft_variant: c.SoftVariant = typer.Option("ultraedit", "--soft-variant",
                                                         help="Region soft mask: ultraedit or "
                                                              "feathered."),
+             mask_class: Optional[str] = typer.Option(
+                 None, "--mask-class", help="Mask classes region generation takes, a comma "
+                 "list of fine, fragmented, too_small, too_large, or 'any' (default: fine, "
+                 "unless --where reads mask_class). Other region edits are skipped, with "
+                 "the reason."),
+             pairs_per_call: Optional[int] = c.Count(
+                 None, "--pairs-per-call", min=1, max=4096, help="method: candidate pairs "
+                 "rendered together in one model call (default 16), fixed when planned; a "
+                 "candidate's pixels never depend on --batch-size."),
              force: bool = c.ForceOpt, engine: c.EngineName = c.EngineOpt,
              address: Optional[str] = c.AddressOpt,
              workers: Optional[int] = c.Count(None, "--workers", min=1, max=4096,
@@ -70,7 +79,8 @@ def generate(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.
             generate_kwargs=dict(mode=mode, behaviour=behaviour, engine=engine, seed=seed,
                                  size=size, keep_anchor_source=keep_anchor_source,
                                  soft_variant=soft_variant, address=address, workers=workers,
-                                 device=device, batch_size=batch_size),
+                                 device=device, batch_size=batch_size, mask_class=mask_class,
+                                 pairs_per_call=pairs_per_call),
             score_kwargs=dict(device=device), progress=True)
         data = res.to_json()
         per = data["candidates_per_success"]
@@ -82,7 +92,8 @@ def generate(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.
                        candidates=candidates, mode=mode, behaviour=behaviour, engine=engine,
                        seed=seed, size=size, keep_anchor_source=keep_anchor_source,
                        soft_variant=soft_variant, address=address, workers=workers,
-                       device=device, batch_size=batch_size, force=force)
+                       device=device, batch_size=batch_size, force=force,
+                       mask_class=mask_class, pairs_per_call=pairs_per_call)
     if as_json:
         c.emit(out.to_json(), True)
         return
