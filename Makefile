@@ -14,7 +14,8 @@ export FIFTYONE_DO_NOT_TRACK := true
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# torch first, exactly these two pins (see ../shared/machine-notes.md)
+	# torch first, exactly these two pins: another torchvision beside it fails at import
+	# ("operator torchvision::nms does not exist"), and open_clip, timm and SAM import it
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install -q -c requirements/constraints.txt -e '.[test]'
 	# a MongoDB that runs on Debian 12 for FiftyOne (owns fiftyone/db/__init__.py too)

@@ -34,7 +34,7 @@ import duckdb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ultracurate.catalog import EDIT_TYPES  # noqa: E402
+from ultracurate.names import EDIT_TYPES  # noqa: E402
 from ultracurate.runner import Stage, pending_batches  # noqa: E402
 from ultracurate.selection import Selection, selected_keys_sql  # noqa: E402
 from ultracurate.stages.ingest import known_anchors  # noqa: E402

@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ultracurate.catalog import EDIT_TYPES  # noqa: E402
+from ultracurate.names import EDIT_TYPES  # noqa: E402
 from ultracurate.instruct.backends import Request  # noqa: E402
 from ultracurate.instruct.exemplars import load_exemplars, sample  # noqa: E402
 from ultracurate.instruct.rule import propose  # noqa: E402

@@ -39,7 +39,8 @@ def make_workspace(root: Path, n: int, size: int):
     import polars as pl
     from pycocotools import mask as coco_mask
 
-    from ultracurate.catalog import EDIT_TYPES, now
+    from ultracurate.catalog import now
+    from ultracurate.names import EDIT_TYPES
     from ultracurate.workspace import Workspace
     ws = Workspace.init(root)
     rng = np.random.default_rng(0)

@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 
-from ultracurate.demo import _skimage_photo, examples_dir
+from ultracurate.demo import _skimage_photo, data_file
 from ultracurate.images import resize_center_crop
 from ultracurate.masks import hull_mask, resize_nearest
 
@@ -23,7 +23,7 @@ IMAGE_STRIDE = 32    # and every 32nd pixel of the decoded images (both ways)
 
 
 def _specs() -> list[dict]:
-    lines = (examples_dir() / "demo_anchors.jsonl").read_text().splitlines()
+    lines = data_file("demo_anchors.jsonl").read_text().splitlines()
     return [json.loads(s) for s in lines if s.strip()]
 
 

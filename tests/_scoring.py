@@ -7,7 +7,8 @@ import numpy as np
 import polars as pl
 from PIL import Image, ImageEnhance
 
-from ultracurate.catalog import EDIT_TYPES, now
+from ultracurate.catalog import now
+from ultracurate.names import EDIT_TYPES
 from ultracurate.images import load_rgb, resize_center_crop, to_png_bytes
 
 SIZE = 64

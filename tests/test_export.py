@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from ultracurate.errors import UltracurateError
-from ultracurate.export import (FORMATS, PUBLISHED_COLUMNS, ExportOptions, column_names,
+from ultracurate.names import EXPORT_FORMATS as FORMATS
+from ultracurate.export import (PUBLISHED_COLUMNS, ExportOptions, column_names,
                                 export_dataset, hf_features)
 from ultracurate.masks import encode
 from ultracurate.selection import Selection

@@ -17,7 +17,8 @@ from PIL import Image
 
 from ultracurate import masks
 from ultracurate.catalog import now
-from ultracurate.export import FORMATS, export_dataset
+from ultracurate.names import EXPORT_FORMATS as FORMATS
+from ultracurate.export import export_dataset
 from ultracurate.models import make_tiny
 from ultracurate.runner import run_stage
 from ultracurate.selection import Selection

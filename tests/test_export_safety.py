@@ -21,7 +21,8 @@ import pytest
 
 from ultracurate import export as ex
 from ultracurate.errors import UltracurateError
-from ultracurate.export import FORMATS, MARKER, export_dataset
+from ultracurate.names import EXPORT_FORMATS as FORMATS
+from ultracurate.export import MARKER, export_dataset
 
 import test_export
 

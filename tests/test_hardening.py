@@ -513,14 +513,15 @@ def test_the_clis_choices_are_the_librarys(tmp_path):
     from ultracurate.generation.behaviour import BEHAVIOURS
     from ultracurate.instruct.backends import BACKENDS
     from ultracurate.instruct.importers import FORMATS as INSTRUCTION_FORMATS
-    from ultracurate.stages.generate import MODES as GENERATE_MODES
-    from ultracurate.stages.instruct import MODES as INSTRUCT_MODES
+    from ultracurate.names import EDIT_MODES, EXPORT_FORMATS, EXPORT_LAYOUTS
     assert get_args(c.Behaviour) == tuple(BEHAVIOURS)
     from ultracurate.captioners import BACKENDS as CAPTION_BACKENDS
     assert get_args(c.LLMBackend) == BACKENDS and get_args(c.Benchmark) == BENCHMARKS
     assert get_args(c.CaptionBackend) == CAPTION_BACKENDS
     assert get_args(c.InstructionsFormat) == INSTRUCTION_FORMATS
-    assert get_args(c.EditMode) == GENERATE_MODES == INSTRUCT_MODES
+    assert get_args(c.EditMode) == EDIT_MODES
+    assert get_args(c.ExportFormat) == EXPORT_FORMATS
+    assert get_args(c.ExportLayout) == EXPORT_LAYOUTS
     for profile in get_args(c.Profile):
         Workspace.init(tmp_path / profile, {"models": {"profile": profile}})
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from _anchors import set_captions
-from ultracurate.catalog import EDIT_TYPES
+from ultracurate.names import EDIT_TYPES
 from ultracurate.errors import UltracurateError
 from ultracurate.instruct.captions import contains_phrase, fix_articles, noun_phrases
 from ultracurate.instruct.exemplars import by_type, load_exemplars, sample

@@ -25,7 +25,7 @@ from typing import Any
 from .chat import (Answer, ChatClient, image_part, is_url, message, split_role_url,
                    strip_userinfo)
 from .errors import UltracurateError, reason_text
-from .instruct.captions import MAX_CAPTION_WORDS
+from .names import CAPTION_MAX_WORDS
 
 BACKENDS = ("transformers", "openai")
 MIN_CAPTION_WORDS = 2
@@ -35,7 +35,7 @@ MAX_CAPTION_CHARS = 400
 # -- validation -----------------------------------------------------------------------------
 def validate_caption(text: Any) -> tuple[str | None, list[str]]:
     """(the caption, []) when the answer is usable, else (None, reasons). Usable: text, after
-    trimming whitespace and enclosing quotes; printable; MIN..MAX_CAPTION_WORDS words (instruct
+    trimming whitespace and enclosing quotes; printable; MIN..CAPTION_MAX_WORDS words (instruct
     skips longer ones); mostly letters; not a phrase repeated (random or broken models loop)."""
     if not isinstance(text, str):
         return None, [f"answer is a {type(text).__name__}, not text"]
@@ -49,9 +49,9 @@ def validate_caption(text: Any) -> tuple[str | None, list[str]]:
     words = cap.split()
     if len(words) < MIN_CAPTION_WORDS:
         reasons.append(f"too short ({len(words)} word; at least {MIN_CAPTION_WORDS})")
-    if len(words) > MAX_CAPTION_WORDS or len(cap) > MAX_CAPTION_CHARS:
+    if len(words) > CAPTION_MAX_WORDS or len(cap) > MAX_CAPTION_CHARS:
         reasons.append(f"too long ({len(words)} words, {len(cap)} characters; at most "
-                       f"{MAX_CAPTION_WORDS} words and {MAX_CAPTION_CHARS} characters)")
+                       f"{CAPTION_MAX_WORDS} words and {MAX_CAPTION_CHARS} characters)")
     visible = [ch for ch in cap if not ch.isspace()]
     letters = sum(ch.isalpha() for ch in visible)
     if letters < 0.6 * len(visible) or not re.search(r"[^\W\d_]{2,}", cap):

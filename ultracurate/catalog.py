@@ -26,10 +26,6 @@ TABLES = ("anchors", "edits", "candidates")
 CAPTION_FIELDS = ("source", "model", "prompt", "invalid_reason")
 VIEWS = {"anchors": "anchors_v", "edits": "edits_v", "candidates": "candidates_v"}
 KEYS = {"anchors": "anchor_id", "edits": "edit_id", "candidates": "candidate_id"}
-EDIT_TYPES = (
-    "add", "change_global", "change_local", "change_color", "transform_global",
-    "transform_local", "replace", "turn", "others",
-)
 
 
 def sql_text(name: str) -> str:

@@ -1,9 +1,10 @@
-"""Bundled real photos (scikit-image's) with hand-written captions from examples/, and the demo
+"""Bundled real photos (scikit-image's) with hand-written captions (ultracurate/data/), and the demo
 that runs the whole pipeline on them with tiny models on the CPU (some photos are ingested
 without captions and captioned by the tiny captioner)."""
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 from pathlib import Path
 
@@ -12,13 +13,9 @@ from PIL import Image
 
 from .errors import UltracurateError
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def examples_dir() -> Path:
-    if not EXAMPLES.exists():
-        raise UltracurateError(f"examples folder not found at {EXAMPLES} (run from a checkout)")
-    return EXAMPLES
+def data_file(name: str) -> Path:
+    """A file of the package's data (ultracurate/data/)."""
+    return Path(str(importlib.resources.files("ultracurate").joinpath("data", name)))
 
 
 def _skimage_photo(name: str) -> np.ndarray:
@@ -40,7 +37,7 @@ def write_demo_photos(folder: str | Path, without_captions: tuple[str, ...] = ()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
-    for line in (examples_dir() / "demo_anchors.jsonl").read_text().splitlines():
+    for line in data_file("demo_anchors.jsonl").read_text().splitlines():
         if not line.strip():
             continue
         spec = json.loads(line)
@@ -109,7 +106,7 @@ def run_demo(out: str | Path, seed: int = 0, progress: bool = True, size: int = 
 
     say("building tiny random-weight models (saved as real checkpoints)")
     make_tiny(ws.root / "models" / "tiny", ROLES)
-    say(f"ingest: scikit-image's real photos, captions from examples/ except for "
+    say(f"ingest: scikit-image's real photos, captions from ultracurate/data/ except for "
         f"{len(DEMO_UNCAPTIONED)} ingested without")
     table = write_demo_photos(ws.root / "photos", without_captions=DEMO_UNCAPTIONED)
     steps["ingest"] = run_stage(ws, IngestStage(discover([table])), progress=progress).to_json()

@@ -51,12 +51,11 @@ from typing import Any, Callable, Iterator
 
 from .catalog import Catalog
 from .errors import CatalogBusyError, UltracurateError
+from .names import EXPORT_FORMATS, EXPORT_LAYOUTS, PUBLISHED_SCORES
 from .selection import Selection, selected_keys_sql
 from .stages.balance import POOL_WHERE
 from .workspace import CONFIG_NAME, Workspace
 
-FORMATS = ("hf", "jsonl", "ip2p", "wds")
-LAYOUTS = ("default", "ultraedit")
 # Accepted (a human decision overrides the filter), not a duplicate, kept by balance if it ran.
 DEFAULT_WHERE = f"{POOL_WHERE} AND selected IS NOT FALSE"
 DEFAULT_SHARD_SIZE = 2000   # the published UltraEdit chunks hold 2,000 rows
@@ -71,9 +70,7 @@ UE_FREE_SPLIT, UE_REGION_SPLIT = "FreeForm_{}", "RegionBase"
 # Stages whose later runs change what balance chose from.
 _CHANGES_POOL = ("dedup", "filter", "review-pull")
 
-# The published schema's columns, in its order (../shared/method.md); then ours.
-PUBLISHED_SCORES = ("clip_sim_source", "clip_sim_target", "clip_sim_dir", "clip_sim_image",
-                    "dinov2_sim", "ssim")
+# The published schema's columns, in its order (docs/method.md); then ours.
 PUBLISHED_COLUMNS = ("idx", "source_caption", "target_caption", "edit_prompt", "source_image",
                      "edited_image", "edit_object", "mask_image") + PUBLISHED_SCORES
 SOFT_MASK_COLUMN = "soft_mask_image"
@@ -134,12 +131,12 @@ class ExportOptions:
     citation: str | None = None
 
     def check(self) -> None:
-        if self.fmt not in FORMATS:
+        if self.fmt not in EXPORT_FORMATS:
             raise UltracurateError(f"unknown export format '{self.fmt}' "
-                                   f"(one of {', '.join(FORMATS)})")
-        if self.layout not in LAYOUTS:
+                                   f"(one of {', '.join(EXPORT_FORMATS)})")
+        if self.layout not in EXPORT_LAYOUTS:
             raise UltracurateError(f"unknown export layout '{self.layout}' "
-                                   f"(one of {', '.join(LAYOUTS)})")
+                                   f"(one of {', '.join(EXPORT_LAYOUTS)})")
         if self.layout == "ultraedit" and self.fmt != "hf":
             raise UltracurateError("--layout ultraedit needs --format hf")
         if self.layout == "ultraedit" and self.val_fraction:

@@ -20,11 +20,10 @@ import io
 import os
 from pathlib import Path
 
-from .catalog import EDIT_TYPES
 from .errors import UltracurateError
 from .selection import Selection, selected_keys_sql
-from .stages.score import SCORE_COLUMNS
-from .thresholds import MODES, Thresholds
+from .names import EDIT_TYPES, MODES, SCORE_COLUMNS
+from .thresholds import Thresholds
 
 _COLUMNS = ("candidate_id, edit_id, edit_type, mode, mask_class, status, auto_status, "
             "reject_reasons, selected, duplicate_of, source_image, edited_image, instruction, "

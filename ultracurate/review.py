@@ -215,7 +215,8 @@ def dataset_name(ws: Workspace) -> str:
 def keep_thresholds(cat: Catalog | None = None) -> dict[str, dict[str, float]]:
     """{score column: {mode: threshold}} of the keep rule: the last completed filter run's
     thresholds when the catalog has one, else the defaults (ultracurate.thresholds)."""
-    from .thresholds import MODES, Thresholds
+    from .names import MODES
+    from .thresholds import Thresholds
     t = None
     if cat is not None:
         from .stages.filter import latest_thresholds

@@ -1,4 +1,4 @@
-"""The keep rule's thresholds: the one place their defaults live (../shared/method.md).
+"""The keep rule's thresholds: the one place their defaults live (docs/method.md).
 
 UltraEdit keeps a candidate pair when clip_sim_image >= 0.75 (free-form) or 0.70 (region),
 clip_sim_dir >= 0.22, clip_sim_source >= 0.2, clip_sim_target >= 0.2 and dinov2_sim >= 0.4;
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UltracurateError
+from .names import MODES
 
-MODES = ("free", "region")
 
 # Score columns in the order the funnel applies them, with the range each can take.
 SCORE_RANGES = {

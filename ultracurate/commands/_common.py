@@ -19,7 +19,8 @@ import typer
 from ..catalog import VIEWS
 from ..errors import SelectionError, register_secret
 from ..selection import Selection
-from ..thresholds import MODES, PRESETS
+from ..names import EDIT_MODES, EXPORT_FORMATS, EXPORT_LAYOUTS, MODES
+from ..thresholds import PRESETS
 from ..workspace import Workspace
 
 MAX_INT = 2**63 - 1        # DuckDB's BIGINT: ids, seeds and counts beyond it cannot be stored
@@ -68,7 +69,9 @@ TableFormat = Literal["table", "csv", "json"]
 ViewName = Literal[tuple(VIEWS)]                              # anchors, edits, candidates
 EngineName = Literal["local", "ray"]
 Mode = Literal[tuple(MODES)]                                  # free, region
-EditMode = Literal[("auto", *MODES)]                          # auto, free, region
+EditMode = Literal[tuple(EDIT_MODES)]                         # auto, free, region
+ExportFormat = Literal[tuple(EXPORT_FORMATS)]                 # hf, jsonl, ip2p, wds
+ExportLayout = Literal[tuple(EXPORT_LAYOUTS)]                 # default, ultraedit
 Preset = Literal[tuple(PRESETS)]                              # ultraedit, ip2p
 Profile = Literal["ultraedit", "tiny"]                        # models.resolve
 Behaviour = Literal["method", "ultraedit-compat"]             # generation.behaviour.BEHAVIOURS

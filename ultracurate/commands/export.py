@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
@@ -11,30 +10,18 @@ import typer
 from . import _common as c
 
 
-class Format(str, Enum):
-    hf = "hf"
-    jsonl = "jsonl"
-    ip2p = "ip2p"
-    wds = "wds"
-
-
-class Layout(str, Enum):
-    default = "default"
-    ultraedit = "ultraedit"
-
-
 def register(app: typer.Typer) -> None:
     app.command("export")(export)
 
 
 def export(out: Path = typer.Argument(..., help="Folder to write (must not exist unless "
                                       "--force)."),
-           fmt: Format = typer.Option(Format.hf, "--format", "-f",
+           fmt: c.ExportFormat = typer.Option("hf", "--format", "-f",
                                       help="hf (parquet + dataset card, loads with "
                                            "datasets.load_dataset), jsonl (training jsonl), "
                                            "ip2p (InstructPix2Pix folders), wds (WebDataset "
                                            "tars)."),
-           layout: Layout = typer.Option(Layout.default, "--layout",
+           layout: c.ExportLayout = typer.Option("default", "--layout",
                                          help="default: splits train (and validation); "
                                               "ultraedit: the published UltraEdit layout "
                                               "(FreeForm_0..N and RegionBase, hf only)."),
@@ -80,7 +67,7 @@ def export(out: Path = typer.Argument(..., help="Folder to write (must not exist
     from ..export import export_dataset
     ws = c.workspace(workspace)
     sel = c.selection(where, params, limit, sample, seed)
-    s = export_dataset(ws, sel, out, fmt.value, layout=layout.value, shard_size=shard_size,
+    s = export_dataset(ws, sel, out, fmt, layout=layout, shard_size=shard_size,
                        extra_columns=extra_columns, soft_masks=soft_masks,
                        val_fraction=val_fraction, seed=seed, license=license,
                        language=language,

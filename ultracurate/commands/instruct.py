@@ -42,7 +42,7 @@ def instruct(
         prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt template: a "
                                              "packaged version (instruct-v1) or a .txt file."),
         exemplars: Optional[Path] = typer.Option(None, "--exemplars", help="Exemplar jsonl "
-                                                 "(default: examples/exemplars.jsonl)."),
+                                                 "(default: the packaged ultracurate/data/exemplars.jsonl)."),
         n_instructions: int = c.Count(50, "--n-instructions", max=10_000,
                                       help="Instruction examples sampled into each prompt."),
         n_full: int = c.Count(10, "--n-full", max=10_000,

@@ -1,6 +1,6 @@
 """The sampled parameters of a candidate, its seed, and the timesteps it runs.
 
-Defaults are the released generator's (../shared/method.md): free-form img2img at strength 0.6
+Defaults are the released generator's (docs/method.md): free-form img2img at strength 0.6
 with 3, 5 or 8 total steps and guidance in U(0.4, 0.8); region-based at strength 0.3 with 10 or
 14 steps, guidance in {0, 0.2, 0.4, 0.6}, a soft value in {0, 0.1, 0.3, 0.5, 0.7, 0.8} used half
 the time; one attention replacement fraction in U(0.1, 0.9) for self- and cross-attention.
@@ -21,7 +21,6 @@ REGION = {"steps": (10, 14), "strength": 0.3, "guidance": (0.0, 0.2, 0.4, 0.6),
           "soft_values": SOFT_VALUES}
 REPLACE_FRAC = (0.1, 0.9)
 CFG_RANGE = (7.5, 15.0)       # the released code draws (and ignores) a value in this range
-MAX_CAPTION_WORDS = 60
 
 
 def candidate_seed(run_seed: int, *key, bits: int = 63) -> int:

@@ -36,14 +36,13 @@ import polars as pl
 from ..catalog import Catalog, now
 from ..errors import UltracurateError
 from ..images import BadImage, inspect_image
+from ..names import PUBLISHED_SCORES
 from ..runner import BatchResult, Context, Stage, run_stage
 from ..selection import Selection
 from ..stages.ingest import known_anchors, record_rejects, recorded_sources
 
 PUBLISHED_COLUMNS = ("source_caption", "target_caption", "edit_prompt", "source_image",
                      "edited_image")
-SCORES = ("clip_sim_source", "clip_sim_target", "clip_sim_dir", "clip_sim_image",
-          "dinov2_sim", "ssim")
 _FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif",
                "GIF": "gif"}
 _SHARD = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}$")
@@ -320,7 +319,7 @@ class UltraEditImportStage(Stage):
                                           "row": d["_row"]}),
                 "source_image": a["media"], "source_is_anchor": True,
                 "edited_image": g["edited"], "gen_run": run_id,
-                **{s: (float(d[s]) if d.get(s) is not None else None) for s in SCORES},
+                **{s: (float(d[s]) if d.get(s) is not None else None) for s in PUBLISHED_SCORES},
                 "score_run": run_id, "auto_status": "scored", "created_at": at})
             edit_id += 1
             cand_id += 1
@@ -335,7 +334,7 @@ class UltraEditImportStage(Stage):
                 "mask_components": pl.Int32, "mask_contours": pl.Int32}))
         if cands:
             cat.insert_rows("candidates", pl.DataFrame(cands, schema_overrides={
-                s: pl.Float64 for s in SCORES}))
+                s: pl.Float64 for s in PUBLISHED_SCORES}))
         bad = result.extra["bad"]
         record_rejects(cat, bad, run_id)
         result.failed = {i: b["reason"] for i, b in enumerate(bad)}

@@ -219,11 +219,6 @@ def contains_phrase(caption: str, phrase: str) -> bool:
     return re.search(pat, caption.lower()) is not None
 
 
-# UltraEdit skips captions longer than this (instruct uses none longer; a captioner's longer
-# answer is invalid).
-MAX_CAPTION_WORDS = 60
-
-
 def source_matches(source: str, patterns: list[str] | None) -> bool:
     """Whether a caption source (ingest, coco, caption:<model>, ...) is one of patterns: a
     name, or a prefix ending in '*' ('caption:*': any captioner). None: every source."""

@@ -1,16 +1,17 @@
-"""Human-written exemplars (examples/exemplars.jsonl, or a user's own jsonl) and how a prompt
+"""Human-written exemplars (the packaged ultracurate/data/exemplars.jsonl, or a user's own jsonl) and how a prompt
 samples them: `n_instructions` bare instructions (for diversity of phrasing) and `n_full`
 complete examples (for the answer's format), as UltraEdit did with 50 and 10 per call."""
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..catalog import EDIT_TYPES
 from ..errors import UltracurateError
+from ..names import EDIT_TYPES
 from .validation import NONE, validate
 
 FIELDS = ("id", "source_caption", "instruction", "target_caption", "edit_object", "edit_type")
@@ -31,8 +32,8 @@ class Exemplar:
 
 
 def default_path() -> Path:
-    from ..demo import examples_dir
-    return examples_dir() / "exemplars.jsonl"
+    """The packaged exemplars (ultracurate/data/exemplars.jsonl)."""
+    return Path(str(importlib.resources.files("ultracurate").joinpath("data", "exemplars.jsonl")))
 
 
 def load_exemplars(path: str | Path | None = None) -> list[Exemplar]:

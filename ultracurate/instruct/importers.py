@@ -26,7 +26,8 @@ from pathlib import Path
 
 import polars as pl
 
-from ..catalog import EDIT_TYPES, normalize_caption, now
+from ..catalog import normalize_caption, now
+from ..names import EDIT_TYPES
 from ..errors import UltracurateError
 from .captions import COLOURS
 from .validation import NONE, normalize_type

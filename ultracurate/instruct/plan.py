@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 
-from ..catalog import EDIT_TYPES
+from ..names import EDIT_TYPES
 from ..errors import UltracurateError
 
 

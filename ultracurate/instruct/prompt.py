@@ -9,7 +9,7 @@ import json
 import string
 from pathlib import Path
 
-from ..catalog import EDIT_TYPES
+from ..names import EDIT_TYPES
 from ..errors import UltracurateError
 from .exemplars import Exemplar
 

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..catalog import EDIT_TYPES
+from ..names import EDIT_TYPES
 from .captions import contains_phrase, word_count
 
 GLOBAL_TYPES = ("change_global", "transform_global")

@@ -23,7 +23,7 @@ from ..errors import UltracurateError
 
 ROLES = ("editor", "clip", "dino", "grounding", "sam", "llm", "captioner")
 
-# The real defaults of the method (../shared/method.md), by hub id.
+# The real defaults of the method (docs/method.md), by hub id.
 ULTRAEDIT_PROFILE = {
     "editor": "stabilityai/sdxl-turbo",
     "clip": "ViT-L-14:openai",

@@ -27,10 +27,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import UltracurateError
+from ..names import BOX_THRESHOLD, TEXT_THRESHOLD
 from ._bpe import bytes_to_unicode
-
-BOX_THRESHOLD = 0.3
-TEXT_THRESHOLD = 0.25
 
 
 @dataclass

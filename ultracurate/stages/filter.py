@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from ..catalog import Catalog
 from ..errors import UltracurateError
 from ..selection import Selection, selected_keys_sql
-from ..thresholds import MODES, Rule, Thresholds
+from ..names import MODES, SCORE_COLUMNS
+from ..thresholds import Rule, Thresholds
 
 DEFAULT_WHERE = ("auto_status IN ('scored', 'accepted', 'rejected') "
                  "AND clip_sim_dir IS NOT NULL")
-_SCORE_COLS = ("clip_sim_source, clip_sim_target, clip_sim_dir, clip_sim_image, dinov2_sim, "
-               "ssim, l1, l2")
+_SCORE_COLS = ", ".join(SCORE_COLUMNS)
 
 
 @dataclass

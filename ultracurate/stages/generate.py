@@ -26,12 +26,12 @@ from ..catalog import Catalog, now
 from ..errors import UltracurateError
 from ..generation import params as P
 from ..generation.behaviour import BEHAVIOURS, COMPAT, CallDropped
+from ..names import CAPTION_MAX_WORDS, EDIT_MODES
 from ..images import load_rgb, resize_center_crop, to_jpeg_bytes
 from ..runner import BatchResult, Context, RunSummary, Stage, make_engine, run_stage
 from ..selection import Selection, referenced_columns, selected_keys_sql
 from ..workspace import Workspace
 
-MODES = ("auto", "free", "region")
 DEFAULT_MASK_CLASSES = ("fine",)      # region generation skips other masks unless asked
 
 
@@ -80,10 +80,10 @@ def _mask_class(edit: dict) -> str:
 def generation_mode(edit: dict, mode: str, classes: tuple[str, ...] | None = DEFAULT_MASK_CLASSES
                     ) -> tuple[str | None, str | None]:
     """(mode to generate the edit in, or None with the reason it is skipped)."""
-    if mode not in MODES:
+    if mode not in EDIT_MODES:
         raise UltracurateError(f"unknown --mode '{mode}' (auto, free or region)")
-    if max(_words(edit["source_caption"]), _words(edit["target_caption"])) > P.MAX_CAPTION_WORDS:
-        return None, f"caption over {P.MAX_CAPTION_WORDS} words"
+    if max(_words(edit["source_caption"]), _words(edit["target_caption"])) > CAPTION_MAX_WORDS:
+        return None, f"caption over {CAPTION_MAX_WORDS} words"
     m = edit["mode"] if mode == "auto" else mode
     if m == "region" and (edit["edit_status"] != "grounded" or edit["mask_rle"] is None):
         return None, "region edit without a mask (not grounded)"

@@ -21,13 +21,13 @@ import polars as pl
 from ..catalog import Catalog, now
 from ..errors import UltracurateError, redact
 from ..instruct.backends import Answer, BackendSpec, Request, spec_from_role
-from ..instruct.captions import MAX_CAPTION_WORDS, parse_sources, source_matches, word_count
+from ..instruct.captions import parse_sources, source_matches, word_count
 from ..instruct.plan import derive_seed, parse_quota, parse_types, plan_types
 from ..instruct.validation import Proposal, validate
+from ..names import CAPTION_MAX_WORDS, EDIT_MODES
 from ..runner import BatchResult, Context, RunSummary, Stage, run_stage
 from ..selection import Selection, selected_keys_sql
 
-MODES = ("auto", "free", "region")
 
 EDIT_COLUMNS = {"edit_id", "anchor_id", "source_caption", "instruction", "target_caption",
                 "edit_object", "edit_type", "mode", "edit_status", "edit_reasons",
@@ -66,14 +66,14 @@ class InstructStage(Stage):
                  seed: int = 0, exemplars: str | Path | None = None,
                  n_instruction_examples: int = 50, n_full_examples: int = 10,
                  max_attempts: int = 3, mode: str = "auto",
-                 max_caption_words: int = MAX_CAPTION_WORDS,
+                 max_caption_words: int = CAPTION_MAX_WORDS,
                  caption_source: str | list[str] | None = None):
         self.spec = spec or BackendSpec("rule")
         self.per_anchor = int(per_anchor)
         self.types = parse_types(types)
         self.quota = parse_quota(quota)
-        if mode not in MODES:
-            raise UltracurateError(f"unknown mode '{mode}' ({', '.join(MODES)})")
+        if mode not in EDIT_MODES:
+            raise UltracurateError(f"unknown mode '{mode}' ({', '.join(EDIT_MODES)})")
         if max_attempts < 1:
             raise UltracurateError("max_attempts must be at least 1")
         self.seed, self.mode, self.max_attempts = int(seed), mode, int(max_attempts)
@@ -84,7 +84,7 @@ class InstructStage(Stage):
         # What runs.params records: never the API key.
         super().__init__(backend=self.spec.public(), per_anchor=self.per_anchor,
                          types=self.types, quota=self.quota, seed=self.seed,
-                         exemplars=self.exemplars_path or "examples/exemplars.jsonl",
+                         exemplars=self.exemplars_path or "ultracurate/data/exemplars.jsonl",
                          n_instruction_examples=self.n_instr, n_full_examples=self.n_full,
                          max_attempts=self.max_attempts, mode=mode,
                          max_caption_words=max_caption_words,

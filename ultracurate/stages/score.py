@@ -1,4 +1,4 @@
-"""Score: the method's scores for every generated candidate pair (../shared/method.md).
+"""Score: the method's scores for every generated candidate pair (docs/method.md).
 
     clip_sim_source  cos(CLIP source image, CLIP source caption)
     clip_sim_target  cos(CLIP edited image, CLIP target caption)
@@ -33,10 +33,8 @@ from .. import metrics
 from ..embeddings import EmbeddingStore
 from ..errors import UltracurateError
 from ..images import load_rgb
+from ..names import SCORE_COLUMNS
 from ..runner import BatchResult, Context, Stage
-
-SCORE_COLUMNS = ("clip_sim_source", "clip_sim_target", "clip_sim_dir", "clip_sim_image",
-                 "dinov2_sim", "ssim", "l1", "l2")
 
 
 class _LRU(OrderedDict):
@@ -283,4 +281,3 @@ def run_score(ws, selection=None, *, force: bool = False, engine=None,
                      batch_size=batch_size, progress=progress)
 
 
-__all__ = ["ScoreStage", "run_score", "SCORE_COLUMNS", "UltracurateError"]
