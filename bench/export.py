@@ -93,9 +93,9 @@ def build(root: Path, rows: int, size: int) -> Workspace:
                       "gen_params": json.dumps(gp)})
     with ws.catalog() as cat:
         cat.con.execute("BEGIN")
-        cat.insert_rows("anchors", pl.DataFrame(anchors))
-        cat.insert_rows("edits", pl.DataFrame(edits))
-        cat.insert_rows("candidates", pl.DataFrame(cands))
+        cat.anchors.insert(pl.DataFrame(anchors))
+        cat.edits.insert(pl.DataFrame(edits))
+        cat.candidates.insert(pl.DataFrame(cands))
         cat.con.execute("COMMIT")
     return ws
 

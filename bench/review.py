@@ -85,7 +85,7 @@ def make_workspace(root: Path, n: int, size: int):
     with ws.catalog() as cat:
         cat.con.execute("BEGIN")
         for table, rows in (("anchors", anchors), ("edits", edits), ("candidates", cands)):
-            cat.insert_rows(table, pl.DataFrame(rows, infer_schema_length=None))
+            cat.table(table).insert(pl.DataFrame(rows, infer_schema_length=None))
         cat.con.execute("COMMIT")
     return ws
 

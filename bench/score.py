@@ -74,8 +74,8 @@ def build_workspace(root: Path, pairs: int, size: int, per_edit: int, models: di
                              for i in range(pairs)],
             "auto_status": ["generated"] * pairs, "created_at": [now()] * pairs})
         cat.con.execute("BEGIN")
-        cat.insert_rows("edits", edits)
-        cat.insert_rows("candidates", cands)
+        cat.edits.insert(edits)
+        cat.candidates.insert(cands)
         cat.con.execute("COMMIT")
     return ws
 

@@ -5,5 +5,5 @@ def set_captions(cat, captions: dict[int, list[str]], source: str = "ingest") ->
     """Replace the captions of each anchor id in captions (an empty list: no caption)."""
     cat.con.execute("DELETE FROM anchor_captions WHERE anchor_id IN (SELECT unnest(?))",
                     [list(captions)])
-    cat.add_captions([{"anchor_id": aid, "caption": c, "source": source}
+    cat.anchor_captions.merge([{"anchor_id": aid, "caption": c, "source": source}
                       for aid, caps in captions.items() for c in caps], None)

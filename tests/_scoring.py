@@ -21,8 +21,8 @@ def add_candidates(ws, n_edits: int = 6, per_edit: int = 4, modes=("free", "regi
     index 0 of each edit is identical to its source). Returns the candidate rows."""
     with ws.catalog() as cat:
         anchors = cat.query("SELECT anchor_id, media, captions FROM anchors_v ORDER BY anchor_id")
-        eid0 = cat.next_id("edits")
-        cid0 = cat.next_id("candidates")
+        eid0 = cat.edits.next_id()
+        cid0 = cat.candidates.next_id()
         edits, cands = [], []
         for e in range(n_edits):
             a = anchors[e % len(anchors)]
@@ -49,8 +49,8 @@ def add_candidates(ws, n_edits: int = 6, per_edit: int = 4, modes=("free", "regi
                               "edited_image": ws.media.put_bytes(to_png_bytes(edt), "png"),
                               "auto_status": status, "created_at": now()})
         cat.con.execute("BEGIN")
-        cat.insert_rows("edits", pl.DataFrame(edits))
-        cat.insert_rows("candidates", pl.DataFrame(cands))
+        cat.edits.insert(pl.DataFrame(edits))
+        cat.candidates.insert(pl.DataFrame(cands))
         cat.con.execute("COMMIT")
     return pl.DataFrame(cands)
 
@@ -62,7 +62,7 @@ def set_scores(ws, scores: dict[int, dict]) -> None:
     df = pl.DataFrame(rows)
     with ws.catalog() as cat:
         cat.con.execute("BEGIN")
-        cat.update_rows("candidates", df)
+        cat.candidates.update(df)
         cat.con.execute("COMMIT")
 
 

@@ -153,9 +153,9 @@ def test_add_captions_orders_and_dedups_in_one_batch(ws):
                 {"anchor_id": 1, "caption": " a  one ", "source": "coco"},
                 {"anchor_id": 1, "caption": "a two", "source": "coco"},
                 {"anchor_id": 1, "caption": "   ", "source": "coco"}]
-        assert cat.add_captions(rows, 5) == 3
-        assert cat.add_captions(rows, 6) == 0
-        assert cat.add_captions([{"anchor_id": 1, "caption": "a three", "source": "x"}], 7) == 1
+        assert cat.anchor_captions.merge(rows, 5) == 3
+        assert cat.anchor_captions.merge(rows, 6) == 0
+        assert cat.anchor_captions.merge([{"anchor_id": 1, "caption": "a three", "source": "x"}], 7) == 1
         got = cat.query("SELECT anchor_id, caption_index, caption, source, run_id "
                         "FROM anchor_captions ORDER BY anchor_id, caption_index")
     assert got == [

@@ -1,5 +1,7 @@
 """Workspace, catalog schema and migrations, the media store, and models profiles."""
 
+import json
+
 import duckdb
 import pytest
 
@@ -114,3 +116,61 @@ def test_gc_removes_only_unreferenced_media(ingested_ws):
     assert not ws.media.exists(orphan)
     assert all(ws.media.exists(n) for n in used) and len(used) == 9
     assert gc()["files"] == []
+
+
+# -- the table API -------------------------------------------------------------------------------
+def _edit(i, **kw):
+    return {"edit_id": i, "anchor_id": 1, "source_caption": "a cat", "instruction": "x",
+            "target_caption": "a dog", "edit_type": "replace", "mode": "free", **kw}
+
+
+def test_writes_are_cast_to_the_declared_types(ws):
+    """Whatever a writer's rows inferred (a list column None for its first hundred rows, an
+    Int64 DataFrame column for an INTEGER, a dict for JSON), the values are stored as the
+    types DuckDB declares, read from DuckDB's own description of the table."""
+    import polars as pl
+    rows = [_edit(i, edit_reasons=None, mask_height=None) for i in range(1, 150)]
+    rows.append(_edit(150, edit_reasons=["too long"], mask_height=7, ground_boxes={"boxes": []}))
+    with ws.catalog() as cat:
+        assert cat.edits.types["mask_bbox"] == "INTEGER[]" and cat.edits.key == "edit_id"
+        with cat.transaction():
+            assert cat.edits.insert(rows) == 150
+            cat.edits.update(pl.DataFrame({"edit_id": [1, 2], "mask_bbox": [[1, 2, 3, 4], None],
+                                           "mask_width": [640, 480]}))
+        got = cat.query("SELECT edit_id, edit_reasons, mask_height, mask_bbox, mask_width, "
+                        "ground_boxes, typeof(mask_width) AS t FROM edits "
+                        "WHERE edit_id IN (1, 150) ORDER BY 1")
+    assert got[0]["mask_bbox"] == [1, 2, 3, 4] and got[0]["mask_width"] == 640
+    assert got[0]["t"] == "INTEGER"
+    assert got[1]["edit_reasons"] == ["too long"] and got[1]["mask_height"] == 7
+    assert json.loads(got[1]["ground_boxes"]) == {"boxes": []}
+
+
+@pytest.mark.parametrize("table, rows, allowed, error, match", [
+    ("edits", [_edit(1, nonsense=1)], None, "UndeclaredWrite", "edits has no column 'nonsense'"),
+    ("edits", [_edit(1, mask_class="fine")], {"mask_area"}, "UndeclaredWrite",
+     r"undeclared columns \['anchor_id', 'edit_type', 'instruction', 'mask_class'"),
+    ("edits", [_edit(1, mask_height=2**40)], None, "WriteError", "edits.mask_height as INTEGER"),
+    ("edits", [_edit(1, mask_area="large")], None, "WriteError", "edits.mask_area as DOUBLE"),
+    ("edits", [_edit("e1")], None, "WriteError", "edits.edit_id as BIGINT"),
+    ("nowhere", [{"x": 1}], None, "UndeclaredWrite", "no table 'nowhere'"),
+])
+def test_a_write_the_schema_does_not_declare_is_refused(ws, table, rows, allowed, error,
+                                                         match):
+    """A column the table lacks, one the writer did not declare, a value that does not fit its
+    column: refused with the table and column named, before anything is written."""
+    from ultracurate import catalog
+    with ws.catalog() as cat:
+        with pytest.raises(getattr(catalog, error), match=match):
+            with cat.transaction():
+                cat.table(table).insert(rows, allowed=allowed)
+        assert cat.scalar("SELECT count(*) FROM edits") == 0
+
+
+def test_insert_missing_adds_only_new_rows(ws):
+    row = {"source_path": "/a.jpg", "reason": "bad", "sha256": None}
+    with ws.catalog() as cat:
+        assert cat.ingest_rejects.insert_missing([row, row], on=("source_path", "sha256")) == 1
+        assert cat.ingest_rejects.insert_missing([row, {**row, "sha256": "ab"}],
+                                                 on=("source_path", "sha256")) == 1
+        assert cat.ingest_rejects.count() == 2

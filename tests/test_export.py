@@ -74,8 +74,8 @@ def add_candidates(ws, n_anchors: int = 4, statuses=("accepted", "accepted", "re
                     cid += 1
                 eid += 1
         cat.con.execute("BEGIN")
-        cat.insert_rows("edits", pl.DataFrame(edits))
-        cat.insert_rows("candidates", pl.DataFrame(cands))
+        cat.edits.insert(pl.DataFrame(edits))
+        cat.candidates.insert(pl.DataFrame(cands))
         cat.con.execute("COMMIT")
     return facts
 

@@ -74,7 +74,7 @@ def generated(tmp_path_factory, tiny_dir):
                              "mask_rle": masks.encode(m), "mask_height": a["height"],
                              "mask_width": a["width"], "mask_class": "fine",
                              "created_at": now()})
-        cat.insert_rows("edits", pl.DataFrame(rows))
+        cat.edits.insert(pl.DataFrame(rows))
     for etype, size in SIZES.items():
         out = run_generate(ws, Selection("edit_type = $t", {"t": etype}), candidates=2,
                            size=size, keep_anchor_source=True, progress=False)

@@ -50,7 +50,7 @@ def add_edits(ws) -> dict[str, int]:
                          "edit_status": status, "mask_rle": rle,
                          "mask_height": a["height"] if rle else None,
                          "mask_width": a["width"] if rle else None, "created_at": now()})
-        cat.insert_rows("edits", pl.DataFrame(rows))
+        cat.edits.insert(pl.DataFrame(rows))
     return ids
 
 

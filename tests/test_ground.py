@@ -39,7 +39,7 @@ def add_edits(ws, per_anchor=OBJECTS, extra=True) -> list[dict]:
     ground must leave alone."""
     with ws.catalog() as cat:
         anchors = cat.query("SELECT anchor_id, captions FROM anchors_v ORDER BY anchor_id")
-        eid = cat.next_id("edits")
+        eid = cat.edits.next_id()
         rows = []
         for a in anchors:
             for obj in per_anchor:
@@ -54,7 +54,7 @@ def add_edits(ws, per_anchor=OBJECTS, extra=True) -> list[dict]:
                  "target_caption": "a changed photo", "edit_type": "change_local",
                  "created_at": now()} for r in rows]
         cat.con.execute("BEGIN")
-        cat.insert_rows("edits", pl.DataFrame(full))
+        cat.edits.insert(pl.DataFrame(full))
         cat.con.execute("COMMIT")
     return rows
 
@@ -178,7 +178,7 @@ def test_missing_anchor_file_fails_only_its_edits(ingested_ws, tiny_refs):
 def _insert_masks(ws, masks: dict[str, np.ndarray], with_features: bool):
     with ws.catalog() as cat:
         a = cat.scalar("SELECT min(anchor_id) FROM anchors")
-        eid = cat.next_id("edits")
+        eid = cat.edits.next_id()
         rows = []
         for i, (name, m) in enumerate(masks.items()):
             f = M.features(m)
@@ -190,7 +190,7 @@ def _insert_masks(ws, masks: dict[str, np.ndarray], with_features: bool):
                 row.update(mask_area=f.area, mask_contours=f.contours)
             rows.append(row)
         cat.con.execute("BEGIN")
-        cat.insert_rows("edits", pl.DataFrame(rows))
+        cat.edits.insert(pl.DataFrame(rows))
         cat.con.execute("COMMIT")
 
 

@@ -86,8 +86,8 @@ def make_candidates(ws) -> dict:
         cands.append(dict(candidate_id=cid, edit_id=1, candidate_index=9, seed=0,
                           auto_status="planned", created_at=now()))
         cat.con.execute("BEGIN")
-        cat.insert_rows("edits", pl.DataFrame(edits, infer_schema_length=None))
-        cat.insert_rows("candidates", pl.DataFrame(cands, infer_schema_length=None))
+        cat.edits.insert(pl.DataFrame(edits, infer_schema_length=None))
+        cat.candidates.insert(pl.DataFrame(cands, infer_schema_length=None))
         cat.con.execute("COMMIT")
     return {"edits": len(edits), "candidates": len(cands) - 1}
 

@@ -21,11 +21,14 @@ import duckdb
 from .errors import (CatalogBusyError, CatalogDamagedError, UltracurateError, reason_text,
                      redact)
 
-TABLES = ("anchors", "edits", "candidates")
 # What a caption row may carry besides its anchor and text (see Catalog.add_captions).
 CAPTION_FIELDS = ("source", "model", "prompt", "invalid_reason")
 VIEWS = {"anchors": "anchors_v", "edits": "edits_v", "candidates": "candidates_v"}
 KEYS = {"anchors": "anchor_id", "edits": "edit_id", "candidates": "candidate_id"}
+# Every table of the catalog (cat.<name> is its table API) and its key, where it has one.
+TABLE_KEYS = {**KEYS, "runs": "run_id", "stage_state": "key", "anchor_captions": "anchor_id",
+              "ingest_rejects": "source_path", "schema_meta": "key"}
+TABLE_NAMES = frozenset(TABLE_KEYS)
 
 
 def sql_text(name: str) -> str:
@@ -109,6 +112,9 @@ class Catalog:
         from .limits import duckdb_config
         self.path = Path(path)
         self.read_only = read_only
+        self._tables: dict[str, Table] = {}
+        self._types: dict[str, dict[str, str]] = {}
+        self._n_registered = 0
         if read_only and not self.path.exists():
             raise UltracurateError(f"no catalog at {self.path}")
         if allow_files and not read_only:
@@ -139,8 +145,8 @@ class Catalog:
     # -- schema ---------------------------------------------------------------------------
     def schema_version(self) -> int:
         try:
-            rows = self.con.execute(
-                "SELECT value FROM schema_meta WHERE key = 'schema_version'").fetchall()
+            rows = self.con.execute(named_queries("catalog")["meta"],
+                                    ["schema_version"]).fetchall()
         except duckdb.CatalogException:
             return 0
         try:
@@ -151,8 +157,7 @@ class Catalog:
 
     def _meta(self, key: str) -> str | None:
         try:
-            rows = self.con.execute("SELECT value FROM schema_meta WHERE key = ?",
-                                    [key]).fetchall()
+            rows = self.con.execute(named_queries("catalog")["meta"], [key]).fetchall()
         except duckdb.CatalogException:
             return None
         return rows[0][0] if rows else None
@@ -162,12 +167,7 @@ class Catalog:
         types: recorded in schema_meta by each writer, checked on every open. The DuckDB
         version is part of it because type names may print differently in another version;
         a checksum from another version is not compared (a writer records a new one)."""
-        rows = self.con.execute(
-            "SELECT table_name, column_index, column_name, data_type FROM duckdb_columns() "
-            "WHERE database_name = current_database() AND schema_name = 'main' AND table_name "
-            "IN (SELECT table_name FROM duckdb_tables() WHERE database_name = "
-            "current_database() AND schema_name = 'main') ORDER BY table_name, column_index"
-        ).fetchall()
+        rows = self.con.execute(named_queries("catalog")["schema_columns"]).fetchall()
         text = json.dumps([self.schema_version(), rows], default=str)
         return f"{duckdb.__version__}:{hashlib.sha256(text.encode()).hexdigest()}"
 
@@ -191,9 +191,7 @@ class Catalog:
         blocks (a count), so its length is checked: DuckDB writes whole blocks after its three
         4 KiB headers, and a copy or a disk that stopped part-way leaves a length that is
         not. (A cut exactly at a block boundary shows up when a missing block is read.)"""
-        block_size = self.con.execute(
-            "SELECT block_size FROM pragma_database_size() "
-            "WHERE database_name = current_database()").fetchone()
+        block_size = self.con.execute(named_queries("catalog")["block_size"]).fetchone()
         size = self.path.stat().st_size
         if block_size and block_size[0] and (size - _FILE_HEADERS) % int(block_size[0]):
             raise CatalogDamagedError(damaged_message(
@@ -203,35 +201,26 @@ class Catalog:
     def migrate(self) -> None:
         current = self.schema_version()
         applied = False
+        set_meta = named_queries("catalog")["set_meta"]
         for version, name, sql in migrations():
             if version <= current:
                 continue
-            self.con.execute("BEGIN")
-            try:
+            with self.transaction():
                 self.con.execute(sql)
-                self.con.execute(
-                    "INSERT OR REPLACE INTO schema_meta VALUES ('schema_version', ?)",
-                    [str(version)])
-                self.con.execute("COMMIT")
-            except Exception:
-                self.con.execute("ROLLBACK")
-                raise
+                self.con.execute(set_meta, ["schema_version", str(version)])
             applied = True
+        self._types.clear()
         # Views and the checksum are rewritten only when they changed, so that opening an
         # up-to-date catalog for writing writes nothing.
         views = sql_text("views.sql")
         views_sum = hashlib.sha256(views.encode()).hexdigest()
-        have = {r[0] for r in self.con.execute(
-            "SELECT view_name FROM duckdb_views() WHERE database_name = current_database() "
-            "AND NOT internal").fetchall()}
+        have = {r[0] for r in self.con.execute(named_queries("catalog")["views"]).fetchall()}
         if applied or self._meta("views_checksum") != views_sum or not set(VIEWS.values()) <= have:
             self.con.execute(views)
-            self.con.execute("INSERT OR REPLACE INTO schema_meta VALUES ('views_checksum', ?)",
-                             [views_sum])
+            self.con.execute(set_meta, ["views_checksum", views_sum])
         checksum = self.schema_checksum()
         if self._meta("schema_checksum") != checksum:
-            self.con.execute("INSERT OR REPLACE INTO schema_meta VALUES ('schema_checksum', ?)",
-                             [checksum])
+            self.con.execute(set_meta, ["schema_checksum", checksum])
 
     def close(self) -> None:
         self.con.close()
@@ -309,79 +298,270 @@ class Catalog:
                 f"sql: {redact(first_line(e))}") from None
 
     # -- writing --------------------------------------------------------------------------
-    def next_id(self, table: str, n: int = 1) -> int:
-        """First of n fresh ids for table (the driver is the only writer, so max+1 is safe)."""
-        key = KEYS.get(table, "run_id" if table == "runs" else None)
-        m = self.scalar(f"SELECT coalesce(max({key}), 0) FROM {table}")
-        return int(m) + 1
+    @contextlib.contextmanager
+    def transaction(self):
+        """BEGIN ... COMMIT, or ROLLBACK when the block raises (Ctrl-C included): the one
+        place a transaction is opened and closed."""
+        self.con.execute("BEGIN")
+        try:
+            yield self
+        except BaseException:
+            _rollback(self.con)
+            raise
+        try:
+            self.con.execute("COMMIT")
+        except BaseException:
+            _rollback(self.con)
+            raise
 
+    def table(self, name: str) -> "Table":
+        """The table API of one table (`cat.table('edits')`, or `cat.edits`)."""
+        if name not in self._tables:
+            self._tables[name] = (Captions if name == "anchor_captions" else Table)(self, name)
+        return self._tables[name]
+
+    def __getattr__(self, name: str) -> "Table":
+        if name in TABLE_NAMES:
+            return self.table(name)
+        raise AttributeError(name)
+
+    def declared_types(self, table: str) -> dict[str, str]:
+        """column -> DuckDB type of a table, as DuckDB itself describes it (cached until the
+        schema changes)."""
+        if table not in self._types:
+            rows = self.con.execute(named_queries("catalog")["columns"], [table]).fetchall()
+            if not rows:
+                raise UndeclaredWrite(f"the catalog has no table '{table}'")
+            self._types[table] = {name: kind for name, kind in rows}
+        return self._types[table]
+
+    @contextlib.contextmanager
+    def registered(self, data, name: str | None = None):
+        """data (an Arrow table) as a relation of this connection, under name (the one a
+        query in sql/queries reads) or a fresh one."""
+        if name is None:
+            self._n_registered += 1
+            name = f"_uc_rows_{self._n_registered}"
+        self.con.register(name, data)
+        try:
+            yield name
+        finally:
+            self.con.unregister(name)
+
+    # -- the run ledger's rows (written by ultracurate.runner) -----------------------------
     def start_run(self, stage: str, params: dict, selection: dict | None, models: dict | None,
-                  engine: str = "local") -> int:
+                  engine: str = "local", parent_run: int | None = None) -> int:
         from . import __version__
-        run_id = self.next_id("runs")
-        self.con.execute(
-            "INSERT INTO runs (run_id, stage, params, selection, models, code_version, engine,"
-            " started_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running')",
-            [run_id, stage, json.dumps(params, default=str), json.dumps(selection, default=str),
-             json.dumps(models or {}, default=str), code_version(__version__), engine, now()])
+        run_id = self.runs.next_id()
+        self.runs.insert([{
+            "run_id": run_id, "stage": stage, "params": json.dumps(params, default=str),
+            "selection": json.dumps(selection, default=str),
+            "models": json.dumps(models or {}, default=str),
+            "code_version": code_version(__version__), "engine": engine,
+            "started_at": now(), "state": "running", "parent_run": parent_run}])
         return run_id
+
+    def end_run(self, run_id: int, state: str, message: str | None = None, **counts) -> None:
+        """Close a run: its state, message (one line, redacted) and any of rows_in,
+        rows_done, rows_failed."""
+        self.runs.update([{"run_id": run_id, "ended_at": now(), "state": state,
+                           "message": reason_text(message) if message else None, **counts}])
 
     @contextlib.contextmanager
     def job(self, stage: str, params: dict, selection: dict | None = None,
             models: dict | None = None):
-        """A job that is one transaction (filter, balance, dedup, review pulls): its run row
-        and its writes commit together, or nothing does. Yields a JobRun whose counters and
-        message the caller sets; they are written when the block ends without error."""
-        self.con.execute("BEGIN")
-        try:
+        """A job that is one transaction: its run row and its writes commit together, or
+        nothing does. Yields a JobRun whose counters and message the caller sets; they are
+        written when the block ends without error."""
+        with self.transaction():
             run = JobRun(self.start_run(stage, params, selection, models))
             yield run
-            self.con.execute(
-                "UPDATE runs SET rows_in = ?, rows_done = ?, rows_failed = ?, ended_at = ?, "
-                "state = 'completed', message = ? WHERE run_id = ?",
-                [run.rows_in, run.rows_done, run.rows_failed, now(), redact(run.message),
-                 run.run_id])
-            self.con.execute("COMMIT")
-        except BaseException:
-            self.con.execute("ROLLBACK")
-            raise
+            self.runs.update([{"run_id": run.run_id, "rows_in": run.rows_in,
+                               "rows_done": run.rows_done, "rows_failed": run.rows_failed,
+                               "ended_at": now(), "state": "completed",
+                               "message": redact(run.message)}])
 
-    def end_run(self, run_id: int, state: str, message: str | None = None) -> None:
-        self.con.execute(
-            "UPDATE runs SET ended_at = ?, state = ?, message = ? WHERE run_id = ?",
-            [now(), state, reason_text(message) if message else None, run_id])
+    def anchors_without_caption(self) -> int:
+        return int(self.scalar(named_queries("captions")["without_caption"]))
 
-    def update_rows(self, table: str, df, key: str | None = None) -> None:
-        """UPDATE table SET <df's columns> FROM df, matched on the key column. One statement,
-        however many rows; call inside the caller's transaction."""
-        key = key or KEYS[table]
-        cols = [c for c in df.columns if c != key]
-        if not cols or len(df) == 0:
-            return
-        self.con.register("_upd", df.to_arrow() if hasattr(df, "to_arrow") else df)
-        try:
-            sets = ", ".join(f'"{c}" = _upd."{c}"' for c in cols)
-            self.con.execute(
-                f'UPDATE {table} SET {sets} FROM _upd WHERE {table}."{key}" = _upd."{key}"')
-        finally:
-            self.con.unregister("_upd")
 
-    def insert_rows(self, table: str, df) -> None:
-        if len(df) == 0:
-            return
-        self.con.register("_ins", df.to_arrow() if hasattr(df, "to_arrow") else df)
-        try:
-            cols = ", ".join(f'"{c}"' for c in df.columns)
-            self.con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _ins")
-        finally:
-            self.con.unregister("_ins")
+class UndeclaredWrite(RuntimeError):
+    """A write to a column the table lacks or the writer did not declare: a bug in the
+    caller, so the job stops and its batch is rolled back."""
 
-    def add_captions(self, rows: list[dict], run_id: int | None) -> int:
-        """Merge captions into anchor_captions; returns how many were new. Each row has
-        anchor_id, caption and source (and optionally model, prompt, invalid_reason); texts
-        are whitespace-normalised, empty ones dropped (unless invalid), and a text the anchor
-        already has (from any source) is not added again. New captions keep the rows' order after the anchor's
-        existing ones. Call inside the caller's transaction."""
+
+class WriteError(UltracurateError):
+    """A value that cannot be stored as its column's declared type."""
+
+
+def _rollback(con) -> None:
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:
+        pass
+
+
+# DuckDB's type names (as DESCRIBE gives them) and the Arrow types values are cast to before
+# they reach DuckDB; a type not listed is left to DuckDB's own cast.
+_ARROW_TYPES = {
+    "BIGINT": "int64", "INTEGER": "int32", "SMALLINT": "int16", "TINYINT": "int8",
+    "UBIGINT": "uint64", "UINTEGER": "uint32", "DOUBLE": "float64", "FLOAT": "float32",
+    "VARCHAR": "string", "JSON": "string", "BOOLEAN": "bool", "TIMESTAMP": "timestamp[us]",
+    "DATE": "date32",
+}
+
+
+def arrow_type(duckdb_type: str):
+    """The Arrow type a value of a DuckDB column type is cast to (None: DuckDB casts)."""
+    import pyarrow as pa
+    if duckdb_type.endswith("[]"):
+        inner = arrow_type(duckdb_type[:-2])
+        return pa.list_(inner) if inner is not None else None
+    name = _ARROW_TYPES.get(duckdb_type)
+    if name is None:
+        return None
+    return pa.timestamp("us") if name == "timestamp[us]" else pa.type_for_alias(name)
+
+
+class Table:
+    """One catalog table: its declared columns and types (DuckDB's own description of the
+    table, never a copy), and every write to it. A write takes a polars DataFrame, an Arrow
+    table or a list of dicts; casts each column to its declared type (whatever a DataFrame
+    inferred: an all-None column, an Int64 for an INTEGER); refuses a column the table lacks,
+    or that the writer may not set (`allowed`, e.g. a stage's declared columns); and runs as
+    one statement in the caller's transaction.
+
+        cat.edits.insert(rows)                       # list of dicts or a DataFrame
+        cat.candidates.update(df)                    # matched on candidate_id
+        cat.candidates.update_from(sql, params, ["auto_status", "filter_run"])
+    """
+
+    def __init__(self, cat: "Catalog", name: str):
+        self.cat, self.name = cat, name
+        self.key = TABLE_KEYS.get(name)
+
+    def __repr__(self) -> str:
+        return f"<Table {self.name}>"
+
+    @property
+    def types(self) -> dict[str, str]:
+        return self.cat.declared_types(self.name)
+
+    def next_id(self) -> int:
+        """The next free key (max + 1): call inside the transaction that inserts it."""
+        m = self.cat.scalar(f'SELECT coalesce(max("{self.key}"), 0) FROM {self.name}')
+        return int(m) + 1
+
+    def count(self) -> int:
+        return int(self.cat.scalar(f"SELECT count(*) FROM {self.name}"))
+
+    def _check(self, names, allowed) -> None:
+        types = self.types
+        unknown = [c for c in names if c not in types]
+        if unknown:
+            raise UndeclaredWrite(f"{self.name} has no column {unknown[0]!r}")
+        if allowed is not None:
+            extra = sorted(set(names) - set(allowed) - {self.key})
+            if extra:
+                raise UndeclaredWrite(f"wrote undeclared columns {extra} of {self.name}")
+
+    def cast(self, rows, allowed=None):
+        """rows as an Arrow table of the declared types (see the class docstring)."""
+        import pyarrow as pa
+        types = self.types
+        if isinstance(rows, list):
+            names = list(dict.fromkeys(k for r in rows for k in r))
+            self._check(names, allowed)
+            columns = {c: [r.get(c) for r in rows] for c in names}
+            for c in names:  # JSON columns take text: a dict or list is written as JSON
+                if types[c] == "JSON":
+                    columns[c] = [v if v is None or isinstance(v, str)
+                                  else json.dumps(v, default=str) for v in columns[c]]
+        else:
+            data = rows if isinstance(rows, pa.Table) else rows.to_arrow()
+            names = data.column_names
+            self._check(names, allowed)
+            columns = {c: data.column(c) for c in names}
+        arrays = []
+        for c in names:
+            target = arrow_type(types[c])
+            try:
+                if isinstance(columns[c], list):
+                    arrays.append(pa.array(columns[c], type=target))
+                elif target is not None and columns[c].type != target:
+                    arrays.append(columns[c].cast(target))
+                else:
+                    arrays.append(columns[c])
+            except (pa.ArrowException, TypeError, ValueError, OverflowError) as e:
+                raise WriteError(f"cannot write {self.name}.{c} as {types[c]}: "
+                                 f"{first_line(e)}") from None
+        return pa.table(arrays, names=names) if names else pa.table({})
+
+    def insert(self, rows, *, allowed=None, replace: bool = False) -> int:
+        """Insert rows (INSERT OR REPLACE with replace); returns how many."""
+        data = self.cast(rows, allowed)
+        if data.num_rows == 0:
+            return 0
+        cols = ", ".join(f'"{c}"' for c in data.column_names)
+        verb = "INSERT OR REPLACE" if replace else "INSERT"
+        with self.cat.registered(data) as src:
+            self.cat.con.execute(f"{verb} INTO {self.name} ({cols}) SELECT {cols} FROM {src}")
+        return data.num_rows
+
+    def insert_missing(self, rows, on: tuple[str, ...], *, allowed=None) -> int:
+        """Insert the rows no existing row equals on the columns `on` (NULLs equal), nor an
+        earlier row of rows; returns how many were new."""
+        data = self.cast(rows, allowed)
+        if data.num_rows == 0:
+            return 0
+        cols = ", ".join(f'"{c}"' for c in data.column_names)
+        same = " AND ".join(f'x."{c}" IS NOT DISTINCT FROM r."{c}"' for c in on)
+        part = ", ".join(f'"{c}"' for c in on)
+        with self.cat.registered(data) as src:
+            n = self.cat.con.execute(
+                f"INSERT INTO {self.name} ({cols}) SELECT {cols} FROM (SELECT * FROM {src} "
+                f"QUALIFY row_number() OVER (PARTITION BY {part}) = 1) r "
+                f"WHERE NOT EXISTS (SELECT 1 FROM {self.name} x WHERE {same})").fetchall()
+        return int(n[0][0]) if n else 0
+
+    def update(self, rows, *, key: str | None = None, allowed=None) -> int:
+        """UPDATE the rows matched on the key column with the other columns' values; one
+        statement, however many rows."""
+        key = key or self.key
+        data = self.cast(rows, allowed)
+        cols = [c for c in data.column_names if c != key]
+        if not cols or data.num_rows == 0:
+            return 0
+        sets = ", ".join(f'"{c}" = {{src}}."{c}"' for c in cols)
+        with self.cat.registered(data) as src:
+            self.cat.con.execute(
+                f'UPDATE {self.name} SET {sets.format(src=src)} FROM {src} '
+                f'WHERE {self.name}."{key}" = {src}."{key}"')
+        return data.num_rows
+
+    def update_from(self, sql: str, params: dict | None, columns, *,
+                    key: str | None = None, allowed=None) -> None:
+        """Set-based UPDATE: the rows of a query (the key and `columns`) set those columns,
+        each cast to its declared type in DuckDB."""
+        key = key or self.key
+        self._check(list(columns), allowed)
+        types = self.types
+        sets = ", ".join(f'"{c}" = CAST(_uc_src."{c}" AS {types[c]})' for c in columns)
+        self.cat.con.execute(
+            f'UPDATE {self.name} SET {sets} FROM ({sql}) _uc_src '
+            f'WHERE {self.name}."{key}" = _uc_src."{key}"', params or None)
+
+
+class Captions(Table):
+    """anchor_captions: every caption of an anchor, unique text per anchor, in order of
+    arrival (sql/queries/captions.sql)."""
+
+    def merge(self, rows: list[dict], run_id: int | None) -> int:
+        """Merge captions; returns how many were new. Each row has anchor_id, caption and
+        source (and optionally model, prompt, invalid_reason); texts are whitespace-normalised,
+        empty ones dropped (unless invalid), and a text the anchor already has (from any
+        source) is not added again. New captions keep the rows' order after the anchor's
+        existing ones."""
         import pyarrow as pa
         # an invalid answer is kept with its reason even when it is empty
         rows = [r for r in rows if normalize_caption(r.get("caption")) or r.get("invalid_reason")]
@@ -393,48 +573,22 @@ class Catalog:
         for f in CAPTION_FIELDS:
             cols[f] = pa.array([r.get(f) for r in rows], pa.string())
         ids = cols["anchor_id"].to_pylist()
-        self.con.register("_captions", pa.table(cols))
-        try:
-            n = self.con.execute(named_queries("captions")["add"],
-                                 {"run_id": run_id, "at": now(), "lo": min(ids),
-                                  "hi": max(ids)}).fetchall()
-        finally:
-            self.con.unregister("_captions")
+        with self.cat.registered(pa.table(cols), "_captions"):
+            n = self.cat.con.execute(named_queries("captions")["add"],
+                                     {"run_id": run_id, "at": now(), "lo": min(ids),
+                                      "hi": max(ids)}).fetchall()
         return int(n[0][0]) if n else 0
 
-    def remove_captions(self, anchor_ids: list[int], source: str) -> None:
+    def remove_source(self, anchor_ids: list[int], source: str) -> None:
         """Drop one source's captions of these anchors (a captioner's --force rerun)."""
         if not anchor_ids:
             return
         import pyarrow as pa
-        self.con.register("_anchors", pa.table({"anchor_id": pa.array(anchor_ids, pa.int64())}))
-        try:
-            self.con.execute(named_queries("captions")["remove_source"],
-                             {"lo": min(anchor_ids), "hi": max(anchor_ids), "source": source})
-        finally:
-            self.con.unregister("_anchors")
-
-    def anchors_without_caption(self) -> int:
-        return int(self.scalar(named_queries("captions")["without_caption"]))
-
-    def mark_state(self, stage: str, keys: Iterable[int], state: str, run_id: int,
-                   errors: Iterable[str | None] | None = None) -> None:
-        keys = list(keys)
-        if not keys:
-            return
-        errors = ([reason_text(e) if e else None for e in errors] if errors is not None
-                  else [None] * len(keys))
-        import pyarrow as pa
-        tbl = pa.table({"key": pa.array(keys, pa.int64()),
-                        "error": pa.array(errors, pa.string())})
-        self.con.register("_st", tbl)
-        try:
-            self.con.execute(
-                "INSERT OR REPLACE INTO stage_state (stage, key, state, error, run_id, updated_at) "
-                "SELECT ?, key, ?, error, ?, ? FROM _st",
-                [stage, state, run_id, now()])
-        finally:
-            self.con.unregister("_st")
+        ids = pa.table({"anchor_id": pa.array(anchor_ids, pa.int64())})
+        with self.cat.registered(ids, "_anchors"):
+            self.cat.con.execute(
+                named_queries("captions")["remove_source"],
+                {"lo": min(anchor_ids), "hi": max(anchor_ids), "source": source})
 
 
 def normalize_caption(text) -> str:

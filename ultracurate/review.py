@@ -806,14 +806,8 @@ def pull_decisions(ws: Workspace, name: str | None = None, reviewer: str | None 
             summary.cleared += not t
         summary.changed = len(updates)
         if updates:
-            import polars as pl
-            df = pl.DataFrame(updates, schema={"candidate_id": pl.Int64,
-                                               "human_decision": pl.Utf8,
-                                               "human_tags": pl.List(pl.Utf8),
-                                               "reviewer": pl.Utf8,
-                                               "decided_at": pl.Datetime("us")})
             with cat.job("review-pull", {"dataset": name, "reviewer": reviewer}) as run:
-                cat.update_rows("candidates", df)
+                cat.candidates.update(updates)
                 run.rows_in, run.rows_done = summary.groups, summary.changed
                 run.message = json.dumps({"accepted": summary.accepted,
                                           "rejected": summary.rejected,

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import polars as pl
 
-from .catalog import KEYS, VIEWS, Catalog
+from .catalog import KEYS, VIEWS, Catalog, named_queries, now
 from .errors import UltracurateError, reason_text
 from .selection import Selection, selected_keys_sql
 from .workspace import Workspace
@@ -126,12 +126,10 @@ class Stage:
 
     def write(self, cat: Catalog, result: BatchResult, run_id: int) -> None:
         """Apply a batch's results (inside the runner's transaction)."""
-        for table, df in result.inserts.items():
-            self._check_writes(table, df.columns)
-            cat.insert_rows(table, df)
-        for table, df in result.updates.items():
-            self._check_writes(table, [c for c in df.columns if c != KEYS[table]])
-            cat.update_rows(table, df)
+        for table, rows in result.inserts.items():
+            cat.table(table).insert(rows, allowed=self.writes.get(table, set()))
+        for table, rows in result.updates.items():
+            cat.table(table).update(rows, allowed=self.writes.get(table, set()))
 
     def finish(self, cat: Catalog, run_id: int) -> None:
         """Called once after the last batch (in its own transaction)."""
@@ -140,13 +138,6 @@ class Stage:
         """What the run's summary adds to its counts (after finish): stage-specific figures,
         and `notes`, lines a person should read (also the run's message)."""
         return {}
-
-    def _check_writes(self, table: str, cols) -> None:
-        allowed = self.writes.get(table, set())
-        extra = set(cols) - allowed - {KEYS.get(table)}
-        if extra:
-            raise RuntimeError(f"stage {self.name} wrote undeclared columns {sorted(extra)} "
-                               f"of {table}")
 
     # -- run where the work happens (driver thread, another thread, or a Ray worker) -------
     def setup(self, ctx: Context) -> None:
@@ -334,8 +325,7 @@ def run_stage(ws: Workspace, stage: Stage, selection: Selection | None = None, *
         ws.media.clean_tmp()
         # We hold the catalog's write lock, so a run still marked running has died (SIGKILL,
         # power loss): close it, its committed batches stand.
-        cat.con.execute("UPDATE runs SET state = 'killed', message = 'the process ended "
-                        "without closing the run' WHERE state = 'running'")
+        cat.con.execute(named_queries("runs")["close_dead"])
         size = batch_size or stage.batch_size
         n_rows, batches = pending_batches(stage, cat, selection, force, size)
         ctx = Context(str(ws.root), device or default_device(), 0, ws.config)
@@ -343,7 +333,7 @@ def run_stage(ws: Workspace, stage: Stage, selection: Selection | None = None, *
         run_id = cat.start_run(stage.name, stage.params, selection.to_json(), models,
                                engine=getattr(engine, "name", "local"))
         ctx.run_id = run_id
-        cat.con.execute("UPDATE runs SET rows_in = ? WHERE run_id = ?", [n_rows, run_id])
+        cat.runs.update([{"run_id": run_id, "rows_in": n_rows}])
         done = failed = 0
         state = "completed"
         bar = _progress(n_rows, stage.name) if progress else None
@@ -362,23 +352,19 @@ def run_stage(ws: Workspace, stage: Stage, selection: Selection | None = None, *
                     bar.advance(task, len(batch))
                 if ctrl_c.requested:
                     raise KeyboardInterrupt
-            cat.con.execute("BEGIN")
-            stage.finish(cat, run_id)
-            cat.con.execute("COMMIT")
+            with cat.transaction():
+                stage.finish(cat, run_id)
             extra = stage.report(cat, run_id)
         except (KeyboardInterrupt, RuntimeError) as e:
             # DuckDB turns a Ctrl-C during a query into RuntimeError('Query interrupted')
             if isinstance(e, RuntimeError) and not ctrl_c.requested:
-                _rollback(cat)
                 cat.end_run(run_id, "failed", f"{type(e).__name__}: {e}")
                 raise
             state = "interrupted"
-            _rollback(cat)
             cat.end_run(run_id, state, "interrupted by the user")
             raise Interrupted(f"{stage.name} interrupted: {done} rows done, {failed} failed; "
                               "rerun the same command to resume") from None
         except BaseException as e:
-            _rollback(cat)
             cat.end_run(run_id, "failed", f"{type(e).__name__}: {e}")
             raise
         finally:
@@ -480,13 +466,6 @@ def _groups(rows) -> Iterator[list[dict]]:
         yield group
 
 
-def _rollback(cat: Catalog) -> None:
-    try:
-        cat.con.execute("ROLLBACK")
-    except Exception:
-        pass
-
-
 def _commit_batch(cat: Catalog, stage: Stage, batch: list[dict],
                   result: BatchResult | BaseException, run_id: int) -> tuple[int, int]:
     keys = [stage.key_of(r) for r in batch] if stage.track_state else []
@@ -494,24 +473,19 @@ def _commit_batch(cat: Catalog, stage: Stage, batch: list[dict],
     if isinstance(result, BaseException):  # the whole batch failed: every row, with the error
         err = reason_text(result, typed=True)
         result = BatchResult(failed={k: err for k in (keys or range(n_all))})
-    cat.con.execute("BEGIN")
-    try:
+    with cat.transaction():
         stage.write(cat, result, run_id)
         failed_keys = [k for k in keys if k in result.failed]
-        done_keys = [k for k in keys if k not in result.failed]
         if stage.track_state:
-            cat.mark_state(stage.name, done_keys, "done", run_id)
-            cat.mark_state(stage.name, failed_keys, "failed", run_id,
-                           [result.failed[k] for k in failed_keys])
+            at = now()
+            cat.stage_state.insert(
+                [{"stage": stage.name, "key": k, "state": "failed" if k in result.failed
+                  else "done", "error": reason_text(result.failed[k])
+                  if result.failed.get(k) else None, "run_id": run_id, "updated_at": at}
+                 for k in keys], replace=True)
         n_failed = len(failed_keys) if stage.track_state else len(result.failed)
         n_done = n_all - n_failed
-        cat.con.execute(
-            "UPDATE runs SET rows_done = rows_done + ?, rows_failed = rows_failed + ? "
-            "WHERE run_id = ?", [n_done, n_failed, run_id])
-        cat.con.execute("COMMIT")
-    except BaseException:
-        _rollback(cat)
-        raise
+        cat.con.execute(named_queries("runs")["count_batch"], [n_done, n_failed, run_id])
     return n_done, n_failed
 
 

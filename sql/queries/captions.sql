@@ -1,4 +1,4 @@
--- Caption writes and counts (ultracurate.catalog.Catalog.add_captions and friends).
+-- Caption writes and counts (ultracurate.catalog.Captions: cat.anchor_captions).
 
 -- name: add
 -- New captions from the registered table _captions (anchor_id, caption, source, model,

@@ -274,9 +274,9 @@ class UltraEditImportStage(Stage):
         good = result.extra["good"]
         known = {sha: aid for sha, (aid, _) in
                  known_anchors(cat, [g["anchor"]["sha256"] for g in good]).items()}
-        anchor_id = cat.next_id("anchors")
-        edit_id = cat.next_id("edits")
-        cand_id = cat.next_id("candidates")
+        anchor_id = cat.anchors.next_id()
+        edit_id = cat.edits.next_id()
+        cand_id = cat.candidates.next_id()
         anchors, captions, edits, cands = [], [], [], []
         for g in good:
             d = g["row"]
@@ -323,18 +323,10 @@ class UltraEditImportStage(Stage):
                 "score_run": run_id, "auto_status": "scored", "created_at": at})
             edit_id += 1
             cand_id += 1
-        if anchors:
-            cat.insert_rows("anchors", pl.DataFrame(anchors, schema_overrides={
-                "external_id": pl.String}))
-        cat.add_captions(captions, run_id)
-        if edits:
-            cat.insert_rows("edits", pl.DataFrame(edits, schema_overrides={
-                "mask_rle": pl.String, "mask_height": pl.Int32, "mask_width": pl.Int32,
-                "mask_area": pl.Float64, "mask_bbox": pl.List(pl.Int32),
-                "mask_components": pl.Int32, "mask_contours": pl.Int32}))
-        if cands:
-            cat.insert_rows("candidates", pl.DataFrame(cands, schema_overrides={
-                s: pl.Float64 for s in PUBLISHED_SCORES}))
+        cat.anchors.insert(anchors)
+        cat.anchor_captions.merge(captions, run_id)
+        cat.edits.insert(edits)
+        cat.candidates.insert(cands)
         bad = result.extra["bad"]
         record_rejects(cat, bad, run_id)
         result.failed = {i: b["reason"] for i, b in enumerate(bad)}

@@ -264,25 +264,15 @@ def import_instructions(ws, path: str | Path, fmt: str, *, images_root: str | Pa
                 "mode": mode if mode != "auto" else ("region" if region else "free"),
                 "edit_status": "proposed", "instruct_backend": backend,
                 "external_id": r.external_id})
-        run_id = cat.start_run("import-instructions",
-                               {"path": str(path), "format": fmt, "mode": mode}, None, None)
-        cat.con.execute("BEGIN")
-        try:
-            if rows:
-                first = cat.next_id("edits")
-                at = now()
-                for k, row in enumerate(rows):
-                    row.update(edit_id=first + k, instruct_run=run_id, created_at=at)
-                cat.insert_rows("edits", pl.DataFrame(rows, schema_overrides={
-                    "edit_object": pl.String, "external_id": pl.String}))
-            skipped = sum(reasons.values())
-            cat.con.execute("UPDATE runs SET rows_in = ?, rows_done = ?, rows_failed = ? "
-                            "WHERE run_id = ?", [len(records), len(rows), skipped, run_id])
-            cat.con.execute("COMMIT")
-        except BaseException:
-            cat.con.execute("ROLLBACK")
-            cat.end_run(run_id, "failed")
-            raise
-        cat.end_run(run_id, "completed")
+        skipped = sum(reasons.values())
+        with cat.job("import-instructions",
+                     {"path": str(path), "format": fmt, "mode": mode}) as run:
+            run_id = run.run_id
+            first = cat.edits.next_id()
+            at = now()
+            for k, row in enumerate(rows):
+                row.update(edit_id=first + k, instruct_run=run_id, created_at=at)
+            cat.edits.insert(rows)
+            run.rows_in, run.rows_done, run.rows_failed = len(records), len(rows), skipped
     return {"run_id": run_id, "records": len(records), "imported": len(rows),
             "skipped": skipped, "anchors_created": created, "reasons": dict(reasons)}

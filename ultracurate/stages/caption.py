@@ -73,12 +73,14 @@ class CaptionStage(Stage):
 
     def write(self, cat: Catalog, result: BatchResult, run_id: int) -> None:
         rows = result.extra.get("captions", [])
-        self._check_writes("anchor_captions", {k for r in rows for k in r})
+        cat.anchor_captions._check({k for r in rows for k in r},
+                                   self.writes["anchor_captions"])
         if self.force:  # a rerun of this captioner replaces its earlier captions of them
-            cat.remove_captions(sorted({r["anchor_id"] for r in rows}), self.source)
-        self.captions_added += cat.add_captions(
+            cat.anchor_captions.remove_source(sorted({r["anchor_id"] for r in rows}),
+                                              self.source)
+        self.captions_added += cat.anchor_captions.merge(
             [r for r in rows if not r["invalid_reason"]], run_id)
-        self.invalid_answers += cat.add_captions(
+        self.invalid_answers += cat.anchor_captions.merge(
             [r for r in rows if r["invalid_reason"]], run_id)
 
     def finish(self, cat: Catalog, run_id: int) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import polars as pl
 
 from .. import masks as M
 from ..catalog import VIEWS, Catalog
@@ -70,10 +69,7 @@ class ClassifyMasksStage(Stage):
                            mask_components=r["mask_components"], mask_contours=contours)
             row["mask_class"] = M.classify(area, contours, self.thresholds)
             out.append(row)
-        schema = {"edit_id": pl.Int64, "classify_run": pl.Int64, "mask_area": pl.Float64,
-                  "mask_bbox": pl.List(pl.Int32), "mask_components": pl.Int32,
-                  "mask_contours": pl.Int32, "mask_class": pl.String}
-        return BatchResult(updates={"edits": pl.DataFrame(out, schema=schema)}, failed=failed)
+        return BatchResult(updates={"edits": out}, failed=failed)
 
 
 def run_classify_masks(ws, selection: Selection | None = None, *,

@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import polars as pl
 
 from ..catalog import Catalog
 from ..embeddings import EmbeddingStore
@@ -154,10 +153,8 @@ def run_dedup(ws, threshold: float = 0.95, what: str = "both",
                                            res.edited_duplicates)):
                 if not ids:
                     continue
-                cat.update_rows(table, pl.DataFrame(
-                    {key: ids, "duplicate_of": [dups.get(i) for i in ids],
-                     "dedup_run": [run_id] * len(ids)},
-                    schema={key: pl.Int64, "duplicate_of": pl.Int64, "dedup_run": pl.Int64}))
+                cat.table(table).update([{key: i, "duplicate_of": dups.get(i),
+                                          "dedup_run": run_id} for i in ids])
             run.rows_in = run.rows_done = len(anchor_ids) + len(cand_ids)
         res.run_id = run_id
         return res

@@ -19,7 +19,6 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import polars as pl
 
 from .. import masks as M
 from ..catalog import Catalog, now
@@ -173,19 +172,13 @@ def plan_candidates(cat: Catalog, edit_ids: list[int] | None, n_total: int, seed
     if not rows:
         return report
     rows.sort(key=lambda r: r[0])  # a call's rows are contiguous
-    cat.con.execute("BEGIN")
-    try:
-        first = cat.next_id("candidates")
+    with cat.transaction():
+        first = cat.candidates.next_id()
         at = now()
         calls: dict[tuple, int] = {}       # a call is named by its first row's candidate_id
-        df = pl.DataFrame([{"candidate_id": first + i, **r, "created_at": at,
-                            "gen_call": calls.setdefault(order[:3], first + i)}
-                           for i, (order, r) in enumerate(rows)])
-        cat.insert_rows("candidates", df)
-        cat.con.execute("COMMIT")
-    except BaseException:
-        cat.con.execute("ROLLBACK")
-        raise
+        cat.candidates.insert([{"candidate_id": first + i, **r, "created_at": at,
+                                "gen_call": calls.setdefault(order[:3], first + i)}
+                               for i, (order, r) in enumerate(rows)])
     report.planned = len(rows)
     return report
 
@@ -328,12 +321,8 @@ class GenerateStage(Stage):
                       "source_is_anchor": None, "gen_params": planned, "gen_run": ctx.run_id,
                       "auto_status": "failed", "error": why}
                      for cid, (why, planned) in dropped.items()]
-        df = pl.DataFrame(rows_out, schema={
-            "candidate_id": pl.Int64, "source_image": pl.String, "edited_image": pl.String,
-            "source_is_anchor": pl.Boolean, "gen_params": pl.String, "gen_run": pl.Int64,
-            "auto_status": pl.String, "error": pl.String})
         failed.update({cid: why for cid, (why, _) in dropped.items()})
-        return BatchResult(updates={"candidates": df}, failed=failed)
+        return BatchResult(updates={"candidates": rows_out}, failed=failed)
 
 
 def _call_key(row: dict, mode: str):

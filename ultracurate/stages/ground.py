@@ -17,7 +17,6 @@ import json
 from typing import Any
 
 import numpy as np
-import polars as pl
 
 from .. import masks as M
 from ..images import BadImage, load_rgb
@@ -26,13 +25,11 @@ from ..selection import Selection
 
 REGION_WHERE = "mode = 'region' AND edit_object IS NOT NULL AND edit_object <> 'NONE'"
 
-MASK_SCHEMA = {
-    "edit_id": pl.Int64, "mask_rle": pl.String, "mask_height": pl.Int32,
-    "mask_width": pl.Int32, "mask_area": pl.Float64, "mask_bbox": pl.List(pl.Int32),
-    "mask_components": pl.Int32, "mask_contours": pl.Int32, "ground_boxes": pl.String,
-    "ground_run": pl.Int64, "edit_status": pl.String, "edit_reasons": pl.List(pl.String),
-    "mask_class": pl.String, "classify_run": pl.Int64,
-}
+# What grounding writes: the mask and its features, the boxes, the status; a re-grounded edit
+# loses its mask class (classify-masks redoes it).
+MASK_COLUMNS = ("mask_rle", "mask_height", "mask_width", "mask_area", "mask_bbox",
+                "mask_components", "mask_contours", "ground_boxes", "ground_run",
+                "edit_status", "edit_reasons", "mask_class", "classify_run")
 
 
 def no_box_reason(edit_object: str) -> str:
@@ -44,7 +41,7 @@ class GroundStage(Stage):
     table = "edits"
     default_where = REGION_WHERE
     columns = "edit_id, anchor_id, anchor_media, edit_object"
-    writes = {"edits": set(MASK_SCHEMA) - {"edit_id"}}
+    writes = {"edits": set(MASK_COLUMNS)}
     batch_size = 16
     roles = ("grounding", "sam")
     # Consecutive rows of an anchor land in the same batch, so its embedding is shared.
@@ -103,7 +100,7 @@ class GroundStage(Stage):
         out = []
         for r, d in zip(todo, dets):
             im = prepared[r["anchor_id"]]
-            row = {k: None for k in MASK_SCHEMA}
+            row = {k: None for k in MASK_COLUMNS}
             row.update(edit_id=r["edit_id"], ground_run=ctx.run_id,
                        ground_boxes=json.dumps({**d.to_json(), "detector": det.backend}))
             if not d.boxes:
@@ -118,8 +115,7 @@ class GroundStage(Stage):
                            mask_components=f.components, mask_contours=f.contours,
                            edit_status="grounded")
             out.append(row)
-        return BatchResult(updates={"edits": pl.DataFrame(out, schema=MASK_SCHEMA)},
-                           failed=failed)
+        return BatchResult(updates={"edits": out}, failed=failed)
 
 
 def run_ground(ws, selection: Selection | None = None, *, box_threshold: float = 0.3,

@@ -265,21 +265,10 @@ def record_rejects(cat: Catalog, bad: list[dict], run_id: int) -> None:
     for b in bad:
         once.setdefault((b["source_path"], b.get("sha256")), b)
     at = now()
-    df = pl.DataFrame([{"source_path": b["source_path"], "reason": reason_text(b["reason"]),
-                        "sha256": b.get("sha256"), "duplicate_of": b.get("duplicate_of"),
-                        "run_id": run_id, "rejected_at": at}
-                       for b in once.values()],
-                      schema_overrides={"sha256": pl.String, "duplicate_of": pl.Int64})
-    cat.con.register("_rejects", df.to_arrow())
-    try:
-        cat.con.execute(
-            "INSERT INTO ingest_rejects (source_path, reason, sha256, duplicate_of, run_id, "
-            "rejected_at) SELECT source_path, reason, sha256, duplicate_of, run_id, "
-            "rejected_at FROM _rejects r "
-            "WHERE NOT EXISTS (SELECT 1 FROM ingest_rejects x WHERE x.source_path = "
-            "r.source_path AND x.sha256 IS NOT DISTINCT FROM r.sha256)")
-    finally:
-        cat.con.unregister("_rejects")
+    cat.ingest_rejects.insert_missing(
+        [{"source_path": b["source_path"], "reason": reason_text(b["reason"]),
+          "sha256": b.get("sha256"), "duplicate_of": b.get("duplicate_of"), "run_id": run_id,
+          "rejected_at": at} for b in once.values()], on=("source_path", "sha256"))
 
 
 # -- the stage ------------------------------------------------------------------------------
@@ -374,7 +363,7 @@ class IngestStage(Stage):
         bad = list(result.extra["bad"])
         known = known_anchors(cat, [g["anchor"]["sha256"] for g in good if "anchor" in g])
         rows, captions = [], []
-        next_id = cat.next_id("anchors")
+        next_id = cat.anchors.next_id()
         for g in good:
             a = g.get("anchor")
             if a is None:
@@ -393,11 +382,8 @@ class IngestStage(Stage):
                 rows.append({"anchor_id": aid, **a, "ingest_run": run_id, "ingested_at": at})
             captions += [{"anchor_id": aid, "caption": text, "source": source}
                          for text, source in g["captions"]]
-        if rows:
-            cat.insert_rows("anchors", pl.DataFrame(rows, schema_overrides={
-                "external_id": pl.String}))
-        self.anchors_added += len(rows)
-        self.captions_added += cat.add_captions(captions, run_id)
+        self.anchors_added += cat.anchors.insert(rows, allowed=self.writes["anchors"])
+        self.captions_added += cat.anchor_captions.merge(captions, run_id)
         record_rejects(cat, bad, run_id)
         result.failed = {i: "" for i in range(len(bad))}
 

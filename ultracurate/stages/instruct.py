@@ -33,9 +33,6 @@ EDIT_COLUMNS = {"edit_id", "anchor_id", "source_caption", "instruction", "target
                 "edit_object", "edit_type", "mode", "edit_status", "edit_reasons",
                 "instruct_backend", "instruct_model", "prompt_version", "exemplar_ids",
                 "instruct_seed", "instruct_run", "created_at"}
-EDIT_SCHEMA = {"edit_reasons": pl.List(pl.String), "exemplar_ids": pl.List(pl.String),
-               "edit_object": pl.String, "prompt_version": pl.String,
-               "instruct_model": pl.String, "instruct_seed": pl.Int64}
 
 
 @dataclass
@@ -129,15 +126,13 @@ class InstructStage(Stage):
         rows = result.extra.get("edits", [])
         if not rows:
             return
-        first = cat.next_id("edits")
+        first = cat.edits.next_id()
         at = now()
         for i, r in enumerate(rows):
             r["edit_id"] = first + i
             r["instruct_run"] = run_id
             r["created_at"] = at
-        df = pl.DataFrame(rows, schema_overrides=EDIT_SCHEMA)
-        self._check_writes("edits", df.columns)
-        cat.insert_rows("edits", df)
+        cat.edits.insert(rows, allowed=self.writes["edits"])
 
     def finish(self, cat: Catalog, run_id: int) -> None:
         if self._backend is not None:
