@@ -39,11 +39,8 @@ def main() -> None:
 
     from ultracurate.demo import write_demo_photos
     from ultracurate.models import make_tiny
-    from ultracurate.runner import run_stage
+    from ultracurate.runner import run
     from ultracurate.stages.adaptive import compare_schemes
-    from ultracurate.stages.generate import run_generate
-    from ultracurate.stages.ingest import IngestStage, discover
-    from ultracurate.stages.score import run_score
     from ultracurate.thresholds import Thresholds
     from ultracurate.workspace import Workspace
 
@@ -51,13 +48,14 @@ def main() -> None:
     make_tiny(tmp / "tiny", ("editor", "clip", "dino"))
     ws = Workspace.init(tmp / "ws", {"models": {"profile": "tiny",
                                                 "tiny_dir": str(tmp / "tiny")}})
-    run_stage(ws, IngestStage(discover([write_demo_photos(tmp / "photos")])), progress=False)
+    run(ws, "ingest", paths=[write_demo_photos(tmp / "photos")], progress=False)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from _scoring import add_candidates
     add_candidates(ws, n_edits=args.edits, per_edit=0, modes=("free",))
     t0 = time.perf_counter()
-    run_generate(ws, candidates=args.fixed, size=args.size, device=args.device, progress=False)
-    run_score(ws, device=args.device, progress=False)
+    run(ws, "generate", candidates=args.fixed, size=args.size, device=args.device,
+        progress=False)
+    run(ws, "score", device=args.device, progress=False)
     t_gen = time.perf_counter() - t0
     with ws.catalog(read_only=True) as cat:
         q = cat.scalar("SELECT quantile_cont(clip_sim_dir, ?) FROM candidates",

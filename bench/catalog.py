@@ -35,7 +35,7 @@ import duckdb
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ultracurate.names import EDIT_TYPES  # noqa: E402
-from ultracurate.runner import Stage, pending_batches  # noqa: E402
+from ultracurate.runner import Access, RowStage, pending_batches, pending_sql  # noqa: E402
 from ultracurate.selection import Selection, selected_keys_sql  # noqa: E402
 from ultracurate.stages.ingest import known_anchors  # noqa: E402
 from ultracurate.stats import catalog_stats  # noqa: E402
@@ -44,7 +44,7 @@ from ultracurate.workspace import Workspace  # noqa: E402
 WHERE = "edit_type = 'replace' AND clip_sim_dir > $min_dir AND mode = 'region'"
 
 
-class ScoreLike(Stage):
+class ScoreLike(RowStage):
     """Selection shape of a scoring stage: candidates that are generated, not yet done."""
     name = "bench_score"
     table = "candidates"
@@ -129,7 +129,10 @@ def run_ultracurate(ws: Workspace) -> dict:
         res["where_guard"], _ = best_of(lambda: Selection(
             where=WHERE, params={"min_dir": 0.25}).checked(cat.con, "candidates_v"))
         stage = ScoreLike()
-        res["pending"], pending = best_of(lambda: len(stage.items(cat, Selection(), False)))
+        def pending_rows():  # the runner's pending selection, sorted, as one Arrow table
+            sql, p = pending_sql(stage, cat, Selection(), False)
+            return cat.arrow(sql + " ORDER BY candidate_id", p).num_rows
+        res["pending"], pending = best_of(pending_rows)
 
         def first_batch():  # what a job waits for before its first batch starts
             n, batches = pending_batches(stage, cat, Selection(), False, 32)
@@ -141,7 +144,8 @@ def run_ultracurate(ws: Workspace) -> dict:
 
         shas = [r[0] for r in cat.con.execute(
             "SELECT sha256 FROM anchors USING SAMPLE 64 ROWS").fetchall()]
-        res["anchor_lookup"], found = best_of(lambda: len(known_anchors(cat, shas)))
+        r = Access(cat, stage)
+        res["anchor_lookup"], found = best_of(lambda: len(known_anchors(r, shas)))
         res["anchor_lookup_scan"], scanned = best_of(lambda: len(cat.con.execute(
             "SELECT sha256, anchor_id, source_path FROM anchors WHERE sha256 IN "
             "(SELECT unnest(?))", [shas]).fetchall()))

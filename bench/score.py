@@ -149,8 +149,7 @@ def main() -> None:
     import torch
 
     from ultracurate.models import make_tiny
-    from ultracurate.runner import LocalEngine, default_device
-    from ultracurate.stages.score import run_score
+    from ultracurate.runner import LocalEngine, default_device, run
     device = args.device or default_device()
     gpu = device.startswith("cuda")
     pairs = args.pairs or (2048 if gpu else 96)
@@ -175,9 +174,9 @@ def main() -> None:
     # the batched stage (warm-up on a few rows first, so model loading is not timed)
     from ultracurate.selection import Selection
     warm = max(1, min(batch, pairs // 8))  # leave most rows for the timed run
-    run_score(ws, Selection(limit=warm), device=device, batch_size=batch, progress=False)
+    run(ws, "score", Selection(limit=warm), device=device, batch_size=batch, progress=False)
     t0 = time.perf_counter()
-    s = run_score(ws, device=device, batch_size=batch, progress=False, engine=LocalEngine())
+    s = run(ws, "score", device=device, batch_size=batch, progress=False, engine=LocalEngine())
     t_stage = time.perf_counter() - t0
     assert s.rows_failed == 0 and s.rows_done > 0, s
     stage_pps = s.rows_done / t_stage

@@ -48,7 +48,7 @@ def ws(tmp_path, tiny_dir) -> Workspace:
 @pytest.fixture
 def ingested_ws(ws, demo_photos) -> Workspace:
     """A workspace with the demo's photos ingested as anchors."""
-    from ultracurate.runner import run_stage
+    from ultracurate.runner import run
     from ultracurate.stages.ingest import IngestStage, discover
-    run_stage(ws, IngestStage(discover([demo_photos])), progress=False)
+    run(ws, IngestStage(items=discover([demo_photos])), progress=False)
     return ws

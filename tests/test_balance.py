@@ -10,7 +10,8 @@ import pytest
 
 from ultracurate.cli import main
 from ultracurate.errors import UltracurateError
-from ultracurate.stages.balance import quotas, run_balance
+from ultracurate.stages.balance import quotas
+from ultracurate.runner import run
 
 from _scoring import add_candidates
 
@@ -55,7 +56,7 @@ def _selected(ws):
 
 def test_balance_cap_marks_rows_and_plots(accepted_ws):
     ws, ids = accepted_ws
-    res = run_balance(ws, cap=4, seed=1)
+    res = run(ws, "balance", cap=4, seed=1).result
     # add: 9 rows - 1 rejected - 1 duplicate = 7 accepted; replace 6; turn 3
     assert res.before == {"add": 7, "replace": 6, "turn": 3}
     assert res.after == {"add": 4, "replace": 4, "turn": 3}
@@ -66,26 +67,26 @@ def test_balance_cap_marks_rows_and_plots(accepted_ws):
     assert ids[0] not in sel and ids[1] not in sel      # rejected / duplicate never chosen
     assert Path(res.plot).exists() and Path(res.plot).read_bytes()[:4] == b"\x89PNG"
     # same seed, same rows; another seed, another choice among the add rows
-    again = run_balance(ws, cap=4, seed=1, plot=False)
+    again = run(ws, "balance", cap=4, seed=1, plot=False).result
     assert {r["candidate_id"] for r in _selected(ws) if r["selected"]} == sel
     assert again.after == res.after
     picks = set()
     for s in range(2, 6):
-        run_balance(ws, cap=4, seed=s, plot=False)
+        run(ws, "balance", cap=4, seed=s, plot=False)
         picks.add(frozenset(r["candidate_id"] for r in _selected(ws) if r["selected"]))
     assert len(picks) > 1
 
 
 def test_balance_target_and_by_two_columns(accepted_ws, capsys):
     ws, ids = accepted_ws
-    res = run_balance(ws, target=9, seed=0, plot=False)
+    res = run(ws, "balance", target=9, seed=0, plot=False).result
     assert res.after == {"add": 3, "replace": 3, "turn": 3} and res.selected == 9
-    res = run_balance(ws, by=("edit_type", "mode"), cap=2, plot=False)
+    res = run(ws, "balance", by=("edit_type", "mode"), cap=2, plot=False).result
     assert set(res.before) == {"add / free", "add / region", "replace / free",
                                "replace / region", "turn / region"}
     assert all(v <= 2 for v in res.after.values())
     with pytest.raises(UltracurateError, match="no column 'nope'"):
-        run_balance(ws, by=("nope",), cap=1)
+        run(ws, "balance", by=("nope",), cap=1)
     # CLI, narrowed by --where: rows outside the selection keep their marks
     main(["balance", "-w", str(ws.root), "--by", "edit_type", "--target", "2",
           "--where", "edit_type = 'add'", "--json"])

@@ -13,10 +13,8 @@ from ultracurate.cli import main
 from ultracurate.embeddings import EmbeddingStore
 from ultracurate.errors import UltracurateError
 from ultracurate.models import make_tiny
-from ultracurate.runner import run_stage
-from ultracurate.stages.dedup import run_dedup
+from ultracurate.runner import run
 from ultracurate.stages.ingest import IngestStage, discover
-from ultracurate.stages.score import run_score
 
 from _scoring import add_candidates
 
@@ -39,7 +37,7 @@ def test_dedup_finds_planted_duplicates(ingested_ws, tiny_dir, tmp_path, capsys)
     buf = io.BytesIO()
     im.crop((2, 2, w - 2, h - 2)).save(buf, "JPEG", quality=80)
     (folder / "copy.jpg").write_bytes(buf.getvalue())
-    run_stage(ws, IngestStage(discover([folder])), progress=False)
+    run(ws, IngestStage(items=discover([folder])), progress=False)
 
     cands = add_candidates(ws, n_edits=3, per_edit=3)
     ids = cands["candidate_id"].to_list()
@@ -48,9 +46,9 @@ def test_dedup_finds_planted_duplicates(ingested_ws, tiny_dir, tmp_path, capsys)
         cat.con.execute("UPDATE candidates SET edited_image = (SELECT edited_image FROM "
                         "candidates WHERE candidate_id = ?) WHERE candidate_id = ?",
                         [ids[2], ids[5]])
-    run_score(ws, progress=False)
+    run(ws, "score", progress=False)
 
-    res = run_dedup(ws, threshold=THRESHOLD)
+    res = run(ws, "dedup", threshold=THRESHOLD).result
     with ws.catalog() as cat:
         copy_id = cat.scalar("SELECT max(anchor_id) FROM anchors")
         anchors = {r["anchor_id"]: r for r in cat.query(
@@ -81,4 +79,4 @@ def test_dedup_finds_planted_duplicates(ingested_ws, tiny_dir, tmp_path, capsys)
         main(["dedup", "-w", str(ws.root), "--threshold", "2"])
     assert "--threshold': 2 is not between -1 and 1" in capsys.readouterr().err
     with pytest.raises(UltracurateError, match="not a cosine"):  # and by the library
-        run_dedup(ws, threshold=2.0)
+        run(ws, "dedup", threshold=2.0)

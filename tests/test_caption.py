@@ -10,10 +10,8 @@ import pytest
 from ultracurate.captioners import validate_caption
 from ultracurate.models import make_tiny, resolve
 from ultracurate.models.vlm import Grammar
-from ultracurate.runner import RayEngine, run_stage
-from ultracurate.stages.caption import run_caption
+from ultracurate.runner import RayEngine, run
 from ultracurate.stages.ingest import IngestStage, discover
-from ultracurate.stages.instruct import run_instruct
 from ultracurate.workspace import Workspace
 
 
@@ -21,7 +19,7 @@ from ultracurate.workspace import Workspace
 def bare_ws(ws, tiny_dir, demo_photos):
     """The demo's nine photos ingested as a folder: no captions."""
     make_tiny(tiny_dir, ("captioner",))
-    s = run_stage(ws, IngestStage(discover([demo_photos.parent])), progress=False)
+    s = run(ws, IngestStage(items=discover([demo_photos.parent])), progress=False)
     assert s.extra["anchors_without_caption"] == 9
     return ws
 
@@ -56,7 +54,7 @@ def test_validate_caption(answer, caption, reason):
 def test_tiny_captioner_invalid_then_grammar_then_instruct(bare_ws, tmp_path, demo_photos):
     ws = bare_ws
     # one new token: one-word answers, invalid; kept with their reason, anchors failed
-    s = run_caption(ws, max_new_tokens=1, progress=False)
+    s = run(ws, "caption", max_new_tokens=1, progress=False)
     assert (s.rows_in, s.rows_done, s.rows_failed) == (9, 0, 9)
     bad = _captions(ws, valid=False)
     assert {r["anchor_id"] for r in bad} == set(range(1, 10))
@@ -68,7 +66,7 @@ def test_tiny_captioner_invalid_then_grammar_then_instruct(bare_ws, tmp_path, de
     assert all("no usable caption after 1 try (too short" in e for e in errs)
 
     # under the tiny grammar every answer is one word per slot: valid English captions
-    s = run_caption(ws, grammar="tiny-caption", batch_size=4, progress=False)
+    s = run(ws, "caption", grammar="tiny-caption", batch_size=4, progress=False)
     assert (s.rows_in, s.rows_done, s.rows_failed) == (9, 9, 0)
     assert s.extra == {"captions_added": 9, "invalid_answers": 0,
                        "anchors_without_caption": 0, "notes": [
@@ -83,16 +81,16 @@ def test_tiny_captioner_invalid_then_grammar_then_instruct(bare_ws, tmp_path, de
         assert r["model"] == resolve(ws, "captioner")
         assert r["caption_index"] == 1  # after the anchor's invalid answer
     # a rerun has nothing left to do
-    assert run_caption(ws, grammar="tiny-caption", progress=False).rows_in == 0
+    assert run(ws, "caption", grammar="tiny-caption", progress=False).rows_in == 0
 
     # batching does not change greedy captions: one photo per batch gives the same
     ws2 = Workspace.init(tmp_path / "ws2", ws.config)
-    run_stage(ws2, IngestStage(discover([demo_photos.parent])), progress=False)
-    run_caption(ws2, grammar="tiny-caption", batch_size=1, progress=False)
+    run(ws2, IngestStage(items=discover([demo_photos.parent])), progress=False)
+    run(ws2, "caption", grammar="tiny-caption", batch_size=1, progress=False)
     assert [r["caption"] for r in _captions(ws2)] == [r["caption"] for r in good]
 
     # instruct writes edits from the model's captions
-    si = run_instruct(ws, caption_source="caption:*", progress=False)
+    si = run(ws, "instruct", caption_source="caption:*", progress=False)
     assert (si.rows_done, si.rows_failed) == (9, 0)
     with ws.catalog(read_only=True) as cat:
         used = {r[0] for r in cat.con.execute("SELECT source_caption FROM edits").fetchall()}
@@ -104,10 +102,10 @@ def test_force_replaces_only_this_captioners_captions(bare_ws, demo_photos, tmp_
     table = tmp_path / "caps.jsonl"
     table.write_text(json.dumps({"path": str(demo_photos.parent / "chelsea.jpg"),
                                  "caption": "an orange cat"}) + "\n")
-    run_stage(ws, IngestStage(discover([table])), progress=False)
-    run_caption(ws, grammar="tiny-caption", all_anchors=True, progress=False)
+    run(ws, IngestStage(items=discover([table])), progress=False)
+    run(ws, "caption", grammar="tiny-caption", all_anchors=True, progress=False)
     before = _captions(ws)
-    s = run_caption(ws, grammar="tiny-caption", all_anchors=True, temperature=1.0, seed=7,
+    s = run(ws, "caption", grammar="tiny-caption", all_anchors=True, temperature=1.0, seed=7,
                     force=True, progress=False)
     assert s.rows_done == 9
     after = _captions(ws)
@@ -121,7 +119,7 @@ def test_force_replaces_only_this_captioners_captions(bare_ws, demo_photos, tmp_
     # instruct can be told which captions to write from
     with ws.catalog(read_only=True) as cat:
         aid = cat.scalar("SELECT anchor_id FROM anchors WHERE source_path LIKE '%chelsea.jpg'")
-    si = run_instruct(ws, caption_source="ingest", progress=False)
+    si = run(ws, "instruct", caption_source="ingest", progress=False)
     assert (si.rows_done, si.rows_failed) == (1, 8)
     with ws.catalog(read_only=True) as cat:
         assert cat.scalar("SELECT source_caption FROM edits") == "an orange cat"
@@ -173,7 +171,7 @@ def test_a_captioner_without_chat_template_continues_its_prefix(bare_ws, tmp_pat
     """BLIP-style image-to-text models load through the same loader; they get the photo and
     the --prefix (no chat prompt), and their answers are validated like any other."""
     ref = _tiny_blip(tmp_path / "blip", ["a", "photo", "of"] + Grammar.load("tiny-caption").words)
-    s = run_caption(bare_ws, model=ref, prefix="a photo of", max_new_tokens=6, batch_size=4,
+    s = run(bare_ws, "caption", model=ref, prefix="a photo of", max_new_tokens=6, batch_size=4,
                     progress=False)
     assert s.rows_in == 9 and s.rows_done + s.rows_failed == 9
     rows = _captions(bare_ws) + _captions(bare_ws, valid=False)
@@ -189,14 +187,14 @@ def test_caption_on_the_ray_engine(bare_ws, tmp_path, demo_photos):
     import ray
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        s = run_caption(bare_ws, grammar="tiny-caption", engine=RayEngine(num_workers=2),
+        s = run(bare_ws, "caption", grammar="tiny-caption", engine=RayEngine(num_workers=2),
                         batch_size=3, progress=False)
     finally:
         ray.shutdown()
     assert (s.rows_done, s.rows_failed) == (9, 0)
     ws2 = Workspace.init(tmp_path / "local", bare_ws.config)
-    run_stage(ws2, IngestStage(discover([demo_photos.parent])), progress=False)
-    run_caption(ws2, grammar="tiny-caption", batch_size=3, progress=False)
+    run(ws2, IngestStage(items=discover([demo_photos.parent])), progress=False)
+    run(ws2, "caption", grammar="tiny-caption", batch_size=3, progress=False)
     assert [r["caption"] for r in _captions(bare_ws)] == [r["caption"] for r in _captions(ws2)]
     with bare_ws.catalog(read_only=True) as cat:
         assert cat.scalar("SELECT engine FROM runs WHERE stage = 'caption'") == "ray"

@@ -12,10 +12,8 @@ import pytest
 from PIL import Image
 
 from _loopback import LoopbackServer, completion
-from ultracurate.runner import run_stage
-from ultracurate.stages.caption import run_caption
+from ultracurate.runner import run
 from ultracurate.stages.ingest import IngestStage, discover
-from ultracurate.stages.instruct import run_instruct
 
 KEY = "vision-key-456"
 GOOD = "a ginger cat resting on a wooden floor"
@@ -83,7 +81,7 @@ def crops_ws(ws, demo_photos, tmp_path):
     photo = Image.open(demo_photos.parent / "chelsea.jpg")
     for w in SCRIPT:
         photo.crop((100, 50, 100 + w, 50 + 36)).save(folder / f"crop{w}.png")
-    s = run_stage(ws, IngestStage(discover([folder])), progress=False)
+    s = run(ws, IngestStage(items=discover([folder])), progress=False)
     assert s.extra["anchors_without_caption"] == len(SCRIPT)
     return ws
 
@@ -98,7 +96,7 @@ def test_caption_through_a_vision_endpoint(crops_ws, server, monkeypatch):
     kw = dict(backend="openai", model="test-vlm", base_url=server.url, concurrency=3,
               timeout=0.5, max_retries=2, backoff=0.01, max_attempts=2, batch_size=5,
               progress=False)
-    s = run_caption(ws, **kw)
+    s = run(ws, "caption", **kw)
     with ws.catalog(read_only=True) as cat:
         width = _width_of(cat)
         caps = cat.query("SELECT * FROM anchor_captions ORDER BY anchor_id, caption_index")
@@ -149,7 +147,7 @@ def test_caption_through_a_vision_endpoint(crops_ws, server, monkeypatch):
                               "failed ones are retried by a rerun)")
 
     # instruct: the anchors still without a caption fail with that reason
-    si = run_instruct(ws, progress=False)
+    si = run(ws, "instruct", progress=False)
     assert (si.rows_in, si.rows_done, si.rows_failed) == (10, 7, 3)
     with ws.catalog(read_only=True) as cat:
         errs = [r[0] for r in cat.con.execute(
@@ -160,7 +158,7 @@ def test_caption_through_a_vision_endpoint(crops_ws, server, monkeypatch):
 
     # a rerun asks only for the failed anchors; the server now answers them
     server.override.update({44: "good", 46: "good", 48: "good"})
-    s2 = run_caption(ws, **kw)
+    s2 = run(ws, "caption", **kw)
     assert (s2.rows_in, s2.rows_done, s2.rows_failed) == (3, 3, 0)
     assert s2.extra["anchors_without_caption"] == 0
     with ws.catalog(read_only=True) as cat:
@@ -168,7 +166,7 @@ def test_caption_through_a_vision_endpoint(crops_ws, server, monkeypatch):
 
 
 def test_unreachable_endpoint_fails_rows_not_the_job(crops_ws):
-    s = run_caption(crops_ws, backend="openai", model="m", base_url="http://127.0.0.1:9/v1",
+    s = run(crops_ws, "caption", backend="openai", model="m", base_url="http://127.0.0.1:9/v1",
                     max_retries=1, backoff=0.01, timeout=0.5, progress=False)
     assert (s.rows_in, s.rows_failed, s.state) == (10, 10, "completed")
     with crops_ws.catalog(read_only=True) as cat:
@@ -182,7 +180,7 @@ def test_captioner_role_names_a_served_model(crops_ws, server):
     ws = crops_ws
     ws.set_config("models", {"captioner": f"{server.url}#role-vlm"})
     from ultracurate.selection import Selection
-    s = run_caption(ws, Selection(where="width = 40"), backoff=0.01, progress=False)
+    s = run(ws, "caption", Selection(where="width = 40"), backoff=0.01, progress=False)
     assert (s.rows_in, s.rows_done) == (1, 1)
     with ws.catalog(read_only=True) as cat:
         assert cat.query("SELECT source, model, caption FROM anchor_captions") == [

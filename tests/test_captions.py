@@ -11,13 +11,13 @@ import duckdb
 import pytest
 
 from ultracurate.catalog import Catalog, migrations
-from ultracurate.runner import run_stage
+from ultracurate.runner import run
 from ultracurate.selection import Selection, selected_keys_sql
 from ultracurate.stages.ingest import IngestStage, discover
 
 
 def _ingest(ws, paths, **kw):
-    return run_stage(ws, IngestStage(discover(paths, **kw)), progress=False)
+    return run(ws, IngestStage(items=discover(paths, **kw)), progress=False)
 
 
 def _captions(ws) -> dict[str, list[tuple[str, str]]]:
@@ -93,7 +93,7 @@ def test_captions_merge_across_rows_files_and_ingests(ws, photos, tmp_path, caps
     assert (s.rows_in, s.extra["captions_added"]) == (0, 0)
     # --force reads every file again: same anchors, same captions, the copy still a
     # duplicate but not recorded twice
-    s = run_stage(ws, IngestStage(discover([photos, coco / "captions.json"])), force=True,
+    s = run(ws, IngestStage(items=discover([photos, coco / "captions.json"])), force=True,
                   progress=False)
     assert (s.rows_in, s.rows_failed, s.extra["anchors_added"], s.extra["captions_added"]) \
         == (4, 1, 0, 0)

@@ -14,14 +14,14 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     import datasets
     out = tmp_path / "demo"
     steps = run_demo(out, progress=False)
-    for stage in ("ingest", "caption", "instruct", "ground", "classify_masks", "score"):
+    for stage in ("ingest", "caption", "instruct", "ground", "classify-masks", "score"):
         assert steps[stage]["state"] == "completed" and steps[stage]["rows_failed"] == 0, stage
     # photos ingested without captions got theirs from the tiny captioner ...
     assert steps["ingest"]["anchors_without_caption"] == len(DEMO_UNCAPTIONED)
     assert steps["caption"]["rows_done"] == steps["caption"]["captions_added"] == \
         len(DEMO_UNCAPTIONED)
     assert steps["caption"]["anchors_without_caption"] == 0
-    assert steps["generate"]["run"]["rows_done"] > 0
+    assert steps["generate"]["rows_done"] > 0
     ws = Workspace(out)
     with ws.catalog(read_only=True) as cat:
         counts = dict(cat.con.execute("SELECT status, count(*) FROM candidates_v "

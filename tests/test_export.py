@@ -309,7 +309,7 @@ def test_ultraedit_layout(cand_ws, tmp_path, tiny_dir):
     import datasets
     import pyarrow.parquet as pq
 
-    from ultracurate.importers.ultraedit import import_ultraedit
+    from ultracurate.runner import run
     from ultracurate.workspace import Workspace
     ws, facts = cand_ws
     out = tmp_path / "ue"
@@ -332,7 +332,7 @@ def test_ultraedit_layout(cand_ws, tmp_path, tiny_dir):
     assert isinstance(dreg["RegionBase"].features["mask_image"], datasets.Image)
     ws2 = Workspace.init(tmp_path / "ws2", {"models": {"profile": "tiny",
                                                        "tiny_dir": str(tiny_dir)}})
-    assert import_ultraedit(ws2, [out], progress=False).rows_done == 16
+    assert run(ws2, "import-ultraedit", paths=[out], progress=False).rows_done == 16
     with ws2.catalog(read_only=True) as cat:
         modes = dict(cat.con.execute("SELECT mode, count(*) FROM edits GROUP BY ALL").fetchall())
     assert modes == {"free": 8, "region": 8}

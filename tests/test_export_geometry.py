@@ -20,9 +20,8 @@ from ultracurate.catalog import now
 from ultracurate.names import EXPORT_FORMATS as FORMATS
 from ultracurate.export import export_dataset
 from ultracurate.models import make_tiny
-from ultracurate.runner import run_stage
+from ultracurate.runner import run
 from ultracurate.selection import Selection
-from ultracurate.stages.generate import run_generate
 from ultracurate.stages.ingest import IngestStage, discover
 
 from _exports import by_idx, read_export
@@ -58,7 +57,7 @@ def generated(tmp_path_factory, tiny_dir):
         arr = np.full((h, w, 3), 90, np.uint8)
         arr[object_mask(w, h)] = (230, 20, 20)
         Image.fromarray(arr).save(photos / f"{name}.png")
-    run_stage(ws, IngestStage(discover([photos])), progress=False)
+    run(ws, IngestStage(items=discover([photos])), progress=False)
     with ws.catalog() as cat:
         anchors = cat.query("SELECT anchor_id, width, height FROM anchors ORDER BY anchor_id")
         rows = []
@@ -76,9 +75,9 @@ def generated(tmp_path_factory, tiny_dir):
                              "created_at": now()})
         cat.edits.insert(pl.DataFrame(rows))
     for etype, size in SIZES.items():
-        out = run_generate(ws, Selection("edit_type = $t", {"t": etype}), candidates=2,
+        out = run(ws, "generate", Selection("edit_type = $t", {"t": etype}), candidates=2,
                            size=size, keep_anchor_source=True, progress=False)
-        assert out.run.rows_done == 6 and out.run.rows_failed == 0
+        assert out.rows_done == 6 and out.rows_failed == 0
     with ws.catalog() as cat:
         cat.con.execute("UPDATE candidates SET auto_status = 'accepted'")
         rows = cat.query("SELECT candidate_id, edit_type, gen_params, mask_rle, mask_height, "

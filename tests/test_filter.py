@@ -10,8 +10,8 @@ import pytest
 from ultracurate.cli import main
 from ultracurate.errors import UltracurateError
 from ultracurate.selection import Selection
-from ultracurate.stages.filter import run_filter
 from ultracurate.thresholds import Thresholds
+from ultracurate.runner import run
 
 from _scoring import add_candidates, set_scores
 
@@ -47,7 +47,7 @@ def _rows(ws):
 
 def test_reasons_topk_and_region_rule(scored):
     ws, a, b = scored
-    res = run_filter(ws)
+    res = run(ws, "filter").result
     rows = _rows(ws)
     # A: a[5] records both of its reasons
     assert rows[a[5]]["auto_status"] == "rejected"
@@ -73,14 +73,14 @@ def test_reasons_topk_and_region_rule(scored):
 
 def test_human_decisions_override_and_survive_refiltering(scored):
     ws, a, b = scored
-    run_filter(ws)
+    run(ws, "filter")
     with ws.catalog() as cat:
         cat.con.execute("UPDATE candidates SET human_decision = 'accept' WHERE candidate_id = ?",
                         [b[4]])
         # the best automatic row is rejected by a human: it takes no top-k place
         cat.con.execute("UPDATE candidates SET human_decision = 'reject' WHERE candidate_id = ?",
                         [a[4]])
-    res = run_filter(ws, thresholds=Thresholds.preset().override(clip_sim_dir_min=0.2))
+    res = run(ws, "filter", thresholds=Thresholds.preset().override(clip_sim_dir_min=0.2)).result
     rows = _rows(ws)
     assert rows[b[4]]["status"] == "accepted" and rows[b[4]]["human_decision"] == "accept"
     assert rows[a[4]]["status"] == "rejected" and rows[a[4]]["human_decision"] == "reject"
@@ -94,7 +94,7 @@ def test_dry_run_changes_nothing_and_prints_funnel(scored, capsys):
     before = _rows(ws)
     with ws.catalog() as cat:
         n_runs = cat.scalar("SELECT count(*) FROM runs")
-    res = run_filter(ws, dry_run=True)
+    res = run(ws, "filter", dry_run=True).result
     assert res.accepted == 4 and res.run_id is None
     assert _rows(ws) == before
     main(["filter", "-w", str(ws.root), "--dry-run", "--json"])
@@ -114,7 +114,7 @@ def test_impossible_thresholds_are_one_line_errors(scored, capsys):
     ws, a, b = scored
     before = _rows(ws)
     with pytest.raises(UltracurateError, match="clip_sim_source >= 2 can never hold"):
-        run_filter(ws, thresholds=Thresholds.preset().override(clip_min=2))
+        run(ws, "filter", thresholds=Thresholds.preset().override(clip_min=2))
     with pytest.raises(UltracurateError, match="min 0.9 > max 0.5"):
         Thresholds.preset().override(ssim_min=0.9, ssim_max=0.5)
     with pytest.raises(SystemExit) as e:
@@ -141,10 +141,10 @@ def test_cli_filter_options_selection_and_topk(scored, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["accepted"] == 3   # region top 3 of 6 once DINO lets all pass
     sel = Selection(where="candidate_id = $c", params={"c": a[5]})
-    r = run_filter(ws, sel, Thresholds.preset().override(unset=("clip_sim_image_min",
-                                                                "clip_sim_dir_min")))
+    r = run(ws, "filter", sel, thresholds=Thresholds.preset().override(
+        unset=("clip_sim_image_min", "clip_sim_dir_min"))).result
     assert r.accepted == 1
     # no top-k in any mode: every passing row of the free edit is accepted
-    r = run_filter(ws, Selection(where="mode = 'free'"),
-                   Thresholds.preset().override(unset=("top_k",)))
+    r = run(ws, "filter", Selection(where="mode = 'free'"),
+            thresholds=Thresholds.preset().override(unset=("top_k",))).result
     assert r.accepted == 5

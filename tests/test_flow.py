@@ -19,7 +19,7 @@ from PIL import Image
 
 from ultracurate.cli import main
 from ultracurate.models import make_tiny
-from ultracurate.runner import run_stage
+from ultracurate.runner import run
 from ultracurate.stages.ingest import IngestStage, discover
 
 from _anchors import set_captions
@@ -75,7 +75,7 @@ def flow_ws(ingested_ws, tiny_dir, tmp_path):
     buf = io.BytesIO()
     im.crop((2, 2, im.width - 2, im.height - 2)).save(buf, "JPEG", quality=80)
     (folder / "copy.jpg").write_bytes(buf.getvalue())
-    run_stage(ws, IngestStage(discover([folder])), progress=False)
+    run(ws, IngestStage(items=discover([folder])), progress=False)
     with ws.catalog() as cat:
         bare = [r[0] for r in cat.con.execute(
             "SELECT anchor_id FROM anchors_v WHERE len(captions) = 0").fetchall()]

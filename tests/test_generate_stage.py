@@ -21,7 +21,8 @@ from ultracurate.catalog import now
 from ultracurate.errors import UltracurateError
 from ultracurate.models import make_tiny
 from ultracurate.selection import Selection
-from ultracurate.stages.generate import plan_candidates, run_generate
+from ultracurate.stages.generate import plan_candidates
+from ultracurate.runner import run
 
 
 def add_edits(ws) -> dict[str, int]:
@@ -66,19 +67,19 @@ def candidates(ws) -> list[dict]:
 
 def test_generate_plans_renders_and_resumes(edits_ws):
     ws, ids = edits_ws
-    out = run_generate(ws, Selection(where="edit_type = 'replace'"), candidates=2, size=64,
+    out = run(ws, "generate", Selection(where="edit_type = 'replace'"), candidates=2, size=64,
                        progress=False)
-    plan = out.plan.to_json()
+    plan = out.extra["plan"]
     assert plan["planned"] == 4 and plan["edits"] == 2
     assert plan["skipped"] == {"region edit without a mask (not grounded)": 1,
                                "caption over 60 words": 1}
-    assert out.run.rows_done == 4 and out.run.rows_failed == 0
+    assert out.rows_done == 4 and out.rows_failed == 0
     rows = candidates(ws)
     assert {(r["edit_id"], r["candidate_index"]) for r in rows} == {
         (ids["free_a"], 0), (ids["free_a"], 1), (ids["region"], 0), (ids["region"], 1)}
     for r in rows:
         assert r["auto_status"] == "generated" and r["gen_behaviour"] == "method"
-        assert r["source_is_anchor"] is False and r["gen_run"] == out.run.run_id
+        assert r["source_is_anchor"] is False and r["gen_run"] == out.run_id
         for name in (r["source_image"], r["edited_image"]):
             im = Image.open(ws.media.path(name))
             assert im.format == "JPEG" and im.size == (64, 64)
@@ -94,12 +95,12 @@ def test_generate_plans_renders_and_resumes(edits_ws):
     first = {r["candidate_id"]: (r["seed"], r["edited_image"]) for r in rows}
 
     # Rerun: nothing new to plan or render. Three candidates: only index 2 is added.
-    again = run_generate(ws, Selection(where="edit_type = 'replace'"), candidates=2, size=64,
+    again = run(ws, "generate", Selection(where="edit_type = 'replace'"), candidates=2, size=64,
                          progress=False)
-    assert again.plan.planned == 0 and again.run.rows_in == 0
-    more = run_generate(ws, Selection(where="edit_type = 'replace'"), candidates=3, size=64,
+    assert again.extra["plan"]["planned"] == 0 and again.rows_in == 0
+    more = run(ws, "generate", Selection(where="edit_type = 'replace'"), candidates=3, size=64,
                         progress=False)
-    assert more.plan.planned == 2 and more.run.rows_done == 2
+    assert more.extra["plan"]["planned"] == 2 and more.rows_done == 2
     rows = candidates(ws)
     assert len(rows) == 6
     assert {r["candidate_id"]: (r["seed"], r["edited_image"]) for r in rows
@@ -108,18 +109,18 @@ def test_generate_plans_renders_and_resumes(edits_ws):
     # A planned row is rendered again from its seed, in its call, to the same bytes.
     with ws.catalog() as cat:
         cat.con.execute("UPDATE candidates SET auto_status = 'planned' WHERE candidate_id = 1")
-    redo = run_generate(ws, Selection(where="edit_type = 'replace'"), candidates=3, size=64,
+    redo = run(ws, "generate", Selection(where="edit_type = 'replace'"), candidates=3, size=64,
                         progress=False, force=True)
-    assert redo.run.rows_in == 6
+    assert redo.rows_in == 6
     redone = {r["candidate_id"]: r["edited_image"] for r in candidates(ws)}[1]
     assert redone == first[1][1]
 
 
 def test_compat_plans_one_seed_per_released_call_and_keeps_the_anchor(edits_ws):
     ws, ids = edits_ws
-    out = run_generate(ws, Selection(where="mode = 'free'"), candidates=2, size=64,
+    out = run(ws, "generate", Selection(where="mode = 'free'"), candidates=2, size=64,
                        behaviour="ultraedit-compat", keep_anchor_source=True, progress=False)
-    assert out.run.rows_done == 4
+    assert out.rows_done == 4
     rows = candidates(ws)
     by_index = {}
     for r in rows:
@@ -136,15 +137,17 @@ def test_compat_plans_one_seed_per_released_call_and_keeps_the_anchor(edits_ws):
 def test_plan_is_idempotent_and_checks_its_arguments(edits_ws):
     ws, ids = edits_ws
     with ws.catalog() as cat:
-        assert plan_candidates(cat, [ids["free_a"]], 3, 0).planned == 3
-        assert plan_candidates(cat, [ids["free_a"]], 3, 0).planned == 0
-        assert plan_candidates(cat, [ids["free_a"]], 5, 0).planned == 2
+        free_a = Selection(where="edit_id = $e", params={"e": ids["free_a"]})
+        assert plan_candidates(cat, free_a, 3, 0).planned == 3
+        assert plan_candidates(cat, free_a, 3, 0).planned == 0
+        assert plan_candidates(cat, free_a, 5, 0).planned == 2
         with pytest.raises(UltracurateError, match="unknown --mode"):
-            plan_candidates(cat, [ids["free_a"]], 5, 0, mode="both")
+            plan_candidates(cat, free_a, 5, 0, mode="both")
         with pytest.raises(UltracurateError, match="behaviour"):
-            plan_candidates(cat, [ids["free_a"]], 5, 0, behaviour="fast")
+            plan_candidates(cat, free_a, 5, 0, behaviour="fast")
         # --mode free renders a region edit free-form (its mask is not needed)
-        rep = plan_candidates(cat, [ids["ungrounded"]], 1, 0, mode="free")
+        ungrounded = Selection(where="edit_id = $e", params={"e": ids["ungrounded"]})
+        rep = plan_candidates(cat, ungrounded, 1, 0, mode="free")
         assert rep.planned == 1 and not rep.skipped
         assert cat.scalar("SELECT count(*) FROM candidates") == 6
 
@@ -158,7 +161,7 @@ def test_cli_generate(edits_ws, monkeypatch, capsys):
     except SystemExit as e:
         assert e.code in (0, None)
     data = json.loads(capsys.readouterr().out)
-    assert data["plan"]["planned"] == 1 and data["run"]["rows_done"] == 1
+    assert data["plan"]["planned"] == 1 and data["rows_done"] == 1
     assert [r["edit_id"] for r in candidates(ws)] == [ids["free_b"]]
     with pytest.raises(SystemExit) as e:
         main(["generate", "-w", str(ws.root), "--size", "60"])
@@ -169,10 +172,9 @@ def test_cli_generate(edits_ws, monkeypatch, capsys):
 KILL_SCRIPT = textwrap.dedent("""
     import sys
     from ultracurate.selection import Selection
-    from ultracurate.stages.generate import run_generate
     from ultracurate.workspace import Workspace
-    run_generate(Workspace(sys.argv[1]), Selection(where="edit_id IN (1, 2, 3)"),
-                 candidates=4, size=64, batch_size=1, progress=False)
+    run(Workspace(sys.argv[1]), "generate", Selection(where="edit_id IN (1, 2, 3)"),
+        candidates=4, size=64, batch_size=1, progress=False)
 """)
 
 
@@ -196,9 +198,9 @@ def test_sigkill_then_rerun_finishes_without_loss_or_duplicates(edits_ws, tmp_pa
     done_before = [r for r in rows if r["auto_status"] == "generated"]
     assert len(rows) == 12 and 0 < len(done_before) < 12
 
-    out = run_generate(ws, Selection(where="edit_id IN (1, 2, 3)"), candidates=4, size=64,
+    out = run(ws, "generate", Selection(where="edit_id IN (1, 2, 3)"), candidates=4, size=64,
                        progress=False)
-    assert out.plan.planned == 0 and out.run.rows_in == 12 - len(done_before)
+    assert out.extra["plan"]["planned"] == 0 and out.rows_in == 12 - len(done_before)
     rows = candidates(ws)
     assert len(rows) == 12
     assert len({(r["edit_id"], r["candidate_index"]) for r in rows}) == 12
@@ -217,26 +219,25 @@ def test_ray_engine(edits_ws):
     ws, ids = edits_ws
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        out = run_generate(ws, Selection(where="edit_id IN (1, 3)"), candidates=2, size=64,
+        out = run(ws, "generate", Selection(where="edit_id IN (1, 3)"), candidates=2, size=64,
                            engine="ray", batch_size=2, progress=False)
     finally:
         ray.shutdown()
-    assert out.run.rows_done == 4 and out.run.rows_failed == 0
+    assert out.rows_done == 4 and out.rows_failed == 0
     rows = candidates(ws)
     assert all(r["auto_status"] == "generated" for r in rows)
     assert all(ws.media.path(r["edited_image"]).exists() for r in rows)
     with ws.catalog(read_only=True) as cat:
-        assert cat.scalar("SELECT engine FROM runs WHERE run_id = ?", [out.run.run_id]) == "ray"
+        assert cat.scalar("SELECT engine FROM runs WHERE run_id = ?", [out.run_id]) == "ray"
 
 
 # -- a candidate's pixels do not depend on the runner's batches --------------------------------
 BATCH_KILL_SCRIPT = textwrap.dedent("""
     import sys
     from ultracurate.selection import Selection
-    from ultracurate.stages.generate import run_generate
     from ultracurate.workspace import Workspace
-    run_generate(Workspace(sys.argv[1]), Selection(where="edit_id IN (1, 2, 3)"),
-                 candidates=4, size=64, batch_size=1, behaviour=sys.argv[2], progress=False)
+    run(Workspace(sys.argv[1]), "generate", Selection(where="edit_id IN (1, 2, 3)"),
+        candidates=4, size=64, batch_size=1, behaviour=sys.argv[2], progress=False)
 """)
 
 
@@ -273,7 +274,7 @@ def test_pixels_do_not_depend_on_batch_size_or_a_kill(edits_ws, tmp_path, behavi
     assert all(len(states) == 1 for states in calls.values())   # no call half done
 
     sel = Selection(where="edit_id IN (1, 2, 3)")
-    run_generate(ws, sel, candidates=4, size=64, batch_size=64, behaviour=behaviour,
+    run(ws, "generate", sel, candidates=4, size=64, batch_size=64, behaviour=behaviour,
                  progress=False)
     resumed = _images(ws)
     assert len(resumed) == 12 and all(None not in v for v in resumed.values())
@@ -281,7 +282,7 @@ def test_pixels_do_not_depend_on_batch_size_or_a_kill(edits_ws, tmp_path, behavi
     assert {r["edit_id"]: json.loads(r["gen_params"])["call_pairs"] for r in rows} == {
         ids["free_a"]: 2, ids["free_b"]: 2, ids["region"]: 1}
     for size in (1, 7, 16):
-        run_generate(ws, sel, candidates=4, size=64, batch_size=size, behaviour=behaviour,
+        run(ws, "generate", sel, candidates=4, size=64, batch_size=size, behaviour=behaviour,
                      force=True, progress=False)
         assert _images(ws) == resumed, f"--batch-size {size}"
 
@@ -295,17 +296,17 @@ def test_compat_call_with_a_long_caption_is_dropped_with_its_reason(edits_ws):
     with ws.catalog() as cat:
         cat.con.execute("UPDATE edits SET target_caption = ? WHERE edit_id = ?",
                         [long, ids["free_b"]])
-    out = run_generate(ws, Selection(where="edit_id IN (1, 2, 3)"), candidates=1, size=64,
+    out = run(ws, "generate", Selection(where="edit_id IN (1, 2, 3)"), candidates=1, size=64,
                        behaviour="ultraedit-compat", progress=False)
-    assert out.run.rows_failed == 2 and out.run.rows_done == 1
+    assert out.rows_failed == 2 and out.rows_done == 1
     rows = {r["edit_id"]: r for r in candidates(ws)}
     for e in (ids["free_a"], ids["free_b"]):        # one released call: both dropped
         assert rows[e]["auto_status"] == "failed" and rows[e]["edited_image"] is None
         assert rows[e]["error"].startswith("dropped: prompt 3 of the released call has 92")
     assert rows[ids["region"]]["auto_status"] == "generated"
-    again = run_generate(ws, Selection(where="edit_id IN (1, 2, 3)"), candidates=1, size=64,
+    again = run(ws, "generate", Selection(where="edit_id IN (1, 2, 3)"), candidates=1, size=64,
                          behaviour="ultraedit-compat", progress=False)
-    assert again.run.rows_in == 0
+    assert again.rows_in == 0
 
 
 def test_compat_region_needs_the_editors_native_size(edits_ws):
@@ -315,11 +316,11 @@ def test_compat_region_needs_the_editors_native_size(edits_ws):
     ws, ids = edits_ws
     sel = Selection(where="edit_id = :e", params={"e": ids["region"]})
     with pytest.raises(UltracurateError, match="native size, 64 px .* not --size 128"):
-        run_generate(ws, sel, candidates=1, size=128, behaviour="ultraedit-compat",
+        run(ws, "generate", sel, candidates=1, size=128, behaviour="ultraedit-compat",
                      progress=False)
     assert candidates(ws) == []
-    out = run_generate(ws, sel, candidates=1, size=128, progress=False)
-    assert out.run.rows_done == 1
+    out = run(ws, "generate", sel, candidates=1, size=128, progress=False)
+    assert out.rows_done == 1
 
 
 CLASSES = ("fine", "fragmented", "too_small", "too_large")
@@ -352,7 +353,7 @@ def test_region_generation_takes_fine_masks_unless_asked(edits_ws, mask_class, w
     region = "mode = 'region' AND edit_status = 'grounded'"
     sel = Selection(where=f"{region} AND ({where})" if where else region)
     with ws.catalog() as cat:
-        rep = plan_candidates(cat, None, 1, 0, selection=sel, mask_class=mask_class)
+        rep = plan_candidates(cat, sel, 1, 0, mask_class=mask_class)
         got = {r[0] for r in cat.con.execute("SELECT edit_id FROM candidates").fetchall()}
     assert got == {by_class[c] for c in planned}
     assert set(rep.skipped) == {by_class[c] for c in set(selected) - planned}

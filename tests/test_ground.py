@@ -14,9 +14,9 @@ from ultracurate import masks as M
 from ultracurate.catalog import now
 from ultracurate.errors import UltracurateError
 from ultracurate.models import grounding, make_tiny, sam
+from ultracurate.runner import run
 from ultracurate.selection import Selection
-from ultracurate.stages.classify_masks import run_classify_masks
-from ultracurate.stages.ground import no_box_reason, run_ground
+from ultracurate.stages.ground import no_box_reason
 from ultracurate.workspace import Workspace
 
 OBJECTS = ("the cat", "a red helmet")
@@ -76,7 +76,7 @@ def test_ground_end_to_end_with_boxes(ingested_ws, tiny_refs, monkeypatch):
         return orig(self, images, batch_size)
 
     monkeypatch.setattr(sam.SamModel, "embed", spy)
-    s = run_ground(ws, box_threshold=0.0, text_threshold=0.0, batch_size=64, progress=False)
+    s = run(ws, "ground", box_threshold=0.0, text_threshold=0.0, batch_size=64, progress=False)
     n_region = sum(1 for r in rows if r["mode"] == "region" and r["edit_object"] != "NONE")
     n_anchors = len({r["anchor_id"] for r in rows})
     assert (s.rows_in, s.rows_done, s.rows_failed) == (n_region, n_region, 0)
@@ -111,10 +111,10 @@ def test_ground_end_to_end_with_boxes(ingested_ws, tiny_refs, monkeypatch):
     assert (got ^ by_hand).mean() < 0.001   # same up to the 2-decimal rounding of boxes
 
     # A rerun skips what is done; --force redoes it and resets the mask's class.
-    assert run_ground(ws, box_threshold=0.0, progress=False).rows_in == 0
-    run_classify_masks(ws, progress=False)
+    assert run(ws, "ground", box_threshold=0.0, progress=False).rows_in == 0
+    run(ws, "classify-masks", progress=False)
     assert all(e["mask_class"] for e in edits(ws) if e["edit_status"] == "grounded")
-    s2 = run_ground(ws, Selection(where="edit_id = $id", params={"id": rows[0]["edit_id"]}),
+    s2 = run(ws, "ground", Selection(where="edit_id = $id", params={"id": rows[0]["edit_id"]}),
                     box_threshold=0.0, force=True, progress=False)
     assert s2.rows_in == 1
     e0 = next(e for e in edits(ws) if e["edit_id"] == rows[0]["edit_id"])
@@ -124,7 +124,7 @@ def test_ground_end_to_end_with_boxes(ingested_ws, tiny_refs, monkeypatch):
 def test_ground_no_box_records_the_reason(ingested_ws, tiny_refs):
     ws = ingested_ws
     add_edits(ws, extra=False)
-    s = run_ground(ws, Selection(limit=4), box_threshold=1.0,   # sigmoid scores never reach 1
+    s = run(ws, "ground", Selection(limit=4), box_threshold=1.0,   # sigmoid scores never reach 1
                    progress=False)
     assert s.rows_done == s.rows_in > 0
     done = [e for e in edits(ws) if e["ground_run"] == s.run_id]
@@ -135,18 +135,17 @@ def test_ground_no_box_records_the_reason(ingested_ws, tiny_refs):
         assert e["mask_rle"] is None and e["mask_area"] is None
         assert json.loads(e["ground_boxes"])["boxes"] == []
     # no_region edits have no mask: classify-masks has nothing to do
-    assert run_classify_masks(ws, progress=False).rows_in == 0
+    assert run(ws, "classify-masks", progress=False).rows_in == 0
 
 
 def test_ground_with_owlv2_backend(tmp_path, tiny_dir, tiny_refs, demo_photos):
-    from ultracurate.runner import run_stage
     from ultracurate.stages.ingest import IngestStage, discover
     ws = Workspace.init(tmp_path / "owl", {"models": {"profile": "tiny", "tiny_dir":
                                                       str(tiny_dir),
                                                       "grounding": tiny_refs["owlv2"]}})
-    run_stage(ws, IngestStage(discover([demo_photos])), progress=False)
+    run(ws, IngestStage(items=discover([demo_photos])), progress=False)
     add_edits(ws, per_anchor=("the cat",), extra=False)
-    s = run_ground(ws, Selection(limit=3), box_threshold=0.0, progress=False)
+    s = run(ws, "ground", Selection(limit=3), box_threshold=0.0, progress=False)
     assert s.rows_done == 3
     done = [e for e in edits(ws) if e["ground_run"] == s.run_id]
     assert len(done) == 3
@@ -166,7 +165,7 @@ def test_missing_anchor_file_fails_only_its_edits(ingested_ws, tiny_refs):
                            [rows[0]["anchor_id"]])
     ws.media.path(media).unlink()
     # the broken anchor's edits and the next anchor's, in one batch
-    s = run_ground(ws, Selection(limit=2 * len(OBJECTS)), box_threshold=0.0, progress=False)
+    s = run(ws, "ground", Selection(limit=2 * len(OBJECTS)), box_threshold=0.0, progress=False)
     assert s.rows_failed == len(OBJECTS) and s.rows_done == s.rows_in - len(OBJECTS)
     with ws.catalog(read_only=True) as cat:
         errs = cat.query("SELECT key, error FROM stage_state WHERE stage = 'ground' AND "
@@ -209,16 +208,16 @@ def synthetic_masks():
 def test_classify_masks_and_rerun_with_new_thresholds(ingested_ws, with_features):
     ws = ingested_ws
     _insert_masks(ws, synthetic_masks(), with_features)
-    s = run_classify_masks(ws, progress=False)
+    s = run(ws, "classify-masks", progress=False)
     assert s.rows_done == 4
     got = {e["edit_object"]: e for e in edits(ws)}
     for name, e in got.items():
         assert e["mask_class"] == name and e["classify_run"] == s.run_id
         assert e["mask_contours"] is not None and e["mask_bbox"] is not None
     # same thresholds: nothing to redo
-    assert run_classify_masks(ws, progress=False).rows_in == 0
+    assert run(ws, "classify-masks", progress=False).rows_in == 0
     # new thresholds: every mask reclassified from the stored features, no SAM involved
-    s2 = run_classify_masks(ws, max_contours=5_000, min_area=0.2, progress=False)
+    s2 = run(ws, "classify-masks", max_contours=5_000, min_area=0.2, progress=False)
     assert s2.rows_in == 4
     got = {e["edit_object"]: e["mask_class"] for e in edits(ws)}
     assert got == {"fine": "too_small", "too_large": "too_large", "too_small": "too_small",
@@ -228,9 +227,9 @@ def test_classify_masks_and_rerun_with_new_thresholds(ingested_ws, with_features
                                        [s2.run_id]))
     assert params["thresholds"] == {"min_area": 0.2, "max_area": 0.9, "max_contours": 5000}
     # back to the defaults: the earlier run's thresholds differ from the latest, so redo
-    assert run_classify_masks(ws, progress=False).rows_in == 4
+    assert run(ws, "classify-masks", progress=False).rows_in == 4
     with pytest.raises(UltracurateError, match="min_area < max_area"):
-        run_classify_masks(ws, min_area=0.95, progress=False)
+        run(ws, "classify-masks", min_area=0.95, progress=False)
 
 
 def test_cli_ground_and_classify(ingested_ws, tiny_refs):

@@ -22,6 +22,7 @@ import pytest
 from _clirun import one_line_error, run_many
 from _scoring import add_candidates
 from ultracurate.errors import SelectionError, UltracurateError, redact
+from ultracurate.runner import run
 from ultracurate.selection import Selection, selected_keys_sql
 from ultracurate.workspace import Workspace
 
@@ -34,12 +35,11 @@ def hws(tmp_path_factory, demo_photos, tiny_dir) -> Workspace:
     """Anchors (the demo photos), 4 edits and 8 generated candidates with real images; the
     tiny checkpoints that stages check for before they read their selection."""
     from ultracurate.models import make_tiny
-    from ultracurate.runner import run_stage
     make_tiny(tiny_dir, ("editor", "clip", "dino", "grounding", "sam"))
     from ultracurate.stages.ingest import IngestStage, discover
     ws = Workspace.init(tmp_path_factory.mktemp("hard") / "ws",
                         {"models": {"profile": "tiny", "tiny_dir": str(tiny_dir)}})
-    run_stage(ws, IngestStage(discover([demo_photos])), progress=False)
+    run(ws, IngestStage(items=discover([demo_photos])), progress=False)
     add_candidates(ws, n_edits=4, per_edit=2)
     return ws
 
@@ -596,11 +596,10 @@ def test_bad_options_are_refused_in_one_line_before_anything_runs(hws, tmp_path)
 
 
 def test_the_library_refuses_a_batch_size_that_would_never_advance(hws):
-    from ultracurate.runner import run_stage
     from ultracurate.stages.ingest import IngestStage
     for size in (0, -1):
         with pytest.raises(UltracurateError, match="batch size"):
-            run_stage(hws, IngestStage([]), batch_size=size, progress=False)
+            run(hws, IngestStage(items=[]), batch_size=size, progress=False)
     with pytest.raises(SelectionError, match="--limit"):
         Selection(limit=-1)
     from ultracurate.thresholds import Thresholds

@@ -12,9 +12,16 @@ from PIL import Image
 
 from _snapshot import catalog_rows
 from ultracurate.errors import UltracurateError
-from ultracurate.importers.ultraedit import guess_edit_type, import_ultraedit, is_ultraedit_layout
+from ultracurate.importers.ultraedit import guess_edit_type, is_ultraedit_layout
 from ultracurate.masks import decode
+from ultracurate.runner import run
+from ultracurate.selection import Selection
 from ultracurate.workspace import Workspace
+
+
+def import_ultraedit(ws, paths, limit=None, **kw):
+    """The import stage over paths (limit: the first rows of the files)."""
+    return run(ws, "import-ultraedit", Selection(limit=limit), paths=paths, **kw)
 
 
 def _jpeg(arr) -> bytes:

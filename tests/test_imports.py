@@ -3,7 +3,6 @@ circle, and the library never imports the demo (its data is package data)."""
 
 import ast
 import json
-import pkgutil
 import subprocess
 import sys
 from pathlib import Path

@@ -11,12 +11,12 @@ from PIL import Image
 from _snapshot import catalog_rows
 from ultracurate.errors import UltracurateError
 from ultracurate.images import load_rgb
-from ultracurate.runner import run_stage
+from ultracurate.runner import run
 from ultracurate.stages.ingest import IngestStage, discover
 
 
 def _ingest(ws, paths, **kw):
-    return run_stage(ws, IngestStage(discover(paths), **kw), progress=False)
+    return run(ws, IngestStage(items=discover(paths), **kw), progress=False)
 
 
 @pytest.fixture
@@ -113,7 +113,7 @@ def test_a_second_ingest_changes_nothing(ws, corpus, force):
     _ingest(ws, [folder, table])
     before = catalog_rows(ws)
     assert len(before["anchors"]) == 6 and len(before["ingest_rejects"]) == 9
-    s = run_stage(ws, IngestStage(discover([folder, table])), force=force, progress=False)
+    s = run(ws, IngestStage(items=discover([folder, table])), force=force, progress=False)
     assert s.rows_in == (15 if force else 0) and s.rows_failed == (9 if force else 0)
     assert catalog_rows(ws) == before
 
@@ -123,7 +123,7 @@ def test_a_fixed_file_is_ingested_by_a_forced_rerun(ws, corpus, demo_photos):
     _ingest(ws, [folder, table])
     (folder / "truncated.jpg").write_bytes((demo_photos.parent / "coffee.jpg").read_bytes())
     assert _ingest(ws, [folder, table]).rows_in == 0  # rejected sources wait for --force
-    s = run_stage(ws, IngestStage(discover([folder, table])), force=True, progress=False)
+    s = run(ws, IngestStage(items=discover([folder, table])), force=True, progress=False)
     assert s.rows_failed == 8  # the eight other bad files, the same bytes: no new reject rows
     with ws.catalog(read_only=True) as cat:
         assert cat.scalar("SELECT count(*) FROM anchors WHERE source_path LIKE "

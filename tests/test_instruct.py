@@ -18,8 +18,8 @@ from ultracurate.instruct.plan import parse_quota, plan_types
 from ultracurate.instruct.prompt import PromptTemplate
 from ultracurate.instruct.rule import propose
 from ultracurate.instruct.validation import validate
+from ultracurate.runner import run
 from ultracurate.selection import Selection
-from ultracurate.stages.instruct import run_instruct
 
 CAPTION = "an orange tabby cat sitting on a wooden floor"
 
@@ -139,7 +139,7 @@ def _edits(ws):
 
 def test_instruct_stage_rule_backend(ingested_ws, tmp_path):
     ws = ingested_ws
-    s = run_instruct(ws, per_anchor=2, seed=7, progress=False)
+    s = run(ws, "instruct", per_anchor=2, seed=7, progress=False)
     assert (s.rows_in, s.rows_done, s.rows_failed) == (9, 9, 0)
     rows = _edits(ws)
     assert len(rows) == 18
@@ -151,21 +151,20 @@ def test_instruct_stage_rule_backend(ingested_ws, tmp_path):
         assert r["mode"] == ("free" if r["edit_object"] == "NONE" else "region")
         assert r["target_caption"] != r["source_caption"]
     # a rerun skips done anchors; same seed elsewhere gives the same rows
-    assert run_instruct(ws, per_anchor=2, seed=7, progress=False).rows_in == 0
+    assert run(ws, "instruct", per_anchor=2, seed=7, progress=False).rows_in == 0
     from ultracurate.workspace import Workspace
-    from ultracurate.runner import run_stage
     from ultracurate.stages.ingest import IngestStage, discover
     ws2 = Workspace.init(tmp_path / "ws2")
-    run_stage(ws2, IngestStage(discover([_photos(ws)])), progress=False)
-    run_instruct(ws2, per_anchor=2, seed=7, progress=False)
+    run(ws2, IngestStage(items=discover([_photos(ws)])), progress=False)
+    run(ws2, "instruct", per_anchor=2, seed=7, progress=False)
     key = ("anchor_id", "instruction", "target_caption", "edit_object", "edit_type",
            "instruct_seed")
     assert [tuple(r[k] for k in key) for r in _edits(ws2)] == \
         [tuple(r[k] for k in key) for r in rows]
     # another seed gives other edits
     ws3 = Workspace.init(tmp_path / "ws3")
-    run_stage(ws3, IngestStage(discover([_photos(ws)])), progress=False)
-    run_instruct(ws3, per_anchor=2, seed=8, progress=False)
+    run(ws3, IngestStage(items=discover([_photos(ws)])), progress=False)
+    run(ws3, "instruct", per_anchor=2, seed=8, progress=False)
     assert [r["instruction"] for r in _edits(ws3)] != [r["instruction"] for r in rows]
 
 
@@ -180,7 +179,7 @@ def test_instruct_selection_quota_mode_and_bad_captions(ingested_ws):
     ws = ingested_ws
     with ws.catalog() as cat:  # an anchor whose only caption is too long, one with none
         set_captions(cat, {1: ["word " * 61], 2: []})
-    s = run_instruct(ws, Selection(where="anchor_id <= :n", params={"n": 6}),
+    s = run(ws, "instruct", Selection(where="anchor_id <= :n", params={"n": 6}),
                      quota="replace=4,change_color=4", per_anchor=2, mode="free",
                      progress=False)
     # anchors 1 (a caption too long) and 2 (none) fail with their reasons and take no share
@@ -199,7 +198,7 @@ def test_instruct_selection_quota_mode_and_bad_captions(ingested_ws):
 
 def test_unknown_type_is_one_clear_error(ingested_ws):
     with pytest.raises(UltracurateError, match="unknown edit type 'zoom'"):
-        run_instruct(ingested_ws, types="add,zoom", progress=False)
+        run(ingested_ws, "instruct", types="add,zoom", progress=False)
     assert _edits(ingested_ws) == []
 
 

@@ -9,7 +9,7 @@ import pytest
 from _anchors import set_captions
 from _loopback import LoopbackServer, completion
 from ultracurate.instruct.rule import propose
-from ultracurate.stages.instruct import run_instruct
+from ultracurate.runner import run
 
 KEY = "sekrit-key-123"
 
@@ -69,7 +69,7 @@ def test_http_backend_against_loopback_server(ingested_ws, server, monkeypatch):
     kw = dict(backend="openai", model="test-model", base_url=server.url, types="replace",
               per_anchor=1, seed=5, n_instruction_examples=6, n_full_examples=3,
               concurrency=2, timeout=0.5, max_retries=2, backoff=0.01, progress=False)
-    s = run_instruct(ws, **kw)
+    s = run(ws, "instruct", **kw)
     assert (s.rows_in, s.rows_done, s.rows_failed) == (9, 8, 1)
 
     with ws.catalog(read_only=True) as cat:
@@ -115,7 +115,7 @@ def test_http_backend_against_loopback_server(ingested_ws, server, monkeypatch):
 
     # a rerun retries only the failed anchor
     server.override["a cat sleeping on a pillow"] = "good"
-    s2 = run_instruct(ws, **kw)
+    s2 = run(ws, "instruct", **kw)
     assert (s2.rows_in, s2.rows_done, s2.rows_failed) == (1, 1, 0)
     with ws.catalog(read_only=True) as cat:
         assert cat.scalar("SELECT edit_status FROM edits WHERE anchor_id = 7") == "proposed"
@@ -123,7 +123,7 @@ def test_http_backend_against_loopback_server(ingested_ws, server, monkeypatch):
 
 
 def test_unreachable_server_fails_rows_not_the_job(ingested_ws):
-    s = run_instruct(ingested_ws, backend="openai", model="m", base_url="http://127.0.0.1:9/v1",
+    s = run(ingested_ws, "instruct", backend="openai", model="m", base_url="http://127.0.0.1:9/v1",
                      types="add", max_retries=1, backoff=0.01, timeout=0.5, progress=False,
                      n_instruction_examples=2, n_full_examples=1)
     assert (s.rows_in, s.rows_failed, s.state) == (9, 9, "completed")
@@ -144,7 +144,7 @@ def test_backend_from_workspace_role_custom_prompt_and_mode(ingested_ws, server,
     text = importlib.resources.files("ultracurate").joinpath("prompts", "instruct-v1.txt")
     prompt.write_text(text.read_text().replace("### user\n", "### user\nBe brief.\n"))
     from ultracurate.selection import Selection
-    s = run_instruct(ws, Selection(limit=2), types="change_global", mode="region",
+    s = run(ws, "instruct", Selection(limit=2), types="change_global", mode="region",
                      prompt=str(prompt), n_instruction_examples=3, n_full_examples=1,
                      progress=False)
     assert s.rows_done == 2

@@ -7,13 +7,13 @@ import pytest
 from ultracurate.errors import UltracurateError
 from ultracurate.models import make_tiny
 from ultracurate.selection import Selection
-from ultracurate.stages.instruct import run_instruct
+from ultracurate.runner import run
 
 
 def test_tiny_llm_answers_are_recorded_invalid(ingested_ws, tiny_dir):
     ref = make_tiny(tiny_dir, ("llm",))["llm"]
     ws = ingested_ws  # profile 'tiny': the llm role resolves to tiny_dir/llm
-    s = run_instruct(ws, Selection(limit=3), backend="transformers", per_anchor=2,
+    s = run(ws, "instruct", Selection(limit=3), backend="transformers", per_anchor=2,
                      types="add,turn", seed=1, n_instruction_examples=4, n_full_examples=2,
                      max_attempts=2, max_new_tokens=12, llm_batch_size=8, device="cpu",
                      progress=False)

@@ -6,9 +6,8 @@ import base64
 from html.parser import HTMLParser
 
 from ultracurate.cli import main
-from ultracurate.stages.balance import run_balance
-from ultracurate.stages.filter import run_filter
 from ultracurate.thresholds import Thresholds
+from ultracurate.runner import run
 
 from _scoring import add_candidates, set_scores
 
@@ -40,8 +39,8 @@ def test_report_renders_all_sections(ingested_ws, tmp_path, capsys):
     set_scores(ws, {cid: dict(clip_sim_source=0.3, clip_sim_target=0.3,
                               clip_sim_dir=0.1 + 0.05 * i, clip_sim_image=0.8, dinov2_sim=0.6,
                               ssim=0.8, l1=0.05, l2=0.01) for i, cid in enumerate(ids)})
-    run_filter(ws, thresholds=Thresholds.preset().override(top_k=2))
-    run_balance(ws, cap=1, plot=False)
+    run(ws, "filter", thresholds=Thresholds.preset().override(top_k=2))
+    run(ws, "balance", cap=1, plot=False)
     out = tmp_path / "r" / "report.html"
     main(["report", "-w", str(ws.root), str(out)])
     assert "wrote" in capsys.readouterr().out

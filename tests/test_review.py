@@ -16,6 +16,7 @@ from PIL import Image
 
 from ultracurate.catalog import now
 from ultracurate.selection import Selection
+from ultracurate.runner import run
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -246,8 +247,7 @@ def test_tags_pulled_back_and_survive_refilter(review_ws):
 
     # a re-filter (the real one, UltraEdit's thresholds) rewrites auto_status and
     # reject_reasons of every row; the human decisions still win
-    from ultracurate.stages.filter import run_filter
-    res = run_filter(ws)
+        res = run(ws, "filter").result
     assert res.rows_in == 9
     with ws.catalog() as cat:
         st = {r["candidate_id"]: r for r in cat.query(

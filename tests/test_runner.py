@@ -12,11 +12,11 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from ultracurate.runner import BatchResult, RayEngine, Stage, run_stage
+from ultracurate.runner import BatchResult, RayEngine, RowStage, run
 from ultracurate.selection import Selection
 
 
-class WidthParity(Stage):
+class WidthParity(RowStage):
     """Test stage over anchors: records width parity in `dataset`; raises for anchor 3's batch,
     fails anchor 5 alone."""
 
@@ -37,7 +37,7 @@ class WidthParity(Stage):
                            failed={5: "anchor 5 is unlucky"} if len(ok) < len(rows) else {})
 
 
-class BatchRecorder(Stage):
+class BatchRecorder(RowStage):
     """Test stage over anchors, grouped by anchor_id // 3 (anchor 5 on its own): writes the
     keys of the batch each row came in into `dataset`."""
 
@@ -58,7 +58,7 @@ def test_a_batch_never_splits_a_group(ingested_ws, size):
     """Groups {1, 2}, {3, 4}, {5} (NULL: alone), {6, 7, 8}, {9}: every group lands in one
     batch whatever the batch size, a batch holds whole groups up to its size, and a group
     larger than the size is a batch of its own."""
-    run_stage(ingested_ws, BatchRecorder(), progress=False, batch_size=size)
+    run(ingested_ws, BatchRecorder(), progress=False, batch_size=size)
     with ingested_ws.catalog(read_only=True) as cat:
         batch_of = dict(cat.con.execute("SELECT anchor_id, dataset FROM anchors").fetchall())
     batches = {tuple(int(k) for k in b.split(",")) for b in batch_of.values()}
@@ -75,7 +75,7 @@ def test_a_batch_never_splits_a_group(ingested_ws, size):
         assert len(b) <= size or len(whole) == 1
 
 
-class ReprRaiser(Stage):
+class ReprRaiser(RowStage):
     """Raises errors whose messages hold object reprs: in a batch, and at the end."""
 
     name = "test_repr"
@@ -86,7 +86,7 @@ class ReprRaiser(Stage):
     def process(self, rows, prepared, ctx):
         raise ValueError(f"cannot use {object()}\nsecond line")
 
-    def finish(self, cat, run_id):
+    def finish(self, w):
         raise RuntimeError(f"gave up on <_io.BytesIO object at 0x{id(self):x}>")
 
 
@@ -94,7 +94,7 @@ def test_stored_reasons_hold_no_object_reprs(ingested_ws):
     """Every reason the runner stores (a failed batch's rows, a failed run's message) is one
     line without memory addresses, so equal failures group together."""
     with pytest.raises(RuntimeError):
-        run_stage(ingested_ws, ReprRaiser(), progress=False)
+        run(ingested_ws, ReprRaiser(), progress=False)
     with ingested_ws.catalog(read_only=True) as cat:
         errors = {r[0] for r in cat.con.execute(
             "SELECT error FROM stage_state WHERE stage = 'test_repr'").fetchall()}
@@ -111,7 +111,7 @@ def _states(ws, stage="test_parity"):
 
 def test_failed_rows_are_recorded_and_retried_done_rows_skipped(ingested_ws):
     ws = ingested_ws
-    s = run_stage(ws, WidthParity(), progress=False)
+    s = run(ws, WidthParity(), progress=False)
     st = _states(ws)
     # batches of 2 over ids 1..9: [3,4] raised, 5 failed alone
     assert st[3][0] == st[4][0] == "failed" and "boom on anchor 3" in st[3][1]
@@ -119,7 +119,7 @@ def test_failed_rows_are_recorded_and_retried_done_rows_skipped(ingested_ws):
     assert {k for k, v in st.items() if v[0] == "done"} == {1, 2, 6, 7, 8, 9}
     assert (s.rows_in, s.rows_done, s.rows_failed) == (9, 6, 3)
     # a rerun only retries the failed rows
-    s2 = run_stage(ws, WidthParity(explode=False), progress=False)
+    s2 = run(ws, WidthParity(explode=False), progress=False)
     assert s2.rows_in == 3 and s2.rows_done == 2 and s2.rows_failed == 1
     with ws.catalog(read_only=True) as cat:
         got = dict(cat.con.execute("SELECT anchor_id, dataset FROM anchors").fetchall())
@@ -131,7 +131,7 @@ def test_failed_rows_are_recorded_and_retried_done_rows_skipped(ingested_ws):
     assert [r["state"] for r in runs] == ["completed", "completed"]
     assert runs[0]["rows_done"] == 6 and runs[0]["rows_failed"] == 3
     # --force redoes everything, narrowed by --where
-    s3 = run_stage(ws, WidthParity(explode=False), Selection(where="anchor_id <= 4"),
+    s3 = run(ws, WidthParity(explode=False), Selection(where="anchor_id <= 4"),
                    force=True, progress=False)
     assert s3.rows_in == 4
 
@@ -143,7 +143,7 @@ def test_undeclared_columns_are_refused(ingested_ws):
         name = "test_sneaky"
         writes = {"anchors": {"width"}}
     with pytest.raises(RuntimeError, match="undeclared columns"):
-        run_stage(ingested_ws, Sneaky(explode=False), Selection(limit=2), progress=False)
+        run(ingested_ws, Sneaky(explode=False), Selection(limit=2), progress=False)
     with ingested_ws.catalog(read_only=True) as cat:
         assert cat.scalar("SELECT count(*) FROM anchors WHERE dataset <> 'demo_anchors'") == 0
         assert cat.scalar("SELECT state FROM runs WHERE stage = 'test_sneaky'") == "failed"
@@ -205,7 +205,7 @@ def test_ray_engine_on_a_local_cluster(ingested_ws):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        s = run_stage(ingested_ws, WidthParity(), engine=RayEngine(num_workers=2),
+        s = run(ingested_ws, WidthParity(), engine=RayEngine(num_workers=2),
                       progress=False)
     finally:
         ray.shutdown()
@@ -234,7 +234,7 @@ def test_ray_worker_that_cannot_start_stops_the_job_with_a_clear_error(ingested_
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         with pytest.raises(UltracurateError, match="Ray worker failed"):
-            run_stage(ingested_ws, NoModel(), engine=RayEngine(num_workers=1), progress=False)
+            run(ingested_ws, NoModel(), engine=RayEngine(num_workers=1), progress=False)
     finally:
         ray.shutdown()
     with ingested_ws.catalog(read_only=True) as cat:
@@ -273,11 +273,11 @@ def test_a_batch_that_raises_in_ingest_is_counted_failed_and_retried(ws, demo_ph
     real = ingest_mod.inspect_image
     monkeypatch.setattr(ingest_mod, "inspect_image",
                         lambda *a, **k: (_ for _ in ()).throw(OSError("disk on fire")))
-    s = run_stage(ws, IngestStage(discover([demo_photos])), progress=False)
+    s = run(ws, IngestStage(items=discover([demo_photos])), progress=False)
     assert (s.rows_done, s.rows_failed) == (0, 9)
     with ws.catalog(read_only=True) as cat:
         assert cat.scalar("SELECT count(*) FROM anchors") == 0
         assert cat.scalar("SELECT count(*) FROM ingest_rejects") == 0
     monkeypatch.setattr(ingest_mod, "inspect_image", real)
-    s = run_stage(ws, IngestStage(discover([demo_photos])), progress=False)
+    s = run(ws, IngestStage(items=discover([demo_photos])), progress=False)
     assert (s.rows_in, s.rows_done) == (9, 9)

@@ -9,6 +9,7 @@ import torch
 
 from ultracurate import metrics
 from ultracurate.models import make_tiny
+from ultracurate.runner import run
 
 from _scoring import add_candidates, noise_image
 
@@ -109,10 +110,10 @@ def test_tiny_dino_loads_dinov2_and_vit(tiny, tiny_dir):
 # -- the score stage -----------------------------------------------------------------------
 def test_score_stage_writes_scores_and_embeddings(ingested_ws, tiny):
     from ultracurate.embeddings import EmbeddingStore
-    from ultracurate.stages.score import ScoreStage, run_score
+    from ultracurate.stages.score import ScoreStage
     ws = ingested_ws
     cands = add_candidates(ws, n_edits=4, per_edit=3)
-    summary = run_score(ws, progress=False, batch_size=5)
+    summary = run(ws, "score", progress=False, batch_size=5)
     assert (summary.rows_in, summary.rows_done, summary.rows_failed) == (12, 12, 0)
     with ws.catalog() as cat:
         rows = cat.query("SELECT * FROM candidates ORDER BY candidate_id")
@@ -155,8 +156,8 @@ def test_score_stage_writes_scores_and_embeddings(ingested_ws, tiny):
 
     # rerun: nothing pending; --force rescoring (with the GPU's batched pixel-score path,
     # here on the CPU) gives the same scores and replaces the embeddings (no duplicates)
-    assert run_score(ws, progress=False).rows_in == 0
-    assert run_score(ws, progress=False, force=True, pixel_scores_on_device=True,
+    assert run(ws, "score", progress=False).rows_in == 0
+    assert run(ws, "score", progress=False, force=True, pixel_scores_on_device=True,
                      batch_size=7).rows_done == 12
     with ws.catalog() as cat:
         again = cat.query("SELECT * FROM candidates ORDER BY candidate_id")

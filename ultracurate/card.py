@@ -81,7 +81,7 @@ def models_used(provenance: dict) -> list[tuple[str, str, str, list[int]]]:
                 ref = ref.get("model") or ref.get("backend")
             key = (run["stage"], role, describe_model(ref, profile))
             seen.setdefault(key, []).append(run["run_id"])
-        if run["stage"] == "import_ultraedit":
+        if run["stage"] in ("import-ultraedit", "import_ultraedit"):  # (the latter: before 008)
             key = (run["stage"], "scores", "as published in `BleachNick/UltraEdit`")
             seen.setdefault(key, []).append(run["run_id"])
     return [(s, r, m, ids) for (s, r, m), ids in seen.items()]

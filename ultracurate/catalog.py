@@ -14,7 +14,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import duckdb
 
@@ -39,7 +39,8 @@ def sql_text(name: str) -> str:
 def named_queries(name: str) -> dict[str, str]:
     """The '-- name: key' blocks of sql/queries/<name>.sql."""
     blocks = re.split(r"^-- name: *(\w+) *$", sql_text(f"queries/{name}.sql"), flags=re.M)
-    return {blocks[i]: blocks[i + 1].strip() for i in range(1, len(blocks), 2)}
+    # without the closing ';', so that a query can be a subquery of another
+    return {blocks[i]: blocks[i + 1].strip().rstrip(";") for i in range(1, len(blocks), 2)}
 
 
 def migrations() -> list[tuple[int, str, str]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,36 +57,15 @@ def write_demo_photos(folder: str | Path, without_captions: tuple[str, ...] = ()
     return table
 
 
-# Tiny random-weight models give meaningless scores, so UltraEdit's thresholds would pass
-# nothing. The demo keeps only the direction rule (clip_sim_dir >= 0: about half the rows) and
-# top-2 per edit, so that the filter visibly accepts and rejects; the pipeline is the real one.
-DEMO_THRESHOLDS = dict(clip_sim_dir_min=0.0, top_k=2, drop_if_fewer=False,
-                       unset=("clip_sim_image_min", "clip_sim_source_min",
-                              "clip_sim_target_min", "dinov2_sim_min"))
-
-
-def run_demo(out: str | Path, seed: int = 0, progress: bool = True, size: int = 64,
-             candidates: int = 3, review: bool = True, force: bool = False) -> dict:
+def run_demo(out: str | Path, seed: int = 0, progress: bool = True,
+             force: bool = False) -> dict:
     """The whole pipeline on the bundled photos with tiny random-weight models, on the CPU:
-    ingest (some photos without captions), caption (those), instruct, ground, classify-masks,
-    generate, score, filter, dedup, balance, review (dataset only, no App), export and report.
-    Returns what each step did."""
-    from .export import export_dataset
+    a workspace with the tiny models profile, the models built, the photos written (some
+    without captions), then the `quick` recipe (examples/quick.toml): ingest, caption,
+    instruct, ground, classify-masks, generate, score, filter, dedup, balance, review
+    (dataset only, no App), export and report. Returns what each step did, by stage."""
     from .models import ROLES, make_tiny
-    from .report import write_report
-    from .runner import run_stage
-    from .stages.balance import run_balance
-    from .stages.classify_masks import run_classify_masks
-    from .stages.dedup import run_dedup
-    from .stages.filter import run_filter
-    from .stages.generate import run_generate
-    from .stages.ground import run_ground
-    from .models.captioner import TINY_GRAMMAR
-    from .stages.caption import run_caption
-    from .stages.ingest import IngestStage, discover
-    from .stages.instruct import run_instruct
-    from .stages.score import run_score
-    from .thresholds import Thresholds
+    from .recipe import format_steps, load_recipe, run_recipe
     from .workspace import Workspace
 
     out = Path(out)
@@ -98,66 +78,15 @@ def run_demo(out: str | Path, seed: int = 0, progress: bool = True, size: int = 
         import shutil
         shutil.rmtree(out)
     ws = Workspace.init(out, {"models": {"profile": "tiny"}})
-    steps: dict = {"workspace": str(ws.root)}
-
-    def say(msg: str) -> None:
-        if progress:
-            print(f"== {msg}", flush=True)
-
-    say("building tiny random-weight models (saved as real checkpoints)")
+    if progress:
+        print("== building tiny random-weight models (saved as real checkpoints)",
+              file=sys.stderr, flush=True)
     make_tiny(ws.root / "models" / "tiny", ROLES)
-    say(f"ingest: scikit-image's real photos, captions from ultracurate/data/ except for "
-        f"{len(DEMO_UNCAPTIONED)} ingested without")
-    table = write_demo_photos(ws.root / "photos", without_captions=DEMO_UNCAPTIONED)
-    steps["ingest"] = run_stage(ws, IngestStage(discover([table])), progress=progress).to_json()
-    say("caption: the tiny random-weight captioner (LLaVA architecture) for the photos "
-        "without captions, decoding under its word grammar (English words, not a description)")
-    steps["caption"] = run_caption(ws, grammar=TINY_GRAMMAR, seed=seed,
-                                   progress=progress).to_json()
-    say("instruct: rule back-end, 2 edits per anchor over the nine types")
-    steps["instruct"] = run_instruct(ws, per_anchor=2, backend="rule", seed=seed,
-                                     progress=progress).to_json()
-    say("ground: GroundingDINO + SAM (tiny) on region edits")
-    # random tiny detectors score low: a permissive box threshold lets some masks through
-    steps["ground"] = run_ground(ws, box_threshold=0.0, text_threshold=0.0,
-                                 progress=progress).to_json()
-    steps["classify_masks"] = run_classify_masks(ws, progress=progress).to_json()
-    say(f"generate: {candidates} candidate pairs per edit at {size}px (tiny SDXL)")
-    steps["generate"] = _jsonable(run_generate(ws, candidates=candidates, mode="auto",
-                                               seed=seed, size=size, progress=progress))
-    say("score: CLIP, DINOv2, SSIM, L1, L2 (tiny models: meaningless values)")
-    steps["score"] = run_score(ws, progress=progress).to_json()
-    say("filter: the demo's own loose thresholds (see DEMO_THRESHOLDS)")
-    thresholds = Thresholds.preset("ultraedit").override(**DEMO_THRESHOLDS)
-    steps["filter"] = _jsonable(run_filter(ws, thresholds=thresholds))
-    # dedup before balance: balance chooses among rows that are not duplicates
-    # (tiny random CLIP embeds every small image alike: only near-identical ones count here)
-    steps["dedup"] = _jsonable(run_dedup(ws, threshold=0.9999))
-    steps["balance"] = _jsonable(run_balance(ws, by=("edit_type",), cap=4, seed=seed))
-    if review:
-        say("review: FiftyOne grouped dataset (open it with `ultracurate review`)")
-        from .review import build_review_dataset
-        steps["review"] = _jsonable(build_review_dataset(ws, progress=progress))
-    say("export: Hugging Face dataset in UltraEdit's published schema")
-    steps["export"] = _jsonable(export_dataset(ws, None, ws.root / "exports" / "hf",
-                                               fmt="hf", progress=progress))
-    report = write_report(ws, ws.root / "reports" / "report.html", thresholds=thresholds)
-    steps["report"] = str(report)
-    say(f"done: report at {report}")
+    write_demo_photos(ws.root / "photos", without_captions=DEMO_UNCAPTIONED)
+    result = run_recipe(ws, load_recipe("quick", {"seed": seed}), progress=progress)
+    steps: dict = {"workspace": str(ws.root), "recipe_run": result.run_id}
+    for s in result.steps:
+        steps[s.stage] = s.summary.to_json() if s.summary is not None else {"state": s.state}
+    steps["report"] = str(ws.root / "reports" / "report.html")
+    steps["table"] = format_steps(result)
     return steps
-
-
-def _jsonable(obj):
-    """A stage's summary object as plain data."""
-    import dataclasses
-    if hasattr(obj, "to_json"):
-        return obj.to_json()
-    if dataclasses.is_dataclass(obj):
-        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)

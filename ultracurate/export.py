@@ -41,7 +41,6 @@ import os
 import re
 import shutil
 import socket
-import sys
 import time
 import uuid
 from collections import Counter
@@ -50,8 +49,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .catalog import Catalog
-from .errors import CatalogBusyError, UltracurateError
+from .errors import UltracurateError
 from .names import EXPORT_FORMATS, EXPORT_LAYOUTS, PUBLISHED_SCORES
+from .runner import SetStage
 from .selection import Selection, selected_keys_sql
 from .stages.balance import POOL_WHERE
 from .workspace import CONFIG_NAME, Workspace
@@ -658,64 +658,94 @@ _WRITERS = {"hf": _write_hf, "jsonl": _write_jsonl, "ip2p": _write_ip2p, "wds": 
 
 # -- the public entry point ------------------------------------------------------------------
 def export_dataset(ws: Workspace, selection: Selection | None, out: str | Path, fmt: str = "hf",
-                   *, layout: str = "default", shard_size: int = DEFAULT_SHARD_SIZE,
-                   extra_columns: bool = False, soft_masks: bool = False,
-                   val_fraction: float = 0.0, seed: int | None = None,
-                   license: str = "unknown", language: str | list[str] = "en",
-                   citation: str | None = None, overwrite: bool = False,
-                   push_to_hub: str | None = None, private: bool = False,
-                   progress: bool = True) -> ExportSummary:
+                   *, progress: bool = True, **options) -> ExportSummary:
+    """`run(ws, "export", selection, out=out, format=fmt, ...)`: its ExportSummary (see
+    ExportStage for the options)."""
+    from .runner import run
+    return run(ws, "export", selection, out=out, format=fmt, progress=progress,
+               **options).result
+
+
+class ExportStage(SetStage):
     """Export the selected candidates (default: accepted, not duplicates, selected by balance
-    if it ran) to out in fmt.
+    if it ran) to out in format.
 
     All-or-nothing: out appears complete or not at all. With overwrite, an existing out is
     replaced, once the new export is complete, only if it is an earlier export of this tool.
     val_fraction cuts a validation split by anchor (seeded by seed, default the selection's).
-    push_to_hub (hf format) uploads out to that dataset repo through huggingface_hub."""
-    parts = language.split(",") if isinstance(language, str) else list(language)
-    langs = tuple(p.strip() for p in parts if p.strip())
-    sel = _with_default(selection)
-    opts = ExportOptions(fmt, layout, int(shard_size), extra_columns, soft_masks,
-                         float(val_fraction), sel.seed if seed is None else int(seed),
-                         license, langs, citation)
-    opts.check()
-    if push_to_hub and (fmt != "hf" or layout != "default"):
-        raise UltracurateError("--push-to-hub needs --format hf and the default layout (the "
-                               "ultraedit layout is two datasets: push each folder yourself)")
-    out = Path(out).expanduser().resolve()
-    check_target(out, ws, overwrite)
-    started = time.perf_counter()
-    from .card import run_provenance
-    with ws.catalog() as cat:
-        rows = select_rows(cat, selection)
+    push_to_hub (hf format) uploads out to that dataset repo through huggingface_hub. The
+    files are written with no catalog connection held; a refusal (an empty selection, a
+    catalog value that is not a media name, a target it may not replace) records no run."""
+
+    name = "export"
+    path_options = ("out",)
+    table = "candidates"
+    has_produce = True
+
+    def __init__(self, out: str | Path, format: str = "hf", layout: str = "default",
+                 shard_size: int = DEFAULT_SHARD_SIZE, extra_columns: bool = False,
+                 soft_masks: bool = False, val_fraction: float = 0.0,
+                 seed: int | None = None, license: str = "unknown",
+                 language: str | list[str] = "en", citation: str | None = None,
+                 overwrite: bool = False, push_to_hub: str | None = None,
+                 private: bool = False):
+        parts = language.split(",") if isinstance(language, str) else list(language)
+        langs = tuple(p.strip() for p in parts if p.strip())
+        self.opts = ExportOptions(format, layout, int(shard_size), extra_columns, soft_masks,
+                                  float(val_fraction), 0 if seed is None else int(seed),
+                                  license, langs, citation)
+        self.opts.check()
+        if push_to_hub and (format != "hf" or layout != "default"):
+            raise UltracurateError("--push-to-hub needs --format hf and the default layout "
+                                   "(the ultraedit layout is two datasets: push each folder "
+                                   "yourself)")
+        self.seed, self.overwrite = seed, overwrite
+        self.push_to_hub, self.private = push_to_hub, private
+        self.out = Path(out).expanduser().resolve()
+        super().__init__(out=str(self.out))
+
+    def check(self, r, selection) -> None:
+        check_target(self.out, r.workspace, self.overwrite)
+
+    def plan(self, r, selection):
+        from .card import run_provenance
+        sel = _with_default(selection)
+        if self.seed is None:
+            self.opts.seed = sel.seed
+        self.params.update(self.opts.to_json())
+        rows = select_rows(r.cat, selection)
         if not rows:
             raise UltracurateError("the selection has no candidates to export")
-        splits = split_by_anchor(rows, opts.val_fraction, opts.seed) if layout == "default" \
-            else {}
-        provenance = run_provenance(cat, rows, sel)
-        warnings = _stale_balance(cat) if selection is None or selection.where is None else []
-        run_id = cat.start_run("export", {"out": str(out), **opts.to_json()}, sel.to_json(), None)
+        sql, params = selected_keys_sql(r.cat.con, "candidates_v", "candidate_id", sel,
+                                        columns="candidate_id, source_image, edited_image")
+        r.workspace.check_media_names(r.cat, sql, params, "candidate_id",
+                                      ("source_image", "edited_image"))
+        splits = split_by_anchor(rows, self.opts.val_fraction, self.opts.seed) \
+            if self.opts.layout == "default" else {}
+        provenance = run_provenance(r.cat, rows, sel)
+        warnings = (_stale_balance(r.cat) if selection is None or selection.where is None
+                    else [])
+        return rows, splits, provenance, warnings
 
-    state, message, summary = "failed", None, None
-    try:
-        summary = _write_export(ws, rows, splits, out, opts, provenance, progress)
-        summary.run_id, summary.warnings = run_id, warnings
+    def produce(self, plan, ctx) -> ExportSummary:
+        rows, splits, provenance, warnings = plan
+        started = time.perf_counter()
+        try:
+            summary = _write_export(ctx.workspace, rows, splits, self.out, self.opts,
+                                    provenance, ctx.progress)
+        except OSError as e:
+            raise UltracurateError(f"cannot write the export to {self.out}: "
+                                   f"{e.strerror or e}") from None
+        summary.warnings = warnings
         summary.seconds = round(time.perf_counter() - started, 3)
-        state = "completed"
-    except KeyboardInterrupt:
-        state, message = "interrupted", "interrupted by the user"
-        raise
-    except OSError as e:
-        message = f"cannot write the export to {out}: {e.strerror or e}"
-        raise UltracurateError(message) from None
-    except UltracurateError as e:
-        message = str(e)
-        raise
-    finally:
-        _end_run(ws, run_id, state, len(rows), summary.rows if summary else 0, message)
-    if push_to_hub:
-        summary.pushed_to = upload_to_hub(out, push_to_hub, private=private)
-    return summary
+        if self.push_to_hub:
+            summary.pushed_to = upload_to_hub(self.out, self.push_to_hub, private=self.private)
+        return summary
+
+    def apply(self, w, plan, summary: ExportSummary) -> ExportSummary:
+        w.run.rows_in, w.run.rows_done = len(plan[0]), summary.rows
+        summary.run_id = w.run_id
+        return summary
 
 
 def _write_export(ws, rows, splits, out: Path, opts: ExportOptions, provenance: dict,
@@ -766,30 +796,6 @@ def _missing_parents(out: Path) -> list[Path]:
             break
         missing.append(p)
     return missing
-
-
-def _end_run(ws: Workspace, run_id: int, state: str, rows_in: int, rows_done: int,
-             message: str | None, wait: float = 10.0) -> None:
-    """Close the export's run row. The catalog was released while writing (exports are long);
-    a writer holding it now is waited for a little."""
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            with ws.catalog() as cat:
-                cat.end_run(run_id, state, message)
-                cat.con.execute("UPDATE runs SET rows_in = ?, rows_done = ? WHERE run_id = ?",
-                                [rows_in, rows_done, run_id])
-            return
-        except CatalogBusyError as e:
-            if time.monotonic() < deadline:
-                time.sleep(0.2)
-                continue
-            why = str(e)
-        except UltracurateError as e:  # never hide the export's own outcome behind this
-            why = str(e)
-        print(f"warning: export run {run_id} was {state}, but its run row could not be "
-              f"closed ({why})", file=sys.stderr)
-        return
 
 
 def _stale_balance(cat: Catalog) -> list[str]:

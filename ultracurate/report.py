@@ -21,8 +21,9 @@ import os
 from pathlib import Path
 
 from .errors import UltracurateError
-from .selection import Selection, selected_keys_sql
 from .names import EDIT_TYPES, MODES, SCORE_COLUMNS
+from .runner import SetStage
+from .selection import Selection, selected_keys_sql
 from .thresholds import Thresholds
 
 _COLUMNS = ("candidate_id, edit_id, edit_type, mode, mask_class, status, auto_status, "
@@ -112,8 +113,8 @@ def _bar(groups, series: dict[str, list], title: str, ylabel: str = "candidates"
 
 
 def _funnel_section(ws, cat, selection: Selection, t: Thresholds) -> str:
-    from .stages.filter import run_filter
-    res = run_filter(ws, selection, t, dry_run=True, cat=cat)
+    from .runner import run
+    res = run(ws, "filter", selection, thresholds=t, dry_run=True, cat=cat).result
     if res.rows_in == 0:
         return "<p>No scored rows in the selection.</p>"
     rows = [("selected rows", "", "", res.rows_in)] + [
@@ -181,22 +182,54 @@ def balance_counts(cat, selection: Selection) -> dict[str, tuple[int, int]]:
 
 def write_report(ws, out: str | Path, selection: Selection | None = None,
                  thresholds: Thresholds | None = None, examples: int = 4) -> Path:
-    """Write the HTML report for the selected candidates; returns its path. Thresholds drawn
-    and used for the funnel: the given ones, else the last filter run's, else UltraEdit's."""
+    """`run(ws, "report", selection, out=out, ...)`: the report's path (see ReportStage)."""
+    from .runner import run
+    return run(ws, "report", selection, out=out, thresholds=thresholds,
+               examples=examples).result
+
+
+class ReportStage(SetStage):
+    """Write the HTML report for the selected candidates (the catalog is only read; the run
+    records where it went). Thresholds drawn and used for the funnel: the given ones, else the
+    last filter run's, else UltraEdit's."""
+
+    name = "report"
+    path_options = ("out",)
+    table = "candidates"
+    has_produce = True
+
+    def __init__(self, out: str | Path, thresholds: Thresholds | dict | None = None,
+                 examples: int = 4):
+        if isinstance(thresholds, dict):
+            thresholds = Thresholds.from_dict(thresholds)
+        self.out, self.thresholds, self.examples = Path(out), thresholds, int(examples)
+        super().__init__(out=str(out), examples=self.examples)
+
+    def plan(self, r, selection) -> str:
+        return _render(r.workspace, r.cat, selection, self.thresholds, self.examples)
+
+    def produce(self, doc: str, ctx) -> Path:
+        return _write(self.out, doc)
+
+    def apply(self, w, doc, out: Path) -> Path:
+        w.run.message = str(out)
+        return out
+
+
+def _render(ws, cat, selection: Selection, thresholds: Thresholds | None,
+            examples: int) -> str:
+    """The report's HTML (figures inline), from the catalog's rows."""
     from .stages.filter import latest_thresholds
-    selection = selection or Selection()
-    out = Path(out)
-    with ws.catalog(read_only=True) as cat:
-        t = thresholds or latest_thresholds(cat) or Thresholds.preset("ultraedit")
-        sql, params = selected_keys_sql(cat.con, "candidates_v", "candidate_id", selection,
-                                        None, _COLUMNS)
-        df = cat.pl(sql + " ORDER BY candidate_id", params)
-        edits = cat.query(
-            f"SELECT mode, coalesce(mask_class, '(none)') AS mask_class, count(*) AS n "
-            f"FROM edits_v WHERE edit_id IN (SELECT edit_id FROM ({sql}) s) "
-            f"GROUP BY ALL ORDER BY mode, mask_class", params)
-        funnel = _funnel_section(ws, cat, selection, t)
-        balance = balance_counts(cat, selection)
+    t = thresholds or latest_thresholds(cat) or Thresholds.preset("ultraedit")
+    sql, params = selected_keys_sql(cat.con, "candidates_v", "candidate_id", selection,
+                                    None, _COLUMNS)
+    df = cat.pl(sql + " ORDER BY candidate_id", params)
+    edits = cat.query(
+        f"SELECT mode, coalesce(mask_class, '(none)') AS mask_class, count(*) AS n "
+        f"FROM edits_v WHERE edit_id IN (SELECT edit_id FROM ({sql}) s) "
+        f"GROUP BY ALL ORDER BY mode, mask_class", params)
+    funnel = _funnel_section(ws, cat, selection, t)
+    balance = balance_counts(cat, selection)
     status_counts = df.group_by("status").len().sort("status").rows() if len(df) else []
     sections = [
         ("Selection", _table(["status", "candidates"], status_counts)
@@ -234,6 +267,10 @@ Thresholds: {html.escape(t.preset_name)}.</p>
 {body}
 </body></html>
 """
+    return doc
+
+
+def _write(out: Path, doc: str) -> Path:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -44,8 +44,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .catalog import Catalog, now
-from .masks import decode as decode_rle
 from .errors import UltracurateError
+from .masks import decode as decode_rle
+from .runner import SetStage
 from .selection import Selection, selected_keys_sql
 from .workspace import Workspace
 
@@ -428,81 +429,112 @@ def build_review_dataset(ws: Workspace, selection: Selection | None = None, *,
                          prune: bool = True, embeddings: bool = True,
                          visualize: bool = True, margin: float = DEFAULT_MARGIN,
                          progress: bool = True) -> ReviewSummary:
+    """`run(ws, "review", selection, ...)`: create or update the workspace's grouped FiftyOne
+    dataset from the selected candidates; its ReviewSummary (see ReviewStage)."""
+    from .runner import run
+    return run(ws, "review", selection, dataset=name, reviewer=reviewer, prune=prune,
+               embeddings=embeddings, visualize=visualize, margin=margin,
+               progress=progress).result
+
+
+class ReviewStage(SetStage):
     """Create or update the workspace's grouped FiftyOne dataset from the selected candidates
     (those with an edited image). Only groups whose catalog fields changed are rewritten;
     groups that left the selection are removed when prune. Tags set in the App are pulled into
-    the catalog first (as `reviewer`), so a rewrite never loses them. Attaches CLIP embeddings
-    from LanceDB when present (Brain similarity, and a PCA embeddings plot when visualize) and
-    re-saves the failure-case views. Records a `review` run."""
-    selection = selection or Selection()
-    name = name or dataset_name(ws)
-    summary = ReviewSummary(dataset=name)
-    with ws.catalog(read_only=True) as cat:  # a bad --where or media name fails before any change
-        sql, params = selected_keys_sql(cat.con, "candidates_v", "candidate_id", selection,
-                                        "edited_image IS NOT NULL")
-        ws.check_media_names(cat, sql, params, "candidate_id",
-                             ("anchor_media", "source_image", "edited_image"))
-    fo = _fo(ws)
-    # The catalog is held only to pull and read, not while FiftyOne writes, so that other
-    # jobs can write to it meanwhile.
-    with ws.catalog() as cat:
-        ds = open_review_dataset(ws, name, create=True)
-        if len(ds):
-            summary.pulled = pull_decisions(ws, name=name, reviewer=reviewer, cat=cat).changed
-        rows = selected_candidates(cat, selection)
-        types = {r[0]: r[1] for r in cat.con.execute("DESCRIBE candidates_v").fetchall()}
-        thresholds = keep_thresholds(cat)
-    fields = _field_names(types)
-    _declare_fields(ds, types, fields, fo)
-    summary.selected = len(rows)
+    the catalog first (a review-pull run, as `reviewer`), so a rewrite never loses them.
+    Attaches CLIP embeddings from LanceDB when present (Brain similarity, and a PCA
+    embeddings plot when visualize) and re-saves the failure-case views. The dataset is
+    written with no catalog connection held (other jobs can write meanwhile); the run records
+    the counts."""
 
-    existing = _existing_groups(ds)
-    wanted = {r["candidate_id"] for r in rows}
-    changed = []
-    bar = _bar(progress, len(rows), "review")
-    with bar:
-        task = bar.add_task("review", total=len(rows))
-        new_samples, pending = [], 0
-        for row in rows:
-            cid = row["candidate_id"]
-            fp = _fingerprint(row)
-            if cid in existing and existing[cid][1] == fp:
-                summary.unchanged += 1
-                bar.advance(task)
-            elif cid in existing:
-                changed.append((row, fp))
-            else:
-                new_samples += _new_group(ws, row, fields, fp, fo)
-                summary.added += 1
-                pending += 1
-                if pending >= _ADD_CHUNK:
-                    ds.add_samples(new_samples, expand_schema=False, progress=False)
-                    bar.advance(task, pending)
-                    new_samples, pending = [], 0
-        if new_samples:  # every field is declared: no per-sample schema inference
-            ds.add_samples(new_samples, expand_schema=False, progress=False)
-        bar.advance(task, pending)
-        summary.updated = _update_groups(ds, changed, existing, fields, ws, fo)
-        bar.advance(task, len(changed))
+    name = "review"
+    table = "candidates"
+    has_produce = True
 
-    gone = [existing[c][0] for c in existing if c not in wanted]
-    if prune and gone:
-        ds.delete_groups(gone)
-        summary.removed = len(gone)
+    def __init__(self, dataset: str | None = None, reviewer: str | None = None,
+                 prune: bool = True, embeddings: bool = True, visualize: bool = True,
+                 margin: float = DEFAULT_MARGIN):
+        self.dataset, self.reviewer, self.prune = dataset, reviewer, prune
+        self.embeddings, self.visualize, self.margin = embeddings, visualize, margin
+        super().__init__(dataset=dataset, margin=margin, prune=prune)
 
-    summary.views = save_review_views(ds, margin=margin, thresholds=thresholds)
-    dirty = summary.added or summary.updated or summary.removed
-    if embeddings:
-        summary.embeddings = attach_embeddings(ws, ds, recompute=bool(dirty),
-                                               visualize=visualize)
-    with ws.catalog() as cat:
-        summary.run_id = _record(
-            cat, "review", {"dataset": name, "margin": margin, "prune": prune}, selection,
-            rows_in=len(rows), rows_done=summary.added + summary.updated,
-            message=json.dumps({k: v for k, v in summary.to_json().items()
-                                if k in ("added", "updated", "unchanged", "removed",
-                                         "pulled")}))
-    return summary
+    def requires(self) -> list:
+        return [ReviewPullStage(self.dataset, self.reviewer, missing_ok=True)]
+
+    def check(self, r, selection) -> None:
+        """A bad --where or media name fails before anything changes."""
+        self.params["dataset"] = self.dataset = self.dataset or dataset_name(r.workspace)
+        sql, params = r.selected(selection, "candidates", where="edited_image IS NOT NULL")
+        r.workspace.check_media_names(r.cat, sql, params, "candidate_id",
+                                      ("anchor_media", "source_image", "edited_image"))
+
+    def plan(self, r, selection):
+        rows = selected_candidates(r.cat, selection)
+        types = {row["column_name"]: row["column_type"]
+                 for row in r.query("DESCRIBE candidates_v")}
+        return rows, types, keep_thresholds(r.cat)
+
+    def produce(self, plan, ctx):
+        rows, types, thresholds = plan
+        ws = ctx.workspace
+        summary = ReviewSummary(dataset=self.dataset)
+        summary.pulled = sum(b.result.changed for b in self.before
+                             if b.result is not None and b.run_id is not None)
+        fo = _fo(ws)
+        ds = open_review_dataset(ws, self.dataset, create=True)
+        fields = _field_names(types)
+        _declare_fields(ds, types, fields, fo)
+        summary.selected = len(rows)
+
+        existing = _existing_groups(ds)
+        wanted = {r["candidate_id"] for r in rows}
+        changed = []
+        bar = _bar(ctx.progress, len(rows), "review")
+        with bar:
+            task = bar.add_task("review", total=len(rows))
+            new_samples, pending = [], 0
+            for row in rows:
+                cid = row["candidate_id"]
+                fp = _fingerprint(row)
+                if cid in existing and existing[cid][1] == fp:
+                    summary.unchanged += 1
+                    bar.advance(task)
+                elif cid in existing:
+                    changed.append((row, fp))
+                else:
+                    new_samples += _new_group(ws, row, fields, fp, fo)
+                    summary.added += 1
+                    pending += 1
+                    if pending >= _ADD_CHUNK:
+                        ds.add_samples(new_samples, expand_schema=False, progress=False)
+                        bar.advance(task, pending)
+                        new_samples, pending = [], 0
+            if new_samples:  # every field is declared: no per-sample schema inference
+                ds.add_samples(new_samples, expand_schema=False, progress=False)
+            bar.advance(task, pending)
+            summary.updated = _update_groups(ds, changed, existing, fields, ws, fo)
+            bar.advance(task, len(changed))
+
+        gone = [existing[c][0] for c in existing if c not in wanted]
+        if self.prune and gone:
+            ds.delete_groups(gone)
+            summary.removed = len(gone)
+
+        summary.views = save_review_views(ds, margin=self.margin, thresholds=thresholds)
+        dirty = summary.added or summary.updated or summary.removed
+        if self.embeddings:
+            summary.embeddings = attach_embeddings(ws, ds, recompute=bool(dirty),
+                                                   visualize=self.visualize)
+        return summary
+
+    def apply(self, w, plan, summary: ReviewSummary) -> ReviewSummary:
+        w.run.rows_in = summary.selected
+        w.run.rows_done = summary.added + summary.updated
+        w.run.message = json.dumps({k: v for k, v in summary.to_json().items()
+                                    if k in ("added", "updated", "unchanged", "removed",
+                                             "pulled")})
+        summary.run_id = w.run_id
+        return summary
 
 
 _ADD_CHUNK = 500  # groups per add_samples call (and progress step)
@@ -759,35 +791,52 @@ def group_tags(ds) -> dict[int, list[str]]:
     return {c: sorted(t) for c, t in out.items()}
 
 
-def pull_decisions(ws: Workspace, name: str | None = None, reviewer: str | None = None,
-                   cat: Catalog | None = None) -> PullSummary:
+def pull_decisions(ws: Workspace, name: str | None = None, reviewer: str | None = None
+                   ) -> PullSummary:
+    """`run(ws, "review-pull", ...)`: the App's tags into the catalog (see ReviewPullStage)."""
+    from .runner import run
+    return run(ws, "review-pull", dataset=name, reviewer=reviewer).result
+
+
+class ReviewPullStage(SetStage):
     """Write the App's tags into the catalog as human decisions: `accept` / `reject` set
     human_decision, every tag goes into human_tags, with reviewer and decided_at; removing all
     tags clears the decision. Only candidates whose tags differ from the catalog change, in one
     transaction recorded as a `review-pull` run (none when nothing changed). A group tagged both
     accept and reject is left as it was and listed in `conflicts`."""
-    name = name or dataset_name(ws)
-    ds = open_review_dataset(ws, name)
-    summary = PullSummary(dataset=name)
-    if ds is None:
-        raise UltracurateError(f"no review dataset '{name}' yet: build it with "
-                               "`ultracurate review --no-launch`")
-    tags = group_tags(ds)
-    summary.groups = len(tags)
-    reviewer = reviewer or default_reviewer()
-    own = cat is None
-    cat = cat or ws.catalog()
-    try:
+
+    name = "review-pull"
+    table = None
+    writes = {"candidates": {"human_decision", "human_tags", "reviewer", "decided_at"}}
+    record_empty = False
+
+    def __init__(self, dataset: str | None = None, reviewer: str | None = None,
+                 missing_ok: bool = False):
+        """missing_ok: no dataset (or an empty one) is nothing to pull, not an error."""
+        self.dataset, self.reviewer, self.missing_ok = dataset, reviewer, missing_ok
+        super().__init__(dataset=dataset, reviewer=reviewer)
+
+    def plan(self, r, selection):
+        name = self.dataset or dataset_name(r.workspace)
+        reviewer = self.reviewer or default_reviewer()
+        self.params.update(dataset=name, reviewer=reviewer)
+        summary = PullSummary(dataset=name)
+        ds = open_review_dataset(r.workspace, name)
+        if ds is None or (self.missing_ok and not len(ds)):
+            if self.missing_ok:
+                return summary, []
+            raise UltracurateError(f"no review dataset '{name}' yet: build it with "
+                                   "`ultracurate review --no-launch`")
+        tags = group_tags(ds)
+        summary.groups = len(tags)
         current = {}
         if tags:
             import pyarrow as pa
-            cat.con.register("_uc_ids", pa.table({"cid": pa.array(list(tags), pa.int64())}))
-            try:
-                for r in cat.query("SELECT candidate_id, human_decision, human_tags FROM "
+            ids = pa.table({"cid": pa.array(list(tags), pa.int64())})
+            with r.registered(ids, "_uc_ids"):
+                for row in r.query("SELECT candidate_id, human_decision, human_tags FROM "
                                    "candidates JOIN _uc_ids ON candidate_id = cid"):
-                    current[r["candidate_id"]] = r
-            finally:
-                cat.con.unregister("_uc_ids")
+                    current[row["candidate_id"]] = row
         updates = []
         when = now()
         for cid, t in sorted(tags.items()):
@@ -805,20 +854,25 @@ def pull_decisions(ws: Workspace, name: str | None = None, reviewer: str | None 
             summary.rejected += decision == "reject"
             summary.cleared += not t
         summary.changed = len(updates)
-        if updates:
-            with cat.job("review-pull", {"dataset": name, "reviewer": reviewer}) as run:
-                cat.candidates.update(updates)
-                run.rows_in, run.rows_done = summary.groups, summary.changed
-                run.message = json.dumps({"accepted": summary.accepted,
-                                          "rejected": summary.rejected,
-                                          "cleared": summary.cleared,
-                                          "conflicts": summary.conflicts})
-            summary.run_id = run.run_id
+        # FiftyOne's side only: the tags move to the default slice, the decisions are the same
         _normalise_tags(ds, tags)
-    finally:
-        if own:
-            cat.close()
-    return summary
+        return summary, updates
+
+    def empty(self, plan) -> bool:
+        return not plan[1]
+
+    def preview(self, plan) -> PullSummary:
+        return plan[0]
+
+    def apply(self, w, plan, produced) -> PullSummary:
+        summary, updates = plan
+        w.candidates.update(updates)
+        w.run.rows_in, w.run.rows_done = summary.groups, summary.changed
+        w.run.message = json.dumps({"accepted": summary.accepted, "rejected": summary.rejected,
+                                    "cleared": summary.cleared,
+                                    "conflicts": summary.conflicts})
+        summary.run_id = w.run_id
+        return summary
 
 
 def _normalise_tags(ds, tags: dict[int, list[str]]) -> None:
@@ -835,13 +889,6 @@ def _normalise_tags(ds, tags: dict[int, list[str]]) -> None:
     edited.set_values("tags", {i: tags.get(int(c), []) for i, c in zip(ids, cids)},
                       key_field="id")
     others.set_values("tags", [[] for _ in range(len(others))])
-
-
-def _record(cat: Catalog, stage: str, params: dict, selection: Selection | None,
-            rows_in: int, rows_done: int, message: str | None) -> int:
-    with cat.job(stage, params, selection.to_json() if selection else None) as run:
-        run.rows_in, run.rows_done, run.message = rows_in, rows_done, message
-    return run.run_id
 
 
 # -- the App ---------------------------------------------------------------------------------

@@ -1,26 +1,41 @@
-"""The stage runner: one contract for every stage, and the loop that owns batching, device
-placement, per-batch transactions, done/failed marks, resumption, progress and Ctrl-C.
+"""The runner: the one way every job runs, and the two contracts a stage follows.
 
-A stage says which rows it needs (its view and default predicate, narrowed by the user's
---where), what it computes for a batch (`process`, which may run in another process or on a
-Ray worker and never touches the catalog), and which columns it writes. The driver is the only
-writer to the catalog: each batch's results, its rows' stage_state marks and the run's counters
-are committed in one transaction, so a job killed at any point and rerun skips what committed
-and redoes the rest, with nothing lost and nothing twice.
+    run(ws, "score", Selection(where="edit_type = 'replace'"), engine="ray")
+    run(ws, "filter", thresholds=Thresholds.preset("ultraedit"), dry_run=True)
+
+A **row stage** (`RowStage`: ingest, caption, instruct, ground, classify-masks, generate, score,
+embed-anchors, the UltraEdit import) works row by row. It declares which rows it takes (its
+table's view narrowed by its trusted `default_where`; or outside items such as files), what
+it computes for a batch (`process`, which may run on another thread or a Ray worker and never
+touches the catalog), and which columns it writes. A **set stage** (`SetStage`: filter,
+balance, dedup, review pulls, ...) is one SQL plan applied in one transaction: `plan` reads,
+`apply` writes; a stage that makes something outside the catalog first (an export's files)
+does it in `produce`, with no catalog connection held.
+
+The runner owns, for both: the run ledger (`runs`: options, selection, models, counters,
+state), the selection (the user's `--where`, guarded; a child selection scoped by a semi-join
+on its parent's view; the stage's trusted predicates), resumption (the only place rows a stage
+finished are left out: `stage_state`, or the catalog's record of outside items), progress,
+Ctrl-C, and the engine (local or Ray) where rows are computed. Every catalog access of a stage
+goes through the handle the runner gives it (`Access`), inside the runner's transaction for
+writes, through the catalog's table API. A refusal (a bad option, a bad `--where`, an empty
+selection where one is needed) happens before the run is recorded, so it leaves the catalog
+as it was.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-import polars as pl
-
-from .catalog import KEYS, VIEWS, Catalog, named_queries, now
+from .catalog import KEYS, VIEWS, Catalog, JobRun, named_queries, now
 from .errors import UltracurateError, reason_text
 from .selection import Selection, selected_keys_sql
 from .workspace import Workspace
@@ -28,12 +43,16 @@ from .workspace import Workspace
 
 @dataclass
 class Context:
-    """What a stage's `setup`/`prepare`/`process` may use. Picklable (no catalog handle)."""
+    """What a stage's `setup`/`prepare`/`process`/`produce` may use. Picklable (no catalog
+    handle)."""
 
     workspace_root: str
     device: str = "cpu"
     run_id: int = 0
     config: dict = field(default_factory=dict)
+    force: bool = False
+    batch_size: int | None = None   # the job's rows per batch
+    progress: bool = True           # whether the job shows progress bars
 
     @property
     def workspace(self) -> Workspace:
@@ -42,104 +61,222 @@ class Context:
 
 @dataclass
 class BatchResult:
-    """What `process` returns for one batch. `updates`/`inserts` map a table to a polars
-    DataFrame (updates keyed by the table's key column); `failed` maps a row key to its error.
-    Keys of the batch neither failed nor listed are marked done."""
+    """What `process` returns for one batch. `updates`/`inserts` map a table to its rows (a
+    polars DataFrame, an Arrow table or a list of dicts; updates keyed by the table's key);
+    `failed` maps a row key to its error. Keys of the batch neither failed nor listed are
+    marked done."""
 
-    updates: dict[str, pl.DataFrame] = field(default_factory=dict)
-    inserts: dict[str, pl.DataFrame] = field(default_factory=dict)
+    updates: dict[str, Any] = field(default_factory=dict)
+    inserts: dict[str, Any] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # stage-specific, for write()
 
 
-_STAGES: dict[str, type] = {}
-GROUP = "_uc_group"   # the row key holding a row's group (see Stage.group_by)
+GROUP = "_uc_group"       # the row key holding a row's group (see RowStage.group_by)
+ORDINAL = "_uc_ordinal"   # a row's number in the whole selection (see RowStage.ordinal_where)
+ORDINALS = "_uc_ordinals"  # how many rows of the selection are numbered
+ITEMS = "_uc_items"       # the relation a stage's outside items are registered as
 
 
-def stages_over(table: str) -> list[str]:
-    """Names of the stages (imported so far) that run over table's rows."""
-    from . import stages  # noqa: F401  (stage modules register on import)
-    return sorted(n for n, cls in _STAGES.items() if cls.table == table)
+# -- what a stage may touch -------------------------------------------------------------------
+class Access:
+    """A stage's handle on the catalog, given by the runner: reads always; writes only inside
+    the runner's transaction, to the tables and columns the stage declared (`writes`), through
+    the catalog's table API. `w.edits.insert(rows)`, `w.query(sql, params)`, `w.run_id`."""
+
+    def __init__(self, cat: Catalog, stage: "Stage", run: JobRun | None = None,
+                 writable: bool = False, workspace: Workspace | None = None,
+                 force: bool = False):
+        self.cat, self.stage, self.run, self.writable = cat, stage, run, writable
+        self.workspace, self.force = workspace, force
+
+    @property
+    def run_id(self) -> int | None:
+        return self.run.run_id if self.run else None
+
+    @property
+    def lance_path(self):
+        return self.cat.path.parent / "lance"
+
+    # reads
+    def query(self, sql: str, params: Any = None) -> list[dict]:
+        return self.cat.query(sql, params)
+
+    def scalar(self, sql: str, params: Any = None) -> Any:
+        return self.cat.scalar(sql, params)
+
+    def pl(self, sql: str, params: Any = None):
+        return self.cat.pl(sql, params)
+
+    def named(self, queries: str, name: str, params: Any = None) -> list[dict]:
+        """A query of sql/queries/<queries>.sql."""
+        return self.cat.query(named_queries(queries)[name], params)
+
+    def registered(self, data, name: str | None = None):
+        return self.cat.registered(data, name)
+
+    def selected(self, selection: Selection, table: str, columns: str = "*",
+                 where: str | None = None) -> tuple[str, dict]:
+        """SQL (and its parameters) of the rows of table's view that selection picks."""
+        return selected_keys_sql(self.cat.con, VIEWS[table], KEYS[table], selection, where,
+                                 columns)
+
+    # writes
+    def table(self, name: str) -> "_Declared":
+        if not self.writable:
+            raise RuntimeError(f"stage {self.stage.name} wrote {name} outside a transaction")
+        return _Declared(self.cat.table(name), self.stage.writes.get(name, set()))
+
+    def __getattr__(self, name: str):
+        from .catalog import TABLE_NAMES
+        if name in TABLE_NAMES:
+            return self.table(name)
+        raise AttributeError(name)
 
 
+class _Declared:
+    """A table's writes narrowed to the columns its stage declared."""
+
+    def __init__(self, table, allowed):
+        self._t, self._allowed = table, allowed
+
+    def __getattr__(self, name):
+        return getattr(self._t, name)
+
+    def insert(self, rows, **kw) -> int:
+        return self._t.insert(rows, allowed=self._allowed, **kw)
+
+    def insert_missing(self, rows, on, **kw) -> int:
+        return self._t.insert_missing(rows, on, allowed=self._allowed, **kw)
+
+    def update(self, rows, **kw) -> int:
+        return self._t.update(rows, allowed=self._allowed, **kw)
+
+    def update_from(self, sql, params, columns, **kw) -> None:
+        return self._t.update_from(sql, params, columns, allowed=self._allowed, **kw)
+
+    def merge(self, rows, run_id) -> int:  # anchor_captions
+        self._t._check({k for r in rows for k in r}, self._allowed)
+        return self._t.merge(rows, run_id)
+
+    def remove_source(self, anchor_ids, source) -> None:
+        return self._t.remove_source(anchor_ids, source)
+
+
+# -- the two contracts ------------------------------------------------------------------------
 class Stage:
-    """Base class of every stage. Subclasses set the class attributes and `process`."""
+    """What both contracts share: a registered name (runs.stage), the table whose view the
+    selection applies to, the options recorded in runs.params, the model roles it loads."""
 
     name: str = ""
-    table: str = "edits"            # anchors | edits | candidates: the rows it runs over
-    default_where: str | None = None  # trusted predicate over VIEWS[table]
-    columns: str = "*"              # what a batch needs from the view
+    table: str | None = "edits"      # anchors | edits | candidates (None: no selection)
+    roles: tuple[str, ...] = ()      # model roles it loads (recorded in runs.models)
     writes: dict[str, set[str]] = {}  # table -> columns it may set
-    batch_size: int = 16
-    roles: tuple[str, ...] = ()     # model roles it loads (recorded in runs.models)
-    track_state: bool = True        # record done/failed per row in stage_state
-    # A trusted SQL expression over the view: rows with the same non-NULL value form a group
-    # that no batch splits (NULL: a row on its own). The runner hands it to the stage as
-    # row[GROUP], keeps a group's rows together in the batch order, and fills a batch with
-    # whole groups (a group larger than the batch size is a batch of its own).
-    group_by: str | None = None
+    path_options: tuple[str, ...] = ()  # options that are paths (a recipe's: workspace-relative)
 
     def __init__(self, **params):
         self.params = params
 
-    def __init_subclass__(cls, **kw):
-        super().__init_subclass__(**kw)
-        if cls.name:
-            _STAGES[cls.name] = cls
+    def requires(self) -> list["Stage"]:
+        """Stages to run before this one, each as its own run (dedup embeds anchors first);
+        their summaries are in self.before when this one runs."""
+        return []
 
-    # -- run on the driver ----------------------------------------------------------------
-    def items_sql(self, cat: Catalog, selection: Selection, force: bool) -> tuple[str, dict]:
-        """SQL for the rows still to do: the selection, narrowed by default_where, without rows
-        this stage already finished (unless force). Unordered; see `order_by`."""
-        view, key = VIEWS[self.table], KEYS[self.table]
-        skip_done = self.track_state and not force
-        # An explicit ANTI JOIN: DuckDB plans it as a hash anti-join before the view's joins
-        # (NOT EXISTS became a mark join after them, 3-5x slower at 4M rows).
-        join = (f"ANTI JOIN (SELECT key FROM stage_state WHERE stage = $_uc_stage "
-                f"AND state = 'done') done ON done.key = sel.{key}") if skip_done else None
-        columns = self.columns + (f", ({self.group_by}) AS {GROUP}" if self.group_by else "")
-        sql, params = selected_keys_sql(cat.con, view, key, selection, self.default_where,
-                                        columns, join=join)
-        if skip_done:
-            params["_uc_stage"] = self.name
-        return sql, params
+    before: list = []
 
-    order_by: str | None = None  # batch order (default: the key); e.g. "anchor_id, edit_id"
-
-    def order_sql(self) -> str:
-        """The batch order: the stage's (or the key), with a group's rows kept together."""
-        order = self.order_by or KEYS[self.table]
-        return f" ORDER BY {GROUP} NULLS FIRST, {order}" if self.group_by else f" ORDER BY {order}"
-
-    def items(self, cat: Catalog, selection: Selection, force: bool) -> pl.DataFrame:
-        """The rows still to do, as one DataFrame. Stages whose work items are not catalog
-        rows override this; the runner streams the default instead (see `pending_batches`)."""
-        sql, params = self.items_sql(cat, selection, force)
-        return cat.pl(sql + self.order_sql(), params)
-
-    def key_of(self, row: dict) -> int:
-        return row[KEYS[self.table]]
+    def check(self, r: Access, selection: Selection) -> None:
+        """Refuse what cannot run, before the run is recorded (reads only)."""
 
     def models(self, ctx: Context) -> dict:
         from .models import describe
         return describe(ctx.workspace, self.roles)
 
-    def write(self, cat: Catalog, result: BatchResult, run_id: int) -> None:
-        """Apply a batch's results (inside the runner's transaction)."""
-        for table, rows in result.inserts.items():
-            cat.table(table).insert(rows, allowed=self.writes.get(table, set()))
-        for table, rows in result.updates.items():
-            cat.table(table).update(rows, allowed=self.writes.get(table, set()))
 
-    def finish(self, cat: Catalog, run_id: int) -> None:
+class RowStage(Stage):
+    """A stage that works row by row. Subclasses set the class attributes and `process`."""
+
+    table: str | None = "edits"
+    default_where: str | None = None  # trusted predicate: the rows it can work on at all
+    force_where: str | None = None    # with --force, instead of default_where
+    columns: str = "*"               # what a batch needs from the view
+    batch_size: int = 16
+    # The table whose view the user's selection is over, when it is not the stage's own: the
+    # stage runs over the rows of its table whose parent rows the selection picks (generate:
+    # the candidates of the selected edits).
+    selects: str | None = None
+    # A trusted SQL expression over the view: rows with the same non-NULL value form a group
+    # that no batch splits (NULL: a row on its own). The runner hands it to the stage as
+    # row[GROUP], keeps a group's rows together in the batch order, and fills a batch with
+    # whole groups (a group larger than the batch size is a batch of its own).
+    group_by: str | None = None
+    order_by: str | None = None       # batch order (default: the key); e.g. "anchor_id, edit_id"
+    # Resumption, all done by the runner. A row is finished once stage_state marks it done...
+    resume_on: tuple[str, ...] = ()   # ...by a run with the same values of these options
+    run_column: str | None = None     # ...and the row still carries that run in this column
+    # A trusted predicate: the runner numbers the selected rows where it holds, in key order,
+    # over the whole selection before finished rows are left out, and hands each row its
+    # number (row[ORDINAL]) and the count (row[ORDINALS]); a stage that deals work out over
+    # the selection (instruct's edit types) deals the same on a rerun.
+    ordinal_where: str | None = None
+    # Outside items (files, parquet rows) instead of catalog rows: `items()` gives them, keyed
+    # by `key`; `recorded` names the query (sql/queries/<file>.sql: "file.name") that finds
+    # the ones the catalog already records, which the runner leaves out unless --force;
+    # `identity` is a column several items may share (one row they make): the runner takes the
+    # first pending item of each.
+    key: str | None = None
+    recorded: str | None = None
+    identity: str | None = None
+
+    def items(self):
+        """Outside items as an Arrow table (None: the rows of the table's view)."""
+        return None
+
+    def sql_params(self) -> dict:
+        """Parameters of the stage's trusted SQL (default_where, columns, ...)."""
+        return {}
+
+    def plan(self, w: Access, selection: Selection, parent_sql: str, params: dict
+             ) -> dict | None:
+        """Set-based preparation in one transaction before the run (generate plans its
+        candidate rows): parent_sql selects the user's rows (selection) of `selects`. Returns
+        what runs.params records as `plan`."""
+        return None
+
+    def key_of(self, row: dict) -> int:
+        return row[self.row_key]
+
+    @property
+    def row_key(self) -> str:
+        return self.key or KEYS[self.table]
+
+    @property
+    def items_relation(self) -> bool:
+        """Whether the stage runs over outside items (`items()`) rather than catalog rows."""
+        return self.key is not None
+
+    @property
+    def tracks_state(self) -> bool:
+        """Catalog rows are marked done/failed in stage_state; outside items are recorded by
+        what they made."""
+        return self.recorded is None and self.key is None
+
+    # -- on the driver, inside the runner's transactions -----------------------------------
+    def write(self, w: Access, result: BatchResult) -> None:
+        """Apply a batch's results (default: inserts, then updates)."""
+        for table, rows in result.inserts.items():
+            w.table(table).insert(rows)
+        for table, rows in result.updates.items():
+            w.table(table).update(rows)
+
+    def finish(self, w: Access) -> None:
         """Called once after the last batch (in its own transaction)."""
 
-    def report(self, cat: Catalog, run_id: int) -> dict:
+    def report(self, w: Access) -> dict:
         """What the run's summary adds to its counts (after finish): stage-specific figures,
         and `notes`, lines a person should read (also the run's message)."""
         return {}
 
-    # -- run where the work happens (driver thread, another thread, or a Ray worker) -------
+    # -- where the work happens (driver thread, another thread, or a Ray worker) ----------
     def setup(self, ctx: Context) -> None:
         """Load models once per worker."""
 
@@ -151,7 +288,38 @@ class Stage:
         raise NotImplementedError
 
 
-# -- engines -------------------------------------------------------------------------------
+class SetStage(Stage):
+    """A stage that is one SQL plan applied in one transaction. `plan` reads (a refusal there
+    records no run), `produce` (optional) makes what lies outside the catalog with no catalog
+    connection held, `apply` writes, in the transaction that also records the run. Set
+    `w.run`'s counters and message in apply."""
+
+    record_empty: bool = True   # False: a plan with nothing to do records no run
+
+    def plan(self, r: Access, selection: Selection) -> Any:
+        raise NotImplementedError
+
+    def empty(self, plan: Any) -> bool:
+        return False
+
+    def produce(self, plan: Any, ctx: Context) -> Any:
+        return None
+
+    def apply(self, w: Access, plan: Any, produced: Any) -> Any:
+        """Write, and return the stage's result (what run()'s summary carries)."""
+        raise NotImplementedError
+
+    def preview(self, plan: Any) -> Any:
+        """dry_run: the result without writing anything."""
+        raise UltracurateError(f"{self.name} has no dry run")
+
+    def failed(self, plan: Any, error: BaseException) -> None:
+        """Clean up after produce or apply failed (an export's partial folder)."""
+
+    has_produce = False
+
+
+# -- engines ----------------------------------------------------------------------------------
 class LocalEngine:
     """In-process: `prepare` runs on worker threads up to `prefetch` batches ahead of
     `process`, so decoding overlaps the model."""
@@ -162,7 +330,7 @@ class LocalEngine:
         self.prefetch = prefetch
         self.threads = threads
 
-    def map(self, stage: Stage, batches: list[list[dict]], ctx: Context
+    def map(self, stage: RowStage, batches, ctx: Context
             ) -> Iterator[tuple[list[dict], BatchResult | BaseException]]:
         stage.setup(ctx)
         with ThreadPoolExecutor(self.threads) as pool:
@@ -205,7 +373,7 @@ class RayEngine:
         self.num_workers = num_workers
         self.num_gpus_per_worker = num_gpus_per_worker
 
-    def map(self, stage: Stage, batches, ctx: Context):
+    def map(self, stage: RowStage, batches, ctx: Context):
         import ray
         from ray.util import ActorPool
 
@@ -223,7 +391,7 @@ class RayEngine:
                 1 if gpus else 0)
             n = self.num_workers or (int(gpus // per) if per else 1) or 1
             worker_ctx = Context(ctx.workspace_root, "cuda" if per else "cpu", ctx.run_id,
-                                 ctx.config)
+                                 ctx.config, ctx.force, ctx.batch_size)
             Actor = ray.remote(num_gpus=per, num_cpus=1)(_StageActor)
             actors = [Actor.remote(stage, worker_ctx) for _ in range(n)]
             pool = ActorPool(actors)
@@ -249,7 +417,7 @@ class RayEngine:
 
 
 class _StageActor:
-    def __init__(self, stage: Stage, ctx: Context):
+    def __init__(self, stage: RowStage, ctx: Context):
         self.stage, self.ctx = stage, ctx
         stage.setup(ctx)
 
@@ -261,28 +429,43 @@ class _StageActor:
             return batch, RuntimeError(f"{type(e).__name__}: {e}")
 
 
-def make_engine(name: str, address: str | None = None, workers: int | None = None):
-    if name == "local":
+ENGINES = ("local", "ray")
+
+
+def make_engine(engine: Any = None, address: str | None = None, workers: int | None = None):
+    """An engine from its name (local, ray) or as given."""
+    if engine is None or engine == "local":
         return LocalEngine()
-    if name == "ray":
+    if engine == "ray":
         return RayEngine(address=address, num_workers=workers)
-    raise UltracurateError(f"unknown engine '{name}' (local or ray)")
+    if isinstance(engine, str):
+        raise UltracurateError(f"unknown engine '{engine}' (local or ray)")
+    return engine
 
 
-# -- the run loop --------------------------------------------------------------------------
+# -- the summary of a run ---------------------------------------------------------------------
 @dataclass
 class RunSummary:
-    run_id: int
+    run_id: int | None
     stage: str
     rows_in: int
     rows_done: int
     rows_failed: int
-    state: str
-    extra: dict = field(default_factory=dict)  # Stage.report's figures and notes
+    state: str           # completed | interrupted | failed | dry-run | empty
+    extra: dict = field(default_factory=dict)  # a row stage's report: figures and notes
+    result: Any = None   # a set stage's own result (FilterResult, BalanceResult, ...)
+    seconds: float = 0.0
+    before: list["RunSummary"] = field(default_factory=list)  # the runs stage.requires() made
 
     def to_json(self) -> dict:
-        out = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        out = {k: v for k, v in self.__dict__.items()
+               if k not in ("extra", "result", "before")}
         out.update(self.extra)
+        if self.result is not None:
+            out.update(self.result.to_json() if hasattr(self.result, "to_json")
+                       else {"result": self.result})
+        if self.before:
+            out["before"] = [b.to_json() for b in self.before]
         return out
 
 
@@ -309,35 +492,113 @@ def _progress(total: int, description: str):
                     TimeRemainingColumn(), disable=disable, transient=False)
 
 
-def run_stage(ws: Workspace, stage: Stage, selection: Selection | None = None, *,
-              force: bool = False, engine: Any = None, device: str | None = None,
-              batch_size: int | None = None, progress: bool = True,
-              cat: Catalog | None = None) -> RunSummary:
-    """Run stage over the selection's pending rows, committing batch by batch."""
+# -- the entry point --------------------------------------------------------------------------
+_OPEN_RUNS: set[int] = set()   # runs this process has open (never closed as dead)
+
+
+def run(ws: Workspace, stage: str | Stage, selection: Selection | None = None, *,
+        engine: Any = None, address: str | None = None, workers: int | None = None,
+        force: bool = False, device: str | None = None, batch_size: int | None = None,
+        progress: bool = True, dry_run: bool = False, parent_run: int | None = None,
+        cat: Catalog | None = None, **options) -> RunSummary:
+    """Run a stage (a registered name with its options, or a Stage) over the selection.
+
+    Row stages commit batch by batch and resume where they stopped; set stages apply one plan
+    in one transaction (dry_run: the plan's result, nothing written). engine: 'local', 'ray'
+    (address, workers) or an engine object; device and batch_size for row stages."""
+    from .stages import make_stage
+    stage = make_stage(stage, options)
     selection = selection or Selection()
-    engine = engine or LocalEngine()
     if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size
                                    or batch_size < 1):
         raise UltracurateError(f"batch size must be a whole number >= 1, got {batch_size!r}")
+    if dry_run and not isinstance(stage, SetStage):
+        raise UltracurateError(f"{stage.name} has no dry run")
+    started = time.perf_counter()
     own = cat is None
-    cat = cat or ws.catalog()
+    cat = cat or ws.catalog(read_only=dry_run)
     try:
-        ws.media.clean_tmp()
-        # We hold the catalog's write lock, so a run still marked running has died (SIGKILL,
-        # power loss): close it, its committed batches stand.
-        cat.con.execute(named_queries("runs")["close_dead"])
-        size = batch_size or stage.batch_size
-        n_rows, batches = pending_batches(stage, cat, selection, force, size)
-        ctx = Context(str(ws.root), device or default_device(), 0, ws.config)
+        # refusals first, before any run (this one's, or those it requires) is recorded
+        stage.check(Access(cat, stage, workspace=ws, force=force), selection)
+        stage.before = [run(ws, s, device=device, progress=progress, parent_run=parent_run,
+                            cat=cat) for s in stage.requires()] if not dry_run else []
+        if isinstance(stage, SetStage):
+            summary = _run_set(ws, cat, stage, selection, dry_run, parent_run, device,
+                               progress, own)
+        else:
+            summary = _run_rows(ws, cat, stage, selection, make_engine(engine, address, workers),
+                                force, device, batch_size, progress, parent_run)
+    finally:
+        if own:
+            cat.close()
+    summary.seconds = round(time.perf_counter() - started, 3)
+    summary.before = stage.before
+    return summary
+
+
+def resume_key(stage: Stage) -> str | None:
+    """The digest of the options a row stage's output depends on (RowStage.resume_on)."""
+    on = getattr(stage, "resume_on", ())
+    if not on:
+        return None
+    text = json.dumps({k: stage.params.get(k) for k in on}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _start(cat: Catalog, stage: Stage, selection: Selection, models: dict, engine: str,
+           parent_run: int | None) -> int:
+    # We hold the catalog's write lock, so a run still marked running (and not one this
+    # process holds open) has died (SIGKILL, power loss): close it, its batches stand.
+    cat.con.execute(named_queries("runs")["close_dead"], [sorted(_OPEN_RUNS) or [-1]])
+    run_id = cat.start_run(stage.name, stage.params, selection.to_json(), models,
+                           engine=engine, parent_run=parent_run)
+    key = resume_key(stage)
+    if key:
+        cat.runs.update([{"run_id": run_id, "resume_key": key}])
+    _OPEN_RUNS.add(run_id)
+    return run_id
+
+
+def _end(cat: Catalog, run_id: int, state: str, message: str | None = None, **counts) -> None:
+    cat.end_run(run_id, state, message, **counts)
+    _OPEN_RUNS.discard(run_id)
+
+
+def _run_rows(ws: Workspace, cat: Catalog, stage: RowStage, selection: Selection, engine,
+              force: bool, device: str | None, batch_size: int | None, progress: bool,
+              parent_run: int | None) -> RunSummary:
+    ws.media.clean_tmp()
+    ctx = Context(str(ws.root), device or default_device(), 0, ws.config, force,
+                  progress=progress)
+    items = stage.items()
+    if items is not None:
+        cat.con.register(ITEMS, items)
+    try:
+        scoped = selection
+        if stage.selects:  # a child selection: the rows of the parent rows the user picks
+            pview, pkey = VIEWS[stage.selects], KEYS[stage.selects]
+            psql, pparams = selected_keys_sql(cat.con, pview, pkey, selection, None, pkey)
+            with cat.transaction():
+                plan = stage.plan(Access(cat, stage, writable=True, workspace=ws), selection,
+                                  psql, pparams)
+            if plan is not None:
+                stage.params["plan"] = plan
+            scoped = Selection(parent=selection, parent_table=stage.selects)
+        elif stage.table and not stage.items_relation:
+            selection.checked(cat.con, VIEWS[stage.table])
+        size = ctx.batch_size = batch_size or stage.batch_size
+        n_rows, batches = pending_batches(stage, cat, scoped, force, size, items)
         models = stage.models(ctx) if stage.roles else {}
-        run_id = cat.start_run(stage.name, stage.params, selection.to_json(), models,
-                               engine=getattr(engine, "name", "local"))
+        run_id = _start(cat, stage, selection, models, getattr(engine, "name", "local"),
+                        parent_run)
         ctx.run_id = run_id
         cat.runs.update([{"run_id": run_id, "rows_in": n_rows}])
         done = failed = 0
         state = "completed"
         bar = _progress(n_rows, stage.name) if progress else None
         ctrl_c = _DeferredInterrupt()
+        w = Access(cat, stage, JobRun(run_id), writable=True, workspace=ws, force=force)
+        results = None
         try:
             ctrl_c.install()
             if bar:
@@ -345,7 +606,7 @@ def run_stage(ws: Workspace, stage: Stage, selection: Selection | None = None, *
                 task = bar.add_task(stage.name, total=n_rows)
             results = engine.map(stage, batches, ctx) if n_rows else iter(())
             for batch, result in results:
-                n_done, n_failed = _commit_batch(cat, stage, batch, result, run_id)
+                n_done, n_failed = _commit_batch(cat, stage, w, batch, result)
                 done += n_done
                 failed += n_failed
                 if bar:
@@ -353,33 +614,140 @@ def run_stage(ws: Workspace, stage: Stage, selection: Selection | None = None, *
                 if ctrl_c.requested:
                     raise KeyboardInterrupt
             with cat.transaction():
-                stage.finish(cat, run_id)
-            extra = stage.report(cat, run_id)
+                stage.finish(w)
+            extra = stage.report(w)
         except (KeyboardInterrupt, RuntimeError) as e:
             # DuckDB turns a Ctrl-C during a query into RuntimeError('Query interrupted')
             if isinstance(e, RuntimeError) and not ctrl_c.requested:
-                cat.end_run(run_id, "failed", f"{type(e).__name__}: {e}")
+                _end(cat, run_id, "failed", f"{type(e).__name__}: {e}")
                 raise
             state = "interrupted"
-            cat.end_run(run_id, state, "interrupted by the user")
+            _end(cat, run_id, state, "interrupted by the user")
             raise Interrupted(f"{stage.name} interrupted: {done} rows done, {failed} failed; "
                               "rerun the same command to resume") from None
         except BaseException as e:
-            cat.end_run(run_id, "failed", f"{type(e).__name__}: {e}")
+            _end(cat, run_id, "failed", f"{type(e).__name__}: {e}")
             raise
         finally:
             ctrl_c.restore()
             # close the generators now: the selection stream holds a DuckDB cursor
-            for gen in (locals().get("results"), batches):
+            for gen in (results, batches):
                 if hasattr(gen, "close"):
                     gen.close()
             if bar:
                 bar.stop()
-        cat.end_run(run_id, state, "; ".join(extra.get("notes", [])) or None)
+        _end(cat, run_id, state, "; ".join(extra.get("notes", [])) or None)
         return RunSummary(run_id, stage.name, n_rows, done, failed, state, extra)
     finally:
-        if own:
-            cat.close()
+        if items is not None:
+            cat.con.unregister(ITEMS)
+
+
+def _run_set(ws: Workspace, cat: Catalog, stage: SetStage, selection: Selection,
+             dry_run: bool, parent_run: int | None, device: str | None, progress: bool,
+             own: bool) -> RunSummary:
+    r = Access(cat, stage, workspace=ws)
+    if stage.table:
+        selection.checked(cat.con, VIEWS[stage.table])
+    plan = stage.plan(r, selection)
+    if dry_run:
+        return RunSummary(None, stage.name, 0, 0, 0, "dry-run", result=stage.preview(plan))
+    if not stage.record_empty and stage.empty(plan):
+        return RunSummary(None, stage.name, 0, 0, 0, "empty", result=stage.preview(plan))
+    ctx = Context(str(ws.root), device or "cpu", 0, ws.config, progress=progress)
+    models = stage.models(ctx) if stage.roles else {}
+    if not stage.has_produce:
+        try:
+            with cat.transaction():
+                run_id = _start(cat, stage, selection, models, "local", parent_run)
+                w = Access(cat, stage, JobRun(run_id), writable=True, workspace=ws)
+                result = stage.apply(w, plan, None)
+                _close_set(cat, w.run)
+        except BaseException as e:
+            _OPEN_RUNS.discard(locals().get("run_id"))
+            _record_failure(cat, stage, selection, models, parent_run, e)
+            raise
+        return _set_summary(stage, w.run, result)
+    # produce: the run is recorded first (running); what lies outside the catalog is made
+    # with no catalog connection held, then applied in one transaction with the run's end.
+    with cat.transaction():
+        run_id = _start(cat, stage, selection, models, "local", parent_run)
+    ctx.run_id = run_id
+    if own:
+        cat.close()
+    try:
+        produced = stage.produce(plan, ctx)
+    except BaseException as e:
+        stage.failed(plan, e)
+        with _reopened(ws, cat, own) as c:
+            _end(c, run_id, *_failure_state(e))
+        if isinstance(e, KeyboardInterrupt):
+            raise Interrupted(f"{stage.name} interrupted") from None
+        raise
+    with _reopened(ws, cat, own) as c:
+        try:
+            with c.transaction():
+                w = Access(c, stage, JobRun(run_id), writable=True, workspace=ws)
+                result = stage.apply(w, plan, produced)
+                _close_set(c, w.run)
+        except BaseException as e:
+            stage.failed(plan, e)
+            _end(c, run_id, *_failure_state(e))
+            raise
+    return _set_summary(stage, w.run, result)
+
+
+def _failure_state(e: BaseException) -> tuple[str, str]:
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted", "interrupted by the user"
+    return "failed", str(e) if isinstance(e, UltracurateError) else f"{type(e).__name__}: {e}"
+
+
+def _close_set(cat: Catalog, run: JobRun) -> None:
+    _end(cat, run.run_id, "completed", run.message, rows_in=run.rows_in,
+         rows_done=run.rows_done, rows_failed=run.rows_failed)
+
+
+def _set_summary(stage: SetStage, run: JobRun, result) -> RunSummary:
+    return RunSummary(run.run_id, stage.name, run.rows_in, run.rows_done, run.rows_failed,
+                      "completed", result=result)
+
+
+def _record_failure(cat: Catalog, stage: Stage, selection: Selection, models: dict,
+                    parent_run: int | None, e: BaseException) -> None:
+    """A set stage whose one transaction failed (rolled back): its run, recorded on its own."""
+    try:
+        with cat.transaction():
+            run_id = _start(cat, stage, selection, models, "local", parent_run)
+            _end(cat, run_id, *_failure_state(e))
+    except Exception:
+        pass  # never hide the job's own error behind this
+
+
+class _reopened:
+    """The catalog again after produce (the runner's own connection was closed meanwhile): a
+    writer holding it now is waited for a little."""
+
+    def __init__(self, ws: Workspace, cat: Catalog, own: bool, wait: float = 10.0):
+        self.ws, self.cat, self.own, self.wait = ws, cat, own, wait
+
+    def __enter__(self) -> Catalog:
+        if not self.own:
+            return self.cat
+        from .errors import CatalogBusyError
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                self.c = self.ws.catalog()
+                return self.c
+            except CatalogBusyError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
+
+    def __exit__(self, *exc) -> None:
+        if self.own:
+            self.c.close()
 
 
 class _DeferredInterrupt:
@@ -410,21 +778,77 @@ class _DeferredInterrupt:
             self._old = None
 
 
-def pending_batches(stage: Stage, cat: Catalog, selection: Selection, force: bool,
-                    size: int) -> tuple[int, Iterator[list[dict]]]:
-    """How many rows are pending, and their batches. The default selection is streamed from
-    DuckDB (a second cursor, sorted inside DuckDB, which spills to disk), so a job over 41M
-    rows never holds them all in Python; a stage that overrides `items` gives a DataFrame."""
-    if type(stage).items is not Stage.items:
-        rows = stage.items(cat, selection, force).to_dicts()
-        return len(rows), whole_groups(rows, size)
-    sql, params = stage.items_sql(cat, selection, force)
+# -- selection and resumption: the pending rows -----------------------------------------------
+def pending_sql(stage: RowStage, cat: Catalog, selection: Selection, force: bool
+                ) -> tuple[str, dict]:
+    """SQL for the rows a row stage still has to do, unordered (see `order_sql`): the
+    selection (the user's, scoped), numbered when the stage deals over it, without the rows
+    the stage finished (unless force), narrowed by the stage's trusted predicate."""
+    key = stage.row_key
+    view = ITEMS if stage.items_relation else VIEWS[stage.table]
+    params = dict(stage.sql_params())
+    columns = stage.columns + (f", ({stage.group_by}) AS {GROUP}" if stage.group_by else "")
+    where = stage.force_where if force and stage.force_where else stage.default_where
+    join = None
+    if not force and stage.tracks_state:
+        # An explicit ANTI JOIN: DuckDB plans it as a hash anti-join before the view's joins
+        # (NOT EXISTS became a mark join after them, 3-5x slower at 4M rows).
+        done = "SELECT key, run_id FROM stage_state WHERE stage = $_uc_stage AND state = 'done'"
+        rk = resume_key(stage)
+        if rk:
+            done = (f"SELECT s.key, s.run_id FROM ({done}) s JOIN runs r ON r.run_id = s.run_id "
+                    "AND r.resume_key = $_uc_resume")
+            params["_uc_resume"] = rk
+        on = f"done.key = sel.{key}"
+        if stage.run_column:
+            on += f" AND done.run_id = sel.{stage.run_column}"
+        join = f"ANTI JOIN ({done}) done ON {on}"
+        params["_uc_stage"] = stage.name
+    elif not force and stage.recorded:
+        queries, name = stage.recorded.split(".")
+        join = (f"ANTI JOIN ({named_queries(queries)[name]}) done "
+                f"ON done.key = sel.{key}")
+    if stage.ordinal_where:  # numbered over the whole selection, before done rows go
+        numbered = (f"*, CASE WHEN ({stage.ordinal_where}) THEN count(*) FILTER "
+                    f"(WHERE {stage.ordinal_where}) OVER (ORDER BY {key} ROWS UNBOUNDED "
+                    f"PRECEDING) - 1 END AS {ORDINAL}, count(*) FILTER "
+                    f"(WHERE {stage.ordinal_where}) OVER () AS {ORDINALS}")
+        inner, p = selected_keys_sql(cat.con, view, key, selection, None, numbered)
+        columns += f", {ORDINAL}, {ORDINALS}"
+        sql = f"SELECT {columns} FROM ({inner}) sel"
+        if join:
+            sql += f" {join}"
+        if where:
+            sql += f" WHERE ({where})"
+    else:
+        sql, p = selected_keys_sql(cat.con, view, key, selection, where, columns, join=join)
+    params.update(p)
+    if stage.identity:  # the first pending item of each identity
+        sql = (f"SELECT * FROM ({sql}) pending QUALIFY row_number() OVER "
+               f"(PARTITION BY {stage.identity} ORDER BY {key}) = 1")
+    return sql, params
+
+
+def order_sql(stage: RowStage) -> str:
+    """The batch order: the stage's (or the key), with a group's rows kept together."""
+    order = stage.order_by or stage.row_key
+    return f" ORDER BY {GROUP} NULLS FIRST, {order}" if stage.group_by else f" ORDER BY {order}"
+
+
+def pending_batches(stage: RowStage, cat: Catalog, selection: Selection, force: bool,
+                    size: int, items=None) -> tuple[int, Iterator[list[dict]]]:
+    """How many rows are pending, and their batches, streamed from DuckDB (a second cursor,
+    sorted inside DuckDB, which spills to disk), so a job over 41M rows never holds them all
+    in Python."""
+    sql, params = pending_sql(stage, cat, selection, force)
     n = int(cat.scalar(f"SELECT count(*) FROM ({sql}) counted", params))
 
     def stream() -> Iterator[dict]:
         cur = cat.con.cursor()
         try:
-            reader = cur.sql(sql + stage.order_sql(),
+            if items is not None:  # a cursor does not see its connection's registrations
+                cur.register(ITEMS, items)
+            reader = cur.sql(sql + order_sql(stage),
                              params=params).to_arrow_reader(max(size, 2048))
             for rb in reader:
                 yield from rb.to_pylist()
@@ -466,26 +890,25 @@ def _groups(rows) -> Iterator[list[dict]]:
         yield group
 
 
-def _commit_batch(cat: Catalog, stage: Stage, batch: list[dict],
-                  result: BatchResult | BaseException, run_id: int) -> tuple[int, int]:
-    keys = [stage.key_of(r) for r in batch] if stage.track_state else []
-    n_all = len(batch)
+def _commit_batch(cat: Catalog, stage: RowStage, w: Access, batch: list[dict],
+                  result: BatchResult | BaseException) -> tuple[int, int]:
+    """One batch's writes, its rows' marks and its run's counters, in one transaction."""
+    keys = [stage.key_of(r) for r in batch]
     if isinstance(result, BaseException):  # the whole batch failed: every row, with the error
         err = reason_text(result, typed=True)
-        result = BatchResult(failed={k: err for k in (keys or range(n_all))})
+        result = BatchResult(failed={k: err for k in keys})
     with cat.transaction():
-        stage.write(cat, result, run_id)
-        failed_keys = [k for k in keys if k in result.failed]
-        if stage.track_state:
+        stage.write(w, result)
+        n_failed = sum(1 for k in keys if k in result.failed)
+        if stage.tracks_state:
             at = now()
             cat.stage_state.insert(
                 [{"stage": stage.name, "key": k, "state": "failed" if k in result.failed
                   else "done", "error": reason_text(result.failed[k])
-                  if result.failed.get(k) else None, "run_id": run_id, "updated_at": at}
+                  if result.failed.get(k) else None, "run_id": w.run_id, "updated_at": at}
                  for k in keys], replace=True)
-        n_failed = len(failed_keys) if stage.track_state else len(result.failed)
-        n_done = n_all - n_failed
-        cat.con.execute(named_queries("runs")["count_batch"], [n_done, n_failed, run_id])
+        n_done = len(batch) - n_failed
+        cat.con.execute(named_queries("runs")["count_batch"], [n_done, n_failed, w.run_id])
     return n_done, n_failed
 
 

@@ -42,16 +42,24 @@ _CALLABLE = ("scalar", "macro")
 class Selection:
     """Which rows a job or query runs over. `params` values are bound as they are: a Python
     number binds a number; the CLI's `-p NAME VALUE` binds text, which DuckDB casts to the
-    type the parameter's place needs."""
+    type the parameter's place needs.
+
+    `where`, `params`, `limit`, `sample` and `seed` are the user's (the guard checks them).
+    ultracurate narrows a selection with its own SQL, trusted code never passed through the
+    guard: `scope`, predicates over the same view (they may read other tables) with their
+    `scope_params`; and `parent`, a child selection: the rows whose parent row (of
+    `parent_table`, joined on its key) the parent selection picks, by a semi-join on the
+    parent's view (generate: the candidates of the selected edits)."""
 
     where: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     limit: int | None = None
     sample: int | None = None
     seed: int = 0
-    # A predicate ultracurate wrote itself (a job's own id list): checked like any other, but
-    # not run once more under the user-SQL bounds (its cost is the job's, not a user's typo).
-    trusted: bool = False
+    scope: tuple[str, ...] = ()
+    scope_params: dict[str, Any] = field(default_factory=dict)
+    parent: "Selection | None" = None
+    parent_table: str | None = None
     _checked: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -61,8 +69,29 @@ class Selection:
                 raise SelectionError(f"--{name} must be a whole number >= 0, got {value!r}")
 
     def to_json(self) -> dict:
-        return {"where": self.where, "params": self.params, "limit": self.limit,
-                "sample": self.sample, "seed": self.seed}
+        """What runs.selection records: the user's selection (a child's, its parent's)."""
+        if self.parent is not None and self.where is None and self.limit is None \
+                and self.sample is None:
+            return {**self.parent.to_json(), **({"scope": list(self.scope)} if self.scope
+                                                else {})}
+        out = {"where": self.where, "params": self.params, "limit": self.limit,
+               "sample": self.sample, "seed": self.seed}
+        if self.scope:
+            out["scope"] = list(self.scope)
+        return out
+
+    def within(self, table: str, *scope: str, **scope_params) -> "Selection":
+        """A child selection over another view: its rows whose parent row (of `table`, this
+        selection's view) this selection picks, narrowed by trusted predicates."""
+        return Selection(parent=self, parent_table=table, scope=tuple(scope),
+                         scope_params=scope_params)
+
+    def narrowed(self, *scope: str, **scope_params) -> "Selection":
+        """This selection with more trusted predicates over the same view."""
+        import dataclasses
+        return dataclasses.replace(self, scope=self.scope + tuple(scope),
+                                   scope_params={**self.scope_params, **scope_params},
+                                   _checked=self._checked)
 
     def checked(self, con: duckdb.DuckDBPyConnection, view: str) -> "Checked | None":
         """The validated predicate and its bound parameters (None without a --where). The
@@ -71,8 +100,7 @@ class Selection:
             return None
         key = (id(con), view, self.where, repr(sorted(self.params.items())))
         if key not in self._checked:
-            self._checked[key] = check_predicate(con, view, self.where, self.params,
-                                                 run=not self.trusted)
+            self._checked[key] = check_predicate(con, view, self.where, self.params)
         return self._checked[key]
 
     def checked_where(self, con: duckdb.DuckDBPyConnection, view: str) -> str | None:
@@ -262,29 +290,42 @@ def _view_columns(con: duckdb.DuckDBPyConnection, view: str) -> list[str]:
 
 def selected_keys_sql(con: duckdb.DuckDBPyConnection, view: str, key: str,
                       selection: Selection, extra_where: str | None = None,
-                      columns: str = "*", join: str | None = None) -> tuple[str, dict]:
+                      columns: str = "*", join: str | None = None,
+                      _depth: int = 0) -> tuple[str, dict]:
     """SQL (and its bound parameters) for the rows of view that selection picks.
 
-    --sample and --limit apply to the user's selection alone, before extra_where and join (a
-    stage's own predicate and join, trusted) narrow it, so that rerunning the same sample
-    resumes the same rows.
+    --sample and --limit apply to the user's selection alone, before the selection's scope,
+    extra_where and join (ultracurate's own predicates and joins, trusted) narrow it, so that
+    rerunning the same sample resumes the same rows. A child selection's rows are those whose
+    parent the parent selection picks (a semi-join on the parent's view).
     """
+    from .catalog import KEYS, VIEWS
     checked = selection.checked(con, view)
     user = checked.predicate if checked else None
     params = dict(checked.params) if checked else {}
-    inner = f"SELECT * FROM {view}" + (f" WHERE ({user}\n)" if user else "")
+    tag = f"_uc{_depth or ''}_"  # a parent's internal parameters get their own names
+    source = view
+    if selection.parent is not None:
+        pkey = KEYS[selection.parent_table]
+        psql, pparams = selected_keys_sql(con, VIEWS[selection.parent_table], pkey,
+                                          selection.parent, columns=pkey, _depth=_depth + 1)
+        source = f"(SELECT * FROM {view} SEMI JOIN ({psql}) parent USING ({pkey}))"
+        params.update(pparams)
+    inner = f"SELECT * FROM {source}" + (f" WHERE ({user}\n)" if user else "")
     if selection.sample is not None:
-        inner += f" ORDER BY hash({key}, $_uc_seed), {key} LIMIT $_uc_sample"
-        params["_uc_seed"] = int(selection.seed)
-        params["_uc_sample"] = int(selection.sample)
+        inner += f" ORDER BY hash({key}, ${tag}seed), {key} LIMIT ${tag}sample"
+        params[f"{tag}seed"] = int(selection.seed)
+        params[f"{tag}sample"] = int(selection.sample)
     elif selection.limit is not None:
-        inner += f" ORDER BY {key} LIMIT $_uc_limit"
-        params["_uc_limit"] = int(selection.limit)
+        inner += f" ORDER BY {key} LIMIT ${tag}limit"
+        params[f"{tag}limit"] = int(selection.limit)
     sql = f"SELECT {columns} FROM ({inner}) sel"
     if join:  # trusted, from a stage: e.g. an ANTI JOIN against finished rows
         sql += f" {join}"
-    if extra_where:
-        sql += f" WHERE ({extra_where})"
+    narrowing = [*selection.scope, *([extra_where] if extra_where else [])]
+    if narrowing:
+        sql += " WHERE " + " AND ".join(f"({w})" for w in narrowing)
+        params.update(selection.scope_params)
     return sql, params
 
 

@@ -56,10 +56,8 @@ def show_row(cat: Catalog, ref: str) -> dict:
         raise UltracurateError(f"show: no row with {col} = {key}")
     out = rows[0]
     table = {"": "candidates", "e": "edits", "a": "anchors"}[kind]
-    from .runner import stages_over
-    out["stages"] = cat.query(
-        "SELECT stage, state, error, run_id FROM stage_state WHERE key = ? "
-        "AND stage IN (SELECT unnest(?)) ORDER BY stage", [key, stages_over(table)])
+    from .stages import stages_over
+    out["stages"] = cat.query(named_queries("show")["stages"], [key, stages_over(table)])
     if kind == "e":
         out["candidates"] = [r["candidate_id"] for r in cat.query(
             "SELECT candidate_id FROM candidates WHERE edit_id = ? ORDER BY candidate_index",

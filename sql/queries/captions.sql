@@ -27,5 +27,5 @@ WHERE anchor_id BETWEEN $lo AND $hi AND anchor_id IN (SELECT anchor_id FROM _anc
 
 -- name: without_caption
 -- Anchors with no usable caption.
-SELECT count(*) FROM anchors
+SELECT count(*) AS n FROM anchors
 WHERE anchor_id NOT IN (SELECT anchor_id FROM anchor_captions WHERE invalid_reason IS NULL);

@@ -1,21 +1,21 @@
 -- Queries of the ingest stage (ultracurate.stages.ingest).
 
--- name: recorded_items
--- Items (registered _sources: item, source) already recorded by an earlier ingest, with the
--- anchor each maps to (the one made from it, or the one its bytes duplicate; NULL for a file
--- rejected as unusable) and how many of its captions (registered _item_captions: item,
--- caption) that anchor lacks.
+-- name: recorded
+-- The items (the runner's _uc_items: item, source, captions) an earlier ingest recorded, as
+-- the anchor made from the source (or the anchor its bytes duplicate) or as a reject of it,
+-- and that bring no caption that anchor lacks: the runner leaves them out unless --force. A
+-- source rejected as unusable stays out whatever captions it brings.
 WITH known AS (
-    SELECT s.item, coalesce(a.anchor_id, r.duplicate_of) AS anchor_id
-    FROM _sources s
-    LEFT JOIN anchors a ON a.source_path = s.source
+    SELECT i.item, coalesce(a.anchor_id, r.duplicate_of) AS anchor_id
+    FROM _uc_items i
+    LEFT JOIN anchors a ON a.source_path = i.source
     LEFT JOIN (SELECT source_path, max(duplicate_of) AS duplicate_of
-               FROM ingest_rejects GROUP BY ALL) r ON r.source_path = s.source
+               FROM ingest_rejects GROUP BY ALL) r ON r.source_path = i.source
     WHERE a.anchor_id IS NOT NULL OR r.source_path IS NOT NULL
 )
-SELECT k.item, any_value(k.anchor_id) AS anchor_id,
-       count(ic.caption) FILTER (WHERE c.caption IS NULL) AS new_captions
+SELECT k.item AS key
 FROM known k
-LEFT JOIN _item_captions ic ON ic.item = k.item
+LEFT JOIN (SELECT item, unnest(captions) AS caption FROM _uc_items) ic ON ic.item = k.item
 LEFT JOIN anchor_captions c ON c.anchor_id = k.anchor_id AND c.caption = ic.caption
-GROUP BY k.item;
+GROUP BY k.item, k.anchor_id
+HAVING k.anchor_id IS NULL OR count(ic.caption) FILTER (WHERE c.caption IS NULL) = 0;

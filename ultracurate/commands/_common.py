@@ -67,7 +67,7 @@ def _device(value) -> str:
 # the others are checked against their library constants by tests/test_cli.py.
 TableFormat = Literal["table", "csv", "json"]
 ViewName = Literal[tuple(VIEWS)]                              # anchors, edits, candidates
-EngineName = Literal["local", "ray"]
+EngineName = Literal["local", "ray"]                          # runner.ENGINES
 Mode = Literal[tuple(MODES)]                                  # free, region
 EditMode = Literal[tuple(EDIT_MODES)]                         # auto, free, region
 ExportFormat = Literal[tuple(EXPORT_FORMATS)]                 # hf, jsonl, ip2p, wds
@@ -81,7 +81,7 @@ LLMBackend = Literal["rule", "openai", "transformers"]        # instruct.backend
 CaptionBackend = Literal["transformers", "openai"]           # captioners.BACKENDS
 DType = Literal["float32", "float16", "bfloat16"]
 GroundBackend = Literal["grounding-dino", "owlv2"]            # models.grounding
-DedupWhat = Literal["anchors", "edited", "both"]              # stages.dedup.run_dedup
+DedupWhat = Literal["anchors", "edited", "both"]              # stages.dedup.DedupStage
 Benchmark = Literal["magicbrush", "emuedit"]                  # evaluate.BENCHMARKS
 
 # -- shared options --------------------------------------------------------------------------
@@ -97,15 +97,15 @@ ParamOpt = typer.Option(None, "--param", "-p", help="Bind a --where parameter: -
 LimitOpt = Count(None, "--limit", help="At most this many rows (lowest ids first).")
 SampleOpt = Count(None, "--sample", help="A random sample of N selected rows.")
 SeedOpt = Count(0, "--seed", help="Seed for --sample and for the job's randomness.")
-ForceOpt = typer.Option(False, "--force", help="Redo rows this stage already finished.")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON.")
-EngineOpt = typer.Option("local", "--engine", help="local, or ray.")
+EngineOpt = typer.Option(None, "--engine", help="local (the default), or ray.")
 AddressOpt = typer.Option(None, "--address", help="Ray cluster address (auto, or host:port; "
                                                   "default: a local cluster).")
 DeviceOpt = typer.Option(None, "--device", parser=_device,
                          help="cpu, cuda, cuda:N (default: cuda if present).")
 BatchOpt = Count(None, "--batch-size", min=1, max=MAX_BATCH,
                  help="Rows per batch (default: the stage's).")
+ForceOpt = typer.Option(False, "--force", help="Redo rows this stage already finished.")
 
 
 def workspace(path: Optional[str]) -> Workspace:
@@ -151,6 +151,22 @@ def emit(data: Any, as_json: bool, text: Optional[str] = None) -> None:
         typer.echo(json.dumps(data, indent=2, default=str))
     else:
         typer.echo(text if text is not None else json.dumps(data, indent=2, default=str))
+
+
+def given(**options) -> dict:
+    """The options the user gave (not None): the library fills in the defaults of the rest,
+    so that each default lives in one place."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def run_stage(ws: Workspace, stage: str, selection_: Selection | None = None, *,
+              as_json: bool = False, engine: Optional[str] = None,
+              address: Optional[str] = None, **options):
+    """Run a stage through the library's one entry point and print its summary."""
+    from ..runner import run
+    summary = run(ws, stage, selection_, engine=engine, address=address, **given(**options))
+    print_summary(summary, as_json)
+    return summary
 
 
 def print_summary(summary, as_json: bool) -> None:

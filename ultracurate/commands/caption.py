@@ -39,27 +39,33 @@ def caption(
                                               "name (tiny-caption) or a .json file."),
         all_anchors: bool = typer.Option(False, "--all", help="Caption every selected anchor, "
                                          "not only those without a usable caption."),
-        max_attempts: int = c.Count(2, "--max-attempts", min=1, max=100,
-                                    help="Tries per photo when an answer is invalid (served "
-                                         "models, or sampling)."),
-        concurrency: int = c.Count(8, "--concurrency", min=1, max=1024,
-                                   help="Concurrent HTTP requests."),
-        timeout: float = c.Number(60.0, "--timeout", min=0.001, max=86_400,
-                                  help="HTTP request timeout (s)."),
-        max_retries: int = c.Count(4, "--max-retries", max=100,
-                                   help="HTTP retries on timeouts, 429 and 5xx."),
-        temperature: float = c.Number(0.0, "--temperature", min=0, max=10,
-                                      help="Sampling temperature (0: greedy)."),
-        max_new_tokens: int = c.Count(60, "--max-new-tokens", min=1, max=1_000_000,
-                                      help="Longest caption, in tokens."),
-        image_size: int = c.Count(1024, "--image-size", min=8, max=16_384,
-                                  help="openai: photos are sent with their long side at most "
-                                       "this many pixels."),
+        max_attempts: Optional[int] = c.Count(None, "--max-attempts", min=1, max=100,
+                                              help="Tries per photo when an answer is invalid "
+                                                   "(served models, or sampling; default 2)."),
+        concurrency: Optional[int] = c.Count(None, "--concurrency", min=1, max=1024,
+                                             help="Concurrent HTTP requests (default 8)."),
+        timeout: Optional[float] = c.Number(None, "--timeout", min=0.001, max=86_400,
+                                            help="HTTP request timeout (s; default 60)."),
+        max_retries: Optional[int] = c.Count(None, "--max-retries", max=100,
+                                             help="HTTP retries on timeouts, 429 and 5xx "
+                                                  "(default 4)."),
+        temperature: Optional[float] = c.Number(None, "--temperature", min=0, max=10,
+                                                help="Sampling temperature (0: greedy, the "
+                                                     "default)."),
+        max_new_tokens: Optional[int] = c.Count(None, "--max-new-tokens", min=1,
+                                                max=1_000_000,
+                                                help="Longest caption, in tokens (default "
+                                                     "60)."),
+        image_size: Optional[int] = c.Count(None, "--image-size", min=8, max=16_384,
+                                            help="openai: photos are sent with their long "
+                                                 "side at most this many pixels (default "
+                                                 "1024)."),
         dtype: Optional[c.DType] = typer.Option(None, "--dtype", help="transformers: float32, "
                                                 "float16 or bfloat16."),
         where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
         limit: Optional[int] = c.LimitOpt, sample: Optional[int] = c.SampleOpt,
-        seed: int = c.SeedOpt, force: bool = c.ForceOpt, engine: c.EngineName = c.EngineOpt,
+        seed: int = c.SeedOpt, force: bool = c.ForceOpt,
+        engine: Optional[c.EngineName] = c.EngineOpt,
         address: Optional[str] = c.AddressOpt, device: Optional[str] = c.DeviceOpt,
         batch_size: Optional[int] = c.BatchOpt,
         workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
@@ -67,15 +73,12 @@ def caption(
     caption. Invalid answers are kept with their reasons; an anchor left without a caption
     fails with the reason and is retried by a rerun. --force replaces this captioner's
     earlier captions of the anchors it redoes."""
-    from ..runner import make_engine
-    from ..stages.caption import run_caption
     ws = c.workspace(workspace)
-    summary = run_caption(
-        ws, c.selection(where, params, limit, sample, seed), backend=backend, model=model,
-        base_url=base_url, api_key=api_key, prompt=prompt, prefix=prefix, grammar=grammar,
-        all_anchors=all_anchors, max_attempts=max_attempts, seed=seed,
-        concurrency=concurrency, timeout=timeout, max_retries=max_retries,
-        max_new_tokens=max_new_tokens, temperature=temperature, image_size=image_size,
-        dtype=dtype, device=device, force=force, engine=make_engine(engine, address),
-        batch_size=batch_size)
-    c.print_summary(summary, as_json)
+    c.run_stage(
+        ws, "caption", c.selection(where, params, limit, sample, seed), as_json=as_json,
+        engine=engine, address=address, device=device, batch_size=batch_size, force=force,
+        backend=backend, model=model, base_url=base_url, api_key=api_key, prompt=prompt,
+        prefix=prefix, grammar=grammar, all_anchors=all_anchors or None,
+        max_attempts=max_attempts, seed=seed, concurrency=concurrency, timeout=timeout,
+        max_retries=max_retries, max_new_tokens=max_new_tokens, temperature=temperature,
+        image_size=image_size, dtype=dtype)

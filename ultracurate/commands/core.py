@@ -46,23 +46,22 @@ def ingest(paths: List[Path] = typer.Argument(..., help="Image folders, COCO cap
                                               "jsonl/csv/parquet tables, HF dataset folders."),
            captions: Optional[Path] = typer.Option(None, help="Captions table (path, caption) "
                                                    "for an image folder."),
-           max_pixels: int = c.Count(64_000_000, "--max-pixels", min=1,
-                                     help="Reject images over this size."),
+           max_pixels: Optional[int] = c.Count(None, "--max-pixels", min=1,
+                                               help="Reject images over this many pixels "
+                                                    "(default 64,000,000)."),
            batch_size: Optional[int] = c.BatchOpt,
            force: bool = c.ForceOpt, workspace: Optional[str] = c.WorkspaceOpt,
            as_json: bool = c.JsonOpt):
-    """Ingest real photos as anchors (content-hash dedup; bad files recorded with a reason)."""
-    from ..runner import run_stage
-    from ..stages.ingest import IngestStage, discover
+    """Ingest real photos as anchors (content-hash dedup; bad files recorded with a reason).
+    UltraEdit's published parquet layout is imported as anchors, edits and candidates."""
+    from ..importers.ultraedit import is_ultraedit_layout
     ws = c.workspace(workspace)
-    from ..importers.ultraedit import import_ultraedit, is_ultraedit_layout
     if paths and all(is_ultraedit_layout(p) for p in paths):  # published UltraEdit parquet
-        summary = import_ultraedit(ws, paths, force=force, batch_size=batch_size)
-        return c.print_summary(summary, as_json)
-    items = discover(paths, captions)
-    summary = run_stage(ws, IngestStage(items, max_pixels=max_pixels), force=force,
-                        batch_size=batch_size)
-    c.print_summary(summary, as_json)
+        c.run_stage(ws, "import-ultraedit", as_json=as_json, paths=paths, force=force,
+                    batch_size=batch_size)
+        return
+    c.run_stage(ws, "ingest", as_json=as_json, paths=paths, captions=captions,
+                max_pixels=max_pixels, force=force, batch_size=batch_size)
 
 
 def stats(workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
@@ -143,7 +142,8 @@ def select(table: c.ViewName = typer.Option("candidates", "--from", help="anchor
 def show(candidate_or_edit: str = typer.Argument(..., help="Candidate id, or e<ID> for an "
                                                   "edit, a<ID> for an anchor."),
          workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
-    """Everything known about one candidate, edit or anchor."""
+    """Everything known about one candidate, edit or anchor, and the stages that touched it
+    (done or failed, in which run, with the error)."""
     from ..stats import show_row
     ws = c.workspace(workspace)
     with ws.catalog(read_only=True) as cat:

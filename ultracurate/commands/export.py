@@ -16,19 +16,20 @@ def register(app: typer.Typer) -> None:
 
 def export(out: Path = typer.Argument(..., help="Folder to write (must not exist unless "
                                       "--force)."),
-           fmt: c.ExportFormat = typer.Option("hf", "--format", "-f",
-                                      help="hf (parquet + dataset card, loads with "
+           fmt: Optional[c.ExportFormat] = typer.Option(
+               None, "--format", "-f", help="hf (the default: parquet + dataset card, loads with "
                                            "datasets.load_dataset), jsonl (training jsonl), "
                                            "ip2p (InstructPix2Pix folders), wds (WebDataset "
                                            "tars)."),
-           layout: c.ExportLayout = typer.Option("default", "--layout",
-                                         help="default: splits train (and validation); "
+           layout: Optional[c.ExportLayout] = typer.Option(
+               None, "--layout", help="default: splits train (and validation); "
                                               "ultraedit: the published UltraEdit layout "
                                               "(FreeForm_0..N and RegionBase, hf only)."),
-           shard_size: int = typer.Option(2000, "--shard-size", min=1, max=10_000_000,
-                                          help="Rows per parquet / jsonl / tar shard (and per "
-                                               "FreeForm_N split with --layout ultraedit)."),
-           val_fraction: float = c.Number(0.0, "--val-fraction", min=0.0, max=0.99,
+           shard_size: Optional[int] = c.Count(None, "--shard-size", min=1, max=10_000_000,
+                                               help="Rows per parquet / jsonl / tar shard (and "
+                                                    "per FreeForm_N split with --layout "
+                                                    "ultraedit; default 2000)."),
+           val_fraction: Optional[float] = c.Number(None, "--val-fraction", min=0.0, max=0.99,
                                               help="Cut a validation split of about this "
                                                    "fraction of the rows, by anchor (no "
                                                    "anchor in both splits); seeded by --seed."),
@@ -38,11 +39,12 @@ def export(out: Path = typer.Argument(..., help="Folder to write (must not exist
            extra_columns: bool = typer.Option(False, "--extra-columns",
                                               help="Add catalog columns (edit_type, mask_class, "
                                                    "seed, candidate_id, ...)."),
-           license: str = typer.Option("unknown", "--license",
-                                       help="License id for the dataset card (e.g. "
-                                            "cc-by-4.0)."),
-           language: str = typer.Option("en", "--language",
-                                        help="Language code(s) of the text, comma-separated."),
+           license: Optional[str] = typer.Option(None, "--license",
+                                                 help="License id for the dataset card (e.g. "
+                                                      "cc-by-4.0; default unknown)."),
+           language: Optional[str] = typer.Option(None, "--language",
+                                                  help="Language code(s) of the text, "
+                                                       "comma-separated (default en)."),
            citation: Optional[Path] = typer.Option(None, "--citation", exists=True,
                                                    dir_okay=False,
                                                    help="BibTeX file for the card (default: "
@@ -64,16 +66,15 @@ def export(out: Path = typer.Argument(..., help="Folder to write (must not exist
                                       "complete)."),
            workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
     """Export selected candidates as a training dataset (all-or-nothing)."""
-    from ..export import export_dataset
+    from ..runner import run
     ws = c.workspace(workspace)
     sel = c.selection(where, params, limit, sample, seed)
-    s = export_dataset(ws, sel, out, fmt, layout=layout, shard_size=shard_size,
-                       extra_columns=extra_columns, soft_masks=soft_masks,
-                       val_fraction=val_fraction, seed=seed, license=license,
-                       language=language,
-                       citation=citation.read_text(errors="replace").strip() if citation else None,
-                       overwrite=force, push_to_hub=push_to_hub, private=private,
-                       progress=not as_json)
+    s = run(ws, "export", sel, progress=not as_json, **c.given(
+        out=out, format=fmt, layout=layout, shard_size=shard_size,
+        extra_columns=extra_columns or None, soft_masks=soft_masks or None,
+        val_fraction=val_fraction, seed=seed, license=license, language=language,
+        citation=citation.read_text(errors="replace").strip() if citation else None,
+        overwrite=force or None, push_to_hub=push_to_hub, private=private or None)).result
     for w in s.warnings:
         typer.echo(f"warning: {w}", err=True)
     splits = ", ".join(f"{k} {v}" for k, v in s.splits.items())

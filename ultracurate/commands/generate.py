@@ -1,5 +1,5 @@
 """`ultracurate generate`: candidate pairs for the selected edits (a thin layer over
-ultracurate.stages.generate.run_generate)."""
+`run(ws, "generate", ...)`, or adaptive rounds: ultracurate.stages.adaptive.run_adaptive)."""
 
 from __future__ import annotations
 
@@ -17,25 +17,28 @@ def register(app: typer.Typer) -> None:
 def generate(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
              limit: Optional[int] = c.LimitOpt, sample: Optional[int] = c.SampleOpt,
              seed: int = c.SeedOpt,
-             candidates: int = c.Count(30, "--candidates", "-n", min=1, max=100_000,
-                                       help="Candidates per edit (planned up to this "
-                                            "many; rerun with more to add more)."),
-             mode: c.EditMode = typer.Option("auto", "--mode", help="free, region, or auto "
-                                             "(each edit's own mode; region needs a grounded "
-                                             "mask)."),
-             behaviour: c.Behaviour = typer.Option("method", "--behaviour", help="method "
-                                                   "(proper Prompt-to-Prompt, SDXL added "
-                                                   "conditioning on) or ultraedit-compat (what "
-                                                   "the released generator does)."),
-             size: int = c.Count(512, "--size", min=8, max=4096,
-                                 help="Square generation size (512 as the method; 64 or 128 "
-                                      "for tiny demo models)."),
+             candidates: Optional[int] = c.Count(None, "--candidates", "-n", min=1,
+                                                 max=100_000,
+                                                 help="Candidates per edit (planned up to "
+                                                      "this many; rerun with more to add "
+                                                      "more; default 30)."),
+             mode: Optional[c.EditMode] = typer.Option(
+                 None, "--mode", help="free, region, or auto (the default: each edit's own "
+                 "mode; region needs a grounded mask)."),
+             behaviour: Optional[c.Behaviour] = typer.Option(
+                 None, "--behaviour", help="method (the default: proper Prompt-to-Prompt, "
+                 "SDXL added conditioning on) or ultraedit-compat (what the released "
+                 "generator does)."),
+             size: Optional[int] = c.Count(None, "--size", min=8, max=4096,
+                                           help="Square generation size (512 as the method, "
+                                                "the default; 64 or 128 for tiny demo "
+                                                "models)."),
              keep_anchor_source: bool = typer.Option(
                  False, "--keep-anchor-source", help="Save the real anchor photo (resized and "
                  "cropped) as the source image instead of its regeneration."),
-             soft_variant: c.SoftVariant = typer.Option("ultraedit", "--soft-variant",
-                                                        help="Region soft mask: ultraedit or "
-                                                             "feathered."),
+             soft_variant: Optional[c.SoftVariant] = typer.Option(
+                 None, "--soft-variant", help="Region soft mask: ultraedit (the default) or "
+                 "feathered."),
              mask_class: Optional[str] = typer.Option(
                  None, "--mask-class", help="Mask classes region generation takes, a comma "
                  "list of fine, fragmented, too_small, too_large, or 'any' (default: fine, "
@@ -54,51 +57,43 @@ def generate(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.
                  None, "--until-accepted", min=1, max=100_000,
                  help="Adaptive rounds: generate, score and filter in rounds, and stop an "
                       "edit once this many of its candidates pass."),
-             max_candidates: int = c.Count(30, "--max-candidates", min=1, max=100_000,
-                                           help="Adaptive rounds: at most this many "
-                                                "candidates per edit."),
-             round_size: int = c.Count(8, "--round-size", min=1, max=100_000,
-                                       help="Adaptive rounds: new candidates per edit per "
-                                            "round."),
-             preset: c.Preset = typer.Option("ultraedit", "--preset", help="Adaptive rounds: "
-                                             "the filter's thresholds (ultraedit or ip2p)."),
+             max_candidates: Optional[int] = c.Count(
+                 None, "--max-candidates", min=1, max=100_000,
+                 help="Adaptive rounds: at most this many candidates per edit (default 30)."),
+             round_size: Optional[int] = c.Count(
+                 None, "--round-size", min=1, max=100_000,
+                 help="Adaptive rounds: new candidates per edit per round (default 8)."),
+             preset: Optional[c.Preset] = typer.Option(
+                 None, "--preset", help="Adaptive rounds: the filter's thresholds (ultraedit, "
+                 "the default, or ip2p)."),
              device: Optional[str] = c.DeviceOpt, batch_size: Optional[int] = c.BatchOpt,
              workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
     """Generate candidate pairs (source image, edited image) for the selected edits: plan
     the candidate rows with deterministic seeds, then render them in batches across edits.
     Resumable: rerun the same command to finish a stopped run."""
-    from ..stages.generate import run_generate
     ws = c.workspace(workspace)
+    sel = c.selection(where, params, limit, sample, seed)
+    options = c.given(candidates=candidates, mode=mode, behaviour=behaviour, seed=seed,
+                      size=size, keep_anchor_source=keep_anchor_source or None,
+                      soft_variant=soft_variant, mask_class=mask_class,
+                      pairs_per_call=pairs_per_call)
     if until_accepted is not None:
         from ..stages.adaptive import run_adaptive
         from ..thresholds import Thresholds
+        options.pop("candidates", None)
         res = run_adaptive(
-            ws, c.selection(where, params, limit, sample, seed), until_accepted=until_accepted,
-            max_candidates=max_candidates, round_size=round_size,
-            thresholds=Thresholds.preset(preset),
-            generate_kwargs=dict(mode=mode, behaviour=behaviour, engine=engine, seed=seed,
-                                 size=size, keep_anchor_source=keep_anchor_source,
-                                 soft_variant=soft_variant, address=address, workers=workers,
-                                 device=device, batch_size=batch_size, mask_class=mask_class,
-                                 pairs_per_call=pairs_per_call),
-            score_kwargs=dict(device=device), progress=True)
+            ws, sel, until_accepted=until_accepted,
+            **c.given(max_candidates=max_candidates, round_size=round_size),
+            thresholds=Thresholds.preset(preset) if preset else None,
+            generate_kwargs={**options, **c.given(engine=engine, address=address,
+                                                  workers=workers, device=device,
+                                                  batch_size=batch_size)},
+            score_kwargs=c.given(device=device), progress=not as_json)
         data = res.to_json()
         per = data["candidates_per_success"]
         c.emit(data, as_json, f"adaptive rounds: {data['succeeded']} of {data['edits']} edits "
                f"reached {until_accepted} accepted; {data['generated']} candidates generated"
                + (f" ({per:.1f} per successful edit)" if per else ""))
         return
-    out = run_generate(ws, c.selection(where, params, limit, sample, seed),
-                       candidates=candidates, mode=mode, behaviour=behaviour, engine=engine,
-                       seed=seed, size=size, keep_anchor_source=keep_anchor_source,
-                       soft_variant=soft_variant, address=address, workers=workers,
-                       device=device, batch_size=batch_size, force=force,
-                       mask_class=mask_class, pairs_per_call=pairs_per_call)
-    if as_json:
-        c.emit(out.to_json(), True)
-        return
-    plan = out.plan.to_json()
-    skipped = ", ".join(f"{n} {r}" for r, n in plan["skipped"].items()) or "none"
-    typer.echo(f"planned {plan['planned']} new candidates for {plan['edits']} edits "
-               f"(skipped edits: {skipped})")
-    c.print_summary(out.run, False)
+    c.run_stage(ws, "generate", sel, as_json=as_json, engine=engine, address=address,
+                workers=workers, device=device, batch_size=batch_size, force=force, **options)

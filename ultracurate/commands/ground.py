@@ -6,6 +6,7 @@ from typing import List, Optional
 
 import typer
 
+from ..names import BOX_THRESHOLD, TEXT_THRESHOLD
 from . import _common as c
 
 
@@ -17,29 +18,26 @@ def register(app: typer.Typer) -> None:
 def ground(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
            limit: Optional[int] = c.LimitOpt, sample: Optional[int] = c.SampleOpt,
            seed: int = c.SeedOpt,
-           box_threshold: float = c.Number(0.3, "--box-threshold", min=0, max=1,
-                                           help="Keep detector boxes scoring above this "
-                                                "(GroundingDINO / OWLv2)."),
-           text_threshold: float = c.Number(0.25, "--text-threshold", min=0, max=1,
-                                            help="GroundingDINO: label a box with the phrase "
-                                                 "tokens above this."),
+           box_threshold: Optional[float] = c.Number(
+               None, "--box-threshold", min=0, max=1, help="Keep detector boxes scoring above "
+               f"this (GroundingDINO / OWLv2; default {BOX_THRESHOLD})."),
+           text_threshold: Optional[float] = c.Number(
+               None, "--text-threshold", min=0, max=1, help="GroundingDINO: label a box with "
+               f"the phrase tokens above this (default {TEXT_THRESHOLD})."),
            backend: Optional[c.GroundBackend] = typer.Option(
                None, help="grounding-dino or owlv2 (default: from the checkpoint's config)."),
-           force: bool = c.ForceOpt, engine: c.EngineName = c.EngineOpt,
+           force: bool = c.ForceOpt, engine: Optional[c.EngineName] = c.EngineOpt,
            address: Optional[str] = c.AddressOpt, device: Optional[str] = c.DeviceOpt,
            batch_size: Optional[int] = c.BatchOpt,
            workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
     """Mask the edit object of region edits: detect its phrase, prompt SAM with the boxes,
     store the union as a COCO RLE with its features. No box: edit_status 'no_region'.
     Runs over mode = 'region' edits with an edit object other than NONE."""
-    from ..runner import make_engine
-    from ..stages.ground import run_ground
     ws = c.workspace(workspace)
-    summary = run_ground(ws, c.selection(where, params, limit, sample, seed),
-                         box_threshold=box_threshold, text_threshold=text_threshold,
-                         backend=backend, force=force, engine=make_engine(engine, address),
-                         device=device, batch_size=batch_size)
-    c.print_summary(summary, as_json)
+    c.run_stage(ws, "ground", c.selection(where, params, limit, sample, seed),
+                as_json=as_json, engine=engine, address=address, device=device,
+                batch_size=batch_size, force=force, box_threshold=box_threshold,
+                text_threshold=text_threshold, backend=backend)
 
 
 def classify_masks(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
@@ -59,9 +57,7 @@ def classify_masks(where: Optional[str] = c.WhereOpt, params: Optional[List[str]
                    as_json: bool = c.JsonOpt):
     """Classify stored masks as too_large, too_small, fragmented or fine. Rerun with new
     thresholds at will: it reclassifies from the stored features, without SAM."""
-    from ..stages.classify_masks import run_classify_masks
     ws = c.workspace(workspace)
-    summary = run_classify_masks(ws, c.selection(where, params, limit, sample, seed),
-                                 min_area=min_area, max_area=max_area,
-                                 max_contours=max_contours, force=force)
-    c.print_summary(summary, as_json)
+    c.run_stage(ws, "classify-masks", c.selection(where, params, limit, sample, seed),
+                as_json=as_json, force=force, min_area=min_area, max_area=max_area,
+                max_contours=max_contours)

@@ -17,11 +17,13 @@ def register(app: typer.Typer) -> None:
 
 
 def instruct(
-        per_anchor: int = c.Count(1, "--per-anchor", "-n", min=1, max=10_000,
-                                  help="Edits to write per anchor."),
-        types: str = typer.Option("all", "--types", help="Comma-separated edit types to deal "
-                                  "round-robin (add, change_global, change_local, change_color,"
-                                  " transform_global, transform_local, replace, turn, others)."),
+        per_anchor: Optional[int] = c.Count(None, "--per-anchor", "-n", min=1, max=10_000,
+                                            help="Edits to write per anchor (default 1)."),
+        types: Optional[str] = typer.Option(None, "--types", help="Comma-separated edit "
+                                            "types to deal round-robin (default all: add, "
+                                            "change_global, change_local, change_color, "
+                                            "transform_global, transform_local, replace, "
+                                            "turn, others)."),
         quota: Optional[str] = typer.Option(None, "--quota", help="Total edits per type for "
                                             "this job, e.g. add=30,replace=50 (spread evenly "
                                             "over the anchors; overrides --types)."),
@@ -42,53 +44,60 @@ def instruct(
         prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt template: a "
                                              "packaged version (instruct-v1) or a .txt file."),
         exemplars: Optional[Path] = typer.Option(None, "--exemplars", help="Exemplar jsonl "
-                                                 "(default: the packaged ultracurate/data/exemplars.jsonl)."),
-        n_instructions: int = c.Count(50, "--n-instructions", max=10_000,
-                                      help="Instruction examples sampled into each prompt."),
-        n_full: int = c.Count(10, "--n-full", max=10_000,
-                              help="Full examples sampled into each prompt."),
-        max_attempts: int = c.Count(3, "--max-attempts", min=1, max=100,
-                                    help="Tries per edit before it is recorded as invalid."),
-        mode: c.EditMode = typer.Option("auto", "--mode", help="auto (region when there is an "
-                                        "edit object), free or region."),
+                                                 "(default: the packaged "
+                                                 "ultracurate/data/exemplars.jsonl)."),
+        n_instructions: Optional[int] = c.Count(None, "--n-instructions", max=10_000,
+                                                help="Instruction examples sampled into each "
+                                                     "prompt (default 50)."),
+        n_full: Optional[int] = c.Count(None, "--n-full", max=10_000,
+                                        help="Full examples sampled into each prompt "
+                                             "(default 10)."),
+        max_attempts: Optional[int] = c.Count(None, "--max-attempts", min=1, max=100,
+                                              help="Tries per edit before it is recorded as "
+                                                   "invalid (default 3)."),
+        mode: Optional[c.EditMode] = typer.Option(None, "--mode", help="auto (the default: "
+                                                  "region when there is an edit object), "
+                                                  "free or region."),
         caption_source: Optional[str] = typer.Option(
             None, "--caption-source", help="Write from captions of these sources only, "
             "comma-separated: ingest, coco, caption:<model>, or a prefix with '*' "
             "(caption:*). Default: every source."),
-        concurrency: int = c.Count(8, "--concurrency", min=1, max=1024,
-                                   help="Concurrent HTTP requests."),
-        timeout: float = c.Number(60.0, "--timeout", min=0.001, max=86_400,
-                                  help="HTTP request timeout (s)."),
-        max_retries: int = c.Count(4, "--max-retries", max=100,
-                                   help="HTTP retries on timeouts, 429 and 5xx."),
-        temperature: float = c.Number(0.7, "--temperature", min=0, max=10,
-                                      help="LLM sampling temperature (0: greedy)."),
-        max_new_tokens: int = c.Count(256, "--max-new-tokens", min=1, max=1_000_000,
-                                      help="Longest LLM answer, in tokens."),
+        concurrency: Optional[int] = c.Count(None, "--concurrency", min=1, max=1024,
+                                             help="Concurrent HTTP requests (default 8)."),
+        timeout: Optional[float] = c.Number(None, "--timeout", min=0.001, max=86_400,
+                                            help="HTTP request timeout (s; default 60)."),
+        max_retries: Optional[int] = c.Count(None, "--max-retries", max=100,
+                                             help="HTTP retries on timeouts, 429 and 5xx "
+                                                  "(default 4)."),
+        temperature: Optional[float] = c.Number(None, "--temperature", min=0, max=10,
+                                                help="LLM sampling temperature (0: greedy; "
+                                                     "default 0.7)."),
+        max_new_tokens: Optional[int] = c.Count(None, "--max-new-tokens", min=1,
+                                                max=1_000_000,
+                                                help="Longest LLM answer, in tokens "
+                                                     "(default 256)."),
         dtype: Optional[c.DType] = typer.Option(None, "--dtype", help="transformers: float32, "
                                                 "float16 or bfloat16."),
         where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
         limit: Optional[int] = c.LimitOpt, sample: Optional[int] = c.SampleOpt,
-        seed: int = c.SeedOpt, force: bool = c.ForceOpt, engine: c.EngineName = c.EngineOpt,
+        seed: int = c.SeedOpt, force: bool = c.ForceOpt,
+        engine: Optional[c.EngineName] = c.EngineOpt,
         address: Optional[str] = c.AddressOpt, device: Optional[str] = c.DeviceOpt,
         batch_size: Optional[int] = c.BatchOpt,
         workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
     """Write candidate edits (instruction, target caption, edit object, type, mode) from the
     selected anchors' captions. Invalid answers are retried, then kept with edit_status
     'invalid' and their reasons; an anchor without a usable caption fails with the reason."""
-    from ..runner import make_engine
-    from ..stages.instruct import run_instruct
     ws = c.workspace(workspace)
-    summary = run_instruct(
-        ws, c.selection(where, params, limit, sample, seed), per_anchor=per_anchor,
-        types=types, quota=quota, backend=backend, model=model, base_url=base_url,
-        api_key=api_key, prompt=prompt, seed=seed, exemplars=exemplars,
+    c.run_stage(
+        ws, "instruct", c.selection(where, params, limit, sample, seed), as_json=as_json,
+        engine=engine, address=address, device=device, batch_size=batch_size, force=force,
+        per_anchor=per_anchor, types=types, quota=quota, backend=backend, model=model,
+        base_url=base_url, api_key=api_key, prompt=prompt, seed=seed, exemplars=exemplars,
         n_instruction_examples=n_instructions, n_full_examples=n_full,
         max_attempts=max_attempts, mode=mode, concurrency=concurrency, timeout=timeout,
         max_retries=max_retries, temperature=temperature, max_new_tokens=max_new_tokens,
-        dtype=dtype, device=device, force=force, engine=make_engine(engine, address),
-        batch_size=batch_size, caption_source=caption_source)
-    c.print_summary(summary, as_json)
+        dtype=dtype, caption_source=caption_source)
 
 
 def import_instructions(
@@ -97,13 +106,15 @@ def import_instructions(
                                                  help="ultraedit, ip2p or magicbrush."),
         images: Optional[Path] = typer.Option(None, "--images", help="Folder the file's image "
                                               "paths are relative to (default: the file's)."),
-        mode: c.EditMode = typer.Option("auto", "--mode", help="auto (region when the record "
-                                        "has an edit object), free or region."),
+        mode: Optional[c.EditMode] = typer.Option(None, "--mode", help="auto (the default: "
+                                                  "region when the record has an edit "
+                                                  "object), free or region."),
         workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
     """Import existing instructions as edits; their images become anchors when they exist."""
-    from ..instruct.importers import import_instructions as run
+    from ..runner import run
     ws = c.workspace(workspace)
-    out = run(ws, path, fmt, images_root=images, mode=mode)
+    out = run(ws, "import-instructions", **c.given(path=path, format=fmt, images=images,
+                                                   mode=mode)).result
     text = (f"import-instructions: run {out['run_id']}: {out['imported']} edits imported, "
             f"{out['skipped']} skipped of {out['records']} records; "
             f"{out['anchors_created']} anchors created")

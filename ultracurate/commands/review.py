@@ -30,9 +30,9 @@ def review(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.Pa
                                                   help="Who decided (default: "
                                                        "$ULTRACURATE_REVIEWER, else the "
                                                        "login name)."),
-           margin: float = c.Number(0.02, "--margin", min=0, max=2,
-                                    help="Borderline views: scores within this of a keep-rule "
-                                         "threshold."),
+           margin: Optional[float] = c.Number(None, "--margin", min=0, max=2,
+                                              help="Borderline views: scores within this of a "
+                                                   "keep-rule threshold (default 0.02)."),
            visualize: bool = typer.Option(True, "--visualize/--no-visualize",
                                           help="Compute a PCA embeddings plot from LanceDB's "
                                                "CLIP vectors (when there are any)."),
@@ -44,15 +44,16 @@ def review(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.Pa
     Tags set in the App (accept, reject, bad_mask, bad_instruction, ...) become human
     decisions in the catalog with --pull and when the App session ends (Ctrl-C)."""
     from .. import review as rv
+    from ..runner import run
     ws = c.workspace(workspace)
     if pull:
-        summary = rv.pull_decisions(ws, name=dataset, reviewer=reviewer)
-        _print_pull(summary, as_json)
+        _print_pull(run(ws, "review-pull", **c.given(dataset=dataset,
+                                                     reviewer=reviewer)).result, as_json)
         return
     sel = c.selection(where, params, limit, sample, seed)
-    summary = rv.build_review_dataset(ws, sel, name=dataset, reviewer=reviewer,
-                                      margin=margin, visualize=visualize,
-                                      progress=not as_json)
+    summary = run(ws, "review", sel, progress=not as_json,
+                  **c.given(dataset=dataset, reviewer=reviewer, margin=margin,
+                            visualize=visualize)).result
     if no_launch or as_json:
         c.emit(summary.to_json(), as_json,
                f"review dataset {summary.dataset}: {summary.selected} candidates "
@@ -74,7 +75,8 @@ def review(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.Pa
             session.close()
         except Exception:  # the App server may already be gone
             pass
-        result = rv.pull_decisions(ws, name=summary.dataset, reviewer=reviewer)
+        result = run(ws, "review-pull", **c.given(dataset=summary.dataset,
+                                                  reviewer=reviewer)).result
         _print_pull(result, as_json)
 
 

@@ -1,5 +1,5 @@
 """Commands after generation: score, filter, balance, dedup, report. Each is a thin layer over
-the library function named in its help (ultracurate.stages.score.run_score, ...)."""
+`ultracurate.runner.run(ws, STAGE, selection, **options)`."""
 
 from __future__ import annotations
 
@@ -21,26 +21,25 @@ def register(app: typer.Typer) -> None:
 
 def score(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
           limit: Optional[int] = c.LimitOpt, sample: Optional[int] = c.SampleOpt,
-          seed: int = c.SeedOpt, force: bool = c.ForceOpt, engine: c.EngineName = c.EngineOpt,
+          seed: int = c.SeedOpt, force: bool = c.ForceOpt,
+          engine: Optional[c.EngineName] = c.EngineOpt,
           address: Optional[str] = c.AddressOpt, device: Optional[str] = c.DeviceOpt,
           batch_size: Optional[int] = c.BatchOpt, workspace: Optional[str] = c.WorkspaceOpt,
           as_json: bool = c.JsonOpt):
     """Score generated candidates: CLIP (source, target, direction, image), DINOv2, SSIM, L1,
-    L2; embeddings to LanceDB (run_score)."""
-    from ..runner import make_engine
-    from ..stages.score import run_score
+    L2; embeddings to LanceDB."""
     ws = c.workspace(workspace)
-    summary = run_score(ws, c.selection(where, params, limit, sample, seed), force=force,
-                        engine=make_engine(engine, address), device=device,
-                        batch_size=batch_size)
-    c.print_summary(summary, as_json)
+    c.run_stage(ws, "score", c.selection(where, params, limit, sample, seed), as_json=as_json,
+                engine=engine, address=address, device=device, batch_size=batch_size,
+                force=force)
 
 
 def filter_(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
             limit: Optional[int] = c.LimitOpt, sample: Optional[int] = c.SampleOpt,
             seed: int = c.SeedOpt,
-            preset: c.Preset = typer.Option("ultraedit", help="Default thresholds: ultraedit "
-                                            "(per mode) or ip2p."),
+            preset: Optional[c.Preset] = typer.Option(None, help="Default thresholds: "
+                                                      "ultraedit (per mode; the default) or "
+                                                      "ip2p."),
             clip_min: Optional[float] = c.Number(
                 None, "--clip-min", help="Shortcut: clip_sim_source and clip_sim_target "
                                          "at least this."),
@@ -67,23 +66,24 @@ def filter_(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.P
                                          "nothing."),
             workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
     """Accept or reject scored candidates by thresholds, then top-k per edit; every rejected
-    row records all its reasons; human decisions override (run_filter)."""
-    from ..stages.filter import format_funnel, run_filter
-    from ..thresholds import Thresholds
+    row records all its reasons; human decisions override."""
+    from ..runner import run
+    from ..stages.filter import format_funnel
     ws = c.workspace(workspace)
-    t = Thresholds.preset(preset).override(
-        mode=mode, clip_min=clip_min, clip_sim_source_min=clip_source_min,
-        clip_sim_target_min=clip_target_min, clip_sim_dir_min=clip_dir_min,
-        clip_sim_image_min=clip_image_min, clip_sim_image_max=clip_image_max,
-        dinov2_sim_min=dino_min, dinov2_sim_max=dino_max, ssim_min=ssim_min,
-        ssim_max=ssim_max, l1_max=l1_max, l2_max=l2_max, top_k=top_k,
-        drop_if_fewer=region_rule)
-    res = run_filter(ws, c.selection(where, params, limit, sample, seed), t, dry_run=dry_run)
+    res = run(ws, "filter", c.selection(where, params, limit, sample, seed), dry_run=dry_run,
+              **c.given(preset=preset, mode=mode, clip_min=clip_min,
+                        clip_sim_source_min=clip_source_min,
+                        clip_sim_target_min=clip_target_min, clip_sim_dir_min=clip_dir_min,
+                        clip_sim_image_min=clip_image_min, clip_sim_image_max=clip_image_max,
+                        dinov2_sim_min=dino_min, dinov2_sim_max=dino_max, ssim_min=ssim_min,
+                        ssim_max=ssim_max, l1_max=l1_max, l2_max=l2_max, top_k=top_k,
+                        drop_if_fewer=region_rule)).result
     c.emit(res.to_json(), as_json, format_funnel(res))
 
 
-def balance(by: List[str] = typer.Option(["edit_type"], "--by", help="Column(s) of "
-                                         "candidates_v to stratify by; repeatable."),
+def balance(by: Optional[List[str]] = typer.Option(None, "--by", help="Column(s) of "
+                                                   "candidates_v to stratify by; repeatable "
+                                                   "(default edit_type)."),
             target: Optional[int] = c.Count(None, "--target", min=1,
                                             help="Select about N rows in all, spread evenly "
                                                  "over the groups."),
@@ -94,38 +94,44 @@ def balance(by: List[str] = typer.Option(["edit_type"], "--by", help="Column(s) 
                                                 "WORKSPACE/reports/balance-run<N>.png)."),
             workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
     """Stratified selection of accepted rows: marks `selected`, prints before/after counts
-    and saves a bar plot (run_balance)."""
-    from ..stages.balance import format_balance, run_balance
+    and saves a bar plot."""
+    from ..runner import run
+    from ..stages.balance import format_balance
     ws = c.workspace(workspace)
-    res = run_balance(ws, by=tuple(by), target=target, cap=cap, seed=seed,
-                      selection=c.selection(where, params), plot_path=plot)
+    res = run(ws, "balance", c.selection(where, params),
+              **c.given(by=tuple(by) if by else None, target=target, cap=cap, seed=seed,
+                        plot_path=plot)).result
     c.emit(res.to_json(), as_json, format_balance(res))
 
 
-def dedup(threshold: float = c.Number(0.95, "--threshold", min=-1, max=1,
-                                      help="Cosine similarity of CLIP image embeddings at or "
-                                           "above which two images are near-duplicates."),
-          what: c.DedupWhat = typer.Option("both", help="anchors, edited, or both."),
+def dedup(threshold: Optional[float] = c.Number(
+              None, "--threshold", min=-1, max=1, help="Cosine similarity of CLIP image "
+              "embeddings at or above which two images are near-duplicates (default 0.95)."),
+          what: Optional[c.DedupWhat] = typer.Option(None, help="anchors, edited, or both "
+                                                     "(the default)."),
           where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
           device: Optional[str] = c.DeviceOpt, workspace: Optional[str] = c.WorkspaceOpt,
           as_json: bool = c.JsonOpt):
     """Mark near-duplicate anchors and edited images (duplicate_of = the row they
-    duplicate), by LanceDB vector search over the stored CLIP embeddings (run_dedup)."""
-    from ..stages.dedup import format_dedup, run_dedup
+    duplicate), by LanceDB vector search over the stored CLIP embeddings (anchors are
+    embedded first by the embed-anchors stage, which resumes like any stage)."""
+    from ..runner import run
+    from ..stages.dedup import format_dedup
     ws = c.workspace(workspace)
-    res = run_dedup(ws, threshold=threshold, what=what, selection=c.selection(where, params),
-                    device=device)
+    res = run(ws, "dedup", c.selection(where, params), device=device,
+              **c.given(threshold=threshold, what=what)).result
     c.emit(res.to_json(), as_json, format_dedup(res))
 
 
 def report(out: Path = typer.Argument(..., help="The HTML file to write."),
            where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
-           examples: int = c.Count(4, "--examples", max=1000,
-                                   help="Example pairs per edit type."),
+           examples: Optional[int] = c.Count(None, "--examples", max=1000,
+                                             help="Example pairs per edit type (default 4)."),
            workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
     """One self-contained HTML report: score histograms with thresholds, acceptance funnel,
-    mask classes, balance, example pairs per edit type (write_report)."""
-    from ..report import write_report
+    mask classes, balance, example pairs per edit type."""
+    from ..runner import run
     ws = c.workspace(workspace)
-    path = write_report(ws, out, c.selection(where, params), examples=examples)
+    path = run(ws, "report", c.selection(where, params),
+               **c.given(out=out, examples=examples)).result
     c.emit({"report": str(path)}, as_json, f"wrote {path}")

@@ -11,12 +11,14 @@ Each published row becomes
                 guessed from the instruction's words (the release has none),
   a candidate   edited_image bytes, the published scores, auto_status `scored`, so that the
                 filter, balance and review stages and a re-score run over it.
-Image bytes go into the media store unchanged. The import is a stage run (recorded in `runs`,
-with a progress bar) and idempotent: a row is one edit, whatever the runs and files it comes in.
+Image bytes go into the media store unchanged. The import is a stage run (`import-ultraedit`,
+recorded in `runs`, with a progress bar) and idempotent: a row is one edit, whatever the runs
+and files it comes in.
 - Its identity is `ultraedit:<split>:<idx>` (the edit's external_id; a file without an idx
   column, or a row whose idx is null, uses `<file stem>#<row>` for idx): rows already imported
   are skipped, even with --force, so an interrupted import resumes; an idx repeated in the
-  files is imported once (its first row not already rejected).
+  files is imported once (its first row not already rejected). `--limit N` takes the first N
+  rows of the files.
 - A row whose image does not decode is recorded in ingest_rejects (source `<file>#<row>`, with
   the sha256 of its image bytes) and skipped by later runs, as photo ingest skips a rejected
   file; --force retries it, and a retry over the same bytes adds no second reject row.
@@ -31,15 +33,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 
-from ..catalog import Catalog, now
+from ..catalog import now
 from ..errors import UltracurateError
 from ..images import BadImage, inspect_image
 from ..names import PUBLISHED_SCORES
-from ..runner import BatchResult, Context, Stage, run_stage
-from ..selection import Selection
-from ..stages.ingest import known_anchors, record_rejects, recorded_sources
+from ..runner import BatchResult, Context, RowStage
+from ..stages.ingest import known_anchors, record_rejects
 
 PUBLISHED_COLUMNS = ("source_caption", "target_caption", "edit_prompt", "source_image",
                      "edited_image")
@@ -194,36 +194,63 @@ def _image_bytes(value: Any) -> bytes | None:
 
 
 # -- the stage ---------------------------------------------------------------------------------
-class UltraEditImportStage(Stage):
-    name = "import_ultraedit"
+class UltraEditImportStage(RowStage):
+    """Published rows (outside items: `<file>#<row>`) into anchors, edits and candidates.
+
+    A row is one edit, whatever the runs and files it comes in: rows whose edit is already
+    imported are not work at all, even with --force (`default_where`), and of the rows naming
+    one edit the runner takes the first pending one (`identity`); rejected rows wait for
+    --force (sql/queries/ultraedit.sql `rejected`, left out by the runner)."""
+
+    name = "import-ultraedit"
+    path_options = ("paths",)
     table = "candidates"
-    track_state = False
+    key = "item"
+    recorded = "ultraedit.rejected"
+    identity = "ident"
+    default_where = ("ident NOT IN (SELECT external_id FROM edits "
+                     "WHERE external_id LIKE 'ultraedit:%')")
+    columns = "item, ident"
     batch_size = 64
-    writes = {"anchors": set(), "edits": set(), "candidates": set()}  # write() is custom
+    writes = {"anchors": {"sha256", "media", "width", "height", "format", "orig_mode",
+                          "conversion", "source_path", "dataset", "external_id",
+                          "ingest_run", "ingested_at"},
+              "anchor_captions": {"anchor_id", "source", "caption"},
+              "edits": {"anchor_id", "source_caption", "instruction", "target_caption",
+                        "edit_object", "edit_type", "mode", "edit_status", "instruct_backend",
+                        "instruct_model", "prompt_version", "instruct_run", "external_id",
+                        "mask_rle", "mask_height", "mask_width", "mask_area", "mask_bbox",
+                        "mask_components", "mask_contours", "created_at"},
+              "candidates": {"edit_id", "candidate_index", "seed", "gen_behaviour",
+                             "gen_params", "source_image", "source_is_anchor", "edited_image",
+                             "gen_run", *PUBLISHED_SCORES, "score_run", "auto_status",
+                             "created_at"},
+              "ingest_rejects": {"source_path", "reason", "sha256", "duplicate_of", "run_id",
+                                 "rejected_at"}}
 
-    def __init__(self, files: list[Path], limit: int | None = None):
-        super().__init__(files=[str(f) for f in files], limit=limit)
-        self.index = _Index(files)
-        self.limit = limit
+    def __init__(self, paths: list[str | Path]):
+        """paths: parquet files of the published layout, or folders of them (a clone of the
+        hub repo)."""
+        files: dict[Path, None] = {}
+        for p in map(Path, paths):
+            if not p.exists():
+                raise UltracurateError(f"{p}: no such file or folder")
+            if not is_ultraedit_layout(p):
+                raise UltracurateError(f"{p}: not UltraEdit's published parquet layout (needs "
+                                       f"columns {', '.join(PUBLISHED_COLUMNS)})")
+            # absolute, so that a row's source is the same from any folder; a file named
+            # twice (itself and its folder) is read once
+            files.update((f.resolve(), None) for f in parquet_files(p))
+        super().__init__(files=[str(f) for f in files])
+        self.index = _Index(list(files))
 
-    def items(self, cat: Catalog, selection: Selection, force: bool) -> pl.DataFrame:
-        # One row per edit not yet imported, even with force: a row is one edit, never two,
-        # and an idx repeated in these files is imported once. Rejected rows wait for --force,
-        # as in ingest; meanwhile a later copy of the same idx is tried in their place.
-        taken = {r[0] for r in cat.con.execute(
-            "SELECT external_id FROM edits WHERE external_id LIKE 'ultraedit:%'").fetchall()}
-        rejected = set() if force else recorded_sources(cat, anchors=False)
-        todo = []
-        for i, k in enumerate(self.index.keys):
-            if k not in taken and self.index.source(i) not in rejected:
-                todo.append(i)
-                taken.add(k)
-        if self.limit is not None:
-            todo = todo[:self.limit]
-        return pl.DataFrame({"item": todo}, schema={"item": pl.Int64})
-
-    def key_of(self, row: dict) -> int:
-        return row["item"]
+    def items(self):
+        import pyarrow as pa
+        n = len(self.index.items)
+        return pa.table({"item": pa.array(range(n), pa.int64()),
+                         "ident": pa.array(self.index.keys, pa.string()),
+                         "source": pa.array([self.index.source(i) for i in range(n)],
+                                            pa.string())})
 
     def prepare(self, rows, ctx: Context):
         return self.index.read([r["item"] for r in rows])
@@ -266,17 +293,22 @@ class UltraEditImportStage(Stage):
                                    "mask_contours": f.contours}
                 good.append(rec)
             except BadImage as e:
-                bad.append({"source_path": where, "reason": str(e), "sha256": _row_sha256(data)})
-        return BatchResult(extra={"good": good, "bad": bad})
+                bad.append({"item": row["item"], "source_path": where, "reason": str(e),
+                            "sha256": _row_sha256(data)})
+        return BatchResult(extra={"good": good, "bad": bad},
+                           failed={b["item"]: b["reason"] for b in bad})
 
-    def write(self, cat: Catalog, result: BatchResult, run_id: int) -> None:
+    def write(self, w, result: BatchResult) -> None:
+        if "good" not in result.extra:
+            return  # the batch raised: nothing to record, its rows stay pending
         at = now()
+        run_id = w.run_id
         good = result.extra["good"]
         known = {sha: aid for sha, (aid, _) in
-                 known_anchors(cat, [g["anchor"]["sha256"] for g in good]).items()}
-        anchor_id = cat.anchors.next_id()
-        edit_id = cat.edits.next_id()
-        cand_id = cat.candidates.next_id()
+                 known_anchors(w, [g["anchor"]["sha256"] for g in good]).items()}
+        anchor_id = w.anchors.next_id()
+        edit_id = w.edits.next_id()
+        cand_id = w.candidates.next_id()
         anchors, captions, edits, cands = [], [], [], []
         for g in good:
             d = g["row"]
@@ -304,12 +336,7 @@ class UltraEditImportStage(Stage):
                 "mode": mode, "edit_status": "grounded" if mode == "region" else "proposed",
                 "instruct_backend": "published", "instruct_model": "BleachNick/UltraEdit",
                 "prompt_version": "edit_type=keyword-guess", "instruct_run": run_id,
-                "external_id": g["key"],
-                "mask_rle": mask.get("mask_rle"), "mask_height": mask.get("mask_height"),
-                "mask_width": mask.get("mask_width"), "mask_area": mask.get("mask_area"),
-                "mask_bbox": mask.get("mask_bbox"),
-                "mask_components": mask.get("mask_components"),
-                "mask_contours": mask.get("mask_contours"), "created_at": at})
+                "external_id": g["key"], **mask, "created_at": at})
             cands.append({
                 "candidate_id": cand_id, "edit_id": edit_id, "candidate_index": 0,
                 "seed": -1,  # not published
@@ -319,34 +346,13 @@ class UltraEditImportStage(Stage):
                                           "row": d["_row"]}),
                 "source_image": a["media"], "source_is_anchor": True,
                 "edited_image": g["edited"], "gen_run": run_id,
-                **{s: (float(d[s]) if d.get(s) is not None else None) for s in PUBLISHED_SCORES},
+                **{s: (float(d[s]) if d.get(s) is not None else None)
+                   for s in PUBLISHED_SCORES},
                 "score_run": run_id, "auto_status": "scored", "created_at": at})
             edit_id += 1
             cand_id += 1
-        cat.anchors.insert(anchors)
-        cat.anchor_captions.merge(captions, run_id)
-        cat.edits.insert(edits)
-        cat.candidates.insert(cands)
-        bad = result.extra["bad"]
-        record_rejects(cat, bad, run_id)
-        result.failed = {i: b["reason"] for i, b in enumerate(bad)}
-
-
-def import_ultraedit(ws, paths: list[str | Path], *, limit: int | None = None,
-                     force: bool = False, batch_size: int | None = None,
-                     progress: bool = True):
-    """Import published UltraEdit parquet files (or folders of them, e.g. a clone of the hub
-    repo) into ws; returns the run's summary (rows_done imported, rows_failed rejected)."""
-    files: dict[Path, None] = {}
-    for p in map(Path, paths):
-        if not p.exists():
-            raise UltracurateError(f"{p}: no such file or folder")
-        if not is_ultraedit_layout(p):
-            raise UltracurateError(f"{p}: not UltraEdit's published parquet layout (needs "
-                                   f"columns {', '.join(PUBLISHED_COLUMNS)})")
-        # absolute, so that a row's source is the same from any folder; a file named twice
-        # (itself and its folder) is read once
-        files.update((f.resolve(), None) for f in parquet_files(p))
-    files = list(files)
-    return run_stage(ws, UltraEditImportStage(files, limit=limit), force=force,
-                     batch_size=batch_size, progress=progress)
+        w.anchors.insert(anchors)
+        w.anchor_captions.merge(captions, run_id)
+        w.edits.insert(edits)
+        w.candidates.insert(cands)
+        record_rejects(w, result.extra["bad"])

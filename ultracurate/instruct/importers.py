@@ -27,8 +27,9 @@ from pathlib import Path
 import polars as pl
 
 from ..catalog import normalize_caption, now
-from ..names import EDIT_TYPES
 from ..errors import UltracurateError
+from ..names import EDIT_MODES, EDIT_TYPES
+from ..runner import SetStage
 from .captions import COLOURS
 from .validation import NONE, normalize_type
 
@@ -193,33 +194,59 @@ def infer_edit_type(instruction: str) -> str:
 # -- importing -----------------------------------------------------------------------------
 def import_instructions(ws, path: str | Path, fmt: str, *, images_root: str | Path | None = None,
                         mode: str = "auto", progress: bool = True) -> dict:
-    """Import an instruction file as edits; returns counts (records, imported, skipped,
-    anchors_created, reasons) and the run id."""
-    from ..runner import run_stage
-    from ..stages.ingest import IngestStage, Item
+    """`run(ws, "import-instructions", path=path, format=fmt, ...)`: its counts (records,
+    imported, skipped, anchors_created, reasons) and the run id."""
+    from ..runner import run
+    return run(ws, "import-instructions", path=path, format=fmt, images=images_root,
+               mode=mode, progress=progress).result
 
-    records = read_records(path, fmt, images_root)
-    reasons: Counter = Counter()
-    # 1. Anchors for the records whose image exists (ingest dedups by content and resumes).
-    items: dict[str, Item] = {}
-    for r in records:
-        if r.image and (r.data is not None or Path(r.image).is_file()):
-            it = items.setdefault(r.image, Item(r.image, [], f"import-{fmt}", None, r.data,
-                                                caption_source=f"import:{fmt}"))
-            it.add_caption(r.source_caption)
-    with ws.catalog() as cat:
-        before = int(cat.scalar("SELECT count(*) FROM anchors"))
-        if items:
-            run_stage(ws, IngestStage(list(items.values())), cat=cat, progress=progress)
-        created = int(cat.scalar("SELECT count(*) FROM anchors")) - before
-        by_sha = dict(cat.con.execute("SELECT sha256, anchor_id FROM anchors").fetchall())
-        by_caption = dict(cat.con.execute(
-            "SELECT caption, min(anchor_id) FROM anchor_captions WHERE invalid_reason IS NULL "
-            "GROUP BY caption").fetchall())
-        first_caption = dict(cat.con.execute(
-            "SELECT anchor_id, captions[1] FROM anchors_v").fetchall())
+
+class ImportInstructionsStage(SetStage):
+    """Import an instruction file as edits, in one transaction. Its images become anchors
+    first (an ingest run: it dedups by content and resumes); a record without a usable image
+    is matched to an anchor by its source caption, else skipped with the reason."""
+
+    name = "import-instructions"
+    path_options = ("path", "images")
+    table = None
+    writes = {"edits": {"anchor_id", "source_caption", "instruction", "target_caption",
+                        "edit_object", "edit_type", "mode", "edit_status", "instruct_backend",
+                        "external_id", "instruct_run", "created_at"}}
+
+    def __init__(self, path: str | Path, format: str, images: str | Path | None = None,
+                 mode: str = "auto"):
+        from ..stages.ingest import Item
+        if mode not in EDIT_MODES:
+            raise UltracurateError(f"unknown mode '{mode}' ({', '.join(EDIT_MODES)})")
+        self.fmt, self.mode = format, mode
+        self.records = read_records(path, format, images)
+        # anchors for the records whose image exists
+        self.items: dict[str, Item] = {}
+        for r in self.records:
+            if r.image and (r.data is not None or Path(r.image).is_file()):
+                it = self.items.setdefault(r.image, Item(r.image, [], f"import-{format}", None,
+                                                         r.data,
+                                                         caption_source=f"import:{format}"))
+                it.add_caption(r.source_caption)
+        super().__init__(path=str(path), format=format, mode=mode)
+
+    def requires(self) -> list:
+        from ..stages.ingest import IngestStage
+        return [IngestStage(items=list(self.items.values()))] if self.items else []
+
+    def plan(self, r, selection):
+        fmt, mode = self.fmt, self.mode
+        reasons: Counter = Counter()
+        created = sum(b.extra.get("anchors_added", 0) for b in self.before)
+        by_sha = {row["sha256"]: row["anchor_id"]
+                  for row in r.query("SELECT sha256, anchor_id FROM anchors")}
+        by_caption = {row["caption"]: row["anchor_id"] for row in r.query(
+            "SELECT caption, min(anchor_id) AS anchor_id FROM anchor_captions "
+            "WHERE invalid_reason IS NULL GROUP BY caption")}
+        first_caption = {row["anchor_id"]: row["caption"] for row in r.query(
+            "SELECT anchor_id, captions[1] AS caption FROM anchors_v")}
         anchor_of: dict[str, int] = {}
-        for src, it in items.items():
+        for src, it in self.items.items():
             try:
                 data = it.data if it.data is not None else Path(src).read_bytes()
             except OSError:
@@ -227,52 +254,51 @@ def import_instructions(ws, path: str | Path, fmt: str, *, images_root: str | Pa
             aid = by_sha.get(hashlib.sha256(data).hexdigest())
             if aid is not None:
                 anchor_of[src] = aid
-
-        # 2. Edit rows.
         backend = f"import:{fmt}"
-        seen = {(a, i, x) for a, i, x in cat.con.execute(
+        seen = {(row["anchor_id"], row["instruction"], row["external_id"]) for row in r.query(
             "SELECT anchor_id, instruction, external_id FROM edits WHERE instruct_backend = ?",
-            [backend]).fetchall()}
+            [backend])}
         rows = []
-        for r in records:
-            if not r.instruction:
+        for rec in self.records:
+            if not rec.instruction:
                 reasons["empty instruction"] += 1
                 continue
-            aid = anchor_of.get(r.image) if r.image else None
-            if aid is None and r.image and r.image in items:
+            aid = anchor_of.get(rec.image) if rec.image else None
+            if aid is None and rec.image and rec.image in self.items:
                 reasons["image could not be ingested (see ingest_rejects)"] += 1
                 continue
             if aid is None:
-                aid = by_caption.get(normalize_caption(r.source_caption))
+                aid = by_caption.get(normalize_caption(rec.source_caption))
             if aid is None:
-                reasons["image not found and no anchor has its source caption" if r.image
+                reasons["image not found and no anchor has its source caption" if rec.image
                         else "no image and no anchor has its source caption"] += 1
                 continue
-            if (aid, r.instruction, r.external_id) in seen:
+            if (aid, rec.instruction, rec.external_id) in seen:
                 reasons["already imported"] += 1
                 continue
-            seen.add((aid, r.instruction, r.external_id))
-            t = normalize_type(r.edit_type) if r.edit_type else None
-            edit_type = t if t in EDIT_TYPES else infer_edit_type(r.instruction)
-            obj = r.edit_object
+            seen.add((aid, rec.instruction, rec.external_id))
+            t = normalize_type(rec.edit_type) if rec.edit_type else None
+            edit_type = t if t in EDIT_TYPES else infer_edit_type(rec.instruction)
+            obj = rec.edit_object
             region = obj not in (None, NONE)
             rows.append({
                 "anchor_id": aid,
-                "source_caption": r.source_caption or first_caption.get(aid) or "",
-                "instruction": r.instruction, "target_caption": r.target_caption,
+                "source_caption": rec.source_caption or first_caption.get(aid) or "",
+                "instruction": rec.instruction, "target_caption": rec.target_caption,
                 "edit_object": obj, "edit_type": edit_type,
                 "mode": mode if mode != "auto" else ("region" if region else "free"),
                 "edit_status": "proposed", "instruct_backend": backend,
-                "external_id": r.external_id})
+                "external_id": rec.external_id})
+        return rows, reasons, created
+
+    def apply(self, w, plan, produced) -> dict:
+        rows, reasons, created = plan
+        first = w.edits.next_id()
+        at = now()
+        for k, row in enumerate(rows):
+            row.update(edit_id=first + k, instruct_run=w.run_id, created_at=at)
+        w.edits.insert(rows)
         skipped = sum(reasons.values())
-        with cat.job("import-instructions",
-                     {"path": str(path), "format": fmt, "mode": mode}) as run:
-            run_id = run.run_id
-            first = cat.edits.next_id()
-            at = now()
-            for k, row in enumerate(rows):
-                row.update(edit_id=first + k, instruct_run=run_id, created_at=at)
-            cat.edits.insert(rows)
-            run.rows_in, run.rows_done, run.rows_failed = len(records), len(rows), skipped
-    return {"run_id": run_id, "records": len(records), "imported": len(rows),
-            "skipped": skipped, "anchors_created": created, "reasons": dict(reasons)}
+        w.run.rows_in, w.run.rows_done, w.run.rows_failed = len(self.records), len(rows), skipped
+        return {"run_id": w.run_id, "records": len(self.records), "imported": len(rows),
+                "skipped": skipped, "anchors_created": created, "reasons": dict(reasons)}

@@ -4,6 +4,7 @@ seed always gives the same rows, whatever the batching or the engine."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 from ..names import EDIT_TYPES
@@ -66,11 +67,26 @@ def plan_types(n_anchors: int, per_anchor: int, types: list[str],
     if quota is None:
         seq = [types[i % len(types)] for i in range(capacity)]
     else:
-        quota = _fit(quota, capacity)
-        order = {t: i for i, t in enumerate(EDIT_TYPES)}
-        marks = [((i + 0.5) / n, order[t], t) for t, n in quota.items() for i in range(n)]
-        seq = [t for _, _, t in sorted(marks)]
+        seq = list(_quota_sequence(capacity, tuple(sorted(quota.items()))))
     return [seq[k * per_anchor:(k + 1) * per_anchor] for k in range(n_anchors)]
+
+
+def plan_types_at(k: int, n_anchors: int, per_anchor: int, types: list[str],
+                  quota: dict[str, int] | None = None) -> list[str]:
+    """plan_types(n_anchors, per_anchor, types, quota)[k], without dealing the others (the
+    sequence a quota gives is computed once per plan)."""
+    if quota is None:
+        return [types[(k * per_anchor + j) % len(types)] for j in range(per_anchor)]
+    seq = _quota_sequence(n_anchors * per_anchor, tuple(sorted(quota.items())))
+    return list(seq[k * per_anchor:(k + 1) * per_anchor])
+
+
+@functools.lru_cache(maxsize=4)
+def _quota_sequence(capacity: int, quota: tuple) -> tuple[str, ...]:
+    fitted = _fit(dict(quota), capacity)
+    order = {t: i for i, t in enumerate(EDIT_TYPES)}
+    marks = [((i + 0.5) / n, order[t], t) for t, n in fitted.items() for i in range(n)]
+    return tuple(t for _, _, t in sorted(marks))
 
 
 def _fit(quota: dict[str, int], capacity: int) -> dict[str, int]:

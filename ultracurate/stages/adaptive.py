@@ -5,6 +5,10 @@ pass, instead of always generating a fixed 30 (free-form) or 100 (region).
     run_adaptive(ws, Selection(where="mode = 'free'"), until_accepted=4, max_candidates=30,
                  round_size=8, generate_kwargs={"size": 512})
 
+Each round's generate, score and filter run through the recipe machinery (recipe.ParentRun)
+under one `adaptive` run; the edits still open are a scope of the user's selection (CLOSED, in
+SQL) and their candidates a child selection of it: no id list leaves the catalog.
+
 Round r asks `generate` for the first min(max_candidates, r * round_size) candidates of the
 edits still open (generation plans candidates by index with deterministic seeds, so a round
 only renders the new indices, and candidate i is the same pair whichever scheme produced it),
@@ -41,16 +45,16 @@ class AdaptiveResult:
         return dict(self.__dict__, candidates_per_success=self.candidates_per_success)
 
 
-def _edit_ids(cat: Catalog, selection: Selection) -> list[int]:
-    sql, params = selected_keys_sql(cat.con, "edits_v", "edit_id", selection, None, "edit_id")
-    return [r["edit_id"] for r in cat.query(sql + " ORDER BY edit_id", params)]
+# An edit of the selection is closed once it has until_accepted ($_uc_k) accepted candidates.
+CLOSED = ("edit_id IN (SELECT edit_id FROM candidates_v WHERE status = 'accepted' "
+          "GROUP BY edit_id HAVING count(*) >= $_uc_k)")
 
 
-def _accepted_per_edit(cat: Catalog, ids: list[int]) -> dict[int, int]:
-    rows = cat.query("SELECT edit_id, count(*) FILTER (WHERE status = 'accepted') AS n "
-                     "FROM candidates_v WHERE list_contains($ids, edit_id) GROUP BY edit_id",
-                     {"ids": ids})
-    return {r["edit_id"]: r["n"] for r in rows}
+def _count(cat: Catalog, selection: Selection, table: str, where: str | None = None) -> int:
+    from ..catalog import KEYS, VIEWS
+    sql, params = selected_keys_sql(cat.con, VIEWS[table], KEYS[table], selection, where,
+                                    "count(*) AS n")
+    return int(cat.scalar(sql, params))
 
 
 def run_adaptive(ws, selection: Selection | None = None, *, until_accepted: int = 4,
@@ -58,42 +62,43 @@ def run_adaptive(ws, selection: Selection | None = None, *, until_accepted: int 
                  thresholds: Thresholds | None = None, generate_kwargs: dict | None = None,
                  score_kwargs: dict | None = None, progress: bool = False) -> AdaptiveResult:
     """Generate, score and filter the selected edits in rounds until each has until_accepted
-    accepted candidates or max_candidates candidates."""
-    from .filter import run_filter
-    from .generate import run_generate
-    from .score import run_score
+    accepted candidates or max_candidates candidates. Each round is three steps run through
+    the recipe machinery under one `adaptive` run; the edits still open and their candidates
+    are selected in SQL (a scope on the user's selection, and a child selection of it)."""
+    from ..recipe import ParentRun, Step
     if until_accepted < 1 or max_candidates < until_accepted or round_size < 1:
         raise UltracurateError("adaptive rounds need 1 <= --until-accepted <= "
                                "--max-candidates and a round size of at least 1")
     t = (thresholds or Thresholds.preset("ultraedit")).override(top_k=until_accepted)
+    selection = selection or Selection()
+    still_open = selection.narrowed(f"NOT ({CLOSED})", _uc_k=until_accepted)
     with ws.catalog(read_only=True) as cat:
-        open_ids = _edit_ids(cat, selection or Selection())
-    res = AdaptiveResult(edits=len(open_ids))
-    asked = 0
-    done: set[int] = set()
-    while open_ids and asked < max_candidates:
-        asked = min(max_candidates, asked + round_size)
-        sel = Selection(where="list_contains($_uc_ids, edit_id)", params={"_uc_ids": open_ids},
-                        trusted=True)
-        run_generate(ws, sel, candidates=asked, progress=progress, **(generate_kwargs or {}))
-        cand_sel = Selection(where="list_contains($_uc_ids, edit_id) AND candidate_index < "
-                                   "$_uc_n", params={"_uc_ids": open_ids, "_uc_n": asked},
-                             trusted=True)
-        run_score(ws, cand_sel, progress=progress, **(score_kwargs or {}))
-        run_filter(ws, cand_sel, t)
+        res = AdaptiveResult(edits=_count(cat, selection, "edits"))
+    params = {"until_accepted": until_accepted, "max_candidates": max_candidates,
+              "round_size": round_size, "thresholds": t.to_dict(),
+              "generate": generate_kwargs or {}, "score": score_kwargs or {}}
+    asked, n_open, step = 0, res.edits, 0
+    with ParentRun(ws, "adaptive", params, 0) as parent:
+        while n_open and asked < max_candidates:
+            asked = min(max_candidates, asked + round_size)
+            # round 1 takes every selected edit; later ones those the rounds left open
+            edits = selection if not res.rounds else still_open
+            candidates = edits.within("edits", "candidate_index < $_uc_n", _uc_n=asked)
+            for stage, options, sel in (
+                    ("generate", {**(generate_kwargs or {}), "candidates": asked}, edits),
+                    ("score", score_kwargs or {}, candidates),
+                    ("filter", {"thresholds": t}, candidates)):
+                parent.run_step(step, Step(stage, options, selection=sel), progress)
+                step += 1
+            with ws.catalog(read_only=True) as cat:
+                left = _count(cat, still_open, "edits")
+            res.rounds.append({"candidates": asked, "open_edits": n_open,
+                               "closed": n_open - left})
+            res.succeeded += n_open - left
+            n_open = left
         with ws.catalog(read_only=True) as cat:
-            acc = _accepted_per_edit(cat, open_ids)
-        closed = [e for e in open_ids if acc.get(e, 0) >= until_accepted]
-        done.update(closed)
-        res.rounds.append({"candidates": asked, "open_edits": len(open_ids),
-                           "closed": len(closed)})
-        open_ids = [e for e in open_ids if e not in set(closed)]
-    with ws.catalog(read_only=True) as cat:
-        all_ids = _edit_ids(cat, selection or Selection())
-        res.generated = cat.scalar(
-            "SELECT count(*) FROM candidates WHERE list_contains($ids, edit_id) AND "
-            "edited_image IS NOT NULL", {"ids": all_ids})
-    res.succeeded = len(done)
+            res.generated = _count(cat, selection.within("edits"), "candidates",
+                                   "edited_image IS NOT NULL")
     return res
 
 
@@ -106,7 +111,7 @@ def compare_schemes(ws, selection: Selection | None = None, *, until_accepted: i
     from .filter import DEFAULT_WHERE, _decision_sql
     t = thresholds or Thresholds.preset("ultraedit")
     with ws.catalog(read_only=True) as cat:
-        sql, params, _ = _decision_sql(cat, selection or Selection(), t)
+        sql, params, _ = _decision_sql(cat.con, selection or Selection(), t)
         rows = cat.query(f"SELECT d.edit_id, c.candidate_index, d.clip_sim_dir, "
                          f"len(d.reasons) = 0 AS pass FROM ({sql}) d JOIN candidates c "
                          f"USING (candidate_id) ORDER BY d.edit_id, c.candidate_index", params)

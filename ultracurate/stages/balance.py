@@ -22,9 +22,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ..catalog import Catalog
 from ..errors import UltracurateError
-from ..selection import Selection, selected_keys_sql
+from ..runner import SetStage
 
 # The rows balance chooses from, and (with `selected IS NOT FALSE`) what export takes by default:
 # accepted, not a duplicate edited image, not made from a near-duplicate anchor.
@@ -75,8 +74,8 @@ def quotas(counts: dict[str, int], target: int | None = None,
     return q
 
 
-def _group_expr(cat: Catalog, by: tuple[str, ...]) -> str:
-    cols = {c.lower() for c in cat.columns("candidates_v")}
+def _group_expr(columns: list[str], by: tuple[str, ...]) -> str:
+    cols = {c.lower() for c in columns}
     if not by:
         raise UltracurateError("balance needs at least one --by column")
     for col in by:
@@ -86,62 +85,63 @@ def _group_expr(cat: Catalog, by: tuple[str, ...]) -> str:
     return parts[0] if len(parts) == 1 else "concat_ws(' / ', " + ", ".join(parts) + ")"
 
 
-def run_balance(ws, by: tuple[str, ...] | list[str] = ("edit_type",), target: int | None = None,
-                cap: int | None = None, seed: int = 0, selection: Selection | None = None,
-                plot_path: str | Path | None = None, plot: bool = True,
-                cat: Catalog | None = None) -> BalanceResult:
-    """Mark a stratified selection of the accepted rows as `selected`; returns the counts per
-    group before and after, and the bar plot's path."""
-    by = tuple(by)
-    selection = selection or Selection()
-    own = cat is None
-    cat = cat or ws.catalog()
-    try:
-        grp = _group_expr(cat, by)
-        inner, params = selected_keys_sql(cat.con, "candidates_v", "candidate_id", selection,
-                                          None, "*")
+class BalanceStage(SetStage):
+    """Mark a stratified selection of the accepted rows as `selected` (see the module
+    docstring); its result has the counts per group before and after, and the plot's path."""
+
+    name = "balance"
+    path_options = ("plot_path",)
+    table = "candidates"
+    writes = {"candidates": {"selected", "balance_run"}}
+
+    def __init__(self, by: tuple[str, ...] | list[str] | str = ("edit_type",),
+                 target: int | None = None, cap: int | None = None, seed: int = 0,
+                 plot_path: str | Path | None = None, plot: bool = True):
+        self.by = (by,) if isinstance(by, str) else tuple(by)
+        self.target, self.cap, self.seed = target, cap, int(seed)
+        self.plot_path, self.plot = plot_path, plot
+        quotas({}, target, cap)  # exactly one of target and cap, not negative
+        super().__init__(by=list(self.by), target=target, cap=cap, seed=self.seed)
+
+    def plan(self, r, selection):
+        grp = _group_expr(r.cat.columns("candidates_v"), self.by)
+        inner, params = r.selected(selection, "candidates")
         pool_sql = f"SELECT candidate_id, {grp} AS grp FROM ({inner}) s WHERE {POOL_WHERE}"
-        before = {r["grp"]: r["n"] for r in cat.query(
+        before = {row["grp"]: row["n"] for row in r.query(
             f"SELECT grp, count(*) AS n FROM ({pool_sql}) p GROUP BY grp ORDER BY grp",
             params)}
-        q = quotas(before, target, cap)
+        return grp, inner, params, pool_sql, before, quotas(before, self.target, self.cap)
+
+    def apply(self, w, plan, produced):
+        grp, inner, params, pool_sql, before, q = plan
         qt = pa.table({"grp": pa.array(list(q), pa.string()),
                        "quota": pa.array(list(q.values()), pa.int64())})
-        cat.con.register("_uc_quota", qt)
-        try:
-            with cat.job("balance", {"by": list(by), "target": target, "cap": cap,
-                                     "seed": seed}, selection.to_json()) as run:
-                run_id = run.run_id
-                chosen = f"""
-                    SELECT p.candidate_id FROM (
-                      SELECT candidate_id, grp, row_number() OVER (
-                        PARTITION BY grp ORDER BY hash(candidate_id, $_uc_bseed),
-                                                  candidate_id) AS rn
-                      FROM ({pool_sql}) p0) p JOIN _uc_quota USING (grp) WHERE rn <= quota"""
-                all_sel = f"SELECT candidate_id FROM ({inner}) s"
-                cat.con.execute(
-                    f"""UPDATE candidates SET
-                          selected = candidate_id IN ({chosen}),
-                          balance_run = $_uc_run
-                        WHERE candidate_id IN ({all_sel})""",
-                    {**params, "_uc_bseed": int(seed), "_uc_run": run_id})
-                after = {r["grp"]: r["n"] for r in cat.query(
-                    f"SELECT {grp} AS grp, count(*) AS n FROM candidates_v "
-                    f"WHERE balance_run = $r AND selected GROUP BY grp ORDER BY grp",
-                    {"r": run_id})}
-                total = sum(after.values())
-                run.rows_in, run.rows_done = sum(before.values()), total
-        finally:
-            cat.con.unregister("_uc_quota")
-        res = BalanceResult(run_id, by, before, {g: after.get(g, 0) for g in before}, total)
-        if plot:
-            path = Path(plot_path) if plot_path else (ws.root / "reports" /
-                                                      f"balance-run{run_id}.png")
+        with w.registered(qt, "_uc_quota"):
+            chosen = f"""
+                SELECT p.candidate_id FROM (
+                  SELECT candidate_id, grp, row_number() OVER (
+                    PARTITION BY grp ORDER BY hash(candidate_id, $_uc_bseed),
+                                              candidate_id) AS rn
+                  FROM ({pool_sql}) p0) p JOIN _uc_quota USING (grp) WHERE rn <= quota"""
+            w.candidates.update_from(
+                f"""SELECT s.candidate_id, c.candidate_id IS NOT NULL AS selected,
+                           $_uc_run AS balance_run
+                    FROM ({inner}) s LEFT JOIN ({chosen}) c USING (candidate_id)""",
+                {**params, "_uc_bseed": self.seed, "_uc_run": w.run_id},
+                ["selected", "balance_run"])
+        after = {row["grp"]: row["n"] for row in w.query(
+            f"SELECT {grp} AS grp, count(*) AS n FROM candidates_v "
+            f"WHERE balance_run = $r AND selected GROUP BY grp ORDER BY grp",
+            {"r": w.run_id})}
+        total = sum(after.values())
+        w.run.rows_in, w.run.rows_done = sum(before.values()), total
+        res = BalanceResult(w.run_id, self.by, before, {g: after.get(g, 0) for g in before},
+                            total)
+        if self.plot:
+            path = Path(self.plot_path) if self.plot_path else (
+                w.workspace.root / "reports" / f"balance-run{w.run_id}.png")
             res.plot = str(plot_balance(res, path))
         return res
-    finally:
-        if own:
-            cat.close()
 
 
 def plot_balance(res: BalanceResult, path: str | Path) -> Path:

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 from ..captioners import (Captioner, CaptionerSpec, captioner_spec, load_prompt,
                           validate_caption)
-from ..catalog import Catalog
 from ..images import BadImage, load_rgb
 from ..instruct.plan import derive_seed
-from ..runner import BatchResult, Context, RunSummary, Stage, run_stage
-from ..selection import Selection
+from ..runner import BatchResult, Context, RowStage
 
 # anchors with no usable caption (a trusted predicate over anchors_v, cheap at scale: an
 # anti-join on anchor_captions instead of aggregating every anchor's captions)
@@ -29,7 +27,7 @@ WITHOUT_CAPTION = ("anchor_id NOT IN (SELECT anchor_id FROM anchor_captions "
 MAX_INVALID_CHARS = 500
 
 
-class CaptionStage(Stage):
+class CaptionStage(RowStage):
     name = "caption"
     table = "anchors"
     default_where = WITHOUT_CAPTION
@@ -39,31 +37,57 @@ class CaptionStage(Stage):
     batch_size = 8
     roles = ("captioner",)
 
-    def __init__(self, spec: CaptionerSpec, all_anchors: bool = False, max_attempts: int = 2,
-                 seed: int = 0, force: bool = False):
+    def __init__(self, backend: str | None = None, model: str | None = None,
+                 base_url: str | None = None, api_key: str | None = None,
+                 prompt: str | None = None, prefix: str | None = None,
+                 grammar: str | None = None, all_anchors: bool = False, max_attempts: int = 2,
+                 seed: int = 0, concurrency: int | None = None, timeout: float | None = None,
+                 max_retries: int | None = None, backoff: float | None = None,
+                 max_new_tokens: int | None = None, temperature: float | None = None,
+                 image_size: int | None = None, dtype: str | None = None,
+                 spec: CaptionerSpec | None = None):
+        """Caption the selected anchors that have no usable caption (all_anchors: every
+        selected one) with the workspace's captioner role, or the model / served endpoint
+        given.
+
+        backend: 'transformers' (model: hub id or folder) or 'openai' (an OpenAI-compatible
+        vision endpoint at base_url, or $ULTRACURATE_VLM_BASE_URL; model: its served name;
+        key from api_key, $ULTRACURATE_VLM_API_KEY or $OPENAI_API_KEY). None: from the role.
+        grammar: constrain a local model's decoding to a packaged or file grammar (the tiny
+        demo model's 'tiny-caption')."""
         from ..errors import UltracurateError
         if max_attempts < 1:
             raise UltracurateError("max_attempts must be at least 1")
         # a bad prompt or grammar name is one clear error before any run is recorded
-        if spec.grammar:
+        if grammar:
             from ..models.vlm import Grammar
-            Grammar.load(spec.grammar)
-        if spec.prompt:
-            load_prompt(spec.prompt)
+            Grammar.load(grammar)
+        if prompt:
+            load_prompt(prompt)
+        self._options = dict(backend=backend, model=model, base_url=base_url, api_key=api_key,
+                             prompt=prompt, prefix=prefix, grammar=grammar,
+                             concurrency=concurrency, timeout=timeout, max_retries=max_retries,
+                             backoff=backoff, max_new_tokens=max_new_tokens,
+                             temperature=temperature, image_size=image_size, dtype=dtype)
         self.spec = spec
-        self.source = spec.source
-        self.all_anchors, self.force = bool(all_anchors), bool(force)
+        self.all_anchors = bool(all_anchors)
         self.default_where = None if self.all_anchors else WITHOUT_CAPTION
         self.max_attempts, self.seed = int(max_attempts), int(seed)
-        # what runs.params records: never the API key
-        super().__init__(captioner=spec.public(), source=self.source,
-                         all_anchors=self.all_anchors, max_attempts=self.max_attempts,
+        super().__init__(all_anchors=self.all_anchors, max_attempts=self.max_attempts,
                          seed=self.seed)
         self._captioner: Captioner | None = None
         self.captions_added = 0
         self.invalid_answers = 0
 
     # -- driver side ---------------------------------------------------------------------
+    def check(self, r, selection) -> None:
+        """The captioner from the options and the workspace's role (one clear error when it
+        cannot be found); what runs.params records (never the API key)."""
+        if self.spec is None:
+            self.spec = captioner_spec(r.workspace, **self._options)
+        self.source = self.spec.source
+        self.params.update(captioner=self.spec.public(), source=self.source)
+
     def models(self, ctx: Context) -> dict:
         from ..models import describe
         out = describe(ctx.workspace, ())
@@ -71,24 +95,22 @@ class CaptionStage(Stage):
                             if k in ("backend", "model", "base_url", "prompt", "grammar")}
         return out
 
-    def write(self, cat: Catalog, result: BatchResult, run_id: int) -> None:
+    def write(self, w, result: BatchResult) -> None:
         rows = result.extra.get("captions", [])
-        cat.anchor_captions._check({k for r in rows for k in r},
-                                   self.writes["anchor_captions"])
-        if self.force:  # a rerun of this captioner replaces its earlier captions of them
-            cat.anchor_captions.remove_source(sorted({r["anchor_id"] for r in rows}),
-                                              self.source)
-        self.captions_added += cat.anchor_captions.merge(
-            [r for r in rows if not r["invalid_reason"]], run_id)
-        self.invalid_answers += cat.anchor_captions.merge(
-            [r for r in rows if r["invalid_reason"]], run_id)
+        if w.force:  # a rerun of this captioner replaces its earlier captions of them
+            w.anchor_captions.remove_source(sorted({r["anchor_id"] for r in rows}),
+                                            self.source)
+        self.captions_added += w.anchor_captions.merge(
+            [r for r in rows if not r["invalid_reason"]], w.run_id)
+        self.invalid_answers += w.anchor_captions.merge(
+            [r for r in rows if r["invalid_reason"]], w.run_id)
 
-    def finish(self, cat: Catalog, run_id: int) -> None:
+    def finish(self, w) -> None:
         if self._captioner is not None:
             self._captioner.close()
 
-    def report(self, cat: Catalog, run_id: int) -> dict:
-        missing = cat.anchors_without_caption()
+    def report(self, w) -> dict:
+        missing = int(w.named("captions", "without_caption")[0]["n"])
         notes = [f"new captions ({self.source}): {self.captions_added}, invalid answers kept "
                  f"with their reasons: {self.invalid_answers}"]
         if missing:
@@ -100,6 +122,7 @@ class CaptionStage(Stage):
 
     # -- worker side ----------------------------------------------------------------------
     def setup(self, ctx: Context) -> None:
+        self.spec.batch_size = ctx.batch_size or self.batch_size  # the model's batch: the job's
         self._captioner = self.spec.build(ctx.device)
 
     def prepare(self, rows: list[dict], ctx: Context) -> list:
@@ -155,37 +178,3 @@ class CaptionStage(Stage):
             failed[aid] = (f"anchor {aid}: no usable caption after {tries} "
                            f"{'try' if tries == 1 else 'tries'} ({'; '.join(last[aid])})")
         return BatchResult(extra={"captions": found}, failed=failed)
-
-
-# -- the library entry point -----------------------------------------------------------------
-def run_caption(ws, selection: Selection | None = None, *, backend: str | None = None,
-                model: str | None = None, base_url: str | None = None,
-                api_key: str | None = None, prompt: str | None = None,
-                prefix: str | None = None, grammar: str | None = None,
-                all_anchors: bool = False, max_attempts: int = 2, seed: int = 0,
-                concurrency: int | None = None, timeout: float | None = None,
-                max_retries: int | None = None, backoff: float | None = None,
-                max_new_tokens: int | None = None, temperature: float | None = None,
-                image_size: int | None = None, dtype: str | None = None,
-                device: str | None = None, force: bool = False, engine=None,
-                batch_size: int | None = None, progress: bool = True) -> RunSummary:
-    """Caption the selected anchors that have no usable caption (all_anchors: every selected
-    one) with the workspace's captioner role, or the model / served endpoint given.
-
-    backend: 'transformers' (model: hub id or folder) or 'openai' (an OpenAI-compatible
-    vision endpoint at base_url, or $ULTRACURATE_VLM_BASE_URL; model: its served name; key
-    from api_key, $ULTRACURATE_VLM_API_KEY or $OPENAI_API_KEY). None: from the role.
-    grammar: constrain a local model's decoding to a packaged or file grammar (the tiny
-    demo model's 'tiny-caption').
-    """
-    size = batch_size or CaptionStage.batch_size
-    spec = captioner_spec(ws, backend, model=model, base_url=base_url, api_key=api_key,
-                          prompt=prompt, prefix=prefix, grammar=grammar,
-                          concurrency=concurrency, timeout=timeout, max_retries=max_retries,
-                          backoff=backoff, max_new_tokens=max_new_tokens,
-                          temperature=temperature, image_size=image_size, dtype=dtype,
-                          batch_size=size)
-    stage = CaptionStage(spec, all_anchors=all_anchors, max_attempts=max_attempts, seed=seed,
-                         force=force)
-    return run_stage(ws, stage, selection, force=force, engine=engine, device=device,
-                     batch_size=size, progress=progress)

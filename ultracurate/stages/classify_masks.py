@@ -4,22 +4,19 @@ A stage of its own, so that new thresholds need no new SAM run: it reads mask_ar
 mask_contours (computing them from the RLE when a mask arrived without them) and writes
 mask_class. A rerun redoes the rows classified under other thresholds (and those never
 classified, or re-grounded since); rows already classified under the same thresholds are
-skipped unless forced. Thresholds default to the released code's (masks.DEFAULT_THRESHOLDS).
+skipped unless forced (the runner's resumption: `resume_on`, `run_column`). Thresholds default
+to the released code's (masks.DEFAULT_THRESHOLDS).
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-
 from .. import masks as M
-from ..catalog import VIEWS, Catalog
-from ..runner import BatchResult, Context, RunSummary, Stage, run_stage
-from ..selection import Selection, selected_keys_sql
+from ..runner import BatchResult, Context, RowStage
 
 
-class ClassifyMasksStage(Stage):
+class ClassifyMasksStage(RowStage):
     name = "classify-masks"
     table = "edits"
     default_where = "mask_rle IS NOT NULL"
@@ -28,27 +25,17 @@ class ClassifyMasksStage(Stage):
     writes = {"edits": {"mask_class", "classify_run", "mask_area", "mask_bbox",
                         "mask_components", "mask_contours"}}
     batch_size = 4096
+    # A row is classified while the run that did it had these thresholds and its
+    # classify_run still names that run (grounding again clears it).
+    resume_on = ("thresholds",)
+    run_column = "classify_run"
 
     def __init__(self, min_area: float | None = None, max_area: float | None = None,
                  max_contours: int | None = None):
+        """Thresholds default to the released code's (masks.DEFAULT_THRESHOLDS)."""
         self.thresholds = M.thresholds(min_area=min_area, max_area=max_area,
                                        max_contours=max_contours)
         super().__init__(thresholds=self.thresholds)
-
-    def items_sql(self, cat: Catalog, selection: Selection, force: bool) -> tuple[str, dict]:
-        pred = f"({self.default_where})"
-        params: dict[str, Any] = {}
-        if not force:
-            same = [r["run_id"] for r in cat.query(
-                "SELECT run_id, params FROM runs WHERE stage = ?", [self.name])
-                if json.loads(r["params"] or "{}").get("thresholds") == self.thresholds]
-            pred += (" AND (classify_run IS NULL OR NOT list_contains($_uc_same, classify_run)"
-                     " OR NOT EXISTS (SELECT 1 FROM stage_state s WHERE s.stage = $_uc_stage"
-                     " AND s.state = 'done' AND s.key = sel.edit_id))")
-            params = {"_uc_same": same or [-1], "_uc_stage": self.name}
-        sql, p = selected_keys_sql(cat.con, VIEWS[self.table], "edit_id", selection, pred,
-                                   self.columns)
-        return sql, {**p, **params}
 
     def process(self, rows: list[dict], prepared: Any, ctx: Context) -> BatchResult:
         out, failed = [], {}
@@ -70,12 +57,3 @@ class ClassifyMasksStage(Stage):
             row["mask_class"] = M.classify(area, contours, self.thresholds)
             out.append(row)
         return BatchResult(updates={"edits": out}, failed=failed)
-
-
-def run_classify_masks(ws, selection: Selection | None = None, *,
-                       min_area: float | None = None, max_area: float | None = None,
-                       max_contours: int | None = None, force: bool = False,
-                       engine: Any = None, progress: bool = True) -> RunSummary:
-    """Classify the selected masks (thresholds default to masks.DEFAULT_THRESHOLDS)."""
-    stage = ClassifyMasksStage(min_area=min_area, max_area=max_area, max_contours=max_contours)
-    return run_stage(ws, stage, selection, force=force, engine=engine, progress=progress)

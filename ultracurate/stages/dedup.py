@@ -1,8 +1,9 @@
 """Dedup: near-duplicate anchors and edited images, by LanceDB vector search over CLIP image
 embeddings.
 
-- anchors: their CLIP image embeddings are computed here the first time (stored in LanceDB,
-  table clip_image, row_table 'anchors', side 'anchor'), then every anchor is searched
+- anchors: their CLIP image embeddings are computed by the `embed-anchors` row stage, which
+  dedup requires (the runner runs it first; it resumes like any row stage), stored in LanceDB
+  (table clip_image, row_table 'anchors', side 'anchor'); then every anchor is searched
   against the others;
 - edited images: the score stage's stored embeddings of the selected candidates' edited images
   (row_table 'candidates', side 'edited').
@@ -22,11 +23,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..catalog import Catalog
 from ..embeddings import EmbeddingStore
 from ..errors import UltracurateError
 from ..images import BadImage, load_rgb
-from ..selection import Selection, selected_keys_sql
+from ..runner import BatchResult, Context, RowStage, SetStage
 
 SEARCH_K = 10
 QUERY_CHUNK = 1024
@@ -40,41 +40,66 @@ class DedupResult:
     anchor_duplicates: dict[int, int] = field(default_factory=dict)     # id -> original
     edited_checked: int = 0
     edited_duplicates: dict[int, int] = field(default_factory=dict)
-    anchors_embedded: int = 0
+    anchors_embedded: int = 0   # by the embed-anchors run before it (run()'s summary.before)
+    anchor_ids: list[int] = field(default_factory=list, repr=False)
+    cand_ids: list[int] = field(default_factory=list, repr=False)
 
     def to_json(self) -> dict:
-        d = self.__dict__.copy()
+        d = {k: v for k, v in self.__dict__.items() if k not in ("anchor_ids", "cand_ids")}
         d["anchor_duplicates"] = {str(k): v for k, v in self.anchor_duplicates.items()}
         d["edited_duplicates"] = {str(k): v for k, v in self.edited_duplicates.items()}
         return d
 
 
-def embed_anchors(ws, store: EmbeddingStore, cat: Catalog, device: str | None = None,
-                  batch_size: int = 64) -> int:
-    """CLIP image embeddings for anchors that have none in LanceDB; returns how many."""
-    have = set(store.get("clip_image", "anchors", side="anchor")[0].tolist())
-    rows = [r for r in cat.query("SELECT anchor_id, media FROM anchors ORDER BY anchor_id")
-            if r["anchor_id"] not in have]
-    if not rows:
-        return 0
-    from ..models import load
-    from ..runner import default_device
-    clip = load(ws, "clip", device or default_device())
-    done = 0
-    for i in range(0, len(rows), batch_size):
-        batch = rows[i:i + batch_size]
-        pix, ok = [], []
-        for r in batch:
+class EmbedAnchorsStage(RowStage):
+    """CLIP image embeddings of anchors into LanceDB (clip_image, row_table 'anchors', side
+    'anchor'): what dedup searches. A row stage like any other: batched, resumable, on Ray if
+    asked; an anchor whose file cannot be read fails with the reason."""
+
+    name = "embed-anchors"
+    table = "anchors"
+    columns = "anchor_id, media"
+    batch_size = 64
+    roles = ("clip",)
+
+    def __init__(self):
+        super().__init__()
+        self.clip = None
+        self._store: EmbeddingStore | None = None
+
+    def __getstate__(self):  # shipped to Ray workers without the model or the LanceDB handle
+        return {**self.__dict__, "clip": None, "_store": None}
+
+    def setup(self, ctx: Context) -> None:
+        from ..models import load
+        self.clip = load(ctx.workspace, "clip", ctx.device)
+
+    def prepare(self, rows: list[dict], ctx: Context) -> dict:
+        out = {}
+        for r in rows:
             try:
-                pix.append(clip.pixels(load_rgb(ws.media.path(r["media"]))))
-                ok.append(r)
-            except BadImage:
-                continue  # ingest checked every anchor; a vanished file is skipped here
-        if ok:
-            store.upsert("clip_image", "anchors", [r["anchor_id"] for r in ok], "anchor",
-                         [r["media"] for r in ok], clip.encode_pixels(pix), clip.ref)
-            done += len(ok)
-    return done
+                out[r["anchor_id"]] = self.clip.pixels(load_rgb(ctx.workspace.media.path(
+                    r["media"])))
+            except (BadImage, UltracurateError) as e:
+                out[r["anchor_id"]] = BadImage(f"anchor {r['anchor_id']}: {e}")
+        return out
+
+    def process(self, rows: list[dict], prepared: dict, ctx: Context) -> BatchResult:
+        failed = {a: str(p) for a, p in prepared.items() if isinstance(p, Exception)}
+        ok = [r for r in rows if r["anchor_id"] not in failed]
+        vectors = self.clip.encode_pixels([prepared[r["anchor_id"]] for r in ok]) if ok \
+            else None
+        return BatchResult(failed=failed, extra={
+            "ids": [r["anchor_id"] for r in ok], "media": [r["media"] for r in ok],
+            "vectors": vectors, "ref": self.clip.ref})
+
+    def write(self, w, result: BatchResult) -> None:
+        e = result.extra
+        if e.get("ids"):  # an upsert is idempotent: a failed commit is simply redone
+            if self._store is None:
+                self._store = EmbeddingStore(w.lance_path)
+            self._store.upsert("clip_image", "anchors", e["ids"], "anchor", e["media"],
+                               e["vectors"], e["ref"])
 
 
 def find_duplicates(store: EmbeddingStore, row_table: str, side: str, ids: list[int],
@@ -106,61 +131,65 @@ def find_duplicates(store: EmbeddingStore, row_table: str, side: str, ids: list[
     return dup
 
 
-def run_dedup(ws, threshold: float = 0.95, what: str = "both",
-              selection: Selection | None = None, device: str | None = None,
-              cat: Catalog | None = None) -> DedupResult:
-    """Mark near-duplicate anchors (all anchors) and edited images (the selected candidates
-    with stored embeddings); returns what was found."""
-    if what not in ("anchors", "edited", "both"):
-        raise UltracurateError(f"dedup: what must be anchors, edited or both (got '{what}')")
-    if not -1.0 <= threshold <= 1.0:
-        raise UltracurateError(f"dedup --threshold {threshold:g} is not a cosine in [-1, 1]")
-    selection = selection or Selection()
-    own = cat is None
-    cat = cat or ws.catalog()
-    try:
-        if what in ("edited", "both"):  # a bad --where fails before anything is embedded
-            selection.checked(cat.con, "candidates_v")
-        store = EmbeddingStore(ws.lance_path)
-        res = DedupResult(None, threshold)
-        anchor_ids: list[int] = []
-        cand_ids: list[int] = []
-        if what in ("anchors", "both"):
-            res.anchors_embedded = embed_anchors(ws, store, cat, device)
-            anchor_ids = [r["anchor_id"] for r in cat.query(
+class DedupStage(SetStage):
+    """Mark near-duplicate anchors (all anchors, embedded first by embed-anchors) and edited
+    images (the selected candidates with stored embeddings)."""
+
+    name = "dedup"
+    table = "candidates"
+    writes = {"anchors": {"duplicate_of", "dedup_run"},
+              "candidates": {"duplicate_of", "dedup_run"}}
+
+    def __init__(self, threshold: float = 0.95, what: str = "both"):
+        if what not in ("anchors", "edited", "both"):
+            raise UltracurateError(f"dedup: what must be anchors, edited or both (got "
+                                   f"'{what}')")
+        if not -1.0 <= threshold <= 1.0:
+            raise UltracurateError(f"dedup --threshold {threshold:g} is not a cosine in "
+                                   "[-1, 1]")
+        self.threshold, self.what = threshold, what
+        super().__init__(threshold=threshold, what=what)
+
+    def requires(self) -> list:
+        return [EmbedAnchorsStage()] if self.what in ("anchors", "both") else []
+
+    def plan(self, r, selection) -> DedupResult:
+        store = EmbeddingStore(r.lance_path)
+        res = DedupResult(None, self.threshold)
+        res.anchor_ids, res.cand_ids = [], []
+        if self.what in ("anchors", "both"):
+            res.anchor_ids = [row["anchor_id"] for row in r.query(
                 "SELECT anchor_id FROM anchors ORDER BY anchor_id")]
-            res.anchor_duplicates = find_duplicates(store, "anchors", "anchor", anchor_ids,
-                                                    threshold)
-            res.anchors_checked = len(anchor_ids)
-        if what in ("edited", "both"):
-            sql, params = selected_keys_sql(cat.con, "candidates_v", "candidate_id", selection,
-                                            "edited_image IS NOT NULL", "candidate_id")
-            cand_ids = [r["candidate_id"] for r in cat.query(sql, params)]
+            res.anchor_duplicates = find_duplicates(store, "anchors", "anchor", res.anchor_ids,
+                                                    self.threshold)
+            res.anchors_checked = len(res.anchor_ids)
+        if self.what in ("edited", "both"):
+            sql, params = r.selected(selection, "candidates", "candidate_id",
+                                     "edited_image IS NOT NULL")
+            cand_ids = [row["candidate_id"] for row in r.query(sql, params)]
             with_emb = store.get("clip_image", "candidates", cand_ids, side="edited")[0]
-            cand_ids = sorted(int(i) for i in with_emb)
-            if not cand_ids and what == "edited":
+            res.cand_ids = sorted(int(i) for i in with_emb)
+            if not res.cand_ids and self.what == "edited":
                 raise UltracurateError("dedup: no selected candidate has a stored edited-image "
                                        "embedding; run `ultracurate score` first")
-            res.edited_duplicates = find_duplicates(store, "candidates", "edited", cand_ids,
-                                                    threshold)
-            res.edited_checked = len(cand_ids)
-        with cat.job("dedup", {"threshold": threshold, "what": what},
-                     selection.to_json()) as run:
-            run_id = run.run_id
-            for table, key, ids, dups in (("anchors", "anchor_id", anchor_ids,
-                                           res.anchor_duplicates),
-                                          ("candidates", "candidate_id", cand_ids,
-                                           res.edited_duplicates)):
-                if not ids:
-                    continue
-                cat.table(table).update([{key: i, "duplicate_of": dups.get(i),
-                                          "dedup_run": run_id} for i in ids])
-            run.rows_in = run.rows_done = len(anchor_ids) + len(cand_ids)
-        res.run_id = run_id
+            res.edited_duplicates = find_duplicates(store, "candidates", "edited",
+                                                    res.cand_ids, self.threshold)
+            res.edited_checked = len(res.cand_ids)
         return res
-    finally:
-        if own:
-            cat.close()
+
+    def apply(self, w, res: DedupResult, produced) -> DedupResult:
+        for table, key, ids, dups in (("anchors", "anchor_id", res.anchor_ids,
+                                       res.anchor_duplicates),
+                                      ("candidates", "candidate_id", res.cand_ids,
+                                       res.edited_duplicates)):
+            if ids:
+                w.table(table).update([{key: i, "duplicate_of": dups.get(i),
+                                        "dedup_run": w.run_id} for i in ids])
+        w.run.rows_in = w.run.rows_done = len(res.anchor_ids) + len(res.cand_ids)
+        res.run_id = w.run_id
+        res.anchors_embedded = sum(b.rows_done for b in self.before
+                                   if b.stage == EmbedAnchorsStage.name)
+        return res
 
 
 def format_dedup(res: DedupResult) -> str:

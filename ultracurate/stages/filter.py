@@ -15,7 +15,7 @@ no top-k place; a human-accepted row takes one first.
 
 Filtering is a pure function of the scores and thresholds: rerunning it with other thresholds
 recomputes every selected row's decision (nothing is lost, the previous run is in `runs`).
-`dry_run=True` computes the funnel and changes nothing.
+`run(ws, "filter", ..., dry_run=True)` computes the funnel and changes nothing.
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+
 from ..catalog import Catalog
 from ..errors import UltracurateError
-from ..selection import Selection, selected_keys_sql
 from ..names import MODES, SCORE_COLUMNS
+from ..runner import SetStage
+from ..selection import Selection, selected_keys_sql
 from ..thresholds import Rule, Thresholds
 
 DEFAULT_WHERE = ("auto_status IN ('scored', 'accepted', 'rejected') "
@@ -79,11 +81,11 @@ def _per_mode(exprs: dict[str, str], default: str = "NULL") -> str:
     return f"(CASE mode {whens} ELSE {default} END)" if whens else f"({default})"
 
 
-def _decision_sql(cat: Catalog, selection: Selection, t: Thresholds) -> tuple[str, dict, list]:
+def _decision_sql(con, selection: Selection, t: Thresholds) -> tuple[str, dict, list]:
     """SQL giving, per selected row: candidate_id, reasons (thresholds), final reasons,
     fail_<i> flags per distinct rule, pool, rank, n_pass. Also the distinct rules."""
     inner, params = selected_keys_sql(
-        cat.con, "candidates_v", "candidate_id", selection, DEFAULT_WHERE,
+        con, "candidates_v", "candidate_id", selection, DEFAULT_WHERE,
         f"candidate_id, edit_id, mode, human_decision, {_SCORE_COLS}")
     rules = t.all_rules()
     flags = []
@@ -126,7 +128,7 @@ def _decision_sql(cat: Catalog, selection: Selection, t: Thresholds) -> tuple[st
     return sql, params, rules
 
 
-def _funnel(cat: Catalog, sql: str, params: dict, rules: list[Rule],
+def _funnel(cat, sql: str, params: dict, rules: list[Rule],
             rules_by_mode: dict[str, list[Rule]]) -> tuple[list, dict]:
     n = len(rules)
     parts = ["count(*) AS total"]
@@ -162,42 +164,57 @@ def _funnel(cat: Catalog, sql: str, params: dict, rules: list[Rule],
     return steps, row
 
 
-def run_filter(ws, selection: Selection | None = None, thresholds: Thresholds | None = None,
-               *, dry_run: bool = False, cat: Catalog | None = None) -> FilterResult:
-    """Apply the keep rule to the selected scored candidates (default thresholds: UltraEdit's,
-    per mode). One transaction: either every selected row gets its new decision and the run
-    is recorded, or the catalog is left as it was."""
-    selection = selection or Selection()
-    t = thresholds or Thresholds.preset("ultraedit")
-    t.validate()
-    own = cat is None
-    cat = cat or ws.catalog()
-    try:
-        sql, params, rules = _decision_sql(cat, selection, t)
-        steps, counts = _funnel(cat, sql, params, rules, {m: t.rules(m) for m in MODES})
+class FilterStage(SetStage):
+    """The keep rule over the selected scored candidates, as one set-based UPDATE (see the
+    module docstring)."""
+
+    name = "filter"
+    table = "candidates"
+    writes = {"candidates": {"auto_status", "reject_reasons", "filter_run"}}
+
+    def __init__(self, thresholds: Thresholds | dict | None = None, preset: str = "ultraedit",
+                 mode: str | None = None, clip_min: float | None = None, **bounds):
+        """thresholds: a Thresholds (or its dict); else the preset (UltraEdit's, per mode)
+        with bounds overriding it (ModeThresholds fields: clip_sim_dir_min=0.25, top_k=4,
+        unset=[...]), for one mode or both."""
+        if isinstance(thresholds, dict):
+            thresholds = Thresholds.from_dict(thresholds)
+        t = thresholds or Thresholds.preset(preset)
+        if mode is not None or clip_min is not None or bounds:
+            t = t.override(mode=mode, clip_min=clip_min, **bounds)
+        t.validate()
+        self.thresholds = t
+        super().__init__(thresholds=t.to_dict())
+
+    def plan(self, r, selection):
+        t = self.thresholds
+        sql, params, rules = _decision_sql(r.cat.con, selection, t)
+        steps, counts = _funnel(r, sql, params, rules, {m: t.rules(m) for m in MODES})
         total = counts["total"]
         result = FilterResult(None, total, counts["accepted"], total - counts["accepted"],
-                              steps, counts["h_acc"], counts["h_rej"], dry_run, t.to_dict())
-        if dry_run:
-            return result
-        with cat.job("filter", {"thresholds": t.to_dict()}, selection.to_json()) as run:
-            run_id = run.run_id
-            cat.con.execute(
-                f"""UPDATE candidates SET
-                      auto_status = CASE WHEN len(d.final_reasons) = 0 THEN 'accepted'
-                                         ELSE 'rejected' END,
-                      reject_reasons = CASE WHEN len(d.final_reasons) = 0 THEN NULL
-                                            ELSE d.final_reasons END,
-                      filter_run = $_uc_run
-                    FROM ({sql}) d WHERE candidates.candidate_id = d.candidate_id""",
-                {**params, "_uc_run": run_id})
-            run.rows_in = run.rows_done = total
-            run.message = json.dumps(result.to_json()["funnel"])
-        result.run_id = run_id
+                              steps, counts["h_acc"], counts["h_rej"], False, t.to_dict())
+        return sql, params, result
+
+    def preview(self, plan):
+        result = plan[2]
+        result.dry_run = True
         return result
-    finally:
-        if own:
-            cat.close()
+
+    def apply(self, w, plan, produced):
+        sql, params, result = plan
+        w.candidates.update_from(
+            f"""SELECT candidate_id,
+                       CASE WHEN len(final_reasons) = 0 THEN 'accepted' ELSE 'rejected' END
+                           AS auto_status,
+                       CASE WHEN len(final_reasons) = 0 THEN NULL ELSE final_reasons END
+                           AS reject_reasons,
+                       $_uc_run AS filter_run
+                FROM ({sql}) d""", {**params, "_uc_run": w.run_id},
+            ["auto_status", "reject_reasons", "filter_run"])
+        w.run.rows_in = w.run.rows_done = result.rows_in
+        w.run.message = json.dumps(result.to_json()["funnel"])
+        result.run_id = w.run_id
+        return result
 
 
 def latest_thresholds(cat: Catalog) -> Thresholds | None:

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 
 
 from .. import masks as M
-from ..catalog import Catalog, now
+from ..catalog import Catalog, named_queries, now
 from ..errors import UltracurateError
 from ..generation import params as P
 from ..generation.behaviour import BEHAVIOURS, COMPAT, CallDropped
-from ..names import CAPTION_MAX_WORDS, EDIT_MODES
 from ..images import load_rgb, resize_center_crop, to_jpeg_bytes
-from ..runner import BatchResult, Context, RunSummary, Stage, make_engine, run_stage
+from ..names import CAPTION_MAX_WORDS, EDIT_MODES
+from ..runner import BatchResult, Context, RowStage
 from ..selection import Selection, referenced_columns, selected_keys_sql
 from ..workspace import Workspace
 
@@ -94,13 +94,25 @@ def generation_mode(edit: dict, mode: str, classes: tuple[str, ...] | None = DEF
     return m, None
 
 
-def plan_candidates(cat: Catalog, edit_ids: list[int] | None, n_total: int, seed: int = 0, *,
-                    behaviour: str = "method", mode: str = "auto",
-                    selection: Selection | None = None, mask_class: str | None = None,
-                    pairs_per_call: int | None = None, size: int | None = None,
-                    native_size: int | None = None) -> PlanReport:
-    """Add the missing candidates 0..n_total-1 of each edit (edit_ids, or the edits the
-    selection picks), status 'planned', in one transaction.
+def plan_candidates(cat: Catalog, selection: Selection | None, n_total: int, seed: int = 0,
+                    **options) -> PlanReport:
+    """Add the missing candidates 0..n_total-1 of each edit the selection picks, status
+    'planned', in one transaction (options: those of `plan_sql`)."""
+    from ..runner import Access
+    selection = selection or Selection()
+    sql, params = selected_keys_sql(cat.con, "edits_v", "edit_id", selection, None, "edit_id")
+    with cat.transaction():
+        return plan_sql(Access(cat, GenerateStage, writable=True), selection, sql, params,
+                        n_total, seed, **options)
+
+
+def plan_sql(w, selection: Selection, edits_sql: str, params: dict, n_total: int,
+             seed: int = 0, *, behaviour: str = "method", mode: str = "auto",
+             mask_class: str | None = None, pairs_per_call: int | None = None,
+             size: int | None = None, native_size: int | None = None) -> PlanReport:
+    """Add the missing candidates 0..n_total-1 of each edit edits_sql selects (its edit_id;
+    selection: the user's, to see whether its --where reads mask_class), status 'planned'.
+    Call inside the caller's transaction (w: the stage's catalog handle).
 
     Calls and seeds: the edits of one mode, in edit_id order, are taken the behaviour's pairs
     per call at a time (`method`: pairs_per_call, 16 by default; `ultraedit-compat`: the
@@ -117,6 +129,8 @@ def plan_candidates(cat: Catalog, edit_ids: list[int] | None, n_total: int, seed
     bh = BEHAVIOURS[behaviour]
     if n_total < 1:
         raise UltracurateError("--candidates must be at least 1")
+    if mode not in EDIT_MODES:
+        raise UltracurateError(f"unknown --mode '{mode}' (auto, free or region)")
     per_call = dict(bh.pairs_per_call)
     if pairs_per_call is not None:
         if behaviour == COMPAT:
@@ -126,25 +140,13 @@ def plan_candidates(cat: Catalog, edit_ids: list[int] | None, n_total: int, seed
             raise UltracurateError("--pairs-per-call must be at least 1")
         per_call = {m: int(pairs_per_call) for m in per_call}
     classes = mask_classes(mask_class)
-    cols = ("edit_id, mode, edit_status, mask_rle, mask_height, mask_width, mask_area, "
-            "mask_contours, mask_class, source_caption, target_caption")
-    if edit_ids is not None:
-        edits = cat.query(f"SELECT {cols} FROM edits_v WHERE list_contains(?, edit_id) "
-                          "ORDER BY edit_id", [list(map(int, edit_ids))])
-    else:
-        selection = selection or Selection()
-        if mask_class is None and "mask_class" in referenced_columns(cat.con, "edits_v",
-                                                                     selection):
-            classes = None            # the user's --where picks the mask classes
-        sql, prm = selected_keys_sql(cat.con, "edits_v", "edit_id", selection, None, cols)
-        edits = cat.query(sql + " ORDER BY edit_id", prm)
+    if mask_class is None and "mask_class" in referenced_columns(w.cat.con, "edits_v",
+                                                                 selection):
+        classes = None            # the user's --where picks the mask classes
+    # the selected edits, each with the candidate indices it has (one query, in SQL)
+    edits = w.query(named_queries("generate")["edits_to_plan"].replace("{edits}", edits_sql),
+                    params)
     report = PlanReport()
-    have = {}
-    ids = [e["edit_id"] for e in edits]
-    for eid, idx in cat.con.execute(
-            "SELECT edit_id, candidate_index FROM candidates WHERE list_contains(?, edit_id)",
-            [ids]).fetchall():
-        have.setdefault(eid, set()).add(idx)
     rows = []
     ordinal = {"free": 0, "region": 0}
     for e in edits:
@@ -161,8 +163,9 @@ def plan_candidates(cat: Catalog, edit_ids: list[int] | None, n_total: int, seed
         report.edits += 1
         group = ordinal[m] // per_call[m]
         ordinal[m] += 1
+        have = set(e["have"])
         for k in range(n_total):
-            if k in have.get(e["edit_id"], ()):
+            if k in have:
                 continue
             call = (k, 0 if m == "free" else 1, group)
             rows.append((call + (e["edit_id"],), {
@@ -172,41 +175,90 @@ def plan_candidates(cat: Catalog, edit_ids: list[int] | None, n_total: int, seed
     if not rows:
         return report
     rows.sort(key=lambda r: r[0])  # a call's rows are contiguous
-    with cat.transaction():
-        first = cat.candidates.next_id()
-        at = now()
-        calls: dict[tuple, int] = {}       # a call is named by its first row's candidate_id
-        cat.candidates.insert([{"candidate_id": first + i, **r, "created_at": at,
-                                "gen_call": calls.setdefault(order[:3], first + i)}
-                               for i, (order, r) in enumerate(rows)])
+    first = w.candidates.next_id()
+    at = now()
+    calls: dict[tuple, int] = {}       # a call is named by its first row's candidate_id
+    w.candidates.insert([{"candidate_id": first + i, **r, "created_at": at,
+                        "gen_call": calls.setdefault(order[:3], first + i)}
+                       for i, (order, r) in enumerate(rows)])
     report.planned = len(rows)
     return report
 
 
 # -- the stage ------------------------------------------------------------------------------------
-class GenerateStage(Stage):
+class GenerateStage(RowStage):
+    """Plan the selected edits' candidates (the user's selection is over edits), then render
+    the planned ones call by call."""
+
     name = "generate"
     table = "candidates"
-    default_where = "auto_status = 'planned'"
+    selects = "edits"             # the candidates of the edits the user selects
+    default_where = "auto_status = 'planned' AND candidate_index < $_uc_n"
+    force_where = ("auto_status IN ('planned', 'generated', 'failed') "
+                   "AND candidate_index < $_uc_n")
     columns = ("candidate_id, edit_id, candidate_index, seed, gen_behaviour, gen_params, "
                "gen_call, source_caption, target_caption, anchor_media, mask_rle, "
                "mask_height, mask_width")
-    writes = {"candidates": {"source_image", "edited_image", "source_is_anchor", "gen_params",
-                             "gen_run", "auto_status", "error"}}
+    writes = {"candidates": {"edit_id", "candidate_index", "seed", "gen_behaviour",  # plan
+                             "gen_params", "auto_status", "created_at", "gen_call",
+                             "source_image", "edited_image", "source_is_anchor",  # render
+                             "gen_run", "error"}}
     batch_size = 16
     group_by = "gen_call"          # a batch never splits a generator call
     roles = ("editor",)
 
-    def __init__(self, size: int = 512, keep_anchor_source: bool = False,
-                 soft_variant: str = "ultraedit", dtype: str | None = None,
-                 write_threads: int = 4, **extra):
+    def __init__(self, candidates: int = 30, mode: str = "auto", behaviour: str = "method",
+                 seed: int = 0, size: int = 512, keep_anchor_source: bool = False,
+                 soft_variant: str = "ultraedit", mask_class: str | None = None,
+                 pairs_per_call: int | None = None, dtype: str | None = None,
+                 write_threads: int = 4):
+        """Plan up to `candidates` per selected edit, then generate every planned candidate
+        of those edits (see the module docstring). Rerunning resumes; --force also
+        regenerates generated and failed ones."""
         super().__init__(size=size, keep_anchor_source=keep_anchor_source,
-                         soft_variant=soft_variant, dtype=dtype, **extra)
+                         soft_variant=soft_variant, dtype=dtype, mode=mode,
+                         behaviour=behaviour, candidates=candidates, seed=seed,
+                         mask_class=mask_class, pairs_per_call=pairs_per_call)
         if size % 8 or size < 64:
             raise UltracurateError(f"--size must be a multiple of 8, at least 64 (got {size})")
+        if behaviour not in BEHAVIOURS:
+            raise UltracurateError(f"unknown behaviour '{behaviour}' (method or "
+                                   "ultraedit-compat)")
+        if int(candidates) < 1:
+            raise UltracurateError("--candidates must be at least 1")
+        mask_classes(mask_class)  # a bad --mask-class is refused before anything is written
+        self.candidates, self.mode, self.behaviour = int(candidates), mode, behaviour
+        self.seed, self.mask_class, self.pairs_per_call = int(seed), mask_class, pairs_per_call
         self.size, self.keep_anchor_source = int(size), bool(keep_anchor_source)
         self.soft_variant, self.dtype, self.write_threads = soft_variant, dtype, write_threads
+        self.native_size: int | None = None
+        self.planned: PlanReport | None = None
         self.pipe = None
+
+    def check(self, r, selection) -> None:
+        if self.behaviour == COMPAT and self.mode != "free":
+            from ..models import editor, resolve
+            self.native_size = editor.native_size(resolve(r.workspace, "editor"))
+
+    def sql_params(self) -> dict:
+        return {"_uc_n": self.candidates}
+
+    def plan(self, w, selection, parent_sql, params) -> dict:
+        self.planned = plan_sql(w, selection, parent_sql, params, self.candidates, self.seed,
+                                behaviour=self.behaviour, mode=self.mode,
+                                mask_class=self.mask_class,
+                                pairs_per_call=self.pairs_per_call, size=self.size,
+                                native_size=self.native_size)
+        return self.planned.to_json()
+
+    def report(self, w) -> dict:
+        plan = self.planned.to_json() if self.planned else None
+        notes = []
+        if plan is not None:
+            skipped = ", ".join(f"{n} {r}" for r, n in plan["skipped"].items()) or "none"
+            notes.append(f"planned {plan['planned']} new candidates for {plan['edits']} "
+                         f"edits (skipped edits: {skipped})")
+        return {"plan": plan, "notes": notes}
 
     def __getstate__(self):  # ship the settings to a worker, never the loaded model
         state = self.__dict__.copy()
@@ -337,52 +389,3 @@ def _call_key(row: dict, mode: str):
 
 def _put_jpeg(ws: Workspace, im) -> str:
     return ws.media.put_bytes(to_jpeg_bytes(im, quality=100), "jpg")
-
-
-# -- the library call behind `ultracurate generate` ------------------------------------------------
-@dataclass
-class GenerateSummary:
-    plan: PlanReport
-    run: RunSummary | None
-
-    def to_json(self) -> dict:
-        return {"plan": self.plan.to_json(), "run": self.run.to_json() if self.run else None}
-
-
-def run_generate(ws: Workspace, selection: Selection | None = None, *, candidates: int = 30,
-                 mode: str = "auto", behaviour: str = "method", engine: str = "local",
-                 seed: int = 0, size: int = 512, keep_anchor_source: bool = False,
-                 soft_variant: str = "ultraedit", address: str | None = None,
-                 workers: int | None = None, device: str | None = None,
-                 batch_size: int | None = None, force: bool = False,
-                 mask_class: str | None = None, pairs_per_call: int | None = None,
-                 progress: bool = True) -> GenerateSummary:
-    """Plan up to `candidates` per selected edit, then generate every planned candidate of
-    those edits. Rerunning resumes; --force also regenerates generated/failed ones."""
-    selection = selection or Selection()
-    stage = GenerateStage(size=size, keep_anchor_source=keep_anchor_source,
-                          soft_variant=soft_variant, mode=mode, behaviour=behaviour,
-                          candidates=candidates, seed=seed, mask_class=mask_class,
-                          pairs_per_call=pairs_per_call)
-    eng = make_engine(engine, address, workers) if isinstance(engine, str) else engine
-    native = None
-    if behaviour == COMPAT and mode != "free":
-        from ..models import editor, resolve
-        native = editor.native_size(resolve(ws, "editor"))
-    with ws.catalog() as cat:
-        report = plan_candidates(cat, None, candidates, seed, behaviour=behaviour, mode=mode,
-                                 selection=selection, mask_class=mask_class,
-                                 pairs_per_call=pairs_per_call, size=size, native_size=native)
-        sql, prm = selected_keys_sql(cat.con, "edits_v", "edit_id", selection, None,
-                                     "edit_id")
-        edit_ids = [r[0] for r in cat.con.execute(sql, prm).fetchall()]
-        stage.params["plan"] = report.to_json()
-        if force:
-            stage.default_where = "auto_status IN ('planned', 'generated', 'failed')"
-        cand_sel = Selection(where="list_contains($_uc_edits, edit_id) AND "
-                                   "candidate_index < $_uc_n",
-                             params={"_uc_edits": edit_ids, "_uc_n": int(candidates)},
-                             trusted=True)
-        run = run_stage(ws, stage, cand_sel, force=force, engine=eng, device=device,
-                        batch_size=batch_size, progress=progress, cat=cat)
-    return GenerateSummary(report, run)

@@ -1,7 +1,8 @@
 """Ground: the region of a region-mode edit, as a SAM mask of its edit object.
 
 For each edit (mode 'region' with an edit object other than NONE): detect the edit object
-phrase in the anchor photo (GroundingDINO, or OWLv2; box threshold 0.3, text threshold 0.25),
+phrase in the anchor photo (GroundingDINO, or OWLv2; box threshold 0.3, text threshold 0.25:
+names.BOX_THRESHOLD, TEXT_THRESHOLD),
 prompt SAM with every box (one mask per box) and keep the union, at the anchor's resolution.
 The mask is stored as a COCO RLE with its features (area fraction, bbox, connected components,
 external contours). No box found: edit_status 'no_region' with the reason, no mask; the
@@ -20,8 +21,8 @@ import numpy as np
 
 from .. import masks as M
 from ..images import BadImage, load_rgb
-from ..runner import BatchResult, Context, RunSummary, Stage, run_stage
-from ..selection import Selection
+from ..names import BOX_THRESHOLD, TEXT_THRESHOLD
+from ..runner import BatchResult, Context, RowStage
 
 REGION_WHERE = "mode = 'region' AND edit_object IS NOT NULL AND edit_object <> 'NONE'"
 
@@ -36,7 +37,7 @@ def no_box_reason(edit_object: str) -> str:
     return f'no box found for "{edit_object}"'
 
 
-class GroundStage(Stage):
+class GroundStage(RowStage):
     name = "ground"
     table = "edits"
     default_where = REGION_WHERE
@@ -47,8 +48,11 @@ class GroundStage(Stage):
     # Consecutive rows of an anchor land in the same batch, so its embedding is shared.
     order_by = "anchor_id, edit_id"
 
-    def __init__(self, box_threshold: float = 0.3, text_threshold: float = 0.25,
-                 backend: str | None = None, sam_batch_size: int = 8):
+    def __init__(self, box_threshold: float = BOX_THRESHOLD,
+                 text_threshold: float = TEXT_THRESHOLD, backend: str | None = None,
+                 sam_batch_size: int = 8):
+        """Ground the selected region edits (see the module docstring); thresholds default
+        to the released code's (names.BOX_THRESHOLD, TEXT_THRESHOLD)."""
         super().__init__(box_threshold=box_threshold, text_threshold=text_threshold,
                          backend=backend, sam_batch_size=sam_batch_size)
         self.box_threshold = box_threshold
@@ -56,7 +60,6 @@ class GroundStage(Stage):
         self.backend = backend
         self.sam_batch_size = sam_batch_size
         self._models: tuple | None = None
-
 
     def setup(self, ctx: Context) -> None:
         from ..models import grounding, resolve, sam
@@ -116,14 +119,3 @@ class GroundStage(Stage):
                            edit_status="grounded")
             out.append(row)
         return BatchResult(updates={"edits": out}, failed=failed)
-
-
-def run_ground(ws, selection: Selection | None = None, *, box_threshold: float = 0.3,
-               text_threshold: float = 0.25, backend: str | None = None,
-               force: bool = False, engine: Any = None, device: str | None = None,
-               batch_size: int | None = None, progress: bool = True) -> RunSummary:
-    """Ground the selected region edits (see the module docstring)."""
-    stage = GroundStage(box_threshold=box_threshold, text_threshold=text_threshold,
-                        backend=backend)
-    return run_stage(ws, stage, selection, force=force, engine=engine, device=device,
-                     batch_size=batch_size, progress=progress)

@@ -11,10 +11,11 @@ Captions (with their source: ingest, coco, ...) are merged per content hash into
 anchor_captions: several rows for one file, a copy of an anchor's bytes elsewhere, a later
 ingest of captions for files already in the catalog; de-duplicated, in order of arrival.
 
-A rerun skips what was recorded (anchors and rejects, by source), except for sources that bring
-captions their anchor lacks (only those captions are added; the file is not read again);
-`--force` looks at every source again, and a source rejected before for the same bytes adds no
-second reject row (`recorded_sources` and `record_rejects`, shared with the UltraEdit importer).
+A rerun skips what was recorded (anchors and rejects, by source: the runner leaves out what
+sql/queries/ingest.sql `recorded` finds), except for sources that bring captions their anchor
+lacks (only those captions are added; the file is not read again); `--force` looks at every
+source again, and a source rejected before for the same bytes adds no second reject row
+(`record_rejects`, shared with the UltraEdit importer).
 """
 
 from __future__ import annotations
@@ -27,11 +28,10 @@ from typing import Any
 
 import polars as pl
 
-from ..catalog import Catalog, named_queries, normalize_caption, now
+from ..catalog import normalize_caption, now
 from ..errors import UltracurateError, reason_text
 from ..images import MAX_PIXELS, BadImage, inspect_image, read_bytes
-from ..runner import BatchResult, Context, Stage
-from ..selection import Selection
+from ..runner import BatchResult, Context, RowStage
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 PATH_COLUMNS = ("path", "image", "image_path", "file_name", "filepath", "input_image")
@@ -233,96 +233,83 @@ def _from_hf_disk(folder: Path) -> list[Item]:
 
 
 # -- what an ingest has recorded -------------------------------------------------------------
-def recorded_sources(cat: Catalog, anchors: bool = True) -> set[str]:
-    """Sources an ingest has recorded, as a reject (and, with anchors, as an anchor): a rerun
-    without --force skips them."""
-    sql = "SELECT source_path FROM ingest_rejects"
-    if anchors:
-        sql += " UNION SELECT source_path FROM anchors"
-    return {r[0] for r in cat.con.execute(sql).fetchall()}
-
-
-def known_anchors(cat: Catalog, shas: list[str]) -> dict[str, tuple[int, str]]:
-    """sha256 -> (anchor_id, source_path) of the anchors among shas."""
+def known_anchors(r, shas: list[str]) -> dict[str, tuple[int, str]]:
+    """sha256 -> (anchor_id, source_path) of the anchors among shas (r: a stage's catalog
+    handle)."""
     shas = list(dict.fromkeys(shas))
     if not shas:
         return {}
     # a literal IN list: DuckDB answers it from the sha256 index, `IN (SELECT unnest(?))`
     # scans the table (bench/catalog.py: anchor_lookup)
     marks = ", ".join("?" * len(shas))
-    return {sha: (aid, src) for sha, aid, src in cat.con.execute(
+    return {row["sha256"]: (row["anchor_id"], row["source_path"]) for row in r.query(
         f"SELECT sha256, anchor_id, source_path FROM anchors WHERE sha256 IN ({marks})",
-        shas).fetchall()}
+        shas)}
 
 
-def record_rejects(cat: Catalog, bad: list[dict], run_id: int) -> None:
+def record_rejects(w, bad: list[dict]) -> None:
     """Insert bad ({source_path, reason, sha256, duplicate_of}) into ingest_rejects, once per
     source and bytes: a source already rejected for the same bytes (a forced rerun, the same
     row twice in a batch) adds no row. Reasons are stored one line, without object reprs."""
-    if not bad:
-        return
-    once: dict[tuple, dict] = {}
-    for b in bad:
-        once.setdefault((b["source_path"], b.get("sha256")), b)
     at = now()
-    cat.ingest_rejects.insert_missing(
+    w.ingest_rejects.insert_missing(
         [{"source_path": b["source_path"], "reason": reason_text(b["reason"]),
-          "sha256": b.get("sha256"), "duplicate_of": b.get("duplicate_of"), "run_id": run_id,
-          "rejected_at": at} for b in once.values()], on=("source_path", "sha256"))
+          "sha256": b.get("sha256"), "duplicate_of": b.get("duplicate_of"),
+          "run_id": w.run_id, "rejected_at": at} for b in bad],
+        on=("source_path", "sha256"))
 
 
 # -- the stage ------------------------------------------------------------------------------
-class IngestStage(Stage):
-    """Anchors from items. An item whose file is already an anchor (or a recorded copy of one)
-    is not read again, but captions it brings that the anchor lacks are added; a file with
-    the same bytes as an anchor adds its captions to that anchor and is recorded as a
-    duplicate."""
+class IngestStage(RowStage):
+    """Anchors from files and tables (see the module docstring). An item whose file is already
+    an anchor (or a recorded copy of one) is not read again, but captions it brings that the
+    anchor lacks are added; a file with the same bytes as an anchor adds its captions to that
+    anchor and is recorded as a duplicate.
+
+    Its items are outside the catalog: the runner leaves out those the catalog records
+    (sql/queries/ingest.sql: `recorded`) unless --force."""
 
     name = "ingest"
+    path_options = ("paths", "captions")
     table = "anchors"
+    key = "item"
+    recorded = "ingest.recorded"
+    # the anchor a pending item's source made or duplicates (only its new captions are added)
+    columns = ("item, coalesce((SELECT min(a.anchor_id) FROM anchors a "
+               "WHERE a.source_path = sel.source), (SELECT max(r.duplicate_of) FROM "
+               "ingest_rejects r WHERE r.source_path = sel.source)) AS anchor_id")
     writes = {"anchors": {"sha256", "media", "source_path", "dataset", "width", "height",
                           "format", "orig_mode", "conversion", "external_id", "ingest_run",
-                          "ingested_at"}}
+                          "ingested_at"},
+              "anchor_captions": {"anchor_id", "caption", "source"},
+              "ingest_rejects": {"source_path", "reason", "sha256", "duplicate_of", "run_id",
+                                 "rejected_at"}}
     batch_size = 16
-    track_state = False
 
-    def __init__(self, items: list[Item], max_pixels: int = MAX_PIXELS):
-        super().__init__(n_items=len(items), max_pixels=max_pixels)
+    def __init__(self, paths: list[str | Path] | None = None,
+                 captions: str | Path | None = None, max_pixels: int = MAX_PIXELS,
+                 items: list[Item] | None = None):
+        """paths: image folders, COCO captions JSON, jsonl/csv/parquet tables, HF dataset
+        folders (captions: a captions table for a folder); or items already discovered."""
+        if items is None:
+            if not paths:
+                raise UltracurateError("ingest needs at least one path")
+            items = discover(list(paths), captions)
+        super().__init__(paths=[str(p) for p in paths or []],
+                         captions=str(captions) if captions else None, n_items=len(items),
+                         max_pixels=max_pixels)
         self._items = items
         self.max_pixels = max_pixels
         self.anchors_added = 0
         self.captions_added = 0
 
-    def items(self, cat: Catalog, selection: Selection, force: bool) -> pl.DataFrame:
-        """Sources not yet recorded (as an anchor or a reject), so an ingest resumes; and
-        recorded ones (anchors, copies of anchors) that bring captions their anchor lacks,
-        with that anchor's id. force: every item, read again."""
-        n = len(self._items)
-        if force:
-            return pl.DataFrame({"item": range(n), "anchor_id": [None] * n},
-                                schema={"item": pl.Int64, "anchor_id": pl.Int64})
+    def items(self):
         import pyarrow as pa
-        cat.con.register("_sources", pa.table({
-            "item": pa.array(range(n), pa.int64()),
-            "source": pa.array([it.source for it in self._items], pa.string())}))
-        cat.con.register("_item_captions", pa.table({
-            "item": pa.array([i for i, it in enumerate(self._items) for _ in it.captions],
-                             pa.int64()),
-            "caption": pa.array([c for it in self._items for c in it.captions], pa.string())}))
-        try:
-            seen = cat.pl(named_queries("ingest")["recorded_items"])
-        finally:
-            cat.con.unregister("_sources")
-            cat.con.unregister("_item_captions")
-        # recorded: skipped, unless its anchor lacks some of its captions (then only those)
-        todo = pl.DataFrame({"item": range(n)}, schema={"item": pl.Int64}).join(
-            seen, on="item", how="left")
-        return todo.filter(pl.col("new_captions").is_null() | (
-            (pl.col("new_captions") > 0) & pl.col("anchor_id").is_not_null())
-        ).select("item", "anchor_id").sort("item")
-
-    def key_of(self, row: dict) -> int:
-        return row["item"]
+        return pa.table({
+            "item": pa.array(range(len(self._items)), pa.int64()),
+            "source": pa.array([it.source for it in self._items], pa.string()),
+            "captions": pa.array([it.captions for it in self._items],
+                                 pa.list_(pa.string()))})
 
     def process(self, rows, prepared, ctx: Context) -> BatchResult:
         ws = ctx.workspace
@@ -330,11 +317,13 @@ class IngestStage(Stage):
         for row in rows:
             it = self._items[row["item"]]
             if it.reject:
-                bad.append({"source_path": it.source, "reason": it.reject, "sha256": None})
+                bad.append({"item": row["item"], "source_path": it.source,
+                            "reason": it.reject, "sha256": None})
                 continue
             captions = list(zip(it.captions, it.caption_sources))
-            if row.get("anchor_id") is not None:  # already an anchor: its new captions only
-                good.append({"anchor_id": row["anchor_id"], "captions": captions})
+            if row.get("anchor_id") is not None and not ctx.force:
+                good.append({"item": row["item"], "anchor_id": row["anchor_id"],
+                             "captions": captions})   # already an anchor: its new captions
                 continue
             sha = None  # a reject records the bytes it was made of (None: unreadable)
             try:
@@ -344,26 +333,27 @@ class IngestStage(Stage):
                 ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp",
                        "TIFF": "tif", "GIF": "gif"}.get(info.format, "img")
                 name = ws.media.put_bytes(data, ext)
-                good.append({"anchor": {
+                good.append({"item": row["item"], "anchor": {
                     "sha256": sha, "media": name, "source_path": it.source,
                     "dataset": it.dataset, "width": info.width, "height": info.height,
                     "format": info.format, "orig_mode": info.mode,
                     "conversion": info.conversion, "external_id": it.external_id},
                     "captions": captions})
             except BadImage as e:
-                bad.append({"source_path": it.source, "reason": str(e), "sha256": sha})
+                bad.append({"item": row["item"], "source_path": it.source, "reason": str(e),
+                            "sha256": sha})
         return BatchResult(extra={"good": good, "bad": bad},
-                           failed={i: "" for i in range(len(bad))})
+                           failed={b["item"]: "" for b in bad})
 
-    def write(self, cat: Catalog, result: BatchResult, run_id: int) -> None:
+    def write(self, w, result: BatchResult) -> None:
         if "good" not in result.extra:
             return  # the batch raised: nothing to record, its items stay pending for a rerun
         at = now()
         good = result.extra["good"]
         bad = list(result.extra["bad"])
-        known = known_anchors(cat, [g["anchor"]["sha256"] for g in good if "anchor" in g])
+        known = known_anchors(w, [g["anchor"]["sha256"] for g in good if "anchor" in g])
         rows, captions = [], []
-        next_id = cat.anchors.next_id()
+        next_id = w.anchors.next_id()
         for g in good:
             a = g.get("anchor")
             if a is None:
@@ -371,24 +361,24 @@ class IngestStage(Stage):
             elif a["sha256"] in known:
                 aid, path = known[a["sha256"]]
                 if path != a["source_path"]:  # else: this very file, met again by --force
-                    bad.append({"source_path": a["source_path"], "sha256": a["sha256"],
-                                "duplicate_of": aid,
+                    bad.append({"item": g["item"], "source_path": a["source_path"],
+                                "sha256": a["sha256"], "duplicate_of": aid,
                                 "reason": f"{a['source_path']}: duplicate of anchor {aid} "
                                           "(same bytes)"})
             else:
                 aid = next_id
                 next_id += 1
                 known[a["sha256"]] = (aid, a["source_path"])
-                rows.append({"anchor_id": aid, **a, "ingest_run": run_id, "ingested_at": at})
+                rows.append({"anchor_id": aid, **a, "ingest_run": w.run_id, "ingested_at": at})
             captions += [{"anchor_id": aid, "caption": text, "source": source}
                          for text, source in g["captions"]]
-        self.anchors_added += cat.anchors.insert(rows, allowed=self.writes["anchors"])
-        self.captions_added += cat.anchor_captions.merge(captions, run_id)
-        record_rejects(cat, bad, run_id)
-        result.failed = {i: "" for i in range(len(bad))}
+        self.anchors_added += w.anchors.insert(rows)
+        self.captions_added += w.anchor_captions.merge(captions, w.run_id)
+        record_rejects(w, bad)
+        result.failed = {b["item"]: "" for b in bad}
 
-    def report(self, cat: Catalog, run_id: int) -> dict:
-        missing = cat.anchors_without_caption()
+    def report(self, w) -> dict:
+        missing = int(w.named("captions", "without_caption")[0]["n"])
         notes = [f"new anchors: {self.anchors_added}, new captions: {self.captions_added}"]
         if missing:
             notes.append(f"anchors without a caption: {missing}; write theirs with "

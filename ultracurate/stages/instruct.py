@@ -16,23 +16,30 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import polars as pl
-
-from ..catalog import Catalog, now
+from ..catalog import now
 from ..errors import UltracurateError, redact
 from ..instruct.backends import Answer, BackendSpec, Request, spec_from_role
-from ..instruct.captions import parse_sources, source_matches, word_count
-from ..instruct.plan import derive_seed, parse_quota, parse_types, plan_types
+from ..instruct.captions import parse_sources, source_matches
+from ..instruct.plan import derive_seed, parse_quota, parse_types, plan_types_at
 from ..instruct.validation import Proposal, validate
 from ..names import CAPTION_MAX_WORDS, EDIT_MODES
-from ..runner import BatchResult, Context, RunSummary, Stage, run_stage
-from ..selection import Selection, selected_keys_sql
+from ..runner import ORDINAL, ORDINALS, BatchResult, Context, RowStage
 
 
 EDIT_COLUMNS = {"edit_id", "anchor_id", "source_caption", "instruction", "target_caption",
                 "edit_object", "edit_type", "mode", "edit_status", "edit_reasons",
                 "instruct_backend", "instruct_model", "prompt_version", "exemplar_ids",
                 "instruct_seed", "instruct_run", "created_at"}
+
+
+# The anchor's captions instruct may use (over anchors_v): from the chosen sources
+# ($_uc_sources, NULL: every source; 'caption:*' a prefix), 1 to $_uc_max_words words (stored
+# captions are whitespace-normalised: one space between words).
+USABLE_CAPTIONS = (
+    "[captions[i] FOR i IN range(1, len(captions) + 1) IF "
+    "len(string_split(captions[i], ' ')) <= $_uc_max_words AND ($_uc_sources IS NULL OR "
+    "len([p FOR p IN $_uc_sources IF CASE WHEN suffix(p, '*') THEN starts_with("
+    "caption_sources[i], left(p, length(p) - 1)) ELSE caption_sources[i] = p END]) > 0)]")
 
 
 @dataclass
@@ -48,25 +55,50 @@ class _Slot:
     proposal: Proposal | None = None
 
 
-class InstructStage(Stage):
+class InstructStage(RowStage):
     name = "instruct"
     table = "anchors"
-    # every selected anchor: one without a usable caption is failed with that reason
-    default_where = None
-    columns = "anchor_id, captions, caption_sources"
-    writes = {"edits": EDIT_COLUMNS}
+    columns = f"anchor_id, captions, caption_sources, {USABLE_CAPTIONS} AS usable"
+    # The types are dealt over the anchors of the whole selection with a usable caption (in
+    # id order, done ones included), so that a rerun deals each anchor the same; an anchor
+    # without one stays in to be failed with the reason; one the quota leaves nothing to is
+    # not work.
+    ordinal_where = f"len({USABLE_CAPTIONS}) > 0"
+    default_where = f"{ORDINAL} IS NULL OR {ORDINAL} * $_uc_per_anchor < $_uc_slots"
+    writes = {"edits": {"anchor_id", "source_caption", "instruction", "target_caption",
+                        "edit_object", "edit_type", "mode", "edit_status", "edit_reasons",
+                        "instruct_backend", "instruct_model", "prompt_version", "exemplar_ids",
+                        "instruct_seed", "instruct_run", "created_at"}}
     batch_size = 16
     roles = ("llm",)  # what runs.models records (the back-end, not necessarily a model)
 
-    def __init__(self, spec: BackendSpec | None = None, per_anchor: int = 1,
-                 types: list[str] | str | None = None, quota: dict | str | None = None,
-                 seed: int = 0, exemplars: str | Path | None = None,
-                 n_instruction_examples: int = 50, n_full_examples: int = 10,
-                 max_attempts: int = 3, mode: str = "auto",
+    def __init__(self, per_anchor: int = 1, types: list[str] | str | None = None,
+                 quota: dict | str | None = None, backend: str | None = None,
+                 model: str | None = None, base_url: str | None = None,
+                 api_key: str | None = None, prompt: str | None = None, seed: int = 0,
+                 exemplars: str | Path | None = None, n_instruction_examples: int = 50,
+                 n_full_examples: int = 10, max_attempts: int = 3, mode: str = "auto",
+                 concurrency: int = 8, timeout: float = 60.0, max_retries: int = 4,
+                 backoff: float = 1.0, temperature: float = 0.7, max_new_tokens: int = 256,
+                 llm_batch_size: int = 8, dtype: str | None = None,
                  max_caption_words: int = CAPTION_MAX_WORDS,
-                 caption_source: str | list[str] | None = None):
-        self.spec = spec or BackendSpec("rule")
+                 caption_source: str | list[str] | None = None,
+                 spec: BackendSpec | None = None):
+        """Write `per_anchor` candidate edits for each selected anchor (types round-robin
+        over `types`, or spread by `quota` {type: total}) and insert them into `edits`.
+
+        caption_source: which captions to write from ('coco', 'caption:*', a comma-separated
+        list; default every source). An anchor without a usable caption is failed with the
+        reason.
+
+        backend: 'rule' (offline), 'openai' (chat-completions server at base_url, or
+        $ULTRACURATE_LLM_BASE_URL / $OPENAI_BASE_URL; key from api_key or
+        $ULTRACURATE_LLM_API_KEY / $OPENAI_API_KEY) or 'transformers' (model: hub id or
+        path; default the workspace's llm role). None: the workspace's `[models] llm` when
+        set, else 'rule'."""
         self.per_anchor = int(per_anchor)
+        if self.per_anchor < 1:
+            raise UltracurateError("--per-anchor must be at least 1")
         self.types = parse_types(types)
         self.quota = parse_quota(quota)
         if mode not in EDIT_MODES:
@@ -78,9 +110,14 @@ class InstructStage(Stage):
         self.n_instr, self.n_full = int(n_instruction_examples), int(n_full_examples)
         self.max_caption_words = max_caption_words
         self.caption_source = parse_sources(caption_source)
-        # What runs.params records: never the API key.
-        super().__init__(backend=self.spec.public(), per_anchor=self.per_anchor,
-                         types=self.types, quota=self.quota, seed=self.seed,
+        self._spec_options = dict(backend=backend, model=model, base_url=base_url,
+                                  api_key=api_key, prompt=prompt, concurrency=concurrency,
+                                  timeout=timeout, max_retries=max_retries, backoff=backoff,
+                                  temperature=temperature, max_new_tokens=max_new_tokens,
+                                  batch_size=llm_batch_size, dtype=dtype)
+        self.spec = spec
+        super().__init__(per_anchor=self.per_anchor, types=self.types, quota=self.quota,
+                         seed=self.seed,
                          exemplars=self.exemplars_path or "ultracurate/data/exemplars.jsonl",
                          n_instruction_examples=self.n_instr, n_full_examples=self.n_full,
                          max_attempts=self.max_attempts, mode=mode,
@@ -88,32 +125,24 @@ class InstructStage(Stage):
                          caption_source=self.caption_source)
         self._backend = None
         self._exemplars = None
+
+    # -- driver side ---------------------------------------------------------------------
+    def check(self, r, selection) -> None:
+        """The back-end (explicit, else the workspace's llm role, else rule) and, for a model,
+        its exemplar file: one clear error before the run. runs.params records the back-end
+        without its API key."""
+        if self.spec is None:
+            self.spec = backend_spec(r.workspace, **self._spec_options)
+        self.params = {"backend": self.spec.public(), **self.params}
         if self.spec.backend != "rule":  # fail early on a bad exemplar file
             from ..instruct.exemplars import load_exemplars
             load_exemplars(self.exemplars_path)
 
-    # -- driver side ---------------------------------------------------------------------
-    def items(self, cat: Catalog, selection: Selection, force: bool) -> pl.DataFrame:
-        """The plan is made over the whole selection (done anchors included) so that a
-        resumed run gives each anchor the same types; then done anchors are dropped."""
-        sql, params = selected_keys_sql(cat.con, "anchors_v", "anchor_id", selection,
-                                        self.default_where, self.columns)
-        rows = cat.pl(sql + " ORDER BY anchor_id", params)
-        # Anchors without a usable caption take no share of the plan; they stay in (with an
-        # empty plan) so that process() records why they were left out.
-        usable = [bool(self._captions(c, s)) for c, s in
-                  zip(rows["captions"].to_list(), rows["caption_sources"].to_list())]
-        plan = iter(plan_types(sum(usable), self.per_anchor, self.types, self.quota))
-        plans = [next(plan) if u else [] for u in usable]
-        rows = rows.with_columns(pl.Series("plan", plans, dtype=pl.List(pl.String)),
-                                 pl.Series("_usable", usable, dtype=pl.Boolean))
-        rows = rows.filter(~pl.col("_usable") | (pl.col("plan").list.len() > 0)).drop("_usable")
-        if not force:
-            done = [r[0] for r in cat.con.execute(
-                "SELECT key FROM stage_state WHERE stage = ? AND state = 'done'",
-                [self.name]).fetchall()]
-            rows = rows.filter(~pl.col("anchor_id").is_in(done))
-        return rows
+    def sql_params(self) -> dict:
+        slots = sum(self.quota.values()) if self.quota is not None else 2 ** 62
+        return {"_uc_max_words": int(self.max_caption_words),
+                "_uc_sources": self.caption_source, "_uc_per_anchor": self.per_anchor,
+                "_uc_slots": slots}
 
     def models(self, ctx: Context) -> dict:
         from ..models import describe
@@ -122,19 +151,19 @@ class InstructStage(Stage):
                       if k in ("backend", "model", "base_url", "prompt")}
         return out
 
-    def write(self, cat: Catalog, result: BatchResult, run_id: int) -> None:
+    def write(self, w, result: BatchResult) -> None:
         rows = result.extra.get("edits", [])
         if not rows:
             return
-        first = cat.edits.next_id()
+        first = w.edits.next_id()
         at = now()
         for i, r in enumerate(rows):
             r["edit_id"] = first + i
-            r["instruct_run"] = run_id
+            r["instruct_run"] = w.run_id
             r["created_at"] = at
-        cat.edits.insert(rows, allowed=self.writes["edits"])
+        w.edits.insert(rows)
 
-    def finish(self, cat: Catalog, run_id: int) -> None:
+    def finish(self, w) -> None:
         if self._backend is not None:
             self._backend.close()
 
@@ -151,12 +180,14 @@ class InstructStage(Stage):
         slots: list[_Slot] = []
         for row in rows:
             aid = row["anchor_id"]
-            caps = self._captions(row["captions"], row["caption_sources"])
+            caps = row["usable"]
             if not caps:
                 failed[aid] = self._no_caption(aid, row["captions"], row["caption_sources"])
                 continue
             offset = random.Random(derive_seed(self.seed, aid)).randrange(len(caps))
-            for j, t in enumerate(row["plan"]):
+            plan = plan_types_at(row[ORDINAL], row[ORDINALS], self.per_anchor, self.types,
+                                 self.quota)
+            for j, t in enumerate(plan):
                 slots.append(_Slot(aid, j, t, caps, offset))
 
         pending = slots
@@ -183,13 +214,6 @@ class InstructStage(Stage):
 
         edits = [self._row(s, backend) for s in slots if s.anchor_id not in failed]
         return BatchResult(extra={"edits": edits}, failed=failed)
-
-    def _captions(self, captions, sources) -> list[str]:
-        """The anchor's captions instruct may use: from the chosen sources, 1 to
-        max_caption_words words."""
-        return [" ".join(c.split()) for c, s in zip(captions or [], sources or [])
-                if c and 0 < word_count(c) <= self.max_caption_words
-                and source_matches(s, self.caption_source)]
 
     def _no_caption(self, aid: int, captions, sources) -> str:
         """Why an anchor has no usable caption, and what fixes it."""
@@ -242,44 +266,7 @@ def _raw_text(ans: Answer) -> str:
     return c if isinstance(c, str) else str(c)
 
 
-# -- the library entry point -----------------------------------------------------------------
-def run_instruct(ws, selection: Selection | None = None, *, per_anchor: int = 1,
-                 types: list[str] | str | None = None, quota: dict | str | None = None,
-                 backend: str | None = None, model: str | None = None,
-                 base_url: str | None = None, api_key: str | None = None,
-                 prompt: str | None = None, seed: int = 0,
-                 exemplars: str | Path | None = None, n_instruction_examples: int = 50,
-                 n_full_examples: int = 10, max_attempts: int = 3, mode: str = "auto",
-                 concurrency: int = 8, timeout: float = 60.0, max_retries: int = 4,
-                 backoff: float = 1.0, temperature: float = 0.7, max_new_tokens: int = 256,
-                 llm_batch_size: int = 8, dtype: str | None = None,
-                 device: str | None = None, force: bool = False, engine=None,
-                 batch_size: int | None = None, progress: bool = True,
-                 caption_source: str | list[str] | None = None) -> RunSummary:
-    """Write `per_anchor` candidate edits for each selected anchor (types round-robin over
-    `types`, or spread by `quota` {type: total}) and insert them into `edits`.
-
-    caption_source: which captions to write from ('coco', 'caption:*', a comma-separated
-    list; default every source). An anchor without a usable caption is failed with the reason.
-
-    backend: 'rule' (offline), 'openai' (chat-completions server at base_url, or
-    $ULTRACURATE_LLM_BASE_URL / $OPENAI_BASE_URL; key from api_key or
-    $ULTRACURATE_LLM_API_KEY / $OPENAI_API_KEY) or 'transformers' (model: hub id or path;
-    default the workspace's llm role). None: the workspace's `[models] llm` when set, else
-    'rule'.
-    """
-    spec = backend_spec(ws, backend, model=model, base_url=base_url, api_key=api_key,
-                        prompt=prompt, concurrency=concurrency, timeout=timeout,
-                        max_retries=max_retries, backoff=backoff, temperature=temperature,
-                        max_new_tokens=max_new_tokens, batch_size=llm_batch_size, dtype=dtype)
-    stage = InstructStage(spec, per_anchor=per_anchor, types=types, quota=quota, seed=seed,
-                          exemplars=exemplars, n_instruction_examples=n_instruction_examples,
-                          n_full_examples=n_full_examples, max_attempts=max_attempts, mode=mode,
-                          caption_source=caption_source)
-    return run_stage(ws, stage, selection, force=force, engine=engine, device=device,
-                     batch_size=batch_size, progress=progress)
-
-
+# -- the back-end -----------------------------------------------------------------------------
 def backend_spec(ws, backend: str | None = None, **kw) -> BackendSpec:
     """The back-end to use: explicit, else the workspace's llm role if configured, else rule."""
     from ..models import resolve

@@ -34,7 +34,7 @@ from ..embeddings import EmbeddingStore
 from ..errors import UltracurateError
 from ..images import load_rgb
 from ..names import SCORE_COLUMNS
-from ..runner import BatchResult, Context, Stage
+from ..runner import BatchResult, Context, RowStage
 
 
 class _LRU(OrderedDict):
@@ -59,7 +59,7 @@ class Prepared:
     failed: dict[int, str] = field(default_factory=dict)
 
 
-class ScoreStage(Stage):
+class ScoreStage(RowStage):
     name = "score"
     table = "candidates"
     default_where = ("auto_status IN ('generated', 'scored') AND source_image IS NOT NULL "
@@ -70,10 +70,11 @@ class ScoreStage(Stage):
     roles = ("clip", "dino")
 
     def __init__(self, cache_size: int = 4096, decode_threads: int | None = None,
-                 pixel_scores_on_device: bool | None = None, **params):
-        """pixel_scores_on_device: SSIM/L1/L2 batched on the model's device (default: when it
-        is a GPU) rather than with scikit-image on the CPU threads."""
-        super().__init__(**params)
+                 pixel_scores_on_device: bool | None = None):
+        """Score the selected generated candidates. pixel_scores_on_device: SSIM/L1/L2
+        batched on the model's device (default: when it is a GPU) rather than with
+        scikit-image on the CPU threads."""
+        super().__init__()
         self.cache_size = cache_size
         self.decode_threads = decode_threads
         self.pixel_scores_on_device = pixel_scores_on_device
@@ -207,15 +208,20 @@ class ScoreStage(Stage):
         return BatchResult(updates={"candidates": df}, failed=p.failed, extra=emb)
 
     # -- driver side ----------------------------------------------------------------------
-    def store(self, cat) -> EmbeddingStore:
+    def check(self, r, selection) -> None:
+        from ..models import resolve
+        for role in self.roles:  # a missing checkpoint is one clear error before the job
+            resolve(r.workspace, role)
+
+    def store(self, w) -> EmbeddingStore:
         if self._store is None:
-            self._store = EmbeddingStore(cat.path.parent / "lance")
+            self._store = EmbeddingStore(w.lance_path)
         return self._store
 
-    def write(self, cat, result: BatchResult, run_id: int) -> None:
+    def write(self, w, result: BatchResult) -> None:
         e = result.extra
         if e:  # LanceDB first: an upsert is idempotent, so a failed commit is simply redone
-            s = self.store(cat)
+            s = self.store(w)
             ids, n = e["ids"], len(e["ids"])
             s.upsert("clip_image", "candidates", ids + ids, ["source"] * n + ["edited"] * n,
                      e["source_media"] + e["edited_media"],
@@ -233,9 +239,9 @@ class ScoreStage(Stage):
                      [e["source_caption"][i] for i in rows] + [e["target_caption"][i]
                                                                for i in rows],
                      np.concatenate([e["src_txt"][rows], e["tgt_txt"][rows]]), e["clip_ref"])
-        super().write(cat, result, run_id)
+        super().write(w, result)
 
-    def finish(self, cat, run_id: int) -> None:
+    def finish(self, w) -> None:
         if self._store is not None:
             self._store.optimize()
         if getattr(self, "_pool", None) is not None:
@@ -266,18 +272,3 @@ def _pixel_scores_on_device(pairs, device) -> dict[str, np.ndarray]:
         for k in out:
             out[k][idx] = res[k]
     return out
-
-
-def run_score(ws, selection=None, *, force: bool = False, engine=None,
-              device: str | None = None, batch_size: int | None = None,
-              progress: bool = True, **stage_params):
-    """Score the selected generated candidates; returns the runner's RunSummary.
-    stage_params go to ScoreStage (cache_size, decode_threads, pixel_scores_on_device)."""
-    from ..runner import run_stage
-    for role in ScoreStage.roles:
-        from ..models import resolve
-        resolve(ws, role)  # a missing checkpoint is one clear error before the job starts
-    return run_stage(ws, ScoreStage(**stage_params), selection, force=force, engine=engine, device=device,
-                     batch_size=batch_size, progress=progress)
-
-
