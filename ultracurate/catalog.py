@@ -11,7 +11,10 @@ import datetime as _dt
 import hashlib
 import importlib.resources
 import json
+import os
+import random
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +58,24 @@ def migrations() -> list[tuple[int, str, str]]:
 
 
 SCHEMA_VERSION = migrations()[-1][0]
+
+
+LOCK_WAIT = 60.0  # seconds an open waits for another process's lock on the catalog
+
+
+def lock_wait(default: float = LOCK_WAIT) -> float:
+    """How long opening the catalog waits for another process's lock: $ULTRACURATE_LOCK_WAIT
+    seconds, else default."""
+    env = os.environ.get("ULTRACURATE_LOCK_WAIT")
+    if not env:
+        return default
+    try:
+        value = float(env)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise UltracurateError(f"ULTRACURATE_LOCK_WAIT: '{env}' is not a number of seconds")
+    return value
 
 
 def now() -> _dt.datetime:
@@ -107,9 +128,16 @@ class Catalog:
     extension autoload, configuration locked, a memory limit); `allow_files` lets a read-only
     connection read files (`ultracurate sql --allow-files`). Opening checks the file before
     anything is written: DuckDB's own errors, a schema version newer than this ultracurate, and
-    the checksum of the schema recorded in schema_meta."""
+    the checksum of the schema recorded in schema_meta (`verify=False`: a job's reconnection
+    to a catalog it opened and checked at its start).
 
-    def __init__(self, path: str | Path, read_only: bool = False, allow_files: bool = False):
+    DuckDB lets one process write a file, or several read it; a job therefore holds no
+    connection while it computes, and connects for each batch's short commit. Opening waits,
+    up to `wait` seconds (default `lock_wait()`), while another process holds a conflicting
+    lock, so that readers and jobs take turns."""
+
+    def __init__(self, path: str | Path, read_only: bool = False, allow_files: bool = False,
+                 wait: float | None = None, verify: bool = True):
         from .limits import duckdb_config
         self.path = Path(path)
         self.read_only = read_only
@@ -120,18 +148,10 @@ class Catalog:
             raise UltracurateError(f"no catalog at {self.path}")
         if allow_files and not read_only:
             raise UltracurateError("a catalog opened for writing never reads outside files")
-        try:
-            self.con = duckdb.connect(str(self.path), read_only=read_only,
-                                      config=duckdb_config(allow_files))
-        except duckdb.Error as e:
-            msg = first_line(e)
-            if isinstance(e, duckdb.IOException) and "lock" in msg.lower():
-                raise CatalogBusyError(
-                    f"catalog {self.path} is in use by another ultracurate job; wait for it "
-                    f"or stop it ({msg})") from None
-            if is_damage(e):
-                raise CatalogDamagedError(damaged_message(e, self.path)) from None
-            raise UltracurateError(f"cannot open catalog {self.path}: {msg}") from None
+        self.con = self._connect(read_only, duckdb_config(allow_files),
+                                 lock_wait() if wait is None else wait)
+        if not verify:
+            return
         try:
             self.check()
             if not read_only:
@@ -142,6 +162,27 @@ class Catalog:
         except BaseException:
             self.con.close()
             raise
+
+    def _connect(self, read_only: bool, config: dict, wait: float):
+        deadline = time.monotonic() + wait
+        pause = 0.005
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only, config=config)
+            except duckdb.Error as e:
+                msg = first_line(e)
+                if isinstance(e, duckdb.IOException) and "lock" in msg.lower():
+                    left = deadline - time.monotonic()
+                    if left > 0:  # another process commits or reads: its turn is short
+                        time.sleep(min(pause, left) * random.uniform(0.5, 1.0))
+                        pause = min(pause * 2, 0.1)
+                        continue
+                    raise CatalogBusyError(
+                        f"catalog {self.path} is in use by another ultracurate job (waited "
+                        f"{wait:g} s); wait for it or stop it ({msg})") from None
+                if is_damage(e):
+                    raise CatalogDamagedError(damaged_message(e, self.path)) from None
+                raise UltracurateError(f"cannot open catalog {self.path}: {msg}") from None
 
     # -- schema ---------------------------------------------------------------------------
     def schema_version(self) -> int:
@@ -352,14 +393,17 @@ class Catalog:
     # -- the run ledger's rows (written by ultracurate.runner) -----------------------------
     def start_run(self, stage: str, params: dict, selection: dict | None, models: dict | None,
                   engine: str = "local", parent_run: int | None = None) -> int:
-        from . import __version__
+        from . import __version__, procs
         run_id = self.runs.next_id()
+        pid, host, proc_start = procs.identity()
+        at = now()
         self.runs.insert([{
             "run_id": run_id, "stage": stage, "params": json.dumps(params, default=str),
             "selection": json.dumps(selection, default=str),
             "models": json.dumps(models or {}, default=str),
             "code_version": code_version(__version__), "engine": engine,
-            "started_at": now(), "state": "running", "parent_run": parent_run}])
+            "started_at": at, "heartbeat_at": at, "state": "running",
+            "parent_run": parent_run, "pid": pid, "host": host, "proc_start": proc_start}])
         return run_id
 
     def end_run(self, run_id: int, state: str, message: str | None = None, **counts) -> None:

@@ -21,24 +21,37 @@ goes through the handle the runner gives it (`Access`), inside the runner's tran
 writes, through the catalog's table API. A refusal (a bad option, a bad `--where`, an empty
 selection where one is needed) happens before the run is recorded, so it leaves the catalog
 as it was.
+
+Jobs share the catalog with readers and with each other. DuckDB lets one process write a file
+or several read it, so a row stage holds the catalog only while it must: one connection to plan,
+materialise its pending rows (`Pending`) and record its run; none while batches compute; one
+for each batch's commit (its writes, its rows' marks, its run's counters and heartbeat), which
+waits its turn behind readers and other jobs' commits. A set stage is one transaction. The run
+records its process (host, pid, start time), so a run marked running is closed as killed only
+once its process is gone (`ultracurate.runs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import queue
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
-from .catalog import KEYS, VIEWS, Catalog, JobRun, named_queries, now
+from . import procs
+from .catalog import KEYS, VIEWS, Catalog, JobRun, lock_wait, named_queries, now
 from .errors import UltracurateError, reason_text
+from .runs import close_dead
 from .selection import Selection, selected_keys_sql
-from .workspace import Workspace
+from .workspace import Workspace, remove_dead_files
 
 
 @dataclass
@@ -515,25 +528,50 @@ def run(ws: Workspace, stage: str | Stage, selection: Selection | None = None, *
     if dry_run and not isinstance(stage, SetStage):
         raise UltracurateError(f"{stage.name} has no dry run")
     started = time.perf_counter()
-    own = cat is None
-    cat = cat or ws.catalog(read_only=dry_run)
-    try:
-        # refusals first, before any run (this one's, or those it requires) is recorded
-        stage.check(Access(cat, stage, workspace=ws, force=force), selection)
-        stage.before = [run(ws, s, device=device, progress=progress, parent_run=parent_run,
-                            cat=cat) for s in stage.requires()] if not dry_run else []
-        if isinstance(stage, SetStage):
-            summary = _run_set(ws, cat, stage, selection, dry_run, parent_run, device,
-                               progress, own)
-        else:
-            summary = _run_rows(ws, cat, stage, selection, make_engine(engine, address, workers),
-                                force, device, batch_size, progress, parent_run)
-    finally:
-        if own:
-            cat.close()
+    conns = _Catalogs(ws, cat, read_only=dry_run)
+    # refusals first, before any run (this one's, or those it requires) is recorded
+    with conns.open() as c:
+        stage.check(Access(c, stage, workspace=ws, force=force), selection)
+    stage.before = [run(ws, s, device=device, progress=progress, parent_run=parent_run,
+                        cat=cat) for s in stage.requires()] if not dry_run else []
+    if isinstance(stage, SetStage):
+        summary = _run_set(ws, conns, stage, selection, dry_run, parent_run, device, progress)
+    else:
+        summary = _run_rows(ws, conns, stage, selection, make_engine(engine, address, workers),
+                            force, device, batch_size, progress, parent_run)
     summary.seconds = round(time.perf_counter() - started, 3)
     summary.before = stage.before
     return summary
+
+
+COMMIT_WAIT = 600.0  # seconds a batch's commit waits for other processes' turns (a reader's
+                     # long query, another job's set stage) before the job stops
+
+
+class _Catalogs:
+    """How the runner reaches the catalog. Its own (run() without cat): opened for each
+    phase (the plan and the pending rows, each batch's commit, the end) and closed in
+    between, so that while a batch computes other processes read the catalog and other jobs
+    commit theirs; each open waits its turn (catalog.lock_wait). The caller's (cat=...):
+    held throughout."""
+
+    def __init__(self, ws: Workspace, held: Catalog | None = None, read_only: bool = False):
+        self.ws, self.held, self.read_only = ws, held, read_only
+        self.verified = False
+
+    @contextlib.contextmanager
+    def open(self, wait: float | None = None) -> Iterator[Catalog]:
+        if self.held is not None:
+            yield self.held
+            return
+        # the first open checks (and migrates) the file; the job's later ones skip that
+        cat = Catalog(self.ws.catalog_path, read_only=self.read_only, wait=wait,
+                      verify=not self.verified)
+        self.verified = True
+        try:
+            yield cat
+        finally:
+            cat.close()
 
 
 def resume_key(stage: Stage) -> str | None:
@@ -547,9 +585,9 @@ def resume_key(stage: Stage) -> str | None:
 
 def _start(cat: Catalog, stage: Stage, selection: Selection, models: dict, engine: str,
            parent_run: int | None) -> int:
-    # We hold the catalog's write lock, so a run still marked running (and not one this
-    # process holds open) has died (SIGKILL, power loss): close it, its batches stand.
-    cat.con.execute(named_queries("runs")["close_dead"], [sorted(_OPEN_RUNS) or [-1]])
+    # A run still marked running whose process is gone (SIGKILL, power loss) is closed as
+    # killed, its batches stand; a live job's (another process's, or this one's) never.
+    close_dead(cat, _OPEN_RUNS)
     run_id = cat.start_run(stage.name, stage.params, selection.to_json(), models,
                            engine=engine, parent_run=parent_run)
     key = resume_key(stage)
@@ -564,127 +602,150 @@ def _end(cat: Catalog, run_id: int, state: str, message: str | None = None, **co
     _OPEN_RUNS.discard(run_id)
 
 
-def _run_rows(ws: Workspace, cat: Catalog, stage: RowStage, selection: Selection, engine,
-              force: bool, device: str | None, batch_size: int | None, progress: bool,
-              parent_run: int | None) -> RunSummary:
+def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selection,
+              engine, force: bool, device: str | None, batch_size: int | None,
+              progress: bool, parent_run: int | None) -> RunSummary:
+    """Plan, materialise the pending rows and record the run (one connection); then compute
+    batch by batch with no connection held, connecting only for each batch's commit."""
     ws.media.clean_tmp()
+    remove_dead_files(ws.scratch)
     ctx = Context(str(ws.root), device or default_device(), 0, ws.config, force,
                   progress=progress)
+    size = ctx.batch_size = batch_size or stage.batch_size
+    models = stage.models(ctx) if stage.roles else {}
     items = stage.items()
-    if items is not None:
-        cat.con.register(ITEMS, items)
-    try:
-        scoped = selection
-        if stage.selects:  # a child selection: the rows of the parent rows the user picks
-            pview, pkey = VIEWS[stage.selects], KEYS[stage.selects]
-            psql, pparams = selected_keys_sql(cat.con, pview, pkey, selection, None, pkey)
-            with cat.transaction():
-                plan = stage.plan(Access(cat, stage, writable=True, workspace=ws), selection,
-                                  psql, pparams)
-            if plan is not None:
-                stage.params["plan"] = plan
-            scoped = Selection(parent=selection, parent_table=stage.selects)
-        elif stage.table and not stage.items_relation:
-            selection.checked(cat.con, VIEWS[stage.table])
-        size = ctx.batch_size = batch_size or stage.batch_size
-        n_rows, batches = pending_batches(stage, cat, scoped, force, size, items)
-        models = stage.models(ctx) if stage.roles else {}
-        run_id = _start(cat, stage, selection, models, getattr(engine, "name", "local"),
-                        parent_run)
-        ctx.run_id = run_id
-        cat.runs.update([{"run_id": run_id, "rows_in": n_rows}])
-        done = failed = 0
-        state = "completed"
-        bar = _progress(n_rows, stage.name) if progress else None
-        ctrl_c = _DeferredInterrupt()
-        w = Access(cat, stage, JobRun(run_id), writable=True, workspace=ws, force=force)
-        results = None
+    with conns.open() as cat:
+        if items is not None:
+            cat.con.register(ITEMS, items)
+        pending = None
         try:
-            ctrl_c.install()
-            if bar:
-                bar.start()
-                task = bar.add_task(stage.name, total=n_rows)
-            results = engine.map(stage, batches, ctx) if n_rows else iter(())
-            for batch, result in results:
+            scoped = selection
+            if stage.selects:  # a child selection: the rows of the parent rows the user picks
+                pview, pkey = VIEWS[stage.selects], KEYS[stage.selects]
+                psql, pparams = selected_keys_sql(cat.con, pview, pkey, selection, None, pkey)
+                with cat.transaction():
+                    plan = stage.plan(Access(cat, stage, writable=True, workspace=ws),
+                                      selection, psql, pparams)
+                if plan is not None:
+                    stage.params["plan"] = plan
+                scoped = Selection(parent=selection, parent_table=stage.selects)
+            elif stage.table and not stage.items_relation:
+                selection.checked(cat.con, VIEWS[stage.table])
+            pending = Pending.write(stage, cat, scoped, force, ws.scratch)
+            with cat.transaction():
+                run_id = _start(cat, stage, selection, models,
+                                getattr(engine, "name", "local"), parent_run)
+                cat.runs.update([{"run_id": run_id, "rows_in": pending.n}])
+        except BaseException:
+            if pending is not None:
+                pending.remove()
+            raise
+        finally:
+            if items is not None:
+                cat.con.unregister(ITEMS)
+    ctx.run_id = run_id
+    n_rows = pending.n
+    done = failed = 0
+    bar = _progress(n_rows, stage.name) if progress else None
+    ctrl_c = _DeferredInterrupt()
+    results = batches = None
+    try:
+        ctrl_c.install()
+        if bar:
+            bar.start()
+            task = bar.add_task(stage.name, total=n_rows)
+        batches = pending.batches(size)
+        results = engine.map(stage, batches, ctx) if n_rows else iter(())
+        for batch, result in results:
+            with conns.open(wait=lock_wait(COMMIT_WAIT)) as cat:
+                w = Access(cat, stage, JobRun(run_id), writable=True, workspace=ws,
+                           force=force)
                 n_done, n_failed = _commit_batch(cat, stage, w, batch, result)
-                done += n_done
-                failed += n_failed
-                if bar:
-                    bar.advance(task, len(batch))
-                if ctrl_c.requested:
-                    raise KeyboardInterrupt
+            done += n_done
+            failed += n_failed
+            if bar:
+                bar.advance(task, len(batch))
+            if ctrl_c.requested:
+                raise KeyboardInterrupt
+        with conns.open(wait=lock_wait(COMMIT_WAIT)) as cat:
+            w = Access(cat, stage, JobRun(run_id), writable=True, workspace=ws, force=force)
             with cat.transaction():
                 stage.finish(w)
             extra = stage.report(w)
-        except (KeyboardInterrupt, RuntimeError) as e:
-            # DuckDB turns a Ctrl-C during a query into RuntimeError('Query interrupted')
-            if isinstance(e, RuntimeError) and not ctrl_c.requested:
-                _end(cat, run_id, "failed", f"{type(e).__name__}: {e}")
-                raise
-            state = "interrupted"
-            _end(cat, run_id, state, "interrupted by the user")
-            raise Interrupted(f"{stage.name} interrupted: {done} rows done, {failed} failed; "
-                              "rerun the same command to resume") from None
-        except BaseException as e:
-            _end(cat, run_id, "failed", f"{type(e).__name__}: {e}")
+            _end(cat, run_id, "completed", "; ".join(extra.get("notes", [])) or None)
+    except (KeyboardInterrupt, RuntimeError) as e:
+        # DuckDB turns a Ctrl-C during a query into RuntimeError('Query interrupted')
+        if isinstance(e, RuntimeError) and not ctrl_c.requested:
+            _end_after(conns, run_id, "failed", f"{type(e).__name__}: {e}")
             raise
-        finally:
-            ctrl_c.restore()
-            # close the generators now: the selection stream holds a DuckDB cursor
-            for gen in (results, batches):
-                if hasattr(gen, "close"):
-                    gen.close()
-            if bar:
-                bar.stop()
-        _end(cat, run_id, state, "; ".join(extra.get("notes", [])) or None)
-        return RunSummary(run_id, stage.name, n_rows, done, failed, state, extra)
+        _end_after(conns, run_id, "interrupted", "interrupted by the user")
+        raise Interrupted(f"{stage.name} interrupted: {done} rows done, {failed} failed; "
+                          "rerun the same command to resume") from None
+    except BaseException as e:
+        _end_after(conns, run_id, "failed", f"{type(e).__name__}: {e}")
+        raise
     finally:
-        if items is not None:
-            cat.con.unregister(ITEMS)
+        ctrl_c.restore()
+        for gen in (results, batches):  # the pending rows' file is read by these
+            if hasattr(gen, "close"):
+                gen.close()
+        pending.remove()
+        if bar:
+            bar.stop()
+    return RunSummary(run_id, stage.name, n_rows, done, failed, "completed", extra)
 
 
-def _run_set(ws: Workspace, cat: Catalog, stage: SetStage, selection: Selection,
-             dry_run: bool, parent_run: int | None, device: str | None, progress: bool,
-             own: bool) -> RunSummary:
-    r = Access(cat, stage, workspace=ws)
-    if stage.table:
-        selection.checked(cat.con, VIEWS[stage.table])
-    plan = stage.plan(r, selection)
-    if dry_run:
-        return RunSummary(None, stage.name, 0, 0, 0, "dry-run", result=stage.preview(plan))
-    if not stage.record_empty and stage.empty(plan):
-        return RunSummary(None, stage.name, 0, 0, 0, "empty", result=stage.preview(plan))
+def _end_after(conns: _Catalogs, run_id: int, state: str, message: str) -> None:
+    """Close a run that stopped (an error, Ctrl-C). Should the catalog not open in time, the
+    run stays marked running until the next job finds its process gone (killed)."""
+    try:
+        with conns.open(wait=lock_wait()) as cat:
+            _end(cat, run_id, state, message)
+    except UltracurateError:
+        _OPEN_RUNS.discard(run_id)
+
+
+def _run_set(ws: Workspace, conns: _Catalogs, stage: SetStage, selection: Selection,
+             dry_run: bool, parent_run: int | None, device: str | None,
+             progress: bool) -> RunSummary:
     ctx = Context(str(ws.root), device or "cpu", 0, ws.config, progress=progress)
-    models = stage.models(ctx) if stage.roles else {}
-    if not stage.has_produce:
-        try:
-            with cat.transaction():
-                run_id = _start(cat, stage, selection, models, "local", parent_run)
-                w = Access(cat, stage, JobRun(run_id), writable=True, workspace=ws)
-                result = stage.apply(w, plan, None)
-                _close_set(cat, w.run)
-        except BaseException as e:
-            _OPEN_RUNS.discard(locals().get("run_id"))
-            _record_failure(cat, stage, selection, models, parent_run, e)
-            raise
-        return _set_summary(stage, w.run, result)
-    # produce: the run is recorded first (running); what lies outside the catalog is made
-    # with no catalog connection held, then applied in one transaction with the run's end.
-    with cat.transaction():
-        run_id = _start(cat, stage, selection, models, "local", parent_run)
+    models = stage.models(ctx) if stage.roles and not dry_run else {}
+    with conns.open() as cat:
+        r = Access(cat, stage, workspace=ws)
+        if stage.table:
+            selection.checked(cat.con, VIEWS[stage.table])
+        plan = stage.plan(r, selection)
+        if dry_run:
+            return RunSummary(None, stage.name, 0, 0, 0, "dry-run", result=stage.preview(plan))
+        if not stage.record_empty and stage.empty(plan):
+            return RunSummary(None, stage.name, 0, 0, 0, "empty", result=stage.preview(plan))
+        if not stage.has_produce:  # the plan, the writes and the run: one transaction
+            try:
+                with cat.transaction():
+                    run_id = _start(cat, stage, selection, models, "local", parent_run)
+                    w = Access(cat, stage, JobRun(run_id), writable=True, workspace=ws)
+                    result = stage.apply(w, plan, None)
+                    _close_set(cat, w.run)
+            except BaseException as e:
+                _OPEN_RUNS.discard(locals().get("run_id"))
+                _record_failure(cat, stage, selection, models, parent_run, e)
+                raise
+            return _set_summary(stage, w.run, result)
+        # produce: the run is recorded first (running); what lies outside the catalog is
+        # made with no catalog connection held, then applied in one transaction with the
+        # run's end.
+        with cat.transaction():
+            run_id = _start(cat, stage, selection, models, "local", parent_run)
     ctx.run_id = run_id
-    if own:
-        cat.close()
     try:
         produced = stage.produce(plan, ctx)
     except BaseException as e:
         stage.failed(plan, e)
-        with _reopened(ws, cat, own) as c:
-            _end(c, run_id, *_failure_state(e))
+        _end_after(conns, run_id, *_failure_state(e))
         if isinstance(e, KeyboardInterrupt):
             raise Interrupted(f"{stage.name} interrupted") from None
         raise
-    with _reopened(ws, cat, own) as c:
+    with conns.open(wait=lock_wait(COMMIT_WAIT)) as c:
         try:
             with c.transaction():
                 w = Access(c, stage, JobRun(run_id), writable=True, workspace=ws)
@@ -722,32 +783,6 @@ def _record_failure(cat: Catalog, stage: Stage, selection: Selection, models: di
             _end(cat, run_id, *_failure_state(e))
     except Exception:
         pass  # never hide the job's own error behind this
-
-
-class _reopened:
-    """The catalog again after produce (the runner's own connection was closed meanwhile): a
-    writer holding it now is waited for a little."""
-
-    def __init__(self, ws: Workspace, cat: Catalog, own: bool, wait: float = 10.0):
-        self.ws, self.cat, self.own, self.wait = ws, cat, own, wait
-
-    def __enter__(self) -> Catalog:
-        if not self.own:
-            return self.cat
-        from .errors import CatalogBusyError
-        deadline = time.monotonic() + self.wait
-        while True:
-            try:
-                self.c = self.ws.catalog()
-                return self.c
-            except CatalogBusyError:
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.2)
-
-    def __exit__(self, *exc) -> None:
-        if self.own:
-            self.c.close()
 
 
 class _DeferredInterrupt:
@@ -835,26 +870,61 @@ def order_sql(stage: RowStage) -> str:
     return f" ORDER BY {GROUP} NULLS FIRST, {order}" if stage.group_by else f" ORDER BY {order}"
 
 
-def pending_batches(stage: RowStage, cat: Catalog, selection: Selection, force: bool,
-                    size: int, items=None) -> tuple[int, Iterator[list[dict]]]:
-    """How many rows are pending, and their batches, streamed from DuckDB (a second cursor,
-    sorted inside DuckDB, which spills to disk), so a job over 41M rows never holds them all
-    in Python."""
-    sql, params = pending_sql(stage, cat, selection, force)
-    n = int(cat.scalar(f"SELECT count(*) FROM ({sql}) counted", params))
+class Pending:
+    """A job's pending rows, materialised when it starts: in batch order, with the columns the
+    stage needs, in a Parquet file under the workspace's tmp/ (named by the job's process, so
+    that a killed job's file is removed by the next job). The job then holds no catalog
+    cursor while it runs, and one over 41M rows never holds them all in memory."""
 
-    def stream() -> Iterator[dict]:
-        cur = cat.con.cursor()
+    CHUNK = 8192  # rows read from DuckDB (and from the file) at a time
+
+    def __init__(self, path: Path, n: int):
+        self.path, self.n = path, n
+
+    @classmethod
+    def write(cls, stage: RowStage, cat: Catalog, selection: Selection, force: bool,
+              folder: Path) -> "Pending":
+        import pyarrow.parquet as pq
+        sql, params = pending_sql(stage, cat, selection, force)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{procs.tag()}~pending-{uuid.uuid4().hex[:12]}.parquet"
+        reader = cat.con.sql(sql + order_sql(stage), params=params).to_arrow_reader(cls.CHUNK)
+        n = 0
         try:
-            if items is not None:  # a cursor does not see its connection's registrations
-                cur.register(ITEMS, items)
-            reader = cur.sql(sql + order_sql(stage),
-                             params=params).to_arrow_reader(max(size, 2048))
-            for rb in reader:
+            with pq.ParquetWriter(path, reader.schema) as out:
+                for rb in reader:
+                    out.write_batch(rb)
+                    n += rb.num_rows
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return cls(path, n)
+
+    def rows(self) -> Iterator[dict]:
+        import pyarrow.parquet as pq
+        with pq.ParquetFile(self.path) as f:
+            for rb in f.iter_batches(batch_size=self.CHUNK):
                 yield from rb.to_pylist()
+
+    def batches(self, size: int) -> Iterator[list[dict]]:
+        return whole_groups(self.rows(), size)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def pending_batches(stage: RowStage, cat: Catalog, selection: Selection, force: bool,
+                    size: int, folder: Path) -> tuple[int, Iterator[list[dict]]]:
+    """How many rows are pending, and their batches (see Pending; the file goes when the
+    batches are exhausted or closed)."""
+    pending = Pending.write(stage, cat, selection, force, folder)
+
+    def batches():
+        try:
+            yield from pending.batches(size)
         finally:
-            cur.close()
-    return n, whole_groups(stream(), size)
+            pending.remove()
+    return pending.n, batches()
 
 
 def whole_groups(rows, size: int) -> Iterator[list[dict]]:
@@ -874,7 +944,7 @@ def whole_groups(rows, size: int) -> Iterator[list[dict]]:
         if batch:
             yield batch
     finally:
-        if hasattr(rows, "close"):   # the selection stream holds a DuckDB cursor
+        if hasattr(rows, "close"):   # the pending rows' file is open
             rows.close()
 
 
@@ -908,7 +978,8 @@ def _commit_batch(cat: Catalog, stage: RowStage, w: Access, batch: list[dict],
                   if result.failed.get(k) else None, "run_id": w.run_id, "updated_at": at}
                  for k in keys], replace=True)
         n_done = len(batch) - n_failed
-        cat.con.execute(named_queries("runs")["count_batch"], [n_done, n_failed, w.run_id])
+        cat.con.execute(named_queries("runs")["count_batch"],
+                        [n_done, n_failed, now(), w.run_id])
     return n_done, n_failed
 
 

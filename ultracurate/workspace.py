@@ -5,6 +5,7 @@ config.
     DIR/catalog.duckdb     the catalog
     DIR/lance/             LanceDB (embeddings keyed by row id)
     DIR/media/ab/<sha256>.<ext>   content-addressed media (written to media/tmp, then renamed)
+    DIR/tmp/               a running job's working files (its pending rows)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 from typing import TYPE_CHECKING
 
+from . import procs
 from .errors import UltracurateError
 
 if TYPE_CHECKING:  # imported where used, so that MediaStore alone needs no DuckDB
@@ -36,6 +38,19 @@ DEFAULT_CONFIG: dict[str, Any] = {
 # A media name: the sha256 of the file's bytes and a short extension. Catalog values become
 # paths only through MediaStore.path, which refuses anything else ('../../x.jpg', '/etc/x').
 MEDIA_NAME = re.compile(r"[0-9a-f]{64}\.[a-z0-9]{1,8}")
+
+
+def remove_dead_files(folder: Path) -> int:
+    """Remove the files of folder that processes now gone left (named by `procs.tag()`);
+    returns how many."""
+    if not folder.exists():
+        return 0
+    n = 0
+    for p in folder.iterdir():
+        if p.is_file() and not procs.tag_alive(p.name):
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
 
 
 class MediaStore:
@@ -70,7 +85,8 @@ class MediaStore:
             return name
         dest.parent.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        # named by the writing process, so that another job's clean_tmp leaves it alone
+        tmp = self.tmp / f"{procs.tag()}~{uuid.uuid4().hex}.part"
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -92,14 +108,9 @@ class MediaStore:
                         yield f.name
 
     def clean_tmp(self) -> int:
-        """Remove partial files a killed job left behind; returns how many."""
-        if not self.tmp.exists():
-            return 0
-        n = 0
-        for p in self.tmp.iterdir():
-            p.unlink(missing_ok=True)
-            n += 1
-        return n
+        """Remove partial files a killed job left behind (never those of a process that still
+        runs: another job writing beside this one); returns how many."""
+        return remove_dead_files(self.tmp)
 
 
 class Workspace:
@@ -153,9 +164,18 @@ class Workspace:
     def lance_path(self) -> Path:
         return self.root / "lance"
 
-    def catalog(self, read_only: bool = False, allow_files: bool = False) -> "Catalog":
+    @property
+    def scratch(self) -> Path:
+        """DIR/tmp: a job's working files (its pending rows), named by its process."""
+        return self.root / "tmp"
+
+    def catalog(self, read_only: bool = False, allow_files: bool = False,
+                wait: float | None = None) -> "Catalog":
+        """The catalog; opening waits up to `wait` seconds (default: catalog.lock_wait())
+        while another process holds a conflicting lock."""
         from .catalog import Catalog
-        return Catalog(self.catalog_path, read_only=read_only, allow_files=allow_files)
+        return Catalog(self.catalog_path, read_only=read_only, allow_files=allow_files,
+                       wait=wait)
 
     def set_config(self, section: str, values: dict) -> None:
         import tomli_w

@@ -1,15 +1,30 @@
 -- The run ledger (ultracurate.runner): every job's row in `runs`.
 
+-- name: running
+-- The runs marked running, with the process that runs each (ultracurate.procs decides which
+-- of them are dead).
+SELECT run_id, pid, host, proc_start, heartbeat_at FROM runs WHERE state = 'running';
+
 -- name: close_dead
--- The caller holds the catalog's write lock, so a run still marked running, other than the
--- runs this process holds open (?), has died (SIGKILL, power loss): close it; its committed
--- batches stand.
-UPDATE runs SET state = 'killed', message = 'the process ended without closing the run'
-WHERE state = 'running' AND NOT list_contains(?, run_id);
+-- Runs whose process is gone (SIGKILL, power loss; the ids ?): closed as killed, ended at
+-- their last commit; their committed batches stand.
+UPDATE runs SET state = 'killed', message = 'the process ended without closing the run',
+    ended_at = coalesce(heartbeat_at, started_at)
+WHERE state = 'running' AND list_contains(?, run_id);
 
 -- name: count_batch
--- One committed batch's rows, added to its run's counters.
-UPDATE runs SET rows_done = rows_done + ?, rows_failed = rows_failed + ? WHERE run_id = ?;
+-- One committed batch's rows, added to its run's counters, and the run's sign of life.
+UPDATE runs SET rows_done = rows_done + ?, rows_failed = rows_failed + ?, heartbeat_at = ?
+WHERE run_id = ?;
+
+-- name: list
+-- The runs, newest first, of the states $states (all when NULL), for `runs` (which tells a
+-- running run whose process is gone as killed, and applies its --limit after that).
+SELECT run_id, stage, state, rows_in, rows_done, rows_failed, started_at, ended_at,
+    heartbeat_at, pid, host, proc_start, engine, parent_run, selection, params, message
+FROM runs
+WHERE $states IS NULL OR list_contains($states, state)
+ORDER BY run_id DESC;
 
 -- name: last_recipe
 -- The last run of a recipe (stage ?) with these steps (their digest ?): a rerun after an
