@@ -40,6 +40,14 @@ def dead_runs(cat: Catalog, own: Iterable[int] = ()) -> list[int]:
                   if _dead(r, own, at))
 
 
+def live_runs(cat: Catalog, own: Iterable[int] = ()) -> list[int]:
+    """The runs marked running whose process still runs."""
+    at = now()
+    own = set(own)
+    return sorted(r["run_id"] for r in cat.query(named_queries("runs")["running"])
+                  if not _dead(r, own, at))
+
+
 def close_dead(cat: Catalog, own: Iterable[int] = ()) -> list[int]:
     """Close the dead runs (see dead_runs) as killed; inside the caller's transaction."""
     dead = dead_runs(cat, own)
@@ -64,7 +72,7 @@ def list_runs(cat: Catalog, states: Iterable[str] | None = None, limit: int | No
     at = now()
     own = set(own)
     out = []
-    for r in cat.query(named_queries("runs")["list"], {"states": wide}):
+    for r in cat.query(_list_sql(cat), {"states": wide}):
         if r["state"] == "running" and _dead(r, own, at):
             r["state"] = "killed"
             r["ended_at"] = r["heartbeat_at"] or r["started_at"]
@@ -74,6 +82,21 @@ def list_runs(cat: Catalog, states: Iterable[str] | None = None, limit: int | No
         if limit is not None and len(out) >= limit:
             break
     return out
+
+
+# columns later migrations added: a catalog an older ultracurate wrote, opened read-only (which
+# never migrates), lists them as unknown
+_LATER = {"parent_run": "BIGINT", "pid": "BIGINT", "host": "VARCHAR", "proc_start": "VARCHAR",
+          "heartbeat_at": "TIMESTAMP"}
+
+
+def _list_sql(cat: Catalog) -> str:
+    sql = named_queries("runs")["list"]
+    missing = [c for c in _LATER if c not in set(cat.columns("runs"))]
+    if missing:
+        added = ", ".join(f"NULL::{_LATER[c]} AS {c}" for c in missing)
+        sql = sql.replace("FROM runs", f"FROM (SELECT *, {added} FROM runs) runs", 1)
+    return sql
 
 
 def _view(r: dict, at: _dt.datetime) -> dict:
@@ -148,22 +171,32 @@ def _options_text(opts) -> str:
 
 
 def runs_table(rows: list[dict], title: str | None = None):
-    """The runs as a rich Table."""
+    """The runs for a person (a rich renderable): a table of the figures, then each run's
+    selection and options on a line of their own (they are long; the figures stay aligned
+    at any terminal width)."""
+    from rich import box
+    from rich.console import Group
     from rich.table import Table
-    t = Table(title=title, title_justify="left", expand=False, pad_edge=False)
+    from rich.text import Text
+    t = Table(title=title, title_justify="left", expand=False, pad_edge=False,
+              box=box.SIMPLE_HEAD, padding=(0, 1))
     for name, justify in (("run", "right"), ("stage", "left"), ("state", "left"),
-                          ("done", "right"), ("failed", "right"), ("total", "right"),
-                          ("rate", "right"), ("elapsed", "right"), ("ETA", "right"),
-                          ("selection", "left"), ("options", "left")):
-        t.add_column(name, justify=justify, overflow="fold")
+                          ("done/total", "right"), ("failed", "right"), ("rate", "right"),
+                          ("elapsed", "right"), ("ETA", "right")):
+        t.add_column(name, justify=justify, no_wrap=True)
     colour = {"running": "cyan", "completed": "green", "killed": "red", "failed": "red",
               "interrupted": "yellow"}
+    details = []
     for r in rows:
         t.add_row(str(r["run_id"]), r["stage"],
                   f"[{colour.get(r['state'], 'white')}]{r['state']}[/]",
-                  str(r["rows_done"]), str(r["rows_failed"]), str(r["rows_total"]),
+                  f"{r['rows_done']}/{r['rows_total']}", str(r["rows_failed"] or ""),
                   f"{r['rate']:.1f}/s" if r["rate"] else "--",
                   _duration(r["elapsed_s"]),
-                  _duration(r["eta_s"]) if r["state"] == "running" else "",
-                  _selection_text(r["selection"]), _options_text(r["options"]))
-    return t
+                  _duration(r["eta_s"]) if r["state"] == "running" else "")
+        what = "; ".join(x for x in (_selection_text(r["selection"]),
+                                     _options_text(r["options"])) if x)
+        if what:
+            details.append(Text(f"run {r['run_id']}: {what}", overflow="ellipsis",
+                                no_wrap=True))
+    return Group(t, *details)

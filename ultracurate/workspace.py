@@ -207,7 +207,15 @@ class Workspace:
     def unreferenced_media(self, cat: "Catalog") -> list[str]:
         """Media files no catalog row points at: what a killed job's rerun made differently,
         or what belonged to rows since deleted. Refuses a catalog holding a value that is not a
-        media name, since every file it once named would look unreferenced."""
+        media name, since every file it once named would look unreferenced; and refuses while
+        a job runs, since a job writes its media before the batch that names it commits."""
+        from .runs import live_runs
+        live = live_runs(cat)
+        if live:
+            raise UltracurateError(
+                f"run {', '.join(map(str, live))} is still running and writes media the "
+                "catalog does not name yet; collect garbage when no job runs "
+                "(see `ultracurate runs`)")
         self.check_media_names(cat, "SELECT * FROM anchors", None, "anchor_id", ("media",))
         self.check_media_names(cat, "SELECT * FROM candidates", None, "candidate_id",
                                ("source_image", "edited_image"))

@@ -20,6 +20,7 @@ from ..catalog import VIEWS
 from ..errors import SelectionError, register_secret
 from ..selection import Selection
 from ..names import EDIT_MODES, EXPORT_FORMATS, EXPORT_LAYOUTS, MODES
+from ..runs import STATES as RUN_STATES
 from ..thresholds import PRESETS
 from ..workspace import Workspace
 
@@ -72,6 +73,7 @@ Mode = Literal[tuple(MODES)]                                  # free, region
 EditMode = Literal[tuple(EDIT_MODES)]                         # auto, free, region
 ExportFormat = Literal[tuple(EXPORT_FORMATS)]                 # hf, jsonl, ip2p, wds
 ExportLayout = Literal[tuple(EXPORT_LAYOUTS)]                 # default, ultraedit
+RunState = Literal[tuple(RUN_STATES)]                         # running, completed, ...
 Preset = Literal[tuple(PRESETS)]                              # ultraedit, ip2p
 Profile = Literal["ultraedit", "tiny"]                        # models.resolve
 Behaviour = Literal["method", "ultraedit-compat"]             # generation.behaviour.BEHAVIOURS

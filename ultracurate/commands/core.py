@@ -158,7 +158,8 @@ def gc(dry_run: bool = typer.Option(False, "--dry-run", help="List what would be
     and what killed exports left beside their output folders)."""
     from ..export import export_leftovers, remove_leftovers
     ws = c.workspace(workspace)
-    # the catalog's write lock is held throughout, so no job writes media meanwhile
+    # the catalog's write lock is held throughout, so no job starts meanwhile; one that runs
+    # makes unreferenced_media refuse (it writes media before its batch commits)
     with ws.catalog() as cat:
         names = ws.unreferenced_media(cat)
         freed = sum(ws.media.path(n).stat().st_size for n in names)
