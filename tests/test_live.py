@@ -100,42 +100,45 @@ def _free_edits(ws, n: int) -> None:
 def test_readers_and_a_second_job_work_beside_a_generate_job(ingested_ws):
     ws = ingested_ws
     _free_edits(ws, 3)
-    gen = _start(ws, "generate", "--mode", "free", "--candidates", "2", "--size", "64",
+    gen = _start(ws, "generate", "--mode", "free", "--candidates", "3", "--size", "64",
                  "--pairs-per-call", "1", "--batch-size", "1")
 
     def first_commit():  # a plain read-only connection, polled while the job runs
         runs = [r for r in _ledger(ws).values() if r["stage"] == "generate"]
         return runs[0] if runs and runs[0]["rows_done"] >= 1 else None
     g = _wait_for(first_commit, gen)
-    assert g["state"] == "running" and g["rows_in"] == 6 and g["rows_done"] < 6
-
-    # a second job on disjoint rows: score takes the candidates generate has finished
-    score = _start(ws, "score", "--json")
-    # every reader while the job runs, each seeing what the last batch committed
-    got = run_many([["runs", "--json"], ["stats", "--json"],
-                    ["select", "--from", "candidates", "-f", "json",
-                     "--where", "auto_status = 'generated'"],
-                    ["show", "1", "--json"], ["gc", "--dry-run"]], env=_env(ws))
-    listed = {r["run_id"]: r for r in json.loads(got[0]["stdout"])}
-    assert all(r["rc"] == 0 for r in got[:4]), [r["stderr"][-500:] for r in got[:4]]
-    live = listed[g["run_id"]]
-    assert live["stage"] == "generate" and live["rows_total"] == 6
-    assert live["state"] in ("running", "completed") and live["rows_done"] >= 1
-    assert json.loads(got[1]["stdout"])["candidates_by_status"]
-    assert len(json.loads(got[2]["stdout"])) >= 1
+    assert g["state"] == "running" and g["rows_in"] == 9 and g["rows_done"] < 9
+    # A reader of our own keeps the job's next commit waiting (readers share the file; a
+    # writer waits for them), so every reader below sees the job mid-run, however fast.
+    held = _connect_read_only(ws)
+    try:
+        # a second job on disjoint rows: score takes the candidates generate has finished
+        score = _start(ws, "score", "--json")
+        got = run_many([["runs", "--json"], ["stats", "--json"],
+                        ["select", "--from", "candidates", "-f", "json",
+                         "--where", "auto_status = 'generated'"],
+                        ["show", "1", "--json"], ["sql", "SELECT count(*) AS n FROM runs",
+                                                  "-f", "json"]], env=_env(ws))
+        assert held.execute("SELECT state FROM runs WHERE run_id = ?",
+                            [g["run_id"]]).fetchall() == [("running",)]
+    finally:
+        held.close()
+    assert all(r["rc"] == 0 for r in got), [r["stderr"][-500:] for r in got]
+    live = {r["run_id"]: r for r in json.loads(got[0]["stdout"])}[g["run_id"]]
+    assert (live["stage"], live["state"], live["rows_total"]) == ("generate", "running", 9)
+    assert 1 <= live["rows_done"] < 9
+    generated = json.loads(got[2]["stdout"])
+    assert len(generated) == live["rows_done"]          # up to the last committed batch
+    assert json.loads(got[1]["stdout"])["candidates_by_status"]["generated"] == len(generated)
     assert json.loads(got[3]["stdout"])["candidate_id"] == 1
-    if live["state"] == "running":  # gc never removes media a live job has not committed yet
-        assert got[4]["rc"] == 1 and "still running" in got[4]["stderr"]
     first_score = json.loads(_finish(score))
     _finish(gen)
 
     runs = _ledger(ws)
-    gen_run = runs[g["run_id"]]
-    score_run = runs[first_score["run_id"]]
-    assert score_run["started_at"] < gen_run["ended_at"]   # the two jobs overlapped
-    assert 1 <= first_score["rows_done"] < 6
+    assert runs[first_score["run_id"]]["started_at"] < runs[g["run_id"]]["ended_at"]
+    assert 1 <= first_score["rows_done"] < 9
     # then the rest is scored, and filter (one transaction) runs after both
-    assert run(ws, "score", progress=False).rows_done == 6 - first_score["rows_done"]
+    assert run(ws, "score", progress=False).rows_done == 9 - first_score["rows_done"]
     assert run(ws, "filter", progress=False).state == "completed"
     with ws.catalog(read_only=True) as cat:
         cands = cat.query("SELECT edit_id, candidate_index, auto_status, clip_sim_dir "
@@ -146,10 +149,10 @@ def test_readers_and_a_second_job_work_beside_a_generate_job(ingested_ws):
         per_run = dict(cat.con.execute(
             "SELECT run_id, count(*) FROM stage_state GROUP BY run_id").fetchall())
         ledger = cat.query("SELECT run_id, stage, state, rows_done FROM runs")
-    assert len(cands) == 6 and len({(c["edit_id"], c["candidate_index"]) for c in cands}) == 6
+    assert len(cands) == 9 and len({(c["edit_id"], c["candidate_index"]) for c in cands}) == 9
     assert all(c["clip_sim_dir"] is not None for c in cands)
     assert all(c["auto_status"] in ("accepted", "rejected") for c in cands)
-    assert states == {"generate": 6, "score": 6}
+    assert states == {"generate": 9, "score": 9}
     assert all(r["state"] == "completed" for r in ledger), ledger
     for r in ledger:  # each row counted once, by the run that marked it
         if r["stage"] in ("generate", "score"):
@@ -220,8 +223,9 @@ def _runs_json(ws) -> dict[int, dict]:
 # -- runs -------------------------------------------------------------------------------------
 def test_runs_lists_the_ledger_with_its_figures(ws):
     """--json holds only JSON; --state and --limit narrow; figures come from the ledger; a run
-    marked running whose process is gone is listed as killed; --watch --json prints one
-    object per refresh and ends cleanly on Ctrl-C."""
+    marked running whose process is gone is listed as killed (and closed by the next job, a
+    live one's never); gc refuses while a job lives; --watch --json prints one object per
+    refresh and ends cleanly on Ctrl-C."""
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
     dead_pid = int(gone.stdout)
@@ -242,7 +246,7 @@ def test_runs_lists_the_ledger_with_its_figures(ws):
              "proc_start": "1"}])
     got = run_many([["runs", "--json"], ["runs", "--json", "--state", "killed"],
                     ["runs", "--json", "--limit", "1"], ["runs"],
-                    ["runs", "--state", "nope"]], env=_env(ws))
+                    ["runs", "--state", "nope"], ["gc", "--dry-run"]], env=_env(ws))
     every = {r["run_id"]: r for r in json.loads(got[0]["stdout"])}
     assert list(every) == [3, 2, 1]
     assert every[1]["rate"] == 2.0 and every[1]["elapsed_s"] == 10.0
@@ -255,6 +259,8 @@ def test_runs_lists_the_ledger_with_its_figures(ws):
     assert [r["run_id"] for r in json.loads(got[2]["stdout"])] == [3]
     assert "generate" in got[3]["stdout"] and "edit_type = 'add'" in got[3]["stdout"]
     assert got[4]["rc"] == 2
+    # gc never removes media a live job wrote but has not committed yet
+    assert got[5]["rc"] == 1 and "run 2 is still running" in got[5]["stderr"]
     # a reader never closes a run; the next job does, for the dead process's only
     assert _ledger(ws)[3]["state"] == "running"
     from ultracurate.runs import close_dead
