@@ -180,21 +180,32 @@ def test_sigkill_one_of_two_concurrent_jobs_loses_and_duplicates_nothing(ws, tmp
     run_a = _wait_for(run_of(a), a)["run_id"]
     run_b = _wait_for(run_of(b), b)["run_id"]
     _wait_for(lambda: _ledger(ws)[run_b]["rows_done"] >= 6, b)
-    # while b lives, nobody takes its run for dead
-    assert _runs_json(ws)[run_b]["state"] == "running"
-    os.killpg(b.pid, signal.SIGKILL)
-    b.wait()
-    assert a.poll() is None, "a finished before b was killed: make a longer"
-    listed = _runs_json(ws)
-    assert listed[run_b]["state"] == "killed"      # dead, though the ledger says running
-    assert _ledger(ws)[run_b]["state"] == "running"
-    # b's rerun starts while a runs: it closes b's run, never a's
-    c = _start(ws, "ingest", str(tmp_path / "b"), "--batch-size", "2")
-    run_c = _wait_for(run_of(c), c)["run_id"]
-    ledger = _ledger(ws)
-    assert ledger[run_b]["state"] == "killed"
-    assert ledger[run_a]["state"] in ("running", "completed")
-    _finish(c)
+    # A reader of the test's own: no job commits while it is open (a writer waits for
+    # readers), so both jobs stay mid-run, whatever the machine's speed.
+    held = _connect_read_only(ws)
+    try:
+        assert a.poll() is None, "a finished before b was killed: make a longer"
+        listed = _runs_json(ws)       # while b lives, nobody takes its run for dead
+        assert listed[run_b]["state"] == listed[run_a]["state"] == "running"
+        os.killpg(b.pid, signal.SIGKILL)
+        b.wait()
+        listed = _runs_json(ws)
+        assert listed[run_b]["state"] == "killed"  # dead, though the ledger says running
+        assert listed[run_a]["state"] == "running"
+        assert held.execute("SELECT state FROM runs WHERE run_id = ?",
+                            [run_b]).fetchall() == [("running",)]
+        # a, alive but stopped (holding no lock: our reader is open), while b's rerun starts
+        os.kill(a.pid, signal.SIGSTOP)
+    finally:
+        held.close()
+    try:
+        c = _start(ws, "ingest", str(tmp_path / "b"), "--batch-size", "2")
+        run_c = _wait_for(run_of(c), c)["run_id"]
+        _finish(c)
+        ledger = _ledger(ws)   # c's start closed b's run, never a's (alive, if stopped)
+        assert (ledger[run_b]["state"], ledger[run_a]["state"]) == ("killed", "running")
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
     _finish(a)
     with ws.catalog(read_only=True) as cat:
         assert cat.scalar("SELECT count(*) FROM anchors") == 210

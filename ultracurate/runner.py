@@ -550,28 +550,97 @@ COMMIT_WAIT = 600.0  # seconds a batch's commit waits for other processes' turns
 
 class _Catalogs:
     """How the runner reaches the catalog. Its own (run() without cat): opened for each
-    phase (the plan and the pending rows, each batch's commit, the end) and closed in
+    phase (the plan and the pending rows, the batches' commits, the end) and closed in
     between, so that while a batch computes other processes read the catalog and other jobs
     commit theirs; each open waits its turn (catalog.lock_wait). The caller's (cat=...):
-    held throughout."""
+    held throughout.
+
+    A batch's commit keeps its connection open LINGER seconds for the next batch's, so that a
+    stage whose batches compute in milliseconds does not pay an open (tens of ms) per batch;
+    a connection is never held more than HOLD_MAX seconds in all, and once closed stays closed
+    GAP seconds, longer than a waiting reader's pause between tries (catalog._connect): a
+    reader's turn comes within about HOLD_MAX + GAP, however fast the batches."""
+
+    LINGER = 0.1
+    HOLD_MAX = 0.5
+    GAP = 0.12
 
     def __init__(self, ws: Workspace, held: Catalog | None = None, read_only: bool = False):
         self.ws, self.held, self.read_only = ws, held, read_only
         self.verified = False
+        self._lock = threading.Lock()
+        self._cat: Catalog | None = None
+        self._opened = self._used = self._closed = 0.0
+        self._stop: threading.Event | None = None
+
+    def _connect(self, wait: float | None) -> Catalog:
+        # the first open checks (and migrates) the file; the job's later ones skip that
+        cat = Catalog(self.ws.catalog_path, read_only=self.read_only, wait=wait,
+                      verify=not self.verified)
+        self.verified = True
+        return cat
 
     @contextlib.contextmanager
     def open(self, wait: float | None = None) -> Iterator[Catalog]:
         if self.held is not None:
             yield self.held
             return
-        # the first open checks (and migrates) the file; the job's later ones skip that
-        cat = Catalog(self.ws.catalog_path, read_only=self.read_only, wait=wait,
-                      verify=not self.verified)
-        self.verified = True
+        self.release()
+        cat = self._connect(wait)
         try:
             yield cat
         finally:
             cat.close()
+
+    @contextlib.contextmanager
+    def commit(self) -> Iterator[Catalog]:
+        """The catalog for one batch's commit (see the class docstring)."""
+        if self.held is not None:
+            yield self.held
+            return
+        with self._lock:
+            if self._cat is None:
+                pause = self.GAP - (time.monotonic() - self._closed)
+                if pause > 0:
+                    time.sleep(pause)
+                self._cat = self._connect(lock_wait(COMMIT_WAIT))
+                self._opened = time.monotonic()
+                self._watch()
+            try:
+                yield self._cat
+            except BaseException:
+                self._close()
+                raise
+            self._used = time.monotonic()
+            if self._used - self._opened >= self.HOLD_MAX:
+                self._close()
+
+    def _close(self) -> None:  # with self._lock held
+        if self._cat is not None:
+            self._cat.close()
+            self._cat = None
+            self._closed = time.monotonic()
+
+    def _watch(self) -> None:
+        """A thread that closes the commits' connection once it lingered LINGER unused."""
+        if self._stop is not None:
+            return
+        self._stop = stop = threading.Event()
+
+        def loop():
+            while not stop.wait(self.LINGER / 4):
+                with self._lock:
+                    if self._cat is not None and time.monotonic() - self._used >= self.LINGER:
+                        self._close()
+        threading.Thread(target=loop, name="uc-catalog-linger", daemon=True).start()
+
+    def release(self) -> None:
+        """Close the commits' connection and stop its thread."""
+        if self._stop is not None:
+            self._stop.set()
+            self._stop = None
+        with self._lock:
+            self._close()
 
 
 def resume_key(stage: Stage) -> str | None:
@@ -657,7 +726,7 @@ def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selec
         batches = pending.batches(size)
         results = engine.map(stage, batches, ctx) if n_rows else iter(())
         for batch, result in results:
-            with conns.open(wait=lock_wait(COMMIT_WAIT)) as cat:
+            with conns.commit() as cat:
                 w = Access(cat, stage, JobRun(run_id), writable=True, workspace=ws,
                            force=force)
                 n_done, n_failed = _commit_batch(cat, stage, w, batch, result)
@@ -667,7 +736,7 @@ def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selec
                 bar.advance(task, len(batch))
             if ctrl_c.requested:
                 raise KeyboardInterrupt
-        with conns.open(wait=lock_wait(COMMIT_WAIT)) as cat:
+        with conns.commit() as cat:
             w = Access(cat, stage, JobRun(run_id), writable=True, workspace=ws, force=force)
             with cat.transaction():
                 stage.finish(w)
@@ -685,6 +754,7 @@ def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selec
         _end_after(conns, run_id, "failed", f"{type(e).__name__}: {e}")
         raise
     finally:
+        conns.release()
         ctrl_c.restore()
         for gen in (results, batches):  # the pending rows' file is read by these
             if hasattr(gen, "close"):
