@@ -68,13 +68,18 @@ def job(ws: Workspace, batch: int, work: float, held: bool) -> float:
     return s.rows_done / (time.perf_counter() - t0)
 
 
+OPENS: list[float] = []  # the open alone (its wait for the lock included) of each read
+
+
 def reads(ws: Workspace, n: int, wait: float | None) -> tuple[list[float], int]:
     """Latencies of n reads (open read-only, stats, close), and how many failed."""
     out, failed = [], 0
+    OPENS.clear()
     for _ in range(n):
         t0 = time.perf_counter()
         try:
             with Catalog(ws.catalog_path, read_only=True, wait=wait) as cat:
+                OPENS.append(time.perf_counter() - t0)
                 catalog_stats(cat)
             out.append(time.perf_counter() - t0)
         except CatalogBusyError:
@@ -103,7 +108,9 @@ def beside_a_job(ws: Workspace, args, held: bool) -> dict:
         still = proc.poll() is None
     finally:
         proc.wait()
-    return {**summary(lat), "failed": failed, "reads": args.reads, "job_ran_throughout": still}
+    return {**summary(lat), "open": summary(OPENS), "opens": [round(x, 3) for x in OPENS],
+            "failed": failed, "reads": args.reads,
+            "job_ran_throughout": still}
 
 
 def main() -> None:
@@ -123,7 +130,8 @@ def main() -> None:
         ws = build(Path(tmp), args.rows)
         res = {"rows": args.rows, "batch": args.batch, "work_ms": args.work,
                "load": os.getloadavg()[0]}
-        res["reader_idle"] = {**summary(reads(ws, args.reads, None)[0]), "failed": 0}
+        res["reader_idle"] = {**summary(reads(ws, args.reads, None)[0]),
+                              "open": summary(OPENS), "failed": 0}
         res["reader_beside_job"] = beside_a_job(ws, args, held=False)
         res["reader_beside_held_job"] = beside_a_job(ws, args, held=True)
         small = max(args.batch * 40, 1)  # the throughput jobs: 40 batches
@@ -139,12 +147,13 @@ def main() -> None:
     out.mkdir(exist_ok=True)
     (out / "live.json").write_text(json.dumps(res, indent=2))
     print(f"load average {res['load']:.1f}; {args.rows} anchors, batches of {args.batch}")
-    print(f"{'reader (open, stats, close)':<40} {'p50 s':>8} {'p95 s':>8} {'max s':>8} "
-          f"{'failed':>7}")
+    print(f"{'reader (open, stats, close)':<34} {'p50 s':>7} {'p95 s':>7} {'max s':>7} "
+          f"{'open p50':>9} {'open max':>9} {'failed':>7}")
+    cell = lambda v, w=7: f"{v:{w}.3f}" if v is not None else f"{'-':>{w}}"  # noqa: E731
     for k in ("reader_idle", "reader_beside_job", "reader_beside_held_job"):
         r = res[k]
-        cell = lambda v: f"{v:8.3f}" if v is not None else f"{'-':>8}"  # noqa: E731
-        print(f"{k:<40} {cell(r['p50'])} {cell(r['p95'])} {cell(r['max'])} "
+        print(f"{k:<34} {cell(r['p50'])} {cell(r['p95'])} {cell(r['max'])} "
+              f"{cell(r['open']['p50'], 9)} {cell(r['open']['max'], 9)} "
               f"{r['failed']:>4}/{args.reads}")
     print(f"{'job rows/s':<40} {'per-batch':>10} {'held':>10} {'ratio':>7}")
     for k, r in res["throughput"].items():

@@ -78,6 +78,46 @@ def lock_wait(default: float = LOCK_WAIT) -> float:
     return value
 
 
+def readers_dir(path: Path) -> Path:
+    """Where readers waiting for the catalog say so (CATALOG.readers/): a job's commits make
+    way for them (runner._Catalogs)."""
+    return path.with_name(path.name + ".readers")
+
+
+def _reader_waits(path: Path) -> Path | None:
+    from . import procs
+    folder = readers_dir(path)
+    try:
+        folder.mkdir(exist_ok=True)
+        marker = folder / f"{procs.tag()}~{os.urandom(4).hex()}"
+        marker.touch()
+        return marker
+    except OSError:  # a read-only folder: the reader simply waits its turn
+        return None
+
+
+def readers_waiting(path: Path) -> bool:
+    """Whether a reader of another live process waits for the catalog (markers of processes
+    now gone are removed)."""
+    from . import procs
+    folder = readers_dir(path)
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return False
+    mine = procs.tag()
+    waiting = False
+    for e in entries:
+        if e.name.startswith(mine + "~"):
+            continue
+        if procs.tag_alive(e.name):
+            waiting = True
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(e.path)
+    return waiting
+
+
 def now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
 
@@ -166,23 +206,30 @@ class Catalog:
     def _connect(self, read_only: bool, config: dict, wait: float):
         deadline = time.monotonic() + wait
         pause = 0.005
-        while True:
-            try:
-                return duckdb.connect(str(self.path), read_only=read_only, config=config)
-            except duckdb.Error as e:
-                msg = first_line(e)
-                if isinstance(e, duckdb.IOException) and "lock" in msg.lower():
-                    left = deadline - time.monotonic()
-                    if left > 0:  # another process commits or reads: its turn is short
-                        time.sleep(min(pause, left) * random.uniform(0.5, 1.0))
-                        pause = min(pause * 2, 0.1)
-                        continue
-                    raise CatalogBusyError(
-                        f"catalog {self.path} is in use by another ultracurate job (waited "
-                        f"{wait:g} s); wait for it or stop it ({msg})") from None
-                if is_damage(e):
-                    raise CatalogDamagedError(damaged_message(e, self.path)) from None
-                raise UltracurateError(f"cannot open catalog {self.path}: {msg}") from None
+        marker = None
+        try:
+            while True:
+                try:
+                    return duckdb.connect(str(self.path), read_only=read_only, config=config)
+                except duckdb.Error as e:
+                    msg = first_line(e)
+                    if isinstance(e, duckdb.IOException) and "lock" in msg.lower():
+                        left = deadline - time.monotonic()
+                        if left > 0:  # another process commits or reads: its turn is short
+                            if read_only and marker is None:
+                                marker = _reader_waits(self.path)
+                            time.sleep(min(pause, left) * random.uniform(0.5, 1.0))
+                            pause = min(pause * 2, 0.03)  # several tries in a job's gap
+                            continue
+                        raise CatalogBusyError(
+                            f"catalog {self.path} is in use by another ultracurate job "
+                            f"(waited {wait:g} s); wait for it or stop it ({msg})") from None
+                    if is_damage(e):
+                        raise CatalogDamagedError(damaged_message(e, self.path)) from None
+                    raise UltracurateError(f"cannot open catalog {self.path}: {msg}") from None
+        finally:
+            if marker is not None:
+                marker.unlink(missing_ok=True)
 
     # -- schema ---------------------------------------------------------------------------
     def schema_version(self) -> int:

@@ -47,7 +47,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import procs
-from .catalog import KEYS, VIEWS, Catalog, JobRun, lock_wait, named_queries, now
+from .catalog import (KEYS, VIEWS, Catalog, JobRun, lock_wait, named_queries, now,
+                      readers_waiting)
 from .errors import UltracurateError, reason_text
 from .runs import close_dead
 from .selection import Selection, selected_keys_sql
@@ -558,12 +559,15 @@ class _Catalogs:
     A batch's commit keeps its connection open LINGER seconds for the next batch's, so that a
     stage whose batches compute in milliseconds does not pay an open (tens of ms) per batch;
     a connection is never held more than HOLD_MAX seconds in all, and once closed stays closed
-    GAP seconds, longer than a waiting reader's pause between tries (catalog._connect): a
-    reader's turn comes within about HOLD_MAX + GAP, however fast the batches."""
+    GAP seconds, several of a waiting reader's pauses between tries (catalog._connect).
+    Readers waiting for the catalog say so (catalog.readers_waiting): then the connection
+    closes after the commit in hand, and the next commit waits (at most READERS_FIRST
+    seconds) until they are in."""
 
     LINGER = 0.1
     HOLD_MAX = 0.5
     GAP = 0.12
+    READERS_FIRST = 2.0
 
     def __init__(self, ws: Workspace, held: Catalog | None = None, read_only: bool = False):
         self.ws, self.held, self.read_only = ws, held, read_only
@@ -598,11 +602,17 @@ class _Catalogs:
         if self.held is not None:
             yield self.held
             return
+        path = self.ws.catalog_path
         with self._lock:
+            if self._cat is not None and readers_waiting(path):
+                self._close()
             if self._cat is None:
                 pause = self.GAP - (time.monotonic() - self._closed)
                 if pause > 0:
                     time.sleep(pause)
+                until = time.monotonic() + self.READERS_FIRST
+                while readers_waiting(path) and time.monotonic() < until:
+                    time.sleep(0.01)
                 self._cat = self._connect(lock_wait(COMMIT_WAIT))
                 self._opened = time.monotonic()
                 self._watch()
@@ -612,7 +622,7 @@ class _Catalogs:
                 self._close()
                 raise
             self._used = time.monotonic()
-            if self._used - self._opened >= self.HOLD_MAX:
+            if self._used - self._opened >= self.HOLD_MAX or readers_waiting(path):
                 self._close()
 
     def _close(self) -> None:  # with self._lock held
@@ -630,7 +640,9 @@ class _Catalogs:
         def loop():
             while not stop.wait(self.LINGER / 4):
                 with self._lock:
-                    if self._cat is not None and time.monotonic() - self._used >= self.LINGER:
+                    if self._cat is not None and (
+                            time.monotonic() - self._used >= self.LINGER
+                            or readers_waiting(self.ws.catalog_path)):
                         self._close()
         threading.Thread(target=loop, name="uc-catalog-linger", daemon=True).start()
 
