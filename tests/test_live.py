@@ -168,41 +168,65 @@ def _images(folder, n: int, seed: int) -> None:
             folder / f"img_{i:04d}.png")
 
 
+def _hold_when(ws, ready, proc: subprocess.Popen):
+    """A read-only connection of the test's own, returned open once ready(ledger) holds on
+    what it reads. While it is open no job commits (a writer waits for readers), so what it
+    saw stays true, whatever the machine's speed."""
+    deadline = time.monotonic() + MINUTES
+    while time.monotonic() < deadline:
+        con = _connect_read_only(ws)
+        rows = con.execute("SELECT run_id, state, rows_done, pid FROM runs").fetchall()
+        ledger = {r[0]: {"state": r[1], "rows_done": r[2], "pid": r[3]} for r in rows}
+        if ready(ledger):
+            return con, ledger
+        con.close()
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended first (rc {proc.returncode})")
+        time.sleep(0.02)
+    raise AssertionError("timed out")
+
+
 @pytest.mark.slow
 def test_sigkill_one_of_two_concurrent_jobs_loses_and_duplicates_nothing(ws, tmp_path):
     _images(tmp_path / "a", 150, seed=1)
     _images(tmp_path / "b", 60, seed=2)
-    a = _start(ws, "ingest", str(tmp_path / "a"), "--batch-size", "2")
-    b = _start(ws, "ingest", str(tmp_path / "b"), "--batch-size", "2")
+    a = _start(ws, "ingest", str(tmp_path / "a"), "--batch-size", "1")
+    b = _start(ws, "ingest", str(tmp_path / "b"), "--batch-size", "1")
 
-    def run_of(proc):
-        return lambda: next((r for r in _ledger(ws).values() if r["pid"] == proc.pid), None)
-    run_a = _wait_for(run_of(a), a)["run_id"]
-    run_b = _wait_for(run_of(b), b)["run_id"]
-    _wait_for(lambda: _ledger(ws)[run_b]["rows_done"] >= 6, b)
-    # A reader of the test's own: no job commits while it is open (a writer waits for
-    # readers), so both jobs stay mid-run, whatever the machine's speed.
-    held = _connect_read_only(ws)
+    def run_of(ledger, proc):
+        return next((k for k, r in ledger.items() if r["pid"] == proc.pid), None)
+
+    def mid_run(proc, rows):
+        def ready(ledger):
+            k = run_of(ledger, proc)
+            return k is not None and ledger[k]["state"] == "running" and \
+                ledger[k]["rows_done"] >= rows
+        return ready
+    # a, caught mid-run, is stopped (alive, holding no lock: our reader is open)
+    held, ledger = _hold_when(ws, mid_run(a, 2), a)
+    run_a = run_of(ledger, a)
+    os.kill(a.pid, signal.SIGSTOP)
+    held.close()
     try:
-        assert a.poll() is None, "a finished before b was killed: make a longer"
-        listed = _runs_json(ws)       # while b lives, nobody takes its run for dead
-        assert listed[run_b]["state"] == listed[run_a]["state"] == "running"
-        os.killpg(b.pid, signal.SIGKILL)
-        b.wait()
-        listed = _runs_json(ws)
-        assert listed[run_b]["state"] == "killed"  # dead, though the ledger says running
-        assert listed[run_a]["state"] == "running"
-        assert held.execute("SELECT state FROM runs WHERE run_id = ?",
-                            [run_b]).fetchall() == [("running",)]
-        # a, alive but stopped (holding no lock: our reader is open), while b's rerun starts
-        os.kill(a.pid, signal.SIGSTOP)
-    finally:
-        held.close()
-    try:
-        c = _start(ws, "ingest", str(tmp_path / "b"), "--batch-size", "2")
-        run_c = _wait_for(run_of(c), c)["run_id"]
+        held, ledger = _hold_when(ws, mid_run(b, 4), b)   # b, caught mid-run
+        run_b = run_of(ledger, b)
+        try:
+            listed = _runs_json(ws)       # while b lives, nobody takes its run for dead
+            assert listed[run_b]["state"] == listed[run_a]["state"] == "running"
+            os.killpg(b.pid, signal.SIGKILL)
+            b.wait()
+            listed = _runs_json(ws)
+            assert listed[run_b]["state"] == "killed"  # dead, though the ledger says running
+            assert listed[run_a]["state"] == "running"
+            assert held.execute("SELECT state FROM runs WHERE run_id = ?",
+                                [run_b]).fetchall() == [("running",)]
+        finally:
+            held.close()
+        # b's rerun: its start closes b's run, never a's (alive, if stopped)
+        c = _start(ws, "ingest", str(tmp_path / "b"), "--batch-size", "1")
         _finish(c)
-        ledger = _ledger(ws)   # c's start closed b's run, never a's (alive, if stopped)
+        ledger = _ledger(ws)
+        run_c = next(k for k, r in ledger.items() if r["pid"] == c.pid)
         assert (ledger[run_b]["state"], ledger[run_a]["state"]) == ("killed", "running")
     finally:
         os.kill(a.pid, signal.SIGCONT)
