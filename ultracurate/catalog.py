@@ -39,8 +39,10 @@ def sql_text(name: str) -> str:
 def named_queries(name: str) -> dict[str, str]:
     """The '-- name: key' blocks of sql/queries/<name>.sql."""
     blocks = re.split(r"^-- name: *(\w+) *$", sql_text(f"queries/{name}.sql"), flags=re.M)
-    # without the closing ';', so that a query can be a subquery of another
-    return {blocks[i]: blocks[i + 1].strip().rstrip(";") for i in range(1, len(blocks), 2)}
+    # without the closing ';', so that a query can be a subquery of another, and without its
+    # comment lines, so that a {marker} a comment names is not filled in there
+    return {blocks[i]: re.sub(r"^\s*--.*\n?", "", blocks[i + 1], flags=re.M).strip().rstrip(";")
+            for i in range(1, len(blocks), 2)}
 
 
 def migrations() -> list[tuple[int, str, str]]:
