@@ -194,8 +194,9 @@ def decide_turn(cat: Catalog, sessions: list[int], turn: int, run_id: int) -> Tu
         elif r["unfinished"]:
             rep.waiting += 1
         else:
-            ended[r["session_id"]] = (f"turn {turn}: no accepted candidate ({r['candidates']} "
-                                      f"candidates of {r['edits']} edits)")
+            ended[r["session_id"]] = (f"turn {turn}: no accepted candidate ("
+                                      f"{_n(r['candidates'], 'candidate')} of "
+                                      f"{_n(r['edits'], 'edit')})")
     with _tx(cat):
         if turns:
             cat.insert_rows("session_turns", pl.DataFrame(turns, schema={
@@ -318,6 +319,10 @@ def run_chain(ws, selection: Selection | None = None, *, turns: int = 3, per_anc
         except UltracurateError:
             pass  # never hide the chain's own outcome behind its run row
     return res
+
+
+def _n(k: int, noun: str) -> str:
+    return f"{k} {noun}{'' if k == 1 else 's'}"
 
 
 def _summary(obj) -> Any:
