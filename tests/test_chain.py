@@ -194,6 +194,7 @@ def test_chain_resumes_after_a_failing_stage(base, chained, tmp_path):
     assert _state(ws) == chained[2]
 
 
+@pytest.mark.slow
 def test_chain_resumes_after_sigkill(base, chained, tmp_path):
     """A `chain` process killed (SIGKILL) during turn 2 and rerun ends where an uninterrupted
     run ends: the same sessions, anchors and candidates, nothing twice."""

@@ -325,3 +325,30 @@ def test_report_shows_how_often_clip_and_the_judge_disagree(pairs_ws, tmp_path):
     assert [r["candidate_id"] for r in conf["disagree"]] == [case["low"], not_clip]
     html = write_report(ws, tmp_path / "r.html").read_text()
     assert "CLIP and the judge" in html and "disagree on 2" in html
+
+
+@pytest.mark.slow
+def test_judge_on_the_ray_engine(pairs_ws, tiny_judge):
+    """Two Ray workers each load the tiny judge and rate their batches; the driver alone
+    writes, and the scores are what the local engine gives."""
+    import ray
+
+    from ultracurate.runner import RayEngine
+    ws, case, _ = pairs_ws
+    local = run_judge(ws, grammar="tiny-judge", batch_size=2, progress=False)
+    assert local.rows_done == len(CASES)
+    want, _ = _judged(ws)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        s = run_judge(ws, grammar="tiny-judge", batch_size=2, force=True,
+                      engine=RayEngine(num_workers=2), progress=False)
+    finally:
+        ray.shutdown()
+    got, _ = _judged(ws)
+    assert (s.rows_in, s.rows_done, s.rows_failed) == (len(CASES), len(CASES), 0)
+    cols = ("judge_instruction", "judge_preservation", "judge_quality", "judge_rationale")
+    assert {c: [got[c][k] for k in cols] for c in case.values()} == \
+        {c: [want[c][k] for k in cols] for c in case.values()}
+    assert {got[c]["judge_run"] for c in case.values()} == {s.run_id}
+    with ws.catalog(read_only=True) as cat:
+        assert cat.scalar("SELECT engine FROM runs WHERE run_id = ?", [s.run_id]) == "ray"

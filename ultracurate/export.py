@@ -706,9 +706,12 @@ def _write_sessions(ctx: _Ctx, rows: list[dict], folder: Path) -> dict[int, int]
     """MagicBrush's layout under folder: images/<id>/<id>-input.png (turn 1's source image),
     <id>-output<i>.png (turn i's edited image), <id>-mask<i>.png (turn i's region, L, 255 =
     editable; the whole image for a free-form turn), edit_sessions.json and
-    global_descriptions.json. Returns {turns: sessions}."""
+    global_descriptions.json (nothing when rows hold no session). Returns {turns:
+    sessions}."""
     import numpy as np
     sessions = session_turns(rows)
+    if not sessions:
+        return {}
     _mkdir(folder)
     _mkdir(folder / "images")
     edit_sessions: dict[str, list[dict]] = {}
