@@ -323,3 +323,24 @@ def test_review_groups_sessions_and_shows_judge_disagreement(chained, tmp_path):
     # the judge's fields are on every sample
     edited = ds.select_group_slices("edited")
     assert edited.match(F("judge_rationale") != None).count() > 0  # noqa: E711
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--turns", "0"], "Invalid value for '--turns'"),
+    (["--types", "add,fly"], "unknown edit type 'fly'"),
+    (["--size", "100"], "--size must be a multiple of 8"),
+    (["--where", "status = 'accepted'; DROP TABLE anchors"], "--where is not a valid SQL"),
+    (["--where", "no_such_column = 1"], "--where names an unknown column 'no_such_column'"),
+])
+def test_bad_options_are_one_line_before_anything_is_made(base, tmp_path, capsys, args,
+                                                          message):
+    ws = _copy(base, tmp_path)
+    before = _state(ws)
+    with pytest.raises(SystemExit) as e:
+        main(["chain", "-w", str(ws.root), *args])
+    assert e.value.code in (1, 2)
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert _state(ws) == before
+    with ws.catalog(read_only=True) as cat:
+        assert cat.scalar("SELECT count(*) FROM runs WHERE stage = 'chain'") == 0

@@ -234,6 +234,11 @@ def run_chain(ws, selection: Selection | None = None, *, turns: int = 3, per_anc
         raise UltracurateError(f"--turns must be at least 1 (got {turns})")
     if per_anchor < 1 or candidates < 1:
         raise UltracurateError("--per-anchor and --candidates must be at least 1")
+    # options a later turn's stage would refuse: one clear error before anything is made
+    from ..instruct.plan import parse_types
+    from .generate import GenerateStage
+    parse_types(types)
+    GenerateStage(size=(generate or {}).get("size", 512))
     selection = selection or Selection()
     say = say or (lambda line: None)
     with ws.catalog() as cat:
