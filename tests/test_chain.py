@@ -344,3 +344,29 @@ def test_bad_options_are_one_line_before_anything_is_made(base, tmp_path, capsys
     assert _state(ws) == before
     with ws.catalog(read_only=True) as cat:
         assert cat.scalar("SELECT count(*) FROM runs WHERE stage = 'chain'") == 0
+
+
+def test_a_turn_image_that_cannot_be_an_anchor_ends_its_session(base, tmp_path):
+    """A turn's edited image already an anchor (same bytes), or gone from the media store:
+    that session ends with the reason, the others go on."""
+    ws = _copy(base, tmp_path)
+    run_chain(ws, turns=1, **CHAIN)   # the sessions and their roots, nothing more
+    with ws.catalog() as cat:
+        roots = [r[0] for r in cat.con.execute(
+            "SELECT root_candidate_id FROM sessions ORDER BY session_id").fetchall()]
+        photo = cat.query("SELECT anchor_id, media FROM anchors ORDER BY anchor_id LIMIT 1")[0]
+        cat.con.execute("UPDATE candidates SET edited_image = ? WHERE candidate_id = ?",
+                        [photo["media"], roots[0]])
+        gone = cat.scalar("SELECT edited_image FROM candidates WHERE candidate_id = ?",
+                          [roots[1]])
+    ws.media.path(gone).unlink()
+    res = run_chain(ws, turns=2, **CHAIN)
+    with ws.catalog(read_only=True) as cat:
+        reasons = [r[0] for r in cat.con.execute(
+            "SELECT end_reason FROM sessions ORDER BY session_id").fetchall()]
+    assert reasons[0] == (f"turn 2: the edited image of candidate {roots[0]} is already "
+                          f"anchor {photo['anchor_id']}")
+    assert reasons[1].startswith(f"turn 2: candidate {roots[1]}'s edited image: ")
+    assert "file not found" in reasons[1]
+    assert res.turns[0].ended >= 2 and res.turns[0].sessions == 3
+    assert res.turns[0].anchors_made == 1

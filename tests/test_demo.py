@@ -51,8 +51,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert steps["judge"]["rows_done"] == steps["judge"]["judged"] > 0
     assert steps["judge"]["rows_failed"] == 0
     assert steps["chain"]["by_length"].get(3, 0) > 0
-    assert steps["export_sessions"]["sessions"] == {str(k): n for k, n in
-                                                    steps["chain"]["by_length"].items()}
+    assert steps["export_sessions"]["sessions"] == steps["chain"]["by_length"]
     assert (out / "exports" / "sessions" / "sessions" / "edit_sessions.json").exists()
     ds = datasets.load_dataset(str(out / "exports" / "hf"))
     rows = sum(len(split) for split in ds.values())

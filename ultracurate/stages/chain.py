@@ -129,7 +129,7 @@ def start_sessions(cat: Catalog, selection: Selection, run_id: int) -> tuple[int
 
 
 def make_anchors(cat: Catalog, ws, sessions: list[int], turn: int, run_id: int
-                 ) -> tuple[int, list[int], dict[int, str]]:
+                 ) -> tuple[int, int, dict[int, str]]:
     """Anchors for turn `turn` of the due sessions that have none yet, each with its caption,
     in one transaction. Returns (sessions due, how many anchors made, {session: reason}) for
     the sessions that cannot go on (their edited image is unreadable, or already an anchor)."""
@@ -137,17 +137,19 @@ def make_anchors(cat: Catalog, ws, sessions: list[int], turn: int, run_id: int
     todo = [d for d in due if d["anchor_id"] is None]
     ended: dict[int, str] = {}
     rows, captions = [], []
-    shas = {d["edited_image"].split(".")[0]: d for d in todo}
+    # media names are the sha256 of their bytes, which anchors.sha256 holds unique
+    shas = [d["edited_image"].split(".")[0] for d in todo]
     taken = dict(cat.con.execute("SELECT sha256, anchor_id FROM anchors WHERE "
-                                 "list_contains($s, sha256)", {"s": list(shas)}).fetchall())
+                                 "list_contains($s, sha256)", {"s": shas}).fetchall())
     seen: set[str] = set()
     first = cat.next_id("anchors")
     for d in todo:
         sid, parent, name = d["session_id"], d["parent_candidate_id"], d["edited_image"]
-        sha = name.split(".")[0]   # media names are the sha256 of their bytes
+        sha = name.split(".")[0]
         if sha in taken or sha in seen:
             ended[sid] = (f"turn {turn}: the edited image of candidate {parent} is already "
-                          f"anchor {taken.get(sha, 'of another session')}")
+                          + (f"anchor {taken[sha]}" if sha in taken else
+                             "the anchor of another session"))
             continue
         try:
             info, _ = inspect_image(read_bytes(ws.media.path(name)), name)
