@@ -11,6 +11,11 @@ with random weights (cost does not depend on their values) at 512 px, bf16:
 Both sides run free-form candidates with 3 real steps (8 total steps at strength 0.6 for
 ours is 4; we force total_steps=5 -> 3 real steps on both sides) and include JPEG encoding and
 writes to a media store (ours: the stage's writer threads; stock: PIL save one by one).
+
+A third line runs ours one pair per model call: what making every candidate's pixels
+independent of its call would cost (the VAE and UNet give results that depend on the batch at
+the float-rounding level, so only one pair per call is batch-invariant); generate instead
+fixes each call's pairs when it plans them (gen_call), see docs/generation.md.
 """
 
 from __future__ import annotations
@@ -140,17 +145,21 @@ def main():
     ims = anchors(args.pairs, args.size)
     bench_ours(pipe, ims[:min(4, len(ims))], min(4, args.batch), store, args.device)  # warm-up
     ours = bench_ours(pipe, ims, args.batch, store, args.device)
+    n_single = args.stock_pairs or max(4, args.pairs // 4)
+    single = bench_ours(pipe, ims[:n_single], 1, store, args.device)
     from diffusers.models.attention_processor import AttnProcessor2_0
     pipe.unet.set_attn_processor(AttnProcessor2_0())
     n_stock = args.stock_pairs or max(4, args.pairs // 4)
     bench_stock(pipe, ims[:2], store, args.device)  # warm-up
     stock = bench_stock(pipe, ims[:n_stock], store, args.device)
-    r_ours, r_stock = args.pairs / ours, n_stock / stock
+    r_ours, r_stock, r_single = args.pairs / ours, n_stock / stock, n_single / single
     card = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"device={card} arch={'sdxl' if args.real_arch else 'tiny'} size={args.size} "
           f"dtype={str(dtype).split('.')[-1]} real_steps=3 batch={args.batch}")
     print(f"ultracurate (batched pairs, JPEG writes): {args.pairs} pairs in {ours:.2f} s = "
           f"{r_ours:.2f} pairs/s ({1000 / r_ours:.1f} ms/pair)")
+    print(f"ultracurate, 1 pair per call: {n_single} pairs in {single:.2f} s = "
+          f"{r_single:.2f} pairs/s ({r_ours / r_single:.2f}x slower than batched)")
     print(f"stock StableDiffusionXLImg2ImgPipeline, 1 image/call: {n_stock} pairs in "
           f"{stock:.2f} s = {r_stock:.2f} pairs/s ({1000 / r_stock:.1f} ms/pair)")
     print(f"speed-up: {r_ours / r_stock:.2f}x")

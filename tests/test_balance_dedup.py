@@ -11,6 +11,7 @@ from PIL import Image
 
 from ultracurate.cli import main
 from ultracurate.embeddings import EmbeddingStore
+from ultracurate.errors import UltracurateError
 from ultracurate.models import make_tiny
 from ultracurate.runner import run_stage
 from ultracurate.stages.dedup import run_dedup
@@ -76,6 +77,8 @@ def test_dedup_finds_planted_duplicates(ingested_ws, tiny_dir, tmp_path, capsys)
     main(["dedup", "-w", str(ws.root), "--threshold", "0.5", "--what", "anchors", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert len(out["anchor_duplicates"]) == n_anchors  # everything is "similar" at 0.5
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit):  # refused at the CLI boundary
         main(["dedup", "-w", str(ws.root), "--threshold", "2"])
-    assert "not a cosine" in capsys.readouterr().err
+    assert "--threshold': 2 is not between -1 and 1" in capsys.readouterr().err
+    with pytest.raises(UltracurateError, match="not a cosine"):  # and by the library
+        run_dedup(ws, threshold=2.0)

@@ -32,12 +32,15 @@ def test_migrations_apply_once_and_a_newer_catalog_is_refused(tmp_path):
     Catalog(path).close()
     Catalog(path).close()  # reopening applies nothing twice
     con = duckdb.connect(str(path))
-    assert con.execute("SELECT value FROM schema_meta").fetchall() == [(str(SCHEMA_VERSION),)]
+    assert con.execute("SELECT value FROM schema_meta WHERE key = 'schema_version'"
+                       ).fetchall() == [(str(SCHEMA_VERSION),)]
     con.execute("UPDATE schema_meta SET value = ? WHERE key = 'schema_version'",
                 [str(SCHEMA_VERSION + 1)])
     con.close()
     with pytest.raises(UltracurateError, match="newer than this ultracurate"):
         Catalog(path)
+    with pytest.raises(UltracurateError, match="newer than this ultracurate"):
+        Catalog(path, read_only=True)  # read commands refuse it too
 
 
 def test_edit_type_must_be_one_of_the_nine(ingested_ws):

@@ -11,14 +11,17 @@ import pytest
 import torch
 from PIL import Image
 
-from ultracurate.generation import (Pair, Trace, generate_compat, generate_method, run_pairs,
-                                    sample_method)
+import _compat_cases as C
+from ultracurate.generation import (CallDropped, Pair, Trace, euler_ancestral_step,
+                                    generate_compat, generate_method, run_pairs, sample_method)
 from ultracurate.generation import params as P
 from ultracurate.generation.attention import AttentionEdit, align_tokens, refine_mapper
+from ultracurate.generation.behaviour import released_mapper_error
 from ultracurate.images import load_rgb, resize_center_crop, to_jpeg_bytes
 from ultracurate.models import editor, make_tiny
 
 GOLDEN = Path(__file__).parent / "data" / "generate_compat_golden.npz"
+GOLDEN_512 = Path(__file__).parent / "data" / "generate_compat_golden_512.npz"
 SRC, TGT = "a photo of a cat on a sofa", "a photo of a dog on a red sofa"
 
 
@@ -247,3 +250,69 @@ def test_compat_reproduces_the_released_code(pipe):
         assert (tr.final - lat).abs().max().item() < 1e-5, (mode, seed)
         pix = np.stack([np.asarray(x) for p in out for x in (p.source, p.edited)])
         assert np.abs(pix.astype(int) - g[f"{mode}_{seed}_images"].astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", sorted(C.GOLDEN_CASES))
+def test_compat_reproduces_the_released_code_at_512(pipe, case, threads):
+    """The released pipelines' latents and images at 512 px, 7 free-form pairs and 6 region
+    pairs with the soft mask, made by scripts/make_compat_golden.py (which says how), at 1
+    and 2 CPU threads: ultraedit-compat encodes, lays out and batches as the released call."""
+    g = np.load(GOLDEN_512)
+    mode, seed, n = C.GOLDEN_CASES[case]
+    assert str(g[f"{case}_inputs"]) == C.input_digest(n), "the golden inputs changed"
+    masks = C.edit_masks(n) if mode == "region" else [(None, None)] * n
+    pairs = [Pair(s, t, im, {}, 0, mask=C.mask_fn(e, o, 64) if mode == "region" else None)
+             for (s, t), im, (e, o) in zip(C.captions(n), C.anchors(n), masks)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        tr = Trace()
+        _, prm = generate_compat(pipe, pairs, seed, mode, trace=tr)
+    finally:
+        torch.set_num_threads(before)
+    assert prm["total_steps"] == int(g[f"{case}_total_steps"])
+    assert (prm.get("soft_value") or -1.0) == float(g[f"{case}_soft_value"])
+    s, k = C.LATENT_STRIDE, C.IMAGE_STRIDE
+    latents = torch.from_numpy(g[f"{case}_latents"])
+    images = torch.from_numpy(g[f"{case}_images"])
+    assert tr.final.shape[0] == latents.shape[0] == 2 * n
+    assert (tr.final[..., ::s, ::s] - latents).abs().max().item() < 1e-5
+    assert (tr.images[..., ::k, ::k] - images).abs().max().item() < 1e-5
+
+
+def test_euler_ancestral_step_is_the_schedulers_step(pipe):
+    """The named step function against diffusers' EulerAncestralDiscreteScheduler.step, with
+    the same noise, at every real step of a schedule."""
+    sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    sched.set_timesteps(8)
+    z, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    for i, t in enumerate(sched.timesteps):
+        gen = torch.Generator().manual_seed(i)
+        theirs = sched.step(eps, t, z, generator=gen).prev_sample
+        noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(i))
+        ours = euler_ancestral_step(z, eps, sched.sigmas[i], sched.sigmas[i + 1], noise)
+        assert torch.allclose(ours, theirs, atol=1e-6), i
+
+
+LONG = " ".join(["photosynthesizing"] * 30)     # 30 words, 92 tokens
+
+
+@pytest.mark.parametrize("prompts,fails", [
+    ([SRC, TGT], False),
+    ([SRC, LONG], True),                      # a later prompt over 77 tokens
+    ([SRC, TGT, LONG, TGT], True),            # another pair's source counts too
+    ([LONG, SRC], True),                      # the first prompt long: its EOS aligns past 77
+    ([SRC, " ".join(["photosynthesizing"] * 25)], False),   # 77 tokens exactly
+])
+def test_released_mapper_fails_on_long_prompts(pipe, prompts, fails):
+    assert len(pipe.tokenizer.encode(" ".join(["photosynthesizing"] * 25))) == 77
+    assert (released_mapper_error(pipe.tokenizer, prompts) is not None) == fails
+
+
+def test_compat_call_with_a_long_prompt_is_dropped(pipe, anchor):
+    pairs = [Pair(SRC, TGT, anchor, {}, 0), Pair("a sofa", LONG, anchor, {}, 0)]
+    with pytest.raises(CallDropped, match="92 tokens"):
+        generate_compat(pipe, pairs, 3, "free")
+    out = generate_method(pipe, [Pair("a sofa", LONG, anchor, sample_method(3, "free"), 3)])
+    assert out[0].edited.size == (64, 64)      # method truncates the alignment to 77 tokens

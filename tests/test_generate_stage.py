@@ -105,16 +105,14 @@ def test_generate_plans_renders_and_resumes(edits_ws):
     assert {r["candidate_id"]: (r["seed"], r["edited_image"]) for r in rows
             if r["candidate_id"] in first} == first
 
-    # A planned row is rendered again from its seed to the same image (up to the last bit of
-    # float arithmetic, which depends on what else shares the batch).
+    # A planned row is rendered again from its seed, in its call, to the same bytes.
     with ws.catalog() as cat:
         cat.con.execute("UPDATE candidates SET auto_status = 'planned' WHERE candidate_id = 1")
     redo = run_generate(ws, Selection(where="edit_type = 'replace'"), candidates=3, size=64,
                         progress=False, force=True)
     assert redo.run.rows_in == 6
     redone = {r["candidate_id"]: r["edited_image"] for r in candidates(ws)}[1]
-    a, b = (np.asarray(Image.open(ws.media.path(n)), dtype=float) for n in (redone, first[1][1]))
-    assert np.abs(a - b).mean() < 0.5
+    assert redone == first[1][1]
 
 
 def test_compat_plans_one_seed_per_released_call_and_keeps_the_anchor(edits_ws):
@@ -188,7 +186,8 @@ def test_sigkill_then_rerun_finishes_without_loss_or_duplicates(edits_ws, tmp_pa
     jpgs = lambda: len(list((ws.root / "media").rglob("*.jpg")))  # noqa: E731
     before = jpgs()  # the anchors
     deadline = time.time() + 240
-    while jpgs() < before + 4 and proc.poll() is None and time.time() < deadline:
+    # the first call (edits 1 and 2, index 0) writes 4 images, commits, then the next writes
+    while jpgs() < before + 6 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
@@ -228,3 +227,147 @@ def test_ray_engine(edits_ws):
     assert all(ws.media.path(r["edited_image"]).exists() for r in rows)
     with ws.catalog(read_only=True) as cat:
         assert cat.scalar("SELECT engine FROM runs WHERE run_id = ?", [out.run.run_id]) == "ray"
+
+
+# -- a candidate's pixels do not depend on the runner's batches --------------------------------
+BATCH_KILL_SCRIPT = textwrap.dedent("""
+    import sys
+    from ultracurate.selection import Selection
+    from ultracurate.stages.generate import run_generate
+    from ultracurate.workspace import Workspace
+    run_generate(Workspace(sys.argv[1]), Selection(where="edit_id IN (1, 2, 3)"),
+                 candidates=4, size=64, batch_size=1, behaviour=sys.argv[2], progress=False)
+""")
+
+
+def _images(ws) -> dict:
+    return {(r["edit_id"], r["candidate_index"]): (r["source_image"], r["edited_image"])
+            for r in candidates(ws)}
+
+
+@pytest.mark.parametrize("behaviour", ["ultraedit-compat", "method"])
+def test_pixels_do_not_depend_on_batch_size_or_a_kill(edits_ws, tmp_path, behaviour):
+    """The same seeds give byte-identical images whether the run was killed (SIGKILL) and
+    resumed, or rendered at --batch-size 1, 7, 16 or 64: the runner never splits a generator
+    call (gen_call), and a call's composition is fixed when it is planned. Edits 1 and 2
+    (free-form) share a call per candidate index; edit 3 (region) has its own."""
+    ws, ids = edits_ws
+    script = tmp_path / "gen.py"
+    script.write_text(BATCH_KILL_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    proc = subprocess.Popen([sys.executable, str(script), str(ws.root), behaviour], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    jpgs = lambda: len(list((ws.root / "media").rglob("*.jpg")))  # noqa: E731
+    before = jpgs()
+    deadline = time.time() + 240
+    while jpgs() < before + 6 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = [r for r in candidates(ws) if r["auto_status"] == "generated"]
+    assert 0 < len(done) < 12
+    calls = {}
+    for r in candidates(ws):
+        calls.setdefault(r["gen_call"], set()).add(r["auto_status"])
+    assert all(len(states) == 1 for states in calls.values())   # no call half done
+
+    sel = Selection(where="edit_id IN (1, 2, 3)")
+    run_generate(ws, sel, candidates=4, size=64, batch_size=64, behaviour=behaviour,
+                 progress=False)
+    resumed = _images(ws)
+    assert len(resumed) == 12 and all(None not in v for v in resumed.values())
+    rows = candidates(ws)
+    assert {r["edit_id"]: json.loads(r["gen_params"])["call_pairs"] for r in rows} == {
+        ids["free_a"]: 2, ids["free_b"]: 2, ids["region"]: 1}
+    for size in (1, 7, 16):
+        run_generate(ws, sel, candidates=4, size=64, batch_size=size, behaviour=behaviour,
+                     force=True, progress=False)
+        assert _images(ws) == resumed, f"--batch-size {size}"
+
+
+def test_compat_call_with_a_long_caption_is_dropped_with_its_reason(edits_ws):
+    """Captions over 77 tokens (within 60 words) make the released call fail and its driver
+    drop the whole call: those rows are marked failed with the reason, other calls render,
+    and a rerun does not try them again."""
+    ws, ids = edits_ws
+    long = " ".join(["photosynthesizing"] * 30)   # 30 words, 92 tokens
+    with ws.catalog() as cat:
+        cat.con.execute("UPDATE edits SET target_caption = ? WHERE edit_id = ?",
+                        [long, ids["free_b"]])
+    out = run_generate(ws, Selection(where="edit_id IN (1, 2, 3)"), candidates=1, size=64,
+                       behaviour="ultraedit-compat", progress=False)
+    assert out.run.rows_failed == 2 and out.run.rows_done == 1
+    rows = {r["edit_id"]: r for r in candidates(ws)}
+    for e in (ids["free_a"], ids["free_b"]):        # one released call: both dropped
+        assert rows[e]["auto_status"] == "failed" and rows[e]["edited_image"] is None
+        assert rows[e]["error"].startswith("dropped: prompt 3 of the released call has 92")
+    assert rows[ids["region"]]["auto_status"] == "generated"
+    again = run_generate(ws, Selection(where="edit_id IN (1, 2, 3)"), candidates=1, size=64,
+                         behaviour="ultraedit-compat", progress=False)
+    assert again.run.rows_in == 0
+
+
+def test_compat_region_needs_the_editors_native_size(edits_ws):
+    """The released inpaint pipeline works at unet.sample_size * 8 (64 px for the tiny
+    editor, 512 for SDXL-Turbo): compat region generation at another size is refused before
+    anything is planned; free-form compat and method run at any size."""
+    ws, ids = edits_ws
+    sel = Selection(where="edit_id = :e", params={"e": ids["region"]})
+    with pytest.raises(UltracurateError, match="native size, 64 px .* not --size 128"):
+        run_generate(ws, sel, candidates=1, size=128, behaviour="ultraedit-compat",
+                     progress=False)
+    assert candidates(ws) == []
+    out = run_generate(ws, sel, candidates=1, size=128, progress=False)
+    assert out.run.rows_done == 1
+
+
+CLASSES = ("fine", "fragmented", "too_small", "too_large")
+
+
+def _set_mask_classes(ws, ids) -> dict[str, int]:
+    """The grounded region edit is 'fine'; three copies of it carry the other classes."""
+    with ws.catalog() as cat:
+        cat.con.execute("UPDATE edits SET mask_class = 'fine' WHERE edit_id = ?",
+                        [ids["region"]])
+        for k, cls in enumerate(CLASSES[1:]):
+            cat.con.execute("INSERT INTO edits SELECT * REPLACE (? AS edit_id, ? AS "
+                            "mask_class) FROM edits WHERE edit_id = ?",
+                            [100 + k, cls, ids["region"]])
+    return {"fine": ids["region"], **{c: 100 + k for k, c in enumerate(CLASSES[1:])}}
+
+
+@pytest.mark.parametrize("mask_class,where,selected,planned", [
+    (None, None, CLASSES, {"fine"}),
+    ("fine,fragmented", None, CLASSES, {"fine", "fragmented"}),
+    ("any", None, CLASSES, set(CLASSES)),
+    (None, "mask_class IN ('fragmented', 'too_small')", {"fragmented", "too_small"},
+     {"fragmented", "too_small"}),                     # a --where on mask_class decides
+    ("fine", "mask_class <> 'too_large'", {"fine", "fragmented", "too_small"}, {"fine"}),
+])
+def test_region_generation_takes_fine_masks_unless_asked(edits_ws, mask_class, where,
+                                                         selected, planned):
+    ws, ids = edits_ws
+    by_class = _set_mask_classes(ws, ids)
+    region = "mode = 'region' AND edit_status = 'grounded'"
+    sel = Selection(where=f"{region} AND ({where})" if where else region)
+    with ws.catalog() as cat:
+        rep = plan_candidates(cat, None, 1, 0, selection=sel, mask_class=mask_class)
+        got = {r[0] for r in cat.con.execute("SELECT edit_id FROM candidates").fetchall()}
+    assert got == {by_class[c] for c in planned}
+    assert set(rep.skipped) == {by_class[c] for c in set(selected) - planned}
+    for eid, why in rep.skipped.items():
+        cls = next(c for c, e in by_class.items() if e == eid)
+        assert why == (f"mask class {cls} (region generation takes --mask-class "
+                       f"{mask_class or 'fine'})")
+
+
+def test_cli_mask_class_is_checked(edits_ws, capsys):
+    from ultracurate.cli import main
+    ws, _ = edits_ws
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "-w", str(ws.root), "--mask-class", "fine,blobby", "--size", "64"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "unknown --mask-class 'fine,blobby'" in err and "Traceback" not in err
+    assert candidates(ws) == []

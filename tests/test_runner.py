@@ -37,6 +37,44 @@ class WidthParity(Stage):
                            failed={5: "anchor 5 is unlucky"} if len(ok) < len(rows) else {})
 
 
+class BatchRecorder(Stage):
+    """Test stage over anchors, grouped by anchor_id // 3 (anchor 5 on its own): writes the
+    keys of the batch each row came in into `dataset`."""
+
+    name = "test_groups"
+    table = "anchors"
+    columns = "anchor_id"
+    writes = {"anchors": {"dataset"}}
+    group_by = "CASE WHEN anchor_id = 5 THEN NULL ELSE anchor_id // 3 END"
+
+    def process(self, rows, prepared, ctx):
+        keys = ",".join(str(r["anchor_id"]) for r in rows)
+        return BatchResult(updates={"anchors": pl.DataFrame(
+            {"anchor_id": [r["anchor_id"] for r in rows], "dataset": [keys] * len(rows)})})
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 100])
+def test_a_batch_never_splits_a_group(ingested_ws, size):
+    """Groups {1, 2}, {3, 4}, {5} (NULL: alone), {6, 7, 8}, {9}: every group lands in one
+    batch whatever the batch size, a batch holds whole groups up to its size, and a group
+    larger than the size is a batch of its own."""
+    run_stage(ingested_ws, BatchRecorder(), progress=False, batch_size=size)
+    with ingested_ws.catalog(read_only=True) as cat:
+        batch_of = dict(cat.con.execute("SELECT anchor_id, dataset FROM anchors").fetchall())
+    batches = {tuple(int(k) for k in b.split(",")) for b in batch_of.values()}
+    assert sorted(k for b in batches for k in b) == list(range(1, 10))  # each row once
+    groups = [{1, 2}, {3, 4}, {5}, {6, 7, 8}, {9}]
+    for g in groups:
+        assert len({batch_of[k] for k in g}) == 1, (g, batch_of)
+        if len(g) <= size:
+            continue
+        assert set(map(int, batch_of[min(g)].split(","))) == g   # alone when too big
+    for b in batches:
+        whole = [g for g in groups if g & set(b)]
+        assert set().union(*whole) == set(b)
+        assert len(b) <= size or len(whole) == 1
+
+
 class ReprRaiser(Stage):
     """Raises errors whose messages hold object reprs: in a batch, and at the end."""
 

@@ -175,8 +175,8 @@ def test_score_records_a_missing_image_as_failed(ingested_ws, tiny, capsys):
     cands = add_candidates(ws, n_edits=1, per_edit=2)
     bad = int(cands["candidate_id"][1])
     with ws.catalog() as cat:
-        cat.con.execute("UPDATE candidates SET edited_image = 'ffff-missing.png' "
-                        "WHERE candidate_id = ?", [bad])
+        cat.con.execute("UPDATE candidates SET edited_image = ? WHERE candidate_id = ?",
+                        ["f" * 64 + ".png", bad])  # a media name with no file
     main(["score", "-w", str(ws.root), "--json"])
     s = json.loads(capsys.readouterr().out)
     assert (s["rows_done"], s["rows_failed"]) == (1, 1)

@@ -1,13 +1,14 @@
 """The DuckDB catalog: opening, migrations, the views, and the few writes every stage shares.
 
 The schema lives in `sql/` (migrations/NNN_*.sql, applied in order and recorded in schema_meta;
-views.sql re-created on each open). Nothing else in the package issues DDL.
+views.sql re-created when it changes). Nothing else in the package issues DDL.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import importlib.resources
 import json
 import re
@@ -17,7 +18,8 @@ from typing import Any, Iterable
 
 import duckdb
 
-from .errors import CatalogBusyError, UltracurateError, reason_text
+from .errors import (CatalogBusyError, CatalogDamagedError, UltracurateError, reason_text,
+                     redact)
 
 TABLES = ("anchors", "edits", "candidates")
 # What a caption row may carry besides its anchor and text (see Catalog.add_captions).
@@ -61,6 +63,35 @@ def now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
 
 
+def first_line(e) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+# What DuckDB says about a truncated or corrupt file, at open or when a damaged block is read.
+_DAMAGE = ("not a valid duckdb database file", "could not read enough bytes",
+           "corrupt database file", "does not match stored checksum",
+           "failure while replaying wal", "invalid block", "serialization error")
+_FILE_HEADERS = 3 * 4096  # DuckDB's main header and its two database headers
+
+
+def is_damage(e) -> bool:
+    text = str(e).lower()
+    return any(d in text for d in _DAMAGE)
+
+
+def damaged_message(cause, path: Path | str | None = None) -> str:
+    where = f" {path}" if path else ""
+    return f"catalog{where} is damaged: restore from a copy ({first_line(cause)})"
+
+
+def catalog_error(e: Exception, path: Path | str | None = None) -> UltracurateError:
+    """The one-line error for a DuckDB error on the catalog: damaged, or the query's own."""
+    if is_damage(e):
+        return CatalogDamagedError(damaged_message(e, path))
+    return UltracurateError(f"catalog query failed: {redact(first_line(e))}")
+
+
 @dataclass
 class JobRun:
     """The run of a one-transaction job (see Catalog.job)."""
@@ -72,24 +103,44 @@ class JobRun:
 
 
 class Catalog:
-    """A DuckDB catalog file. One writer process at a time (DuckDB's own file lock)."""
+    """A DuckDB catalog file. One writer process at a time (DuckDB's own file lock).
 
-    def __init__(self, path: str | Path, read_only: bool = False):
+    Every connection runs under `limits.duckdb_config()` (no file or network access, no
+    extension autoload, configuration locked, a memory limit); `allow_files` lets a read-only
+    connection read files (`ultracurate sql --allow-files`). Opening checks the file before
+    anything is written: DuckDB's own errors, a schema version newer than this ultracurate, and
+    the checksum of the schema recorded in schema_meta."""
+
+    def __init__(self, path: str | Path, read_only: bool = False, allow_files: bool = False):
+        from .limits import duckdb_config
         self.path = Path(path)
         self.read_only = read_only
         if read_only and not self.path.exists():
             raise UltracurateError(f"no catalog at {self.path}")
+        if allow_files and not read_only:
+            raise UltracurateError("a catalog opened for writing never reads outside files")
         try:
-            self.con = duckdb.connect(str(self.path), read_only=read_only)
-        except duckdb.IOException as e:
-            msg = str(e).splitlines()[0]
-            if "lock" in msg.lower():
+            self.con = duckdb.connect(str(self.path), read_only=read_only,
+                                      config=duckdb_config(allow_files))
+        except duckdb.Error as e:
+            msg = first_line(e)
+            if isinstance(e, duckdb.IOException) and "lock" in msg.lower():
                 raise CatalogBusyError(
                     f"catalog {self.path} is in use by another ultracurate job; wait for it "
                     f"or stop it ({msg})") from None
+            if is_damage(e):
+                raise CatalogDamagedError(damaged_message(e, self.path)) from None
             raise UltracurateError(f"cannot open catalog {self.path}: {msg}") from None
-        if not read_only:
-            self.migrate()
+        try:
+            self.check()
+            if not read_only:
+                self.migrate()
+        except duckdb.Error as e:
+            self.con.close()
+            raise catalog_error(e, self.path) from None
+        except BaseException:
+            self.con.close()
+            raise
 
     # -- schema ---------------------------------------------------------------------------
     def schema_version(self) -> int:
@@ -98,14 +149,66 @@ class Catalog:
                 "SELECT value FROM schema_meta WHERE key = 'schema_version'").fetchall()
         except duckdb.CatalogException:
             return 0
-        return int(rows[0][0]) if rows else 0
+        try:
+            return int(rows[0][0]) if rows else 0
+        except ValueError:
+            raise CatalogDamagedError(damaged_message(
+                f"schema_version is '{rows[0][0]}'", self.path)) from None
 
-    def migrate(self) -> None:
+    def _meta(self, key: str) -> str | None:
+        try:
+            rows = self.con.execute("SELECT value FROM schema_meta WHERE key = ?",
+                                    [key]).fetchall()
+        except duckdb.CatalogException:
+            return None
+        return rows[0][0] if rows else None
+
+    def schema_checksum(self) -> str:
+        """'<duckdb version>:<sha256>' of the schema version and every table's columns and
+        types: recorded in schema_meta by each writer, checked on every open. The DuckDB
+        version is part of it because type names may print differently in another version;
+        a checksum from another version is not compared (a writer records a new one)."""
+        rows = self.con.execute(
+            "SELECT table_name, column_index, column_name, data_type FROM duckdb_columns() "
+            "WHERE database_name = current_database() AND schema_name = 'main' AND table_name "
+            "IN (SELECT table_name FROM duckdb_tables() WHERE database_name = "
+            "current_database() AND schema_name = 'main') ORDER BY table_name, column_index"
+        ).fetchall()
+        text = json.dumps([self.schema_version(), rows], default=str)
+        return f"{duckdb.__version__}:{hashlib.sha256(text.encode()).hexdigest()}"
+
+    def check(self) -> None:
+        """Refuse a catalog this ultracurate cannot read safely, before anything is written:
+        a newer schema version, or a schema that no longer matches its recorded checksum."""
         current = self.schema_version()
         if current > SCHEMA_VERSION:
             raise UltracurateError(
                 f"catalog {self.path} has schema version {current}, newer than this "
                 f"ultracurate ({SCHEMA_VERSION}); upgrade ultracurate")
+        self._check_length()
+        stored = self._meta("schema_checksum")
+        if (stored is not None and stored.startswith(f"{duckdb.__version__}:")
+                and stored != self.schema_checksum()):
+            raise CatalogDamagedError(damaged_message(
+                "its tables do not match the schema checksum in schema_meta", self.path))
+
+    def _check_length(self) -> None:
+        """A truncated file may still open and answer the queries that need only its first
+        blocks (a count), so its length is checked: DuckDB writes whole blocks after its three
+        4 KiB headers, and a copy or a disk that stopped part-way leaves a length that is
+        not. (A cut exactly at a block boundary shows up when a missing block is read.)"""
+        block_size = self.con.execute(
+            "SELECT block_size FROM pragma_database_size() "
+            "WHERE database_name = current_database()").fetchone()
+        size = self.path.stat().st_size
+        if block_size and block_size[0] and (size - _FILE_HEADERS) % int(block_size[0]):
+            raise CatalogDamagedError(damaged_message(
+                f"its length, {size} bytes, is not whole {block_size[0]}-byte blocks: it was "
+                "truncated", self.path))
+
+    def migrate(self) -> None:
+        current = self.schema_version()
+        applied = False
         for version, name, sql in migrations():
             if version <= current:
                 continue
@@ -119,7 +222,22 @@ class Catalog:
             except Exception:
                 self.con.execute("ROLLBACK")
                 raise
-        self.con.execute(sql_text("views.sql"))
+            applied = True
+        # Views and the checksum are rewritten only when they changed, so that opening an
+        # up-to-date catalog for writing writes nothing.
+        views = sql_text("views.sql")
+        views_sum = hashlib.sha256(views.encode()).hexdigest()
+        have = {r[0] for r in self.con.execute(
+            "SELECT view_name FROM duckdb_views() WHERE database_name = current_database() "
+            "AND NOT internal").fetchall()}
+        if applied or self._meta("views_checksum") != views_sum or not set(VIEWS.values()) <= have:
+            self.con.execute(views)
+            self.con.execute("INSERT OR REPLACE INTO schema_meta VALUES ('views_checksum', ?)",
+                             [views_sum])
+        checksum = self.schema_checksum()
+        if self._meta("schema_checksum") != checksum:
+            self.con.execute("INSERT OR REPLACE INTO schema_meta VALUES ('schema_checksum', ?)",
+                             [checksum])
 
     def close(self) -> None:
         self.con.close()
@@ -154,6 +272,48 @@ class Catalog:
         """A query's result as a pyarrow Table."""
         return self.con.sql(sql, params=params).to_arrow_table()
 
+    def read_query(self, query: str, params: dict | None = None):
+        """A user's one read-only statement (SELECT, or EXPLAIN of one) as a polars DataFrame,
+        run under the user-SQL bounds (limits.bounded); parameters by exact name."""
+        import re
+
+        from .limits import bounded
+        try:
+            statements = duckdb.extract_statements(query)
+        except duckdb.Error as e:
+            raise UltracurateError(f"sql: {first_line(e)}") from None
+        if len(statements) != 1:
+            raise UltracurateError(f"sql takes one statement, got {len(statements)}")
+        statement = statements[0]
+        if statement.type == duckdb.StatementType.EXPLAIN:
+            inner = re.sub(r"(?is)^\s*EXPLAIN\s+(ANALY[SZ]E\s+)?", "", query)
+            try:
+                inner_types = [s.type for s in duckdb.extract_statements(inner)]
+            except duckdb.Error:
+                inner_types = []
+            if inner_types != [duckdb.StatementType.SELECT]:
+                raise UltracurateError("sql: EXPLAIN only of a SELECT")
+        elif statement.type != duckdb.StatementType.SELECT:
+            kind = str(statement.type).rsplit(".", 1)[-1]
+            raise UltracurateError(f"sql runs read-only queries (SELECT, DESCRIBE, SHOW, "
+                                   f"SUMMARIZE, EXPLAIN), not {kind}")
+        names = set(statement.named_parameters)
+        if any(n.isdigit() for n in names) or "?" in names:
+            raise UltracurateError("sql: name the parameters ($name with -p name VALUE), "
+                                   "not ? or $1")
+        params = params or {}
+        missing = sorted(names - set(params))
+        if missing:
+            raise UltracurateError(f"sql: parameter ${missing[0]} has no value "
+                                   f"(give it with -p {missing[0]} VALUE)")
+        bound = {k: v for k, v in params.items() if k in names}
+        try:
+            with bounded(self.con, "sql:"):
+                return self.pl(query, bound or None)
+        except duckdb.Error as e:
+            raise catalog_error(e, self.path) if is_damage(e) else UltracurateError(
+                f"sql: {redact(first_line(e))}") from None
+
     # -- writing --------------------------------------------------------------------------
     def next_id(self, table: str, n: int = 1) -> int:
         """First of n fresh ids for table (the driver is the only writer, so max+1 is safe)."""
@@ -185,7 +345,8 @@ class Catalog:
             self.con.execute(
                 "UPDATE runs SET rows_in = ?, rows_done = ?, rows_failed = ?, ended_at = ?, "
                 "state = 'completed', message = ? WHERE run_id = ?",
-                [run.rows_in, run.rows_done, run.rows_failed, now(), run.message, run.run_id])
+                [run.rows_in, run.rows_done, run.rows_failed, now(), redact(run.message),
+                 run.run_id])
             self.con.execute("COMMIT")
         except BaseException:
             self.con.execute("ROLLBACK")

@@ -7,7 +7,8 @@ Requests go out on a bounded thread pool; a timeout, a connection error, 429 or 
 retried with exponential backoff (a server's Retry-After is honoured, up to a cap). A 200 whose
 body is not a chat completion is an *invalid* answer (the caller decides whether to ask again),
 not a transport error. The API key only ever travels in the Authorization header: it is not
-logged, not put in error messages and not recorded in the catalog.
+logged, not put in error messages and not recorded in the catalog (it is registered with
+`errors.redact`, so a server that echoes it back is redacted too).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
+from .errors import register_secret
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 MAX_RETRY_AFTER = 30.0
@@ -76,6 +79,7 @@ class ChatClient:
         self.backoff = backoff
         headers = {"Content-Type": "application/json"}
         if api_key:
+            register_secret(api_key)  # redacted from every message, whatever echoes it
             headers["Authorization"] = f"Bearer {api_key}"
         self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout),
                                     limits=httpx.Limits(max_connections=self.concurrency))

@@ -1,10 +1,11 @@
 """The `ultracurate` command: a thin layer over the library. Every sub-command lives in a module
 of `ultracurate.commands` that exposes `register(app)`; this file only assembles them and turns
-errors into one clear line and a non-zero exit code."""
+errors into one clear line (secrets redacted) and a non-zero exit code."""
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import pkgutil
 import sys
@@ -12,7 +13,7 @@ import sys
 import typer
 
 from . import __version__, commands
-from .errors import UltracurateError
+from .errors import UltracurateError, redact
 
 app = typer.Typer(
     name="ultracurate",
@@ -63,27 +64,67 @@ def join_param_pairs(argv: list[str]) -> list[str]:
     return out
 
 
+class _RedactSecrets(logging.Filter):
+    """Every log record passes redact() before any handler prints or stores it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage())
+        record.args = None
+        return True
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {redact(' '.join(str(message).split()))}", err=True)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The console entry point: every failure a user can cause ends in one line on stderr,
+    `error: ...`, and a non-zero exit (2 for a refused option, 130 for Ctrl-C)."""
     os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+    from . import limits
+    hard_exit, limits.HARD_EXIT = limits.HARD_EXIT, True  # see limits.bounded
+    try:
+        _main(argv)
+    finally:  # main() called in-process (tests, scripts) leaves the caller's setting
+        limits.HARD_EXIT = hard_exit
+
+
+def _main(argv: list[str] | None) -> None:
+    for handler in logging.getLogger().handlers + [logging.lastResort]:
+        if handler is not None and not any(isinstance(f, _RedactSecrets)
+                                           for f in handler.filters):
+            handler.addFilter(_RedactSecrets())
     argv = join_param_pairs(list(sys.argv[1:] if argv is None else argv))
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="ultracurate", standalone_mode=False)
     except UltracurateError as e:
-        typer.echo(f"error: {e}", err=True)
         from .runner import Interrupted
-        sys.exit(130 if isinstance(e, Interrupted) else 1)
+        _fail(str(e), 130 if isinstance(e, Interrupted) else 1)
     except KeyboardInterrupt:
-        typer.echo("error: interrupted", err=True)
-        sys.exit(130)
+        _fail("interrupted", 130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
-        typer.echo("error: aborted", err=True)
+        _fail("aborted")
+    except BrokenPipeError:  # `ultracurate select ... | head`: the reader left
+        sys.stderr.close()
         sys.exit(1)
-    except Exception as e:  # click's usage errors (typer vendors click) show themselves
-        if hasattr(e, "show") and hasattr(e, "exit_code"):
-            e.show()
-            sys.exit(e.exit_code)
+    except OSError as e:  # a full disk, a read-only folder, a missing file
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        _fail(f"{e.strerror or type(e).__name__}{where}")
+    except MemoryError:
+        _fail("out of memory")
+    except Exception as e:
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):
+            # click's usage errors (typer vendors click): one line naming the command
+            ctx = getattr(e, "ctx", None)
+            path = ctx.command_path if ctx is not None else "ultracurate"
+            _fail(f"{path}: {e.format_message()} (see {path} --help)", e.exit_code)
+        import duckdb
+        if isinstance(e, duckdb.Error):
+            from .catalog import catalog_error
+            _fail(str(catalog_error(e)))
         raise
 
 

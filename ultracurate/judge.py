@@ -32,7 +32,7 @@ from typing import Any
 from .chat import Answer, ChatClient, image_part, json_schema_format, message
 from .errors import UltracurateError, reason_text
 from .thresholds import JUDGE_ASPECTS, JUDGE_SCALE
-from .vision import BACKENDS, VisionSpec, vision_spec
+from .vision import BACKENDS, VisionSpec, vision_spec  # noqa: F401 (BACKENDS: the CLI's)
 
 MAX_RATIONALE_WORDS = 60
 MAX_RATIONALE_CHARS = 400

@@ -15,12 +15,15 @@ first).
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as _dt
 import html
 import io
+import os
 from pathlib import Path
 
 from .catalog import EDIT_TYPES
+from .errors import UltracurateError
 from .selection import Selection, selected_keys_sql
 from .stages.score import SCORE_COLUMNS
 from .thresholds import MODES, Thresholds
@@ -133,7 +136,7 @@ def _funnel_section(ws, cat, selection: Selection, t: Thresholds) -> str:
 
 def _examples(ws, df, per_type: int) -> str:
     plt = _plt()
-    from .images import load_rgb
+    from .images import BadImage, load_rgb
     out = []
     import polars as pl
     for et in [e for e in EDIT_TYPES if e in set(df["edit_type"].to_list())]:
@@ -149,11 +152,12 @@ def _examples(ws, df, per_type: int) -> str:
                                               ("edited_image", "edited"))):
                 ax = axes[i][j]
                 ax.axis("off")
+                path = ws.media.path(r[key]) if r[key] else None  # a bad name: one error
                 try:
-                    im = load_rgb(ws.media.path(r[key]))
+                    im = load_rgb(path)
                     im.thumbnail((256, 256))
                     ax.imshow(im)
-                except Exception:
+                except (BadImage, TypeError):
                     ax.text(0.5, 0.5, "missing", ha="center")
                 dirs = r["clip_sim_dir"]
                 title = (f"#{r['candidate_id']} {r['status']}"
@@ -207,18 +211,19 @@ def _judge_section(ws, conf: dict, t: Thresholds) -> str:
            f"answers: {conf['invalid']}.</p>"]
     if conf["disagree"]:
         plt = _plt()
-        from .images import load_rgb
+        from .images import BadImage, load_rgb
         rows = conf["disagree"]
         fig, axes = plt.subplots(len(rows), 2, figsize=(6, 2.6 * len(rows)), squeeze=False)
         for i, r in enumerate(rows):
             for j, key in enumerate(("source_image", "edited_image")):
                 ax = axes[i][j]
                 ax.axis("off")
+                path = ws.media.path(r[key]) if r[key] else None  # a bad name: one error
                 try:
-                    im = load_rgb(ws.media.path(r[key]))
+                    im = load_rgb(path)
                     im.thumbnail((256, 256))
                     ax.imshow(im)
-                except Exception:
+                except (BadImage, TypeError):
                     ax.text(0.5, 0.5, "missing", ha="center")
             kind = "CLIP passes, judge fails" if r["clip_pass"] else "judge passes, CLIP fails"
             axes[i][0].set_title(f"#{r['candidate_id']}: {(r['instruction'] or '')[:40]}",
@@ -302,8 +307,15 @@ Thresholds: {html.escape(t.preset_name)}.</p>
 {body}
 </body></html>
 """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(doc)
-    tmp.replace(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(doc)
+        os.replace(tmp, out)
+    except OSError as e:  # a full disk, a read-only folder: one line, no partial file left
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise UltracurateError(f"cannot write the report {out}: "
+                               f"{e.strerror or type(e).__name__}") from None
     return out

@@ -88,6 +88,9 @@ def fiftyone_env(ws: Workspace | None = None, environ: dict | None = None) -> di
     return env
 
 
+DB_START_TIMEOUT = 180.0  # seconds to wait for FiftyOne's database, other starters included
+
+
 def _fo(ws: Workspace | None = None):
     fiftyone_env(ws)
     try:
@@ -95,7 +98,73 @@ def _fo(ws: Workspace | None = None):
     except Exception as e:  # a broken database package fails at import or first use
         raise UltracurateError(f"FiftyOne is not usable: {str(e).splitlines()[0]} "
                                "(run `ultracurate doctor`)") from None
+    connect_database(fo)
     return fo
+
+
+_connected = False
+
+
+def _first_line(e) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def connect_database(fo, timeout: float = DB_START_TIMEOUT) -> None:
+    """Connect to FiftyOne's database, starting it if needed. Two processes that start it at
+    once each launch a mongod on the same folder and one fails (ServiceListenTimeout), so the
+    start is serialised by a lock file in the database folder: the second process waits and
+    then joins the first one's database. A start that still fails is retried until timeout,
+    then ends in one UltracurateError line."""
+    global _connected
+    if _connected:
+        return
+    import time
+
+    import fiftyone.core.odm.database as fod
+    import fiftyone.core.service as fos
+    from pymongo.errors import ConnectionFailure
+    deadline = time.monotonic() + timeout
+    lock = None
+    if not fo.config.database_uri:  # FiftyOne starts its own mongod in database_dir
+        try:
+            import fcntl
+            folder = Path(fo.config.database_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = open(folder / ".ultracurate-start.lock", "a")
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise UltracurateError(
+                            f"FiftyOne's database in {folder} did not start within "
+                            f"{timeout:g} s (another process is starting it); try again"
+                        ) from None
+                    time.sleep(0.2)
+        except (ImportError, OSError):  # no flock here: rely on the retries alone
+            lock = None
+    try:
+        while True:
+            try:
+                fod.ensure_connection()
+                _connected = True
+                return
+            except (fos.ServiceException, ConnectionError, ConnectionFailure) as e:
+                if time.monotonic() > deadline:
+                    raise UltracurateError(
+                        f"FiftyOne's database did not start within {timeout:g} s: "
+                        f"{type(e).__name__}: {_first_line(e)} (run `ultracurate doctor`)"
+                    ) from None
+                # forget the failed start so that the next try looks for a running one again
+                fod._db_service = None
+                fod._client = None
+                os.environ.pop("FIFTYONE_PRIVATE_DATABASE_PORT", None)
+                time.sleep(1.0)
+    finally:
+        if lock is not None:
+            lock.close()  # releases the flock
 
 
 _HEALTH_SCRIPT = r"""
@@ -373,13 +442,18 @@ def build_review_dataset(ws: Workspace, selection: Selection | None = None, *,
     the catalog first (as `reviewer`), so a rewrite never loses them. Attaches CLIP embeddings
     from LanceDB when present (Brain similarity, and a PCA embeddings plot when visualize) and
     re-saves the failure-case views. Records a `review` run."""
-    fo = _fo(ws)
+    selection = selection or Selection()
     name = name or dataset_name(ws)
     summary = ReviewSummary(dataset=name)
+    with ws.catalog(read_only=True) as cat:  # a bad --where or media name fails before any change
+        sql, params = selected_keys_sql(cat.con, "candidates_v", "candidate_id", selection,
+                                        "edited_image IS NOT NULL")
+        ws.check_media_names(cat, sql, params, "candidate_id",
+                             ("anchor_media", "source_image", "edited_image"))
+    fo = _fo(ws)
     # The catalog is held only to pull and read, not while FiftyOne writes, so that other
     # jobs can write to it meanwhile.
     with ws.catalog() as cat:
-        (selection or Selection()).checked_where(cat.con, "candidates_v")  # fail before any change
         ds = open_review_dataset(ws, name, create=True)
         if len(ds):
             summary.pulled = pull_decisions(ws, name=name, reviewer=reviewer, cat=cat).changed

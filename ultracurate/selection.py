@@ -1,57 +1,91 @@
-"""`--where` selections: a user's SQL predicate, checked by DuckDB's own parser to be one
-read-only expression over a view's columns, with its values bound as parameters.
+"""`--where` selections: a user's SQL predicate, checked by DuckDB's own parser, binder and
+function catalog to be one read-only expression over a view's columns, with its values bound
+as parameters.
 
-A predicate is parsed inside `SELECT * FROM <view> WHERE (<predicate>)` with
-`json_serialize_sql`; the statement must come back as exactly that one SELECT, and the
-predicate's expression tree may hold no subquery, no table, no column the view lacks and no
-function with side effects. Parameters are written `$name` (DuckDB's form) or `:name`
-(sqlite-utils' form), and their values are only ever bound, never pasted into SQL.
+The guard, in order:
+1. parses `SELECT * FROM <view> WHERE (<predicate>)` with `json_serialize_sql`; the statement
+   must come back as exactly that one SELECT (no second statement, GROUP BY, ...). DuckDB's
+   parser refuses expressions nested deeper than `limits.MAX_EXPRESSION_DEPTH`;
+2. walks the expression tree: no subquery, table, window function or column the view lacks;
+   every function is looked up in `duckdb_functions()` and refused unless DuckDB classifies it
+   as a scalar function (not an aggregate, window, table or pragma function) that is neither
+   VOLATILE nor has side effects (random, nextval, setseed, error, ...);
+3. takes the parameter names from the tree: `$name` (DuckDB's form) or `:name` (sqlite-utils'),
+   matched exactly; `?` and `$1` are refused. A value from the command line is text that DuckDB
+   casts to the type its place needs (the column's type), as it casts a quoted literal;
+4. binds, plans and runs the predicate once over the whole view (`SELECT count(*)`), under
+   `limits.bounded` (a time and a memory bound), so that any error DuckDB would raise later
+   (a failed cast, an extension it would need, error()) is raised here, before anything is
+   written, as one line. Every catalog connection already has no file or network access and
+   no extension autoload (`limits.duckdb_config`).
 """
 
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
 
-from .errors import SelectionError
+from .errors import SelectionError, UltracurateError
+from .limits import MAX_EXPRESSION_DEPTH, bounded
 
-# Scalar functions that change state or reach outside the catalog.
-_DENIED_FUNCTIONS = {"nextval", "currval", "setseed", "getenv", "current_setting"}
-_DENIED_PREFIXES = ("read_", "write_", "glob", "query", "sniff_", "parquet_", "http")
-
-
-def coerce_param(value: str) -> Any:
-    """`-p n 5` binds the integer 5, `-p x 0.2` the float, anything else the string."""
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return value
+# Parse-tree node types that name a relation: a predicate selects rows, it reads no table.
+_RELATION_NODES = ("SUBQUERY", "BASE_TABLE", "TABLE_FUNCTION", "JOIN", "EXPRESSION_LIST")
+# duckdb_functions().function_type values a predicate may call.
+_CALLABLE = ("scalar", "macro")
 
 
 @dataclass
 class Selection:
-    """Which rows a job or query runs over."""
+    """Which rows a job or query runs over. `params` values are bound as they are: a Python
+    number binds a number; the CLI's `-p NAME VALUE` binds text, which DuckDB casts to the
+    type the parameter's place needs."""
 
     where: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     limit: int | None = None
     sample: int | None = None
     seed: int = 0
+    # A predicate ultracurate wrote itself (a job's own id list): checked like any other, but
+    # not run once more under the user-SQL bounds (its cost is the job's, not a user's typo).
+    trusted: bool = False
+    _checked: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        for name, value in (("limit", self.limit), ("sample", self.sample)):
+            if value is not None and (not isinstance(value, numbers.Integral)
+                                      or isinstance(value, bool) or value < 0):
+                raise SelectionError(f"--{name} must be a whole number >= 0, got {value!r}")
 
     def to_json(self) -> dict:
         return {"where": self.where, "params": self.params, "limit": self.limit,
                 "sample": self.sample, "seed": self.seed}
 
-    def checked_where(self, con: duckdb.DuckDBPyConnection, view: str) -> str | None:
-        """The predicate, with :name rewritten to $name, after validation against view."""
+    def checked(self, con: duckdb.DuckDBPyConnection, view: str) -> "Checked | None":
+        """The validated predicate and its bound parameters (None without a --where). The
+        check runs once per connection and view."""
         if self.where is None or not self.where.strip():
             return None
-        return validate_predicate(con, view, self.where, self.params)
+        key = (id(con), view, self.where, repr(sorted(self.params.items())))
+        if key not in self._checked:
+            self._checked[key] = check_predicate(con, view, self.where, self.params,
+                                                 run=not self.trusted)
+        return self._checked[key]
+
+    def checked_where(self, con: duckdb.DuckDBPyConnection, view: str) -> str | None:
+        """The predicate, with :name rewritten to $name, after validation against view."""
+        c = self.checked(con, view)
+        return c.predicate if c else None
+
+
+@dataclass(frozen=True)
+class Checked:
+    predicate: str           # with :name rewritten to $name
+    params: dict[str, Any]   # exactly the parameters the predicate names
+    rows: int | None         # how many rows of the view it selected when checked (run)
 
 
 def _colon_to_dollar(predicate: str) -> str:
@@ -75,23 +109,76 @@ def _colon_to_dollar(predicate: str) -> str:
 
 
 def _walk(node: Any):
-    if isinstance(node, dict):
-        yield node
-        for v in node.values():
-            yield from _walk(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _walk(v)
+    """Every dict in a parse tree, without recursion (a deep tree cannot overflow the stack)."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, dict):
+            yield n
+            stack.extend(n.values())
+        elif isinstance(n, list):
+            stack.extend(n)
 
 
-def validate_predicate(con: duckdb.DuckDBPyConnection, view: str, predicate: str,
-                       params: dict[str, Any]) -> str:
-    predicate = _colon_to_dollar(predicate)
-    sql = f"SELECT * FROM {view} WHERE ({predicate}\n)"
-    parsed = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
+def _parse(con: duckdb.DuckDBPyConnection, sql: str) -> dict:
+    try:
+        text = con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0]
+        parsed = json.loads(text)
+    except RecursionError:
+        parsed = {"error": True, "error_message": "Max expression depth limit exceeded"}
+    except duckdb.Error as e:
+        raise SelectionError(f"--where cannot be parsed: {_first_line(e)}") from None
     if parsed.get("error"):
         msg = parsed.get("error_message", "cannot parse")
-        raise SelectionError(f"--where is not a valid SQL predicate: {msg}")
+        if "max expression depth" in msg.lower():
+            raise SelectionError(f"--where is nested too deeply (more than "
+                                 f"{MAX_EXPRESSION_DEPTH} levels)")
+        raise SelectionError(f"--where is not a valid SQL predicate: {_first_line(msg)}")
+    return parsed
+
+
+def _first_line(e) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _function_kinds(con: duckdb.DuckDBPyConnection, names: set[str]) -> dict[str, list]:
+    """name -> [(function_type, stability, has_side_effects), ...] from DuckDB's catalog."""
+    if not names:
+        return {}
+    rows = con.execute(
+        "SELECT lower(function_name), function_type, stability, has_side_effects "
+        "FROM duckdb_functions() WHERE list_contains($names, lower(function_name))",
+        {"names": sorted(names)}).fetchall()
+    out: dict[str, list] = {}
+    for name, kind, stability, side_effects in rows:
+        out.setdefault(name, []).append((kind, stability, side_effects))
+    return out
+
+
+def _check_function(name: str, kinds: list) -> None:
+    callable_ = [k for k in kinds if k[0] in _CALLABLE]
+    if not kinds:
+        return  # unknown to DuckDB: the binder refuses it with its own message
+    if not callable_:
+        what = {"aggregate": "an aggregate", "window": "a window function",
+                "table": "a table function", "pragma": "a pragma",
+                "table_macro": "a table function"}.get(kinds[0][0], kinds[0][0])
+        raise SelectionError(f"--where may not call {name}(): it is {what}, and a predicate "
+                             "tests one row at a time")
+    if any(k[1] == "VOLATILE" or k[2] for k in callable_):
+        raise SelectionError(f"--where may not call {name}(): DuckDB marks it volatile or "
+                             "with side effects, and a selection must give the same rows "
+                             "every time it is read")
+
+
+def check_predicate(con: duckdb.DuckDBPyConnection, view: str, predicate: str,
+                    params: dict[str, Any], run: bool = True) -> Checked:
+    """Validate predicate over view (see the module's docstring); SelectionError if not.
+    run=False skips step 4 (a trusted predicate: DuckDB still binds it when it is used)."""
+    predicate = _colon_to_dollar(predicate)
+    sql = f"SELECT * FROM {view} WHERE ({predicate}\n)"
+    parsed = _parse(con, sql)
     statements = parsed["statements"]
     node = statements[0]["node"] if len(statements) == 1 else None
     if (node is None or node.get("type") != "SELECT_NODE"
@@ -102,28 +189,71 @@ def validate_predicate(con: duckdb.DuckDBPyConnection, view: str, predicate: str
         raise SelectionError("--where must be a single SQL expression that selects rows "
                              "(no ';', no second statement)")
     allowed = {c.lower() for c in _view_columns(con, view)}
-    used_params = set()
-    for n in _walk(node["where_clause"]):
-        cls = n.get("class")
-        if cls == "SUBQUERY" or n.get("type") in ("SUBQUERY", "BASE_TABLE", "TABLE_FUNCTION"):
+    tree = list(_walk(node["where_clause"]))
+    # names a lambda binds (list_filter(captions, c -> c LIKE '%dog%')) are not columns
+    bound = {ref["column_names"][-1].lower() for n in tree if n.get("class") == "LAMBDA"
+             for ref in _walk(n.get("lhs")) if ref.get("class") == "COLUMN_REF"}
+    used_params: list[str] = []
+    functions: set[str] = set()
+    for n in tree:
+        cls, kind = n.get("class"), n.get("type")
+        if cls == "SUBQUERY" or kind in _RELATION_NODES:
             raise SelectionError("--where may not contain a subquery or a table reference")
+        if cls == "WINDOW":
+            raise SelectionError(f"--where may not call {n.get('function_name', 'a window')}"
+                                 "(): it is a window function, and a predicate tests one row "
+                                 "at a time")
         if cls == "COLUMN_REF":
             name = n["column_names"][-1]
-            if name.lower() not in allowed:
+            if name.lower() not in allowed and name.lower() not in bound:
                 raise SelectionError(
                     f"--where names an unknown column '{name}' (see `ultracurate sql "
                     f"\"DESCRIBE {view}\"` for the columns)")
         if cls == "FUNCTION":
-            fname = n.get("function_name", "").lower()
-            if fname in _DENIED_FUNCTIONS or fname.startswith(_DENIED_PREFIXES):
-                raise SelectionError(f"--where may not call {fname}()")
+            functions.add(str(n.get("function_name", "")).lower())
         if cls == "PARAMETER":
-            used_params.add(n.get("identifier"))
-    missing = sorted(p for p in used_params if p not in params)
+            ident = str(n.get("identifier", ""))
+            if ident.isdigit():
+                raise SelectionError("--where uses a positional parameter ('?' or '$1'): "
+                                     "name it, e.g. width > $w -p w 600")
+            if ident not in used_params:
+                used_params.append(ident)
+    kinds = _function_kinds(con, functions)
+    for name in sorted(functions):
+        _check_function(name, kinds.get(name, []))
+    missing = [p for p in used_params if p not in params]
     if missing:
         raise SelectionError(f"--where uses parameter ${missing[0]} with no value "
                              f"(give it with -p {missing[0]} VALUE)")
-    return predicate
+    bound_params = {p: params[p] for p in used_params}
+    rows = _run_once(con, view, predicate, bound_params) if run else None
+    return Checked(predicate, bound_params, rows)
+
+
+def _run_once(con: duckdb.DuckDBPyConnection, view: str, predicate: str,
+              params: dict[str, Any]) -> int:
+    """Bind, plan and evaluate the predicate over every row once, bounded; any DuckDB error
+    becomes one SelectionError line."""
+    sql = f"SELECT count(*) FROM {view} WHERE ({predicate}\n)"
+    try:
+        with bounded(con, "--where"):
+            return int(con.execute(sql, params or None).fetchall()[0][0])
+    except duckdb.Error as e:
+        msg = _first_line(e)
+        if "Max expression depth" in msg:
+            raise SelectionError(f"--where is nested too deeply (more than "
+                                 f"{MAX_EXPRESSION_DEPTH} levels)") from None
+        raise SelectionError(f"--where fails in DuckDB: {msg}") from None
+    except SelectionError:
+        raise
+    except UltracurateError as e:  # the bound's own error (time or memory), one line
+        raise SelectionError(str(e)) from None
+
+
+def validate_predicate(con: duckdb.DuckDBPyConnection, view: str, predicate: str,
+                       params: dict[str, Any]) -> str:
+    """The predicate with :name rewritten to $name, after check_predicate."""
+    return check_predicate(con, view, predicate, params).predicate
 
 
 def _view_columns(con: duckdb.DuckDBPyConnection, view: str) -> list[str]:
@@ -139,8 +269,9 @@ def selected_keys_sql(con: duckdb.DuckDBPyConnection, view: str, key: str,
     stage's own predicate and join, trusted) narrow it, so that rerunning the same sample
     resumes the same rows.
     """
-    user = selection.checked_where(con, view)
-    params = {k: v for k, v in selection.params.items() if user and f"${k}" in user}
+    checked = selection.checked(con, view)
+    user = checked.predicate if checked else None
+    params = dict(checked.params) if checked else {}
     inner = f"SELECT * FROM {view}" + (f" WHERE ({user}\n)" if user else "")
     if selection.sample is not None:
         inner += f" ORDER BY hash({key}, $_uc_seed), {key} LIMIT $_uc_sample"
@@ -155,3 +286,17 @@ def selected_keys_sql(con: duckdb.DuckDBPyConnection, view: str, key: str,
     if extra_where:
         sql += f" WHERE ({extra_where})"
     return sql, params
+
+
+def referenced_columns(con: duckdb.DuckDBPyConnection, view: str,
+                       selection: Selection) -> set[str]:
+    """Lower-case names of the view's columns that the selection's predicate reads (after
+    the same validation as every --where)."""
+    where = selection.checked_where(con, view)
+    if not where:
+        return set()
+    sql = f"SELECT * FROM {view} WHERE ({where}\n)"
+    node = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
+    return {n["column_names"][-1].lower() for n in _walk(node["statements"][0]["node"]
+                                                           ["where_clause"])
+            if n.get("class") == "COLUMN_REF"}

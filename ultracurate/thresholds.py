@@ -176,11 +176,17 @@ class Thresholds:
         return out
 
     def validate(self) -> None:
-        """Raise UltracurateError for a bound no score can meet, or min above max."""
+        """Raise UltracurateError for a bound that is not a finite number, a bound no score
+        can meet, or min above max."""
         for mode, t in self.modes.items():
             for col, (lo, hi) in SCORE_RANGES.items():
                 vmin = getattr(t, f"{col}_min", None)
                 vmax = getattr(t, f"{col}_max", None)
+                for bound, v in (("min", vmin), ("max", vmax)):
+                    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                          or not math.isfinite(v)):
+                        raise UltracurateError(f"threshold {col}_{bound} must be a finite "
+                                               f"number, got {v!r}")
                 if vmin is not None and vmin > hi:
                     raise UltracurateError(
                         f"threshold {col} >= {vmin:g} can never hold ({col} is in "
@@ -192,7 +198,7 @@ class Thresholds:
                 if vmin is not None and vmax is not None and vmin > vmax:
                     raise UltracurateError(f"thresholds for {col} contradict each other "
                                            f"({mode}: min {vmin:g} > max {vmax:g})")
-            if t.top_k is not None and t.top_k < 1:
+            if t.top_k is not None and (not isinstance(t.top_k, int) or t.top_k < 1):
                 raise UltracurateError(f"top-k must be at least 1 ({mode}: {t.top_k})")
 
     def to_dict(self) -> dict:

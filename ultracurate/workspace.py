@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tomllib
 import uuid
@@ -32,6 +33,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
+# A media name: the sha256 of the file's bytes and a short extension. Catalog values become
+# paths only through MediaStore.path, which refuses anything else ('../../x.jpg', '/etc/x').
+MEDIA_NAME = re.compile(r"[0-9a-f]{64}\.[a-z0-9]{1,8}")
+
+
 class MediaStore:
     """Files named by the sha256 of their bytes. A write goes to media/tmp/ first and is
     renamed into place, so a killed job never leaves half a file under its final name."""
@@ -40,14 +46,25 @@ class MediaStore:
         self.root = Path(root)
         self.tmp = self.root / "tmp"
 
+    @staticmethod
+    def check_name(name) -> str:
+        """name, if it is a media name; else UltracurateError (a tampered catalog value)."""
+        if not isinstance(name, str) or not MEDIA_NAME.fullmatch(name):
+            shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
+            raise UltracurateError(f"catalog value {shown} is not a media name "
+                                   "(<sha256>.<ext>): the catalog was changed outside "
+                                   "ultracurate; nothing read or written")
+        return name
+
     def path(self, name: str) -> Path:
+        name = self.check_name(name)
         return self.root / name[:2] / name
 
     def exists(self, name: str) -> bool:
         return self.path(name).exists()
 
     def put_bytes(self, data: bytes, ext: str) -> str:
-        name = hashlib.sha256(data).hexdigest() + "." + ext.lower().lstrip(".")
+        name = self.check_name(hashlib.sha256(data).hexdigest() + "." + ext.lower().lstrip("."))
         dest = self.path(name)
         if dest.exists():
             return name
@@ -66,11 +83,13 @@ class MediaStore:
         return self.put_bytes(src.read_bytes(), ext or src.suffix.lstrip(".") or "bin")
 
     def names(self):
-        """Every file name in the store (not the partial ones in tmp/)."""
+        """Every media file name in the store (not the partial ones in tmp/, nor files of
+        other names that someone put there: gc never touches those)."""
         for sub in self.root.iterdir():
             if sub.is_dir() and sub.name != "tmp" and len(sub.name) == 2:
                 for f in sub.iterdir():
-                    yield f.name
+                    if MEDIA_NAME.fullmatch(f.name) and f.name[:2] == sub.name and f.is_file():
+                        yield f.name
 
     def clean_tmp(self) -> int:
         """Remove partial files a killed job left behind; returns how many."""
@@ -134,9 +153,9 @@ class Workspace:
     def lance_path(self) -> Path:
         return self.root / "lance"
 
-    def catalog(self, read_only: bool = False) -> "Catalog":
+    def catalog(self, read_only: bool = False, allow_files: bool = False) -> "Catalog":
         from .catalog import Catalog
-        return Catalog(self.catalog_path, read_only=read_only)
+        return Catalog(self.catalog_path, read_only=read_only, allow_files=allow_files)
 
     def set_config(self, section: str, values: dict) -> None:
         import tomli_w
@@ -148,9 +167,30 @@ class Workspace:
     def section(self, name: str) -> dict:
         return dict(self.config.get(name, {}))
 
+    def check_media_names(self, cat: "Catalog", sql: str, params: dict | None, key: str,
+                          columns: tuple[str, ...]) -> None:
+        """Refuse (UltracurateError naming the row) when a media column of the rows sql
+        selects holds a value that is not a media name: checked in one query before a command
+        that reads or removes media by name changes anything."""
+        bad = " OR ".join(f"({col} IS NOT NULL AND NOT regexp_full_match({col}, $_uc_media))"
+                          for col in columns)
+        row = cat.con.execute(
+            f"SELECT {key}, {', '.join(columns)} FROM ({sql}) checked WHERE {bad} LIMIT 1",
+            {**(params or {}), "_uc_media": MEDIA_NAME.pattern}).fetchone()
+        if row is not None:
+            value = next(v for v in row[1:] if v is not None and not MEDIA_NAME.fullmatch(v))
+            try:
+                self.media.check_name(value)
+            except UltracurateError as e:
+                raise UltracurateError(f"{key.removesuffix('_id')} {row[0]}: {e}") from None
+
     def unreferenced_media(self, cat: "Catalog") -> list[str]:
         """Media files no catalog row points at: what a killed job's rerun made differently,
-        or what belonged to rows since deleted."""
+        or what belonged to rows since deleted. Refuses a catalog holding a value that is not a
+        media name, since every file it once named would look unreferenced."""
+        self.check_media_names(cat, "SELECT * FROM anchors", None, "anchor_id", ("media",))
+        self.check_media_names(cat, "SELECT * FROM candidates", None, "candidate_id",
+                               ("source_image", "edited_image"))
         used = {r[0] for r in cat.con.execute(
             "SELECT media FROM anchors UNION SELECT source_image FROM candidates "
             "UNION SELECT edited_image FROM candidates").fetchall() if r[0]}

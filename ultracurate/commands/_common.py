@@ -1,15 +1,104 @@
-"""Options every command shares, so each reads and behaves the same way."""
+"""Options every command shares, and the one place that defines the CLI's option types, so each
+command reads, checks and behaves the same way.
+
+Every value is checked at the boundary, before any library code runs: counts are whole numbers
+in a range (`--batch-size -1`, `--limit -1`, 2**63 are refused), numbers are finite (`nan`,
+`inf` are refused) and in range, and enumerated options accept only their choices (listed in
+--help). A refused option is one line: `error: ...`, exit 2.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any, List, Optional
+import math
+import re
+from typing import Any, List, Literal, Optional
 
 import typer
 
-from ..selection import Selection, coerce_param
+from ..catalog import VIEWS
+from ..errors import SelectionError, register_secret
+from ..selection import Selection
+from ..thresholds import MODES, PRESETS
 from ..workspace import Workspace
 
+MAX_INT = 2**63 - 1        # DuckDB's BIGINT: ids, seeds and counts beyond it cannot be stored
+MAX_BATCH = 1_000_000      # rows per batch; beyond this a batch is the whole job anyway
+
+
+# -- option types ----------------------------------------------------------------------------
+def Count(default: Any, *decls: str, help: str, min: int = 0, max: int = MAX_INT,
+          **kw) -> Any:
+    """A whole-number option in [min, max]."""
+    return typer.Option(default, *decls, help=help, min=min, max=max, **kw)
+
+
+def _finite(lo: float | None, hi: float | None):
+    def parse(value) -> float:
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise typer.BadParameter(f"'{value}' is not a number") from None
+        if not math.isfinite(v):
+            raise typer.BadParameter(f"'{value}' is not a finite number")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            span = (f"between {lo:g} and {hi:g}" if lo is not None and hi is not None
+                    else f"at least {lo:g}" if lo is not None else f"at most {hi:g}")
+            raise typer.BadParameter(f"{v:g} is not {span}")
+        return v
+    return parse
+
+
+def Number(default: Any, *decls: str, help: str, min: float | None = None,
+           max: float | None = None, **kw) -> Any:
+    """A finite decimal option in [min, max] (nan and inf refused)."""
+    return typer.Option(default, *decls, help=help, parser=_finite(min, max),
+                        metavar="NUMBER", **kw)
+
+
+def _device(value) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d{1,3})?|mps", str(value)):
+        raise typer.BadParameter(f"'{value}' is not a device (cpu, cuda, cuda:N or mps)")
+    return str(value)
+
+
+# Choices. Where the library names a set in a module the CLI imports anyway, it is used here;
+# the others are checked against their library constants by tests/test_cli.py.
+TableFormat = Literal["table", "csv", "json"]
+ViewName = Literal[tuple(VIEWS)]                              # anchors, edits, candidates, sessions
+EngineName = Literal["local", "ray"]
+Mode = Literal[tuple(MODES)]                                  # free, region
+EditMode = Literal[("auto", *MODES)]                          # auto, free, region
+Preset = Literal[tuple(PRESETS)]                              # ultraedit, ip2p
+Profile = Literal["ultraedit", "tiny"]                        # models.resolve
+Behaviour = Literal["method", "ultraedit-compat"]             # generation.params.BEHAVIOURS
+SoftVariant = Literal["ultraedit", "feathered"]               # masks.soft_mask variants
+InstructionsFormat = Literal["ultraedit", "ip2p", "magicbrush"]  # instruct.importers.FORMATS
+LLMBackend = Literal["rule", "openai", "transformers"]        # instruct.backends.BACKENDS
+CaptionBackend = Literal["transformers", "openai"]           # captioners.BACKENDS
+JudgeBackend = Literal["transformers", "openai"]             # judge.BACKENDS
+DType = Literal["float32", "float16", "bfloat16"]
+GroundBackend = Literal["grounding-dino", "owlv2"]            # models.grounding
+DedupWhat = Literal["anchors", "edited", "both"]              # stages.dedup.run_dedup
+Benchmark = Literal["magicbrush", "emuedit"]                  # evaluate.BENCHMARKS
+
+
+def _judge_bound(value) -> str:
+    """One --judge-min ASPECT=N, its form checked here (its range is the keep rule's check)."""
+    from ..errors import UltracurateError
+    from ..thresholds import parse_judge_min
+    try:
+        parse_judge_min([value])
+    except UltracurateError as e:
+        raise typer.BadParameter(str(e).removeprefix("--judge-min ")) from None
+    return str(value)
+
+
+def JudgeBounds(*decls: str, help: str) -> Any:
+    """--judge-min ASPECT=N, repeatable."""
+    return typer.Option(None, *decls, help=help, parser=_judge_bound, metavar="ASPECT=N")
+
+# -- shared options --------------------------------------------------------------------------
 WorkspaceOpt = typer.Option(None, "--workspace", "-w", envvar="ULTRACURATE_WORKSPACE",
                             help="Workspace folder (default: $ULTRACURATE_WORKSPACE, else the "
                                  "current directory or a parent).", show_envvar=False)
@@ -17,31 +106,43 @@ WhereOpt = typer.Option(None, "--where",
                         help="SQL predicate selecting rows, e.g. \"edit_type = 'replace'\"; "
                              "values as $name or :name with -p.")
 ParamOpt = typer.Option(None, "--param", "-p", help="Bind a --where parameter: -p NAME VALUE "
-                        "(or -p NAME=VALUE); repeatable.")
-LimitOpt = typer.Option(None, "--limit", help="At most this many rows (lowest ids first).")
-SampleOpt = typer.Option(None, "--sample", help="A random sample of N selected rows.")
-SeedOpt = typer.Option(0, "--seed", help="Seed for --sample and for the job's randomness.")
+                        "(or -p NAME=VALUE); repeatable. The value is text, cast to the type "
+                        "its place in the predicate needs.")
+LimitOpt = Count(None, "--limit", help="At most this many rows (lowest ids first).")
+SampleOpt = Count(None, "--sample", help="A random sample of N selected rows.")
+SeedOpt = Count(0, "--seed", help="Seed for --sample and for the job's randomness.")
 ForceOpt = typer.Option(False, "--force", help="Redo rows this stage already finished.")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON.")
 EngineOpt = typer.Option("local", "--engine", help="local, or ray.")
 AddressOpt = typer.Option(None, "--address", help="Ray cluster address (auto, or host:port; "
                                                   "default: a local cluster).")
-DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if present).")
-BatchOpt = typer.Option(None, "--batch-size", help="Rows per batch (default: the stage's).")
+DeviceOpt = typer.Option(None, "--device", parser=_device,
+                         help="cpu, cuda, cuda:N (default: cuda if present).")
+BatchOpt = Count(None, "--batch-size", min=1, max=MAX_BATCH,
+                 help="Rows per batch (default: the stage's).")
 
 
 def workspace(path: Optional[str]) -> Workspace:
     return Workspace.find(path)
 
 
-def parse_params(params: Optional[List[str]]) -> dict[str, Any]:
-    out = {}
+_PARAM_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+def parse_params(params: Optional[List[str]]) -> dict[str, str]:
+    """-p NAME=VALUE pairs as {name: text}. The text is bound as it is; DuckDB casts it to the
+    type its place in the predicate needs ('-p t nan' against a text column stays text)."""
+    out: dict[str, str] = {}
     for p in params or []:
         name, sep, value = p.partition("=")
         if not sep or not name:
-            from ..errors import SelectionError
             raise SelectionError(f"-p expects NAME VALUE, got '{p}'")
-        out[name] = coerce_param(value)
+        if not _PARAM_NAME.fullmatch(name):
+            raise SelectionError(f"-p {name}: a parameter name is a letter followed by "
+                                 "letters, digits or _")
+        if name in out and out[name] != value:
+            raise SelectionError(f"-p {name} is given twice")
+        out[name] = value
     return out
 
 
@@ -51,6 +152,12 @@ def selection(where: Optional[str], params: Optional[List[str]],
     return Selection(where=where,
                      params=parse_params(params),
                      limit=limit, sample=sample, seed=seed)
+
+
+def secret(value: Optional[str]) -> Optional[str]:
+    """An option's value that is a secret (an API key): redacted from every later message."""
+    register_secret(value)
+    return value
 
 
 def emit(data: Any, as_json: bool, text: Optional[str] = None) -> None:

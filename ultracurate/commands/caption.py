@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
 
 
 def caption(
-        backend: Optional[str] = typer.Option(None, "--backend", help="transformers (a local "
+        backend: Optional[c.CaptionBackend] = typer.Option(None, "--backend", help="transformers (a local "
                                               "image-text-to-text model) or openai (a vision "
                                               "chat endpoint). Default: from the workspace's "
                                               "captioner role."),
@@ -24,9 +24,10 @@ def caption(
         base_url: Optional[str] = typer.Option(None, "--base-url", help="Vision chat "
                                                "endpoint, e.g. http://localhost:8000/v1 "
                                                "(default: $ULTRACURATE_VLM_BASE_URL)."),
-        api_key: Optional[str] = typer.Option(None, "--api-key", help="API key (default: "
+        api_key: Optional[str] = typer.Option(None, "--api-key", callback=c.secret,
+                                              help="API key (default: "
                                               "$ULTRACURATE_VLM_API_KEY or $OPENAI_API_KEY); "
-                                              "never stored."),
+                                              "never stored or printed."),
         prompt: Optional[str] = typer.Option(None, "--prompt", help="Caption prompt for chat "
                                              "models: a packaged version (caption-v1) or a "
                                              ".txt file."),
@@ -38,23 +39,27 @@ def caption(
                                               "name (tiny-caption) or a .json file."),
         all_anchors: bool = typer.Option(False, "--all", help="Caption every selected anchor, "
                                          "not only those without a usable caption."),
-        max_attempts: int = typer.Option(2, "--max-attempts", help="Tries per photo when an "
-                                         "answer is invalid (served models, or sampling)."),
-        concurrency: int = typer.Option(8, "--concurrency", help="Concurrent HTTP requests."),
-        timeout: float = typer.Option(60.0, "--timeout", help="HTTP request timeout (s)."),
-        max_retries: int = typer.Option(4, "--max-retries", help="HTTP retries on timeouts, "
-                                        "429 and 5xx."),
-        temperature: float = typer.Option(0.0, "--temperature", help="Sampling temperature "
-                                          "(0: greedy)."),
-        max_new_tokens: int = typer.Option(60, "--max-new-tokens", help="Longest caption, in "
-                                           "tokens."),
-        image_size: int = typer.Option(1024, "--image-size", help="openai: photos are sent "
-                                       "with their long side at most this many pixels."),
-        dtype: Optional[str] = typer.Option(None, "--dtype", help="transformers: float32, "
-                                            "float16 or bfloat16."),
+        max_attempts: int = c.Count(2, "--max-attempts", min=1, max=100,
+                                    help="Tries per photo when an answer is invalid (served "
+                                         "models, or sampling)."),
+        concurrency: int = c.Count(8, "--concurrency", min=1, max=1024,
+                                   help="Concurrent HTTP requests."),
+        timeout: float = c.Number(60.0, "--timeout", min=0.001, max=86_400,
+                                  help="HTTP request timeout (s)."),
+        max_retries: int = c.Count(4, "--max-retries", max=100,
+                                   help="HTTP retries on timeouts, 429 and 5xx."),
+        temperature: float = c.Number(0.0, "--temperature", min=0, max=10,
+                                      help="Sampling temperature (0: greedy)."),
+        max_new_tokens: int = c.Count(60, "--max-new-tokens", min=1, max=1_000_000,
+                                      help="Longest caption, in tokens."),
+        image_size: int = c.Count(1024, "--image-size", min=8, max=16_384,
+                                  help="openai: photos are sent with their long side at most "
+                                       "this many pixels."),
+        dtype: Optional[c.DType] = typer.Option(None, "--dtype", help="transformers: float32, "
+                                                "float16 or bfloat16."),
         where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
         limit: Optional[int] = c.LimitOpt, sample: Optional[int] = c.SampleOpt,
-        seed: int = c.SeedOpt, force: bool = c.ForceOpt, engine: str = c.EngineOpt,
+        seed: int = c.SeedOpt, force: bool = c.ForceOpt, engine: c.EngineName = c.EngineOpt,
         address: Optional[str] = c.AddressOpt, device: Optional[str] = c.DeviceOpt,
         batch_size: Optional[int] = c.BatchOpt,
         workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):

@@ -14,23 +14,24 @@ def register(app: typer.Typer) -> None:
 
 
 def chain(
-        turns: int = typer.Option(3, "--turns", min=1, help="Turns per session (turn 1 is the "
-                                  "accepted candidate a session starts from)."),
-        per_anchor: int = typer.Option(1, "--per-anchor", min=1, help="Edits instruct writes "
-                                       "for each turn's anchor."),
+        turns: int = c.Count(3, "--turns", min=1, max=1000, help="Turns per session (turn 1 "
+                             "is the accepted candidate a session starts from)."),
+        per_anchor: int = c.Count(1, "--per-anchor", min=1, max=10_000,
+                                  help="Edits instruct writes for each turn's anchor."),
         types: Optional[str] = typer.Option(None, "--types", help="Comma-separated edit types "
                                             "for later turns (default: all nine)."),
-        candidates: int = typer.Option(8, "--candidates", min=1, help="Candidate pairs "
-                                       "generated per edit and turn."),
-        size: int = typer.Option(512, "--size", help="Generation size (pixels, a multiple "
-                                 "of 8)."),
-        backend: Optional[str] = typer.Option(None, "--backend", help="instruct's back-end: "
-                                              "rule, openai or transformers (default: the "
-                                              "workspace's llm role, else rule)."),
-        box_threshold: float = typer.Option(0.3, "--box-threshold", help="Grounding box "
-                                            "threshold for region edits."),
-        text_threshold: float = typer.Option(0.25, "--text-threshold", help="Grounding text "
-                                             "threshold for region edits."),
+        candidates: int = c.Count(8, "--candidates", "-n", min=1, max=100_000,
+                                  help="Candidate pairs generated per edit and turn."),
+        size: int = c.Count(512, "--size", min=8, max=4096,
+                            help="Generation size (pixels, a multiple of 8)."),
+        backend: Optional[c.LLMBackend] = typer.Option(None, "--backend", help="instruct's "
+                                                       "back-end: rule, openai or transformers "
+                                                       "(default: the workspace's llm role, "
+                                                       "else rule)."),
+        box_threshold: float = c.Number(0.3, "--box-threshold", min=0, max=1,
+                                        help="Grounding box threshold for region edits."),
+        text_threshold: float = c.Number(0.25, "--text-threshold", min=0, max=1,
+                                         help="Grounding text threshold for region edits."),
         judge: bool = typer.Option(False, "--judge", help="Judge each turn's CLIP-passed "
                                    "candidates with the workspace's judge role (needed when "
                                    "the keep rule has --judge-min bounds)."),

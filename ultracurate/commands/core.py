@@ -27,8 +27,9 @@ def register(app: typer.Typer) -> None:
 
 
 def init(directory: Path = typer.Argument(..., help="Folder to create the workspace in."),
-         profile: str = typer.Option("ultraedit", help="Models profile: ultraedit (the real "
-                                     "checkpoints) or tiny (random-weight test models)."),
+         profile: c.Profile = typer.Option("ultraedit", help="Models profile: ultraedit (the "
+                                           "real checkpoints) or tiny (random-weight test "
+                                           "models)."),
          tiny_dir: Optional[str] = typer.Option(None, help="Where the tiny models are "
                                                 "(default: DIR/models/tiny)."),
          as_json: bool = c.JsonOpt):
@@ -45,7 +46,8 @@ def ingest(paths: List[Path] = typer.Argument(..., help="Image folders, COCO cap
                                               "jsonl/csv/parquet tables, HF dataset folders."),
            captions: Optional[Path] = typer.Option(None, help="Captions table (path, caption) "
                                                    "for an image folder."),
-           max_pixels: int = typer.Option(64_000_000, help="Reject images over this size."),
+           max_pixels: int = c.Count(64_000_000, "--max-pixels", min=1,
+                                     help="Reject images over this size."),
            batch_size: Optional[int] = c.BatchOpt,
            force: bool = c.ForceOpt, workspace: Optional[str] = c.WorkspaceOpt,
            as_json: bool = c.JsonOpt):
@@ -75,37 +77,37 @@ def stats(workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
         render_stats(data)
 
 
-def sql(query: str = typer.Argument(..., help="A read-only SQL query (SELECT, DESCRIBE, ...)."),
-        fmt: str = typer.Option("table", "--format", "-f", help="table, csv or json."),
+def sql(query: str = typer.Argument(..., help="One read-only query: SELECT (FROM ..., "
+                                             "DESCRIBE, SHOW, SUMMARIZE) or EXPLAIN of one."),
+        fmt: c.TableFormat = typer.Option("table", "--format", "-f", help="table, csv or json."),
         params: Optional[List[str]] = c.ParamOpt,
+        allow_files: bool = typer.Option(False, "--allow-files",
+                                         help="Let the query read files (read_csv, "
+                                              "read_parquet, ...); it never writes them."),
         workspace: Optional[str] = c.WorkspaceOpt):
-    """Run a read-only query on the catalog."""
-    import duckdb
+    """Run one read-only query on the catalog, with no file or network access (see
+    --allow-files), no extensions and the time and memory bounds of every user statement."""
     ws = c.workspace(workspace)
-    with ws.catalog(read_only=True) as cat:
-        try:
-            df = cat.pl(query, c.parse_params(params) or None)
-        except duckdb.Error as e:
-            raise UltracurateError(f"sql: {str(e).splitlines()[0]}") from None
+    with ws.catalog(read_only=True, allow_files=allow_files) as cat:
+        df = cat.read_query(query, c.parse_params(params))
     if fmt == "json":
         typer.echo(json.dumps(df.to_dicts(), default=str, indent=2))
     elif fmt == "csv":
         typer.echo(df.write_csv(), nl=False)
-    elif fmt == "table":
+    else:
         from ..stats import print_table
         print_table(df)
-    else:
-        raise UltracurateError(f"unknown --format '{fmt}' (table, csv or json)")
 
 
-def select(table: str = typer.Option("candidates", "--from", help="anchors, edits, "
-                                      "candidates or sessions."),
+def select(table: c.ViewName = typer.Option("candidates", "--from", help="anchors, edits, "
+                                            "candidates or sessions."),
            columns: Optional[str] = typer.Option(None, help="Comma-separated columns "
                                                  "(default: the key and a few essentials)."),
            where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
            limit: Optional[int] = c.LimitOpt, sample: Optional[int] = c.SampleOpt,
            seed: int = c.SeedOpt,
-           fmt: str = typer.Option("table", "--format", "-f", help="table, csv or json."),
+           fmt: c.TableFormat = typer.Option("table", "--format", "-f",
+                                             help="table, csv or json."),
            count: bool = typer.Option(False, "--count", help="Print only how many rows match."),
            workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
     """List the rows a --where selection picks (what a job with the same options runs over)."""

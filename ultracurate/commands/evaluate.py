@@ -15,8 +15,8 @@ def register(app: typer.Typer) -> None:
     app.command("eval")(eval_cmd)
 
 
-def eval_cmd(benchmark: str = typer.Option(..., "--benchmark", "-b",
-                                           help="magicbrush or emuedit."),
+def eval_cmd(benchmark: c.Benchmark = typer.Option(..., "--benchmark", "-b",
+                                                   help="magicbrush or emuedit."),
              predictions: Path = typer.Option(..., "--predictions",
                                               help="Folder of the model's edited images. "
                                                    "MagicBrush: <id>/<id>_1.png, "
@@ -41,7 +41,8 @@ def eval_cmd(benchmark: str = typer.Option(..., "--benchmark", "-b",
                                                      "scores) as JSON here (default: "
                                                      "PREDICTIONS/eval_<benchmark>.json)."),
              device: Optional[str] = c.DeviceOpt,
-             batch_size: int = typer.Option(32, "--batch-size", help="Images per model call."),
+             batch_size: int = c.Count(32, "--batch-size", min=1, max=c.MAX_BATCH,
+                                       help="Images per model call."),
              as_json: bool = c.JsonOpt):
     """Score edited images with a benchmark's reference metrics; print a table, write JSON."""
     from ..evaluate import evaluate, render_table

@@ -41,7 +41,7 @@ def export(out: Path = typer.Argument(..., help="Folder to write (must not exist
            shard_size: int = typer.Option(2000, "--shard-size", min=1, max=10_000_000,
                                           help="Rows per parquet / jsonl / tar shard (and per "
                                                "FreeForm_N split with --layout ultraedit)."),
-           val_fraction: float = typer.Option(0.0, "--val-fraction", min=0.0, max=0.99,
+           val_fraction: float = c.Number(0.0, "--val-fraction", min=0.0, max=0.99,
                                               help="Cut a validation split of about this "
                                                    "fraction of the rows, by anchor (no "
                                                    "anchor in both splits); seeded by --seed."),

@@ -17,13 +17,15 @@ def register(app: typer.Typer) -> None:
 def ground(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
            limit: Optional[int] = c.LimitOpt, sample: Optional[int] = c.SampleOpt,
            seed: int = c.SeedOpt,
-           box_threshold: float = typer.Option(0.3, help="Keep detector boxes scoring above "
-                                               "this (GroundingDINO / OWLv2)."),
-           text_threshold: float = typer.Option(0.25, help="GroundingDINO: label a box with "
-                                                "the phrase tokens above this."),
-           backend: Optional[str] = typer.Option(None, help="grounding-dino or owlv2 "
-                                                 "(default: from the checkpoint's config)."),
-           force: bool = c.ForceOpt, engine: str = c.EngineOpt,
+           box_threshold: float = c.Number(0.3, "--box-threshold", min=0, max=1,
+                                           help="Keep detector boxes scoring above this "
+                                                "(GroundingDINO / OWLv2)."),
+           text_threshold: float = c.Number(0.25, "--text-threshold", min=0, max=1,
+                                            help="GroundingDINO: label a box with the phrase "
+                                                 "tokens above this."),
+           backend: Optional[c.GroundBackend] = typer.Option(
+               None, help="grounding-dino or owlv2 (default: from the checkpoint's config)."),
+           force: bool = c.ForceOpt, engine: c.EngineName = c.EngineOpt,
            address: Optional[str] = c.AddressOpt, device: Optional[str] = c.DeviceOpt,
            batch_size: Optional[int] = c.BatchOpt,
            workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
@@ -43,14 +45,16 @@ def ground(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.Pa
 def classify_masks(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
                    limit: Optional[int] = c.LimitOpt, sample: Optional[int] = c.SampleOpt,
                    seed: int = c.SeedOpt,
-                   min_area: Optional[float] = typer.Option(
-                       None, help="Area fraction at or below this: too_small "
-                                  "(default 0.01, the released code's)."),
-                   max_area: Optional[float] = typer.Option(
-                       None, help="Area fraction at or above this: too_large (default 0.9)."),
-                   max_contours: Optional[int] = typer.Option(
-                       None, help="More external contours than this: fragmented "
-                                  "(default 500)."),
+                   min_area: Optional[float] = c.Number(
+                       None, "--min-area", min=0, max=1,
+                       help="Area fraction at or below this: too_small "
+                            "(default 0.01, the released code's)."),
+                   max_area: Optional[float] = c.Number(
+                       None, "--max-area", min=0, max=1,
+                       help="Area fraction at or above this: too_large (default 0.9)."),
+                   max_contours: Optional[int] = c.Count(
+                       None, "--max-contours",
+                       help="More external contours than this: fragmented (default 500)."),
                    force: bool = c.ForceOpt, workspace: Optional[str] = c.WorkspaceOpt,
                    as_json: bool = c.JsonOpt):
     """Classify stored masks as too_large, too_small, fragmented or fine. Rerun with new

@@ -15,18 +15,19 @@ def register(app: typer.Typer) -> None:
 
 
 def judge(
-        backend: Optional[str] = typer.Option(None, "--backend", help="transformers (a local "
-                                              "chat VLM) or openai (a vision chat endpoint). "
-                                              "Default: from the workspace's judge role."),
+        backend: Optional[c.JudgeBackend] = typer.Option(
+            None, "--backend", help="transformers (a local chat VLM) or openai (a vision chat "
+                                    "endpoint). Default: from the workspace's judge role."),
         model: Optional[str] = typer.Option(None, "--model", help="Hub id or folder "
                                             "(transformers), or the served model's name "
                                             "(openai). Default: the judge role."),
         base_url: Optional[str] = typer.Option(None, "--base-url", help="Vision chat "
                                                "endpoint, e.g. http://localhost:8000/v1 "
                                                "(default: $ULTRACURATE_VLM_BASE_URL)."),
-        api_key: Optional[str] = typer.Option(None, "--api-key", help="API key (default: "
+        api_key: Optional[str] = typer.Option(None, "--api-key", callback=c.secret,
+                                              help="API key (default: "
                                               "$ULTRACURATE_VLM_API_KEY or $OPENAI_API_KEY); "
-                                              "never stored."),
+                                              "never stored or printed."),
         prompt: Optional[str] = typer.Option(None, "--prompt", help="Judge prompt: a packaged "
                                              "version (judge-v1) or a .txt file with "
                                              "$instruction."),
@@ -37,22 +38,24 @@ def judge(
                                          help="openai: ask for the answer's JSON schema "
                                               "through response_format (answers are validated "
                                               "either way)."),
-        max_attempts: int = typer.Option(2, "--max-attempts", min=1,
-                                         help="Tries per pair when an answer is invalid "
-                                              "(served models, or sampling)."),
-        concurrency: int = typer.Option(8, "--concurrency", min=1,
-                                        help="Concurrent HTTP requests."),
-        timeout: float = typer.Option(60.0, "--timeout", help="HTTP request timeout (s)."),
-        max_retries: int = typer.Option(4, "--max-retries", min=0, help="HTTP retries on "
-                                        "timeouts, 429 and 5xx."),
-        temperature: float = typer.Option(0.0, "--temperature", min=0.0,
-                                          help="Sampling temperature (0: greedy)."),
-        max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1,
-                                           help="Longest answer, in tokens."),
-        image_size: int = typer.Option(1024, "--image-size", min=16, help="openai: images "
-                                       "are sent with their long side at most this."),
-        dtype: Optional[str] = typer.Option(None, "--dtype", help="transformers: float32, "
-                                            "float16 or bfloat16."),
+        max_attempts: int = c.Count(2, "--max-attempts", min=1, max=100,
+                                    help="Tries per pair when an answer is invalid (served "
+                                         "models, or sampling)."),
+        concurrency: int = c.Count(8, "--concurrency", min=1, max=1024,
+                                   help="Concurrent HTTP requests."),
+        timeout: float = c.Number(60.0, "--timeout", min=0.001, max=86_400,
+                                  help="HTTP request timeout (s)."),
+        max_retries: int = c.Count(4, "--max-retries", max=100,
+                                   help="HTTP retries on timeouts, 429 and 5xx."),
+        temperature: float = c.Number(0.0, "--temperature", min=0, max=10,
+                                      help="Sampling temperature (0: greedy)."),
+        max_new_tokens: int = c.Count(128, "--max-new-tokens", min=1, max=1_000_000,
+                                      help="Longest answer, in tokens."),
+        image_size: int = c.Count(1024, "--image-size", min=8, max=16_384,
+                                  help="openai: images are sent with their long side at most "
+                                       "this many pixels."),
+        dtype: Optional[c.DType] = typer.Option(None, "--dtype", help="transformers: float32, "
+                                                "float16 or bfloat16."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print how many candidates and "
                                      "requests a run would take; judge nothing."),
         where: Optional[str] = typer.Option(
@@ -61,7 +64,7 @@ def judge(
                                   "top-k)."),
         params: Optional[List[str]] = c.ParamOpt, limit: Optional[int] = c.LimitOpt,
         sample: Optional[int] = c.SampleOpt, seed: int = c.SeedOpt,
-        force: bool = c.ForceOpt, engine: str = c.EngineOpt,
+        force: bool = c.ForceOpt, engine: c.EngineName = c.EngineOpt,
         address: Optional[str] = c.AddressOpt, device: Optional[str] = c.DeviceOpt,
         batch_size: Optional[int] = c.BatchOpt,
         workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):

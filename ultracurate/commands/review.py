@@ -17,7 +17,8 @@ def register(app: typer.Typer) -> None:
 def review(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
            limit: Optional[int] = c.LimitOpt, sample: Optional[int] = c.SampleOpt,
            seed: int = c.SeedOpt,
-           port: int = typer.Option(5151, "--port", help="Port the App listens on."),
+           port: int = c.Count(5151, "--port", min=1, max=65535,
+                               help="Port the App listens on."),
            address: str = typer.Option("127.0.0.1", "--address",
                                        help="Address the App binds to (loopback by default; "
                                             "0.0.0.0 exposes it to the network)."),
@@ -29,8 +30,9 @@ def review(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.Pa
                                                   help="Who decided (default: "
                                                        "$ULTRACURATE_REVIEWER, else the "
                                                        "login name)."),
-           margin: float = typer.Option(0.02, "--margin", help="Borderline views: scores "
-                                        "within this of a keep-rule threshold."),
+           margin: float = c.Number(0.02, "--margin", min=0, max=2,
+                                    help="Borderline views: scores within this of a keep-rule "
+                                         "threshold."),
            visualize: bool = typer.Option(True, "--visualize/--no-visualize",
                                           help="Compute a PCA embeddings plot from LanceDB's "
                                                "CLIP vectors (when there are any)."),

@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
 
 def score(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
           limit: Optional[int] = c.LimitOpt, sample: Optional[int] = c.SampleOpt,
-          seed: int = c.SeedOpt, force: bool = c.ForceOpt, engine: str = c.EngineOpt,
+          seed: int = c.SeedOpt, force: bool = c.ForceOpt, engine: c.EngineName = c.EngineOpt,
           address: Optional[str] = c.AddressOpt, device: Optional[str] = c.DeviceOpt,
           batch_size: Optional[int] = c.BatchOpt, workspace: Optional[str] = c.WorkspaceOpt,
           as_json: bool = c.JsonOpt):
@@ -39,34 +39,34 @@ def score(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.Par
 def filter_(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
             limit: Optional[int] = c.LimitOpt, sample: Optional[int] = c.SampleOpt,
             seed: int = c.SeedOpt,
-            preset: str = typer.Option("ultraedit", help="Default thresholds: ultraedit "
-                                       "(per mode) or ip2p."),
-            clip_min: Optional[float] = typer.Option(
+            preset: c.Preset = typer.Option("ultraedit", help="Default thresholds: ultraedit "
+                                            "(per mode) or ip2p."),
+            clip_min: Optional[float] = c.Number(
                 None, "--clip-min", help="Shortcut: clip_sim_source and clip_sim_target "
                                          "at least this."),
-            clip_source_min: Optional[float] = typer.Option(None, "--clip-source-min", help="Keep rows with clip_sim_source at least this."),
-            clip_target_min: Optional[float] = typer.Option(None, "--clip-target-min", help="Keep rows with clip_sim_target at least this."),
-            clip_dir_min: Optional[float] = typer.Option(None, "--clip-dir-min", help="Keep rows with clip_sim_dir at least this."),
-            clip_image_min: Optional[float] = typer.Option(None, "--clip-image-min", help="Keep rows with clip_sim_image at least this."),
-            clip_image_max: Optional[float] = typer.Option(None, "--clip-image-max", help="Keep rows with clip_sim_image at most this."),
-            dino_min: Optional[float] = typer.Option(None, "--dino-min", help="Keep rows with dinov2_sim at least this."),
-            dino_max: Optional[float] = typer.Option(None, "--dino-max", help="Keep rows with dinov2_sim at most this."),
-            ssim_min: Optional[float] = typer.Option(None, "--ssim-min", help="Keep rows with ssim at least this."),
-            ssim_max: Optional[float] = typer.Option(None, "--ssim-max", help="Keep rows with ssim at most this."),
-            l1_max: Optional[float] = typer.Option(None, "--l1-max", help="Keep rows with l1 at most this."),
-            l2_max: Optional[float] = typer.Option(None, "--l2-max", help="Keep rows with l2 at most this."),
-            judge_min: Optional[List[str]] = typer.Option(
-                None, "--judge-min", metavar="ASPECT=N",
-                help="Keep rows the judge scored at least N (1-5) on ASPECT: instruction, "
-                     "preservation or quality; repeatable. Rows not judged fail it."),
-            top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the best K per "
-                                                "edit by clip_sim_dir (default: 4 free, 3 "
-                                                "region)."),
+            clip_source_min: Optional[float] = c.Number(None, "--clip-source-min", help="Keep rows with clip_sim_source at least this."),
+            clip_target_min: Optional[float] = c.Number(None, "--clip-target-min", help="Keep rows with clip_sim_target at least this."),
+            clip_dir_min: Optional[float] = c.Number(None, "--clip-dir-min", help="Keep rows with clip_sim_dir at least this."),
+            clip_image_min: Optional[float] = c.Number(None, "--clip-image-min", help="Keep rows with clip_sim_image at least this."),
+            clip_image_max: Optional[float] = c.Number(None, "--clip-image-max", help="Keep rows with clip_sim_image at most this."),
+            dino_min: Optional[float] = c.Number(None, "--dino-min", help="Keep rows with dinov2_sim at least this."),
+            dino_max: Optional[float] = c.Number(None, "--dino-max", help="Keep rows with dinov2_sim at most this."),
+            ssim_min: Optional[float] = c.Number(None, "--ssim-min", help="Keep rows with ssim at least this."),
+            ssim_max: Optional[float] = c.Number(None, "--ssim-max", help="Keep rows with ssim at most this."),
+            l1_max: Optional[float] = c.Number(None, "--l1-max", help="Keep rows with l1 at most this."),
+            l2_max: Optional[float] = c.Number(None, "--l2-max", help="Keep rows with l2 at most this."),
+            judge_min: Optional[List[str]] = c.JudgeBounds(
+                "--judge-min", help="Keep rows the judge scored at least N (1-5) on ASPECT: "
+                                    "instruction, preservation or quality; repeatable. Rows "
+                                    "not judged fail it."),
+            top_k: Optional[int] = c.Count(None, "--top-k", min=1, max=100_000,
+                                           help="Keep the best K per edit by clip_sim_dir "
+                                                "(default: 4 free, 3 region)."),
             region_rule: Optional[bool] = typer.Option(
                 None, "--region-rule/--no-region-rule",
                 help="Drop an edit when fewer than K pass (default: region mode only)."),
-            mode: Optional[str] = typer.Option(None, help="Apply the options above to this "
-                                               "mode only (free or region)."),
+            mode: Optional[c.Mode] = typer.Option(None, help="Apply the options above to "
+                                                  "this mode only (free or region)."),
             dry_run: bool = typer.Option(False, "--dry-run", help="Print the funnel; change "
                                          "nothing."),
             workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
@@ -78,7 +78,8 @@ def filter_(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.P
     ws = c.workspace(workspace)
     t = Thresholds.preset(preset).override(
         **parse_judge_min(judge_min), mode=mode, clip_min=clip_min,
-        clip_sim_source_min=clip_source_min, clip_sim_target_min=clip_target_min, clip_sim_dir_min=clip_dir_min,
+        clip_sim_source_min=clip_source_min, clip_sim_target_min=clip_target_min,
+        clip_sim_dir_min=clip_dir_min,
         clip_sim_image_min=clip_image_min, clip_sim_image_max=clip_image_max,
         dinov2_sim_min=dino_min, dinov2_sim_max=dino_max, ssim_min=ssim_min,
         ssim_max=ssim_max, l1_max=l1_max, l2_max=l2_max, top_k=top_k,
@@ -89,9 +90,10 @@ def filter_(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.P
 
 def balance(by: List[str] = typer.Option(["edit_type"], "--by", help="Column(s) of "
                                          "candidates_v to stratify by; repeatable."),
-            target: Optional[int] = typer.Option(None, "--target", help="Select about N rows "
-                                                 "in all, spread evenly over the groups."),
-            cap: Optional[int] = typer.Option(None, "--cap", help="At most N rows per group."),
+            target: Optional[int] = c.Count(None, "--target", min=1,
+                                            help="Select about N rows in all, spread evenly "
+                                                 "over the groups."),
+            cap: Optional[int] = c.Count(None, "--cap", min=1, help="At most N rows per group."),
             where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
             seed: int = c.SeedOpt,
             plot: Optional[Path] = typer.Option(None, help="Bar plot path (default: "
@@ -106,10 +108,10 @@ def balance(by: List[str] = typer.Option(["edit_type"], "--by", help="Column(s) 
     c.emit(res.to_json(), as_json, format_balance(res))
 
 
-def dedup(threshold: float = typer.Option(0.95, help="Cosine similarity of CLIP image "
-                                          "embeddings at or above which two images are "
-                                          "near-duplicates."),
-          what: str = typer.Option("both", help="anchors, edited, or both."),
+def dedup(threshold: float = c.Number(0.95, "--threshold", min=-1, max=1,
+                                      help="Cosine similarity of CLIP image embeddings at or "
+                                           "above which two images are near-duplicates."),
+          what: c.DedupWhat = typer.Option("both", help="anchors, edited, or both."),
           where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
           device: Optional[str] = c.DeviceOpt, workspace: Optional[str] = c.WorkspaceOpt,
           as_json: bool = c.JsonOpt):
@@ -124,7 +126,8 @@ def dedup(threshold: float = typer.Option(0.95, help="Cosine similarity of CLIP 
 
 def report(out: Path = typer.Argument(..., help="The HTML file to write."),
            where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
-           examples: int = typer.Option(4, help="Example pairs per edit type."),
+           examples: int = c.Count(4, "--examples", max=1000,
+                                   help="Example pairs per edit type."),
            workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
     """One self-contained HTML report: score histograms with thresholds, acceptance funnel,
     mask classes, balance, example pairs per edit type (write_report)."""

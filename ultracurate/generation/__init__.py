@@ -1,9 +1,12 @@
-"""Candidate generation: the loop (`loop.py`), Prompt-to-Prompt attention processors
-(`attention.py`) and the sampled parameters, seeds and schedules (`params.py`)."""
+"""Candidate generation: the loop (`loop.py`), the two behaviours (`behaviour.py`),
+Prompt-to-Prompt attention processors (`attention.py`) and the sampled parameters, seeds and
+schedules (`params.py`)."""
 
-from .loop import COMPAT, Pair, PairImages, Trace, generate_compat, generate_method, run_pairs
-from .params import BEHAVIOURS, candidate_seed, sample_compat, sample_method, schedule
+from .behaviour import BEHAVIOURS, COMPAT, CallDropped
+from .loop import (Pair, PairImages, Trace, euler_ancestral_step, generate_compat,
+                   generate_method, run_pairs)
+from .params import candidate_seed, sample_compat, sample_method, schedule
 
-__all__ = ["COMPAT", "BEHAVIOURS", "Pair", "PairImages", "Trace", "generate_compat",
-           "generate_method", "run_pairs", "candidate_seed", "sample_compat", "sample_method",
-           "schedule"]
+__all__ = ["COMPAT", "BEHAVIOURS", "CallDropped", "Pair", "PairImages", "Trace",
+           "euler_ancestral_step", "generate_compat", "generate_method", "run_pairs",
+           "candidate_seed", "sample_compat", "sample_method", "schedule"]

@@ -199,7 +199,6 @@ class CompatProcessor:
         return _finish(attn, out)
 
 
-def install(unet, edit: AttentionEdit) -> None:
-    """Put the behaviour's processor on every attention layer of the UNet."""
-    cls = CompatProcessor if edit.behaviour == "ultraedit-compat" else RefineProcessor
-    unet.set_attn_processor({name: cls(edit, name) for name in unet.attn_processors})
+def install(unet, edit: AttentionEdit, processor: type) -> None:
+    """Put the behaviour's processor class on every attention layer of the UNet."""
+    unet.set_attn_processor({name: processor(edit, name) for name in unet.attn_processors})

@@ -22,7 +22,6 @@ REGION = {"steps": (10, 14), "strength": 0.3, "guidance": (0.0, 0.2, 0.4, 0.6),
 REPLACE_FRAC = (0.1, 0.9)
 CFG_RANGE = (7.5, 15.0)       # the released code draws (and ignores) a value in this range
 MAX_CAPTION_WORDS = 60
-BEHAVIOURS = ("method", "ultraedit-compat")
 
 
 def candidate_seed(run_seed: int, *key, bits: int = 63) -> int:

@@ -80,6 +80,24 @@ def load(ref: str, device: str = "cpu", dtype: Any = None):
     return pipe
 
 
+def native_size(ref: str) -> int | None:
+    """The square size the checkpoint's UNet is configured for (unet.sample_size times the
+    VAE's downscale factor: 512 for SDXL-Turbo), read from its configs without loading
+    weights; None when the configs cannot be read here (a hub id not in the local cache)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    try:
+        unet = UNet2DConditionModel.load_config(str(ref), subfolder="unet")
+        vae = AutoencoderKL.load_config(str(ref), subfolder="vae")
+    except (OSError, ValueError):
+        return None
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def pipe_native_size(pipe) -> int:
+    """native_size of a loaded pipeline."""
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
 # -- tiny checkpoint ------------------------------------------------------------------------
 def write_clip_tokenizer(folder: str | Path) -> Path:
     """Write vocab.json + merges.txt for transformers' CLIPTokenizer from open_clip's bundled

@@ -73,10 +73,12 @@ def run_adaptive(ws, selection: Selection | None = None, *, until_accepted: int 
     done: set[int] = set()
     while open_ids and asked < max_candidates:
         asked = min(max_candidates, asked + round_size)
-        sel = Selection(where="list_contains($_uc_ids, edit_id)", params={"_uc_ids": open_ids})
+        sel = Selection(where="list_contains($_uc_ids, edit_id)", params={"_uc_ids": open_ids},
+                        trusted=True)
         run_generate(ws, sel, candidates=asked, progress=progress, **(generate_kwargs or {}))
         cand_sel = Selection(where="list_contains($_uc_ids, edit_id) AND candidate_index < "
-                                   "$_uc_n", params={"_uc_ids": open_ids, "_uc_n": asked})
+                                   "$_uc_n", params={"_uc_ids": open_ids, "_uc_n": asked},
+                             trusted=True)
         run_score(ws, cand_sel, progress=progress, **(score_kwargs or {}))
         run_filter(ws, cand_sel, t)
         with ws.catalog(read_only=True) as cat:

@@ -270,7 +270,8 @@ def run_chain(ws, selection: Selection | None = None, *, turns: int = 3, per_anc
             rep = TurnReport(turn, sessions=n_due, anchors_made=made)
             if due:
                 prm = {"_uc_turn": turn, "_uc_sessions": due}
-                anchors_sel, rows_sel = Selection(TURN_ANCHORS, prm), Selection(TURN_ROWS, prm)
+                anchors_sel = Selection(TURN_ANCHORS, prm, trusted=True)
+                rows_sel = Selection(TURN_ROWS, prm, trusted=True)
                 steps = [
                     ("instruct", lambda: run_instruct(
                         ws, anchors_sel, per_anchor=per_anchor, types=types, seed=seed,
@@ -289,8 +290,8 @@ def run_chain(ws, selection: Selection | None = None, *, turns: int = 3, per_anc
                     def judge_step():
                         with ws.catalog(read_only=True) as c2:
                             where = f"({TURN_ROWS}) AND ({clip_passed(c2)})"
-                        return run_judge(ws, Selection(where, prm), seed=seed,
-                                         progress=progress, **judge)
+                        return run_judge(ws, Selection(where, prm, trusted=True),
+                                         seed=seed, progress=progress, **judge)
                     steps.append(("judge", judge_step))
                 steps.append(("filter", lambda: run_filter(ws, rows_sel, t)))
                 for name, step in steps:

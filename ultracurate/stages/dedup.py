@@ -120,6 +120,8 @@ def run_dedup(ws, threshold: float = 0.95, what: str = "both",
     own = cat is None
     cat = cat or ws.catalog()
     try:
+        if what in ("edited", "both"):  # a bad --where fails before anything is embedded
+            selection.checked(cat.con, "candidates_v")
         store = EmbeddingStore(ws.lance_path)
         res = DedupResult(None, threshold)
         anchor_ids: list[int] = []

@@ -22,8 +22,10 @@ recomputes every selected row's decision (nothing is lost, the previous run is i
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from ..catalog import Catalog
+from ..errors import UltracurateError
 from ..selection import Selection, selected_keys_sql
 from ..thresholds import JUDGE_COLUMNS, MODES, SCORE_RANGES, Rule, Thresholds
 
@@ -63,7 +65,11 @@ class FilterResult:
 
 
 def _lit(x: float) -> str:
-    return repr(float(x))
+    """A threshold as an SQL number (Thresholds.validate has refused nan and inf)."""
+    v = float(x)
+    if not math.isfinite(v):
+        raise UltracurateError(f"threshold {x!r} is not a finite number")
+    return repr(v)
 
 
 def _cond(rule: Rule) -> str:

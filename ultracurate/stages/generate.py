@@ -1,13 +1,16 @@
-"""Generate candidate pairs for edits: plan the candidate rows, then render them in batches.
+"""Generate candidate pairs for edits: plan the candidate rows, then render them call by call.
 
 `plan_candidates` inserts the missing (edit_id, candidate_index) rows for the selected edits, up
-to n_total per edit, each with a deterministic seed, status 'planned' (one idempotent insert:
-planning again adds nothing, planning more adds only the new indices). `GenerateStage` then
-renders planned rows in batches of pairs across edits (ultracurate.generation), writes both
-images to the media store (JPEG quality 100, content-addressed, tmp + rename) from wherever it
-runs, and returns the names; the driver records them. A run killed at any point and rerun
-finishes the remaining rows: a candidate's row and images only count once its batch committed,
-and its seed, hence its images, do not change.
+to n_total per edit, each with a deterministic seed and its generator call (`gen_call`), status
+'planned' (one idempotent insert: planning again adds nothing, planning more adds only the new
+indices). A call is the candidates rendered together in one model call: for `ultraedit-compat`
+one released call (7 free-form or 6 region pairs sharing a seed), for `method` up to
+`pairs_per_call` pairs. `GenerateStage` renders planned rows call by call (ultracurate.generation);
+the runner never splits a call across batches, so a candidate's pixels depend on its call (fixed
+when planned), never on --batch-size or on where a killed run stopped. It writes both images to
+the media store (JPEG quality 100, content-addressed, tmp + rename) from wherever it runs, and
+returns the names; the driver records them. A run killed at any point and rerun finishes the
+remaining calls.
 """
 
 from __future__ import annotations
@@ -18,16 +21,18 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
+from .. import masks as M
 from ..catalog import Catalog, now
 from ..errors import UltracurateError
 from ..generation import params as P
+from ..generation.behaviour import BEHAVIOURS, COMPAT, CallDropped
 from ..images import load_rgb, resize_center_crop, to_jpeg_bytes
 from ..runner import BatchResult, Context, RunSummary, Stage, make_engine, run_stage
-from ..selection import Selection, selected_keys_sql
+from ..selection import Selection, referenced_columns, selected_keys_sql
 from ..workspace import Workspace
 
 MODES = ("auto", "free", "region")
-PAIRS_PER_CALL = {"free": 7, "region": 6}   # the released generator's pairs per call
+DEFAULT_MASK_CLASSES = ("fine",)      # region generation skips other masks unless asked
 
 
 @dataclass
@@ -47,7 +52,33 @@ def _words(text: str) -> int:
     return len(str(text).split(" "))
 
 
-def generation_mode(edit: dict, mode: str) -> tuple[str | None, str | None]:
+def mask_classes(value: str | None) -> tuple[str, ...] | None:
+    """--mask-class: a comma list of mask classes region generation takes, or 'any' (None:
+    no class filter)."""
+    if value is None:
+        return DEFAULT_MASK_CLASSES
+    names = tuple(v.strip() for v in str(value).split(",") if v.strip())
+    if names == ("any",):
+        return None
+    bad = [n for n in names if n not in M.MASK_CLASSES]
+    if bad or not names:
+        raise UltracurateError(f"unknown --mask-class '{value}' (a comma list of "
+                               f"{', '.join(M.MASK_CLASSES)}, or any)")
+    return names
+
+
+def _mask_class(edit: dict) -> str:
+    """The edit's stored class, or the one its stored features give (not yet classified)."""
+    if edit["mask_class"] is not None:
+        return edit["mask_class"]
+    if edit["mask_area"] is None or edit["mask_contours"] is None:
+        f = M.rle_features(edit["mask_rle"], edit["mask_height"], edit["mask_width"])
+        return M.classify(f.area, f.contours)
+    return M.classify(edit["mask_area"], edit["mask_contours"])
+
+
+def generation_mode(edit: dict, mode: str, classes: tuple[str, ...] | None = DEFAULT_MASK_CLASSES
+                    ) -> tuple[str | None, str | None]:
     """(mode to generate the edit in, or None with the reason it is skipped)."""
     if mode not in MODES:
         raise UltracurateError(f"unknown --mode '{mode}' (auto, free or region)")
@@ -56,28 +87,57 @@ def generation_mode(edit: dict, mode: str) -> tuple[str | None, str | None]:
     m = edit["mode"] if mode == "auto" else mode
     if m == "region" and (edit["edit_status"] != "grounded" or edit["mask_rle"] is None):
         return None, "region edit without a mask (not grounded)"
+    if m == "region" and classes is not None:
+        cls = _mask_class(edit)
+        if cls not in classes:
+            return None, (f"mask class {cls} (region generation takes "
+                          f"--mask-class {','.join(classes)})")
     return m, None
 
 
 def plan_candidates(cat: Catalog, edit_ids: list[int] | None, n_total: int, seed: int = 0, *,
                     behaviour: str = "method", mode: str = "auto",
-                    selection: Selection | None = None) -> PlanReport:
+                    selection: Selection | None = None, mask_class: str | None = None,
+                    pairs_per_call: int | None = None, size: int | None = None,
+                    native_size: int | None = None) -> PlanReport:
     """Add the missing candidates 0..n_total-1 of each edit (edit_ids, or the edits the
-    selection picks), status 'planned', in one transaction. Seeds: `method`, one per
-    candidate from (seed, edit_id, index); `ultraedit-compat`, one per call as the released
-    code batches them: the edits of one mode, taken PAIRS_PER_CALL at a time in edit_id
-    order, share the seed of each candidate index (a 32-bit seed)."""
-    if behaviour not in P.BEHAVIOURS:
+    selection picks), status 'planned', in one transaction.
+
+    Calls and seeds: the edits of one mode, in edit_id order, are taken the behaviour's pairs
+    per call at a time (`method`: pairs_per_call, 16 by default; `ultraedit-compat`: the
+    released 7 free-form / 6 region), one call per candidate index. `method` seeds each
+    candidate from (seed, edit_id, index); `ultraedit-compat` gives a call one 32-bit seed.
+
+    Region edits are planned only when their mask class is in mask_class (default 'fine';
+    'any', or a --where that reads mask_class, takes every class); skipped edits are
+    reported with the reason. `ultraedit-compat` renders region edits at the editor's native
+    size only (native_size: the released inpaint pipeline's unet.sample_size * 8), so another
+    size is refused before anything is written."""
+    if behaviour not in BEHAVIOURS:
         raise UltracurateError(f"unknown behaviour '{behaviour}' (method or ultraedit-compat)")
+    bh = BEHAVIOURS[behaviour]
     if n_total < 1:
         raise UltracurateError("--candidates must be at least 1")
-    cols = "edit_id, mode, edit_status, mask_rle, source_caption, target_caption"
+    per_call = dict(bh.pairs_per_call)
+    if pairs_per_call is not None:
+        if behaviour == COMPAT:
+            raise UltracurateError("--pairs-per-call is for --behaviour method (a released "
+                                   "call holds 7 free-form or 6 region pairs)")
+        if pairs_per_call < 1:
+            raise UltracurateError("--pairs-per-call must be at least 1")
+        per_call = {m: int(pairs_per_call) for m in per_call}
+    classes = mask_classes(mask_class)
+    cols = ("edit_id, mode, edit_status, mask_rle, mask_height, mask_width, mask_area, "
+            "mask_contours, mask_class, source_caption, target_caption")
     if edit_ids is not None:
         edits = cat.query(f"SELECT {cols} FROM edits_v WHERE list_contains(?, edit_id) "
                           "ORDER BY edit_id", [list(map(int, edit_ids))])
     else:
-        sql, prm = selected_keys_sql(cat.con, "edits_v", "edit_id", selection or Selection(),
-                                     None, cols)
+        selection = selection or Selection()
+        if mask_class is None and "mask_class" in referenced_columns(cat.con, "edits_v",
+                                                                     selection):
+            classes = None            # the user's --where picks the mask classes
+        sql, prm = selected_keys_sql(cat.con, "edits_v", "edit_id", selection, None, cols)
         edits = cat.query(sql + " ORDER BY edit_id", prm)
     report = PlanReport()
     have = {}
@@ -89,35 +149,38 @@ def plan_candidates(cat: Catalog, edit_ids: list[int] | None, n_total: int, seed
     rows = []
     ordinal = {"free": 0, "region": 0}
     for e in edits:
-        m, why = generation_mode(e, mode)
+        m, why = generation_mode(e, mode, classes)
         if m is None:
             report.skipped[e["edit_id"]] = why
             continue
+        if m == "region" and behaviour == COMPAT and native_size and size != native_size:
+            raise UltracurateError(
+                f"ultraedit-compat renders region edits at the editor's native size, "
+                f"{native_size} px (the released inpaint pipeline works at unet.sample_size "
+                f"* 8), not --size {size}: use --size {native_size}, --mode free, or "
+                "--behaviour method")
         report.edits += 1
-        group = ordinal[m] // PAIRS_PER_CALL[m]
+        group = ordinal[m] // per_call[m]
         ordinal[m] += 1
         for k in range(n_total):
             if k in have.get(e["edit_id"], ()):
                 continue
-            if behaviour == "method":
-                s = P.candidate_seed(seed, e["edit_id"], k)
-                order = (k, 0, 0, e["edit_id"])
-            else:
-                s = P.candidate_seed(seed, "compat", m, group, k, bits=32)
-                order = (k, 0 if m == "free" else 1, group, e["edit_id"])
-            rows.append((order, {"edit_id": e["edit_id"], "candidate_index": k, "seed": s,
-                                 "gen_behaviour": behaviour,
-                                 "gen_params": json.dumps({"mode": m}),
-                                 "auto_status": "planned"}))
+            call = (k, 0 if m == "free" else 1, group)
+            rows.append((call + (e["edit_id"],), {
+                "edit_id": e["edit_id"], "candidate_index": k,
+                "seed": bh.seed(seed, e["edit_id"], k, m, group), "gen_behaviour": behaviour,
+                "gen_params": json.dumps({"mode": m}), "auto_status": "planned"}))
     if not rows:
         return report
-    rows.sort(key=lambda r: r[0])  # a compat call's rows are contiguous
+    rows.sort(key=lambda r: r[0])  # a call's rows are contiguous
     cat.con.execute("BEGIN")
     try:
         first = cat.next_id("candidates")
         at = now()
-        df = pl.DataFrame([{"candidate_id": first + i, **r, "created_at": at}
-                           for i, (_, r) in enumerate(rows)])
+        calls: dict[tuple, int] = {}       # a call is named by its first row's candidate_id
+        df = pl.DataFrame([{"candidate_id": first + i, **r, "created_at": at,
+                            "gen_call": calls.setdefault(order[:3], first + i)}
+                           for i, (order, r) in enumerate(rows)])
         cat.insert_rows("candidates", df)
         cat.con.execute("COMMIT")
     except BaseException:
@@ -133,11 +196,12 @@ class GenerateStage(Stage):
     table = "candidates"
     default_where = "auto_status = 'planned'"
     columns = ("candidate_id, edit_id, candidate_index, seed, gen_behaviour, gen_params, "
-               "source_caption, target_caption, anchor_media, mask_rle, mask_height, "
-               "mask_width")
+               "gen_call, source_caption, target_caption, anchor_media, mask_rle, "
+               "mask_height, mask_width")
     writes = {"candidates": {"source_image", "edited_image", "source_is_anchor", "gen_params",
                              "gen_run", "auto_status", "error"}}
     batch_size = 16
+    group_by = "gen_call"          # a batch never splits a generator call
     roles = ("editor",)
 
     def __init__(self, size: int = 512, keep_anchor_source: bool = False,
@@ -176,6 +240,13 @@ class GenerateStage(Stage):
                     out[name] = e
         return out
 
+    def _check_native_size(self) -> None:
+        from ..models.editor import pipe_native_size
+        native = pipe_native_size(self.pipe)
+        if native != self.size:
+            raise UltracurateError(f"ultraedit-compat renders region edits at the editor's "
+                                   f"native size, {native} px, not --size {self.size}")
+
     def _mask_fn(self, row: dict):
         from ..masks import soft_mask
         latent = (self.size // 8, self.size // 8)
@@ -187,47 +258,45 @@ class GenerateStage(Stage):
         return fn
 
     def process(self, rows: list[dict], prepared: dict, ctx: Context) -> BatchResult:
-        from ..generation import Pair, generate_compat, generate_method
+        """Render the batch's calls, one model call each (a call's rows are all here: the
+        runner never splits a gen_call)."""
+        from ..generation import Pair, run_pairs
         from ..masks import soft_mask_settings
 
         failed: dict[int, str] = {}
-        jobs: list[tuple[list[dict], list, object]] = []   # (rows, pairs, call) per model call
-        method_rows, method_pairs = [], []
-        compat_groups: dict[tuple, tuple[list, list]] = {}
+        dropped: dict[int, tuple[str, str]] = {}     # id -> (reason, planned gen_params)
+        calls: dict[object, list[tuple[dict, Pair]]] = {}
         for r in rows:
             anchor = prepared.get(r["anchor_media"])
-            if isinstance(anchor, Exception):
+            if isinstance(anchor, Exception):   # the call goes on without it, as released
                 failed[r["candidate_id"]] = str(anchor)
                 continue
             m = json.loads(r["gen_params"])["mode"]
             pair = Pair(r["source_caption"], r["target_caption"], anchor, {}, int(r["seed"]),
                         mask=self._mask_fn(r) if m == "region" else None)
-            if r["gen_behaviour"] == "method":
-                pair.params = P.sample_method(int(r["seed"]), m)
-                method_rows.append(r)
-                method_pairs.append(pair)
-            else:
-                g = compat_groups.setdefault((int(r["seed"]), m), ([], []))
-                g[0].append(r)
-                g[1].append(pair)
-        if method_rows:
-            jobs.append((method_rows, method_pairs,
-                         lambda ps=method_pairs: generate_method(self.pipe, ps)))
-        for (seed, m), (grows, gpairs) in compat_groups.items():
-            jobs.append((grows, gpairs, lambda ps=gpairs, s=seed, mm=m:
-                         generate_compat(self.pipe, ps, s, mm)[0]))
+            calls.setdefault(_call_key(r, m), []).append((r, pair))
 
         ws = ctx.workspace
         updates = []
         with ThreadPoolExecutor(self.write_threads) as pool:
-            for jrows, pairs, call in jobs:
+            for members in calls.values():
+                crows, pairs = [r for r, _ in members], [p for _, p in members]
+                bh = BEHAVIOURS[crows[0]["gen_behaviour"]]
+                mode = json.loads(crows[0]["gen_params"])["mode"]
                 try:
-                    images = call()
+                    if mode == "region" and bh.region_at_native_size:
+                        self._check_native_size()
+                    bh.draw_call_params(pairs, mode, str(self.pipe.unet.device))
+                    images = run_pairs(self.pipe, pairs, bh)
+                except CallDropped as e:  # the released driver drops the whole call
+                    dropped.update({r["candidate_id"]: (f"dropped: {e}", r["gen_params"])
+                                    for r in crows})
+                    continue
                 except Exception as e:  # one failing call fails its rows, not the batch
                     msg = f"{type(e).__name__}: {e}".splitlines()[0]
-                    failed.update({r["candidate_id"]: msg for r in jrows})
+                    failed.update({r["candidate_id"]: msg for r in crows})
                     continue
-                for r, pair, img in zip(jrows, pairs, images):
+                for r, pair, img in zip(crows, pairs, images):
                     src_img = pair.anchor if self.keep_anchor_source else img.source
                     # JPEG encoding and writes run on threads while the next call runs.
                     fut_s = pool.submit(_put_jpeg, ws, src_img)
@@ -235,7 +304,8 @@ class GenerateStage(Stage):
                     gp = dict(pair.params)
                     gp.update(behaviour=r["gen_behaviour"], size=self.size,
                               real_steps=P.real_steps(gp["total_steps"], gp["strength"]),
-                              source_is_anchor=self.keep_anchor_source)
+                              source_is_anchor=self.keep_anchor_source,
+                              call_pairs=len(pairs))
                     if gp["mode"] == "region":
                         gp["mask"] = soft_mask_settings(
                             self.soft_variant, gp.get("soft_value"), (self.size,),
@@ -252,11 +322,28 @@ class GenerateStage(Stage):
                                      "error": None})
                 except OSError as e:
                     failed[cid] = f"cannot write media: {e}"
+        # A dropped call is final (rerunning it fails the same way): its rows are marked
+        # failed with the reason, and only --force tries them again.
+        rows_out += [{"candidate_id": cid, "source_image": None, "edited_image": None,
+                      "source_is_anchor": None, "gen_params": planned, "gen_run": ctx.run_id,
+                      "auto_status": "failed", "error": why}
+                     for cid, (why, planned) in dropped.items()]
         df = pl.DataFrame(rows_out, schema={
             "candidate_id": pl.Int64, "source_image": pl.String, "edited_image": pl.String,
             "source_is_anchor": pl.Boolean, "gen_params": pl.String, "gen_run": pl.Int64,
             "auto_status": pl.String, "error": pl.String})
+        failed.update({cid: why for cid, (why, _) in dropped.items()})
         return BatchResult(updates={"candidates": df}, failed=failed)
+
+
+def _call_key(row: dict, mode: str):
+    """The model call a row renders in: its gen_call; rows planned before gen_call existed
+    fall back to what was then one call (a compat seed and mode, or a batch's method rows)."""
+    if row.get("gen_call") is not None:
+        return row["gen_call"]
+    if row["gen_behaviour"] == COMPAT:
+        return ("compat", int(row["seed"]), mode)
+    return ("method", mode)
 
 
 def _put_jpeg(ws: Workspace, im) -> str:
@@ -279,17 +366,24 @@ def run_generate(ws: Workspace, selection: Selection | None = None, *, candidate
                  soft_variant: str = "ultraedit", address: str | None = None,
                  workers: int | None = None, device: str | None = None,
                  batch_size: int | None = None, force: bool = False,
+                 mask_class: str | None = None, pairs_per_call: int | None = None,
                  progress: bool = True) -> GenerateSummary:
     """Plan up to `candidates` per selected edit, then generate every planned candidate of
     those edits. Rerunning resumes; --force also regenerates generated/failed ones."""
     selection = selection or Selection()
     stage = GenerateStage(size=size, keep_anchor_source=keep_anchor_source,
                           soft_variant=soft_variant, mode=mode, behaviour=behaviour,
-                          candidates=candidates, seed=seed)
+                          candidates=candidates, seed=seed, mask_class=mask_class,
+                          pairs_per_call=pairs_per_call)
     eng = make_engine(engine, address, workers) if isinstance(engine, str) else engine
+    native = None
+    if behaviour == COMPAT and mode != "free":
+        from ..models import editor, resolve
+        native = editor.native_size(resolve(ws, "editor"))
     with ws.catalog() as cat:
         report = plan_candidates(cat, None, candidates, seed, behaviour=behaviour, mode=mode,
-                                 selection=selection)
+                                 selection=selection, mask_class=mask_class,
+                                 pairs_per_call=pairs_per_call, size=size, native_size=native)
         sql, prm = selected_keys_sql(cat.con, "edits_v", "edit_id", selection, None,
                                      "edit_id")
         edit_ids = [r[0] for r in cat.con.execute(sql, prm).fetchall()]
@@ -298,7 +392,8 @@ def run_generate(ws: Workspace, selection: Selection | None = None, *, candidate
             stage.default_where = "auto_status IN ('planned', 'generated', 'failed')"
         cand_sel = Selection(where="list_contains($_uc_edits, edit_id) AND "
                                    "candidate_index < $_uc_n",
-                             params={"_uc_edits": edit_ids, "_uc_n": int(candidates)})
+                             params={"_uc_edits": edit_ids, "_uc_n": int(candidates)},
+                             trusted=True)
         run = run_stage(ws, stage, cand_sel, force=force, engine=eng, device=device,
                         batch_size=batch_size, progress=progress, cat=cat)
     return GenerateSummary(report, run)

@@ -49,6 +49,7 @@ class Item:
     data: bytes | None = None
     caption_source: str = "ingest"      # the source of captions given without one
     caption_sources: list[str] = field(default_factory=list)  # one per caption
+    reject: str | None = None   # why this entry cannot be ingested (recorded, never raised)
 
     def __post_init__(self):
         given, sources = list(self.captions), list(self.caption_sources)
@@ -121,23 +122,58 @@ def _from_folder(folder: Path, captions_file) -> list[Item]:
 
 def _from_coco(path: Path) -> list[Item]:
     """COCO captions: {"images": [{id, file_name}], "annotations": [{image_id, caption}]}.
-    Images are looked up next to the JSON, in ../<split>/ or an `images/` folder."""
+    Images are looked up next to the JSON, in ../<split>/ or an `images/` folder. An image or
+    annotation entry that cannot be used (no id, no caption, a caption that is not text, an
+    unknown image_id) becomes a reject item naming it: ingest records it with the reason."""
     try:
         doc = json.loads(path.read_text())
-        images = {im["id"]: im["file_name"] for im in doc["images"]}
+        raw_images = doc["images"]
         anns = doc.get("annotations", [])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        if not isinstance(raw_images, list) or not isinstance(anns, list):
+            raise TypeError("images and annotations must be lists")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
         raise UltracurateError(f"{path}: not a COCO captions file ({e})") from None
+    rejects: list[Item] = []
+
+    def reject(kind: str, i: int, why: str) -> None:
+        rejects.append(Item(f"{path}#{kind}[{i}]", [], "coco",
+                            reject=f"{path}: {kind}[{i}] {why}"))
+
+    images: dict[Any, str] = {}
+    for i, im in enumerate(raw_images):
+        image_id = im.get("id") if isinstance(im, dict) else None
+        name = im.get("file_name") if isinstance(im, dict) else None
+        if not isinstance(image_id, (int, str)) or isinstance(image_id, bool):
+            reject("images", i, "has no id")
+        elif not isinstance(name, str) or not name.strip():
+            reject("images", i, "has no file_name")
+        else:
+            images[image_id] = name
     caps: dict[Any, list[str]] = {}
-    for a in anns:
-        caps.setdefault(a["image_id"], []).append(a["caption"].strip())
+    for i, a in enumerate(anns):
+        if not isinstance(a, dict):
+            reject("annotations", i, "is not an object")
+            continue
+        image_id, caption = a.get("image_id"), a.get("caption")
+        if "image_id" not in a or not isinstance(image_id, (int, str)) \
+                or isinstance(image_id, bool):
+            reject("annotations", i, "has no image_id")
+        elif "caption" not in a or caption is None:
+            reject("annotations", i, "has no caption")
+        elif not isinstance(caption, str):
+            reject("annotations", i, f"has a caption that is not text "
+                                     f"({type(caption).__name__})")
+        elif image_id not in images:
+            reject("annotations", i, f"names image_id {image_id!r}, which is not in images")
+        elif caption.strip():
+            caps.setdefault(image_id, []).append(caption.strip())
     roots = [path.parent, path.parent / "images", path.parent.parent / "images"]
     out = []
     for image_id, name in images.items():
         f = next((r / name for r in roots if (r / name).exists()), path.parent / name)
         out.append(Item(str(f.resolve()), caps.get(image_id, []), "coco", str(image_id),
                         caption_source="coco"))
-    return out
+    return out + rejects
 
 
 def _from_table(path: Path, base: Path | None = None) -> list[Item]:
@@ -304,6 +340,9 @@ class IngestStage(Stage):
         good, bad = [], []
         for row in rows:
             it = self._items[row["item"]]
+            if it.reject:
+                bad.append({"source_path": it.source, "reason": it.reject, "sha256": None})
+                continue
             captions = list(zip(it.captions, it.caption_sources))
             if row.get("anchor_id") is not None:  # already an anchor: its new captions only
                 good.append({"anchor_id": row["anchor_id"], "captions": captions})

@@ -19,7 +19,7 @@ from pathlib import Path
 import polars as pl
 
 from ..catalog import Catalog, now
-from ..errors import UltracurateError
+from ..errors import UltracurateError, redact
 from ..instruct.backends import Answer, BackendSpec, Request, spec_from_role
 from ..instruct.captions import MAX_CAPTION_WORDS, parse_sources, source_matches, word_count
 from ..instruct.plan import derive_seed, parse_quota, parse_types, plan_types
@@ -230,9 +230,10 @@ class InstructStage(Stage):
                 "exemplar_ids": req.exemplar_ids or None, "instruct_seed": req.seed}
         p = s.proposal
         if p is None:
-            return {**base, "instruction": s.last_raw[:500], "target_caption": "",
+            # a server's text is stored as it came, less any key it echoed
+            return {**base, "instruction": redact(s.last_raw[:500]), "target_caption": "",
                     "edit_object": None, "edit_type": s.edit_type, "mode": "free",
-                    "edit_status": "invalid", "edit_reasons": s.reasons}
+                    "edit_status": "invalid", "edit_reasons": [redact(r) for r in s.reasons]}
         mode = self.mode if self.mode != "auto" else ("region" if p.is_local else "free")
         return {**base, "instruction": p.instruction, "target_caption": p.target_caption,
                 "edit_object": p.edit_object, "edit_type": p.edit_type, "mode": mode,

@@ -199,7 +199,7 @@ def _selection(cat: Catalog, selection: Selection | None) -> Selection:
     selection = selection or Selection()
     if selection.where is None:
         return Selection(clip_passed(cat), {}, selection.limit, selection.sample,
-                         selection.seed)
+                         selection.seed, trusted=True)
     return selection
 
 

@@ -32,7 +32,7 @@ import polars as pl
 from .. import metrics
 from ..embeddings import EmbeddingStore
 from ..errors import UltracurateError
-from ..images import BadImage, load_rgb
+from ..images import load_rgb
 from ..runner import BatchResult, Context, Stage
 
 SCORE_COLUMNS = ("clip_sim_source", "clip_sim_target", "clip_sim_dir", "clip_sim_image",
@@ -111,11 +111,12 @@ class ScoreStage(Stage):
                   else str(ctx.device).startswith("cuda"))
         names = sorted({n for r in rows for n in (r["source_image"], r["edited_image"])})
         # PIL decodes and resizes without the GIL: a pool keeps the device fed
-        futures = {n: self._pool.submit(self._decode, media.path(n)) for n in names}
+        futures = {n: self._pool.submit(lambda n=n: self._decode(media.path(n)))
+                   for n in names}
         for name, fut in futures.items():
             try:
                 decoded[name], out.clip_pixels[name], out.dino_pixels[name] = fut.result()
-            except BadImage as e:
+            except UltracurateError as e:  # a missing or bad file, or not a media name
                 errors[name] = str(e)
         pairs = {}
         for r in rows:
