@@ -514,12 +514,12 @@ def test_the_clis_choices_are_the_librarys(tmp_path):
 
     from ultracurate.commands import _common as c
     from ultracurate.evaluate import BENCHMARKS
-    from ultracurate.generation.params import BEHAVIOURS
+    from ultracurate.generation import BEHAVIOURS
     from ultracurate.instruct.backends import BACKENDS
     from ultracurate.instruct.importers import FORMATS as INSTRUCTION_FORMATS
     from ultracurate.stages.generate import MODES as GENERATE_MODES
     from ultracurate.stages.instruct import MODES as INSTRUCT_MODES
-    assert get_args(c.Behaviour) == BEHAVIOURS
+    assert get_args(c.Behaviour) == tuple(BEHAVIOURS)
     from ultracurate.captioners import BACKENDS as CAPTION_BACKENDS
     assert get_args(c.LLMBackend) == BACKENDS and get_args(c.Benchmark) == BENCHMARKS
     assert get_args(c.CaptionBackend) == CAPTION_BACKENDS
