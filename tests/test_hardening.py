@@ -514,7 +514,7 @@ def test_the_clis_choices_are_the_librarys(tmp_path):
 
     from ultracurate.commands import _common as c
     from ultracurate.evaluate import BENCHMARKS
-    from ultracurate.generation import BEHAVIOURS
+    from ultracurate.generation.behaviour import BEHAVIOURS
     from ultracurate.instruct.backends import BACKENDS
     from ultracurate.instruct.importers import FORMATS as INSTRUCTION_FORMATS
     from ultracurate.stages.generate import MODES as GENERATE_MODES
