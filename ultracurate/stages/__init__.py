@@ -24,6 +24,8 @@ STAGES: dict[str, str] = {
     "generate": "ultracurate.stages.generate:GenerateStage",
     "score": "ultracurate.stages.score:ScoreStage",
     "filter": "ultracurate.stages.filter:FilterStage",
+    "judge": "ultracurate.stages.judge:JudgeStage",
+    "chain": "ultracurate.stages.chain:ChainStage",
     "review-pull": "ultracurate.review:ReviewPullStage",
     "review": "ultracurate.review:ReviewStage",
     "embed-anchors": "ultracurate.stages.dedup:EmbedAnchorsStage",
