@@ -18,14 +18,16 @@ import pytest
 from PIL import Image
 
 from ultracurate.cli import main
-from ultracurate.demo import DEMO_THRESHOLDS
 from ultracurate.errors import UltracurateError
+from ultracurate.recipe import load_recipe
 from ultracurate.selection import Selection
 from ultracurate.runner import run
 from ultracurate.thresholds import Thresholds
 from ultracurate.workspace import Workspace
 
 PHOTOS = ("astronaut", "chelsea", "coffee")
+# the demo's loose keep rule (tiny random models' scores mean nothing): its recipe's filter step
+DEMO_THRESHOLDS = next(s.options for s in load_recipe("quick").steps if s.stage == "filter")
 CHAIN = dict(candidates=3, ground={"box_threshold": 0.0, "text_threshold": 0.0},
              generate={"size": 64}, progress=False)
 CLI = ["--candidates", "3", "--size", "64", "--box-threshold", "0", "--text-threshold", "0"]

@@ -285,7 +285,13 @@ def run_steps(ws: Workspace, steps: list[Step], name: str, params: dict, *,
                                         f"{resumed_from})")
                 continue
             _say(echo and progress, f"== {step.label}")
-            result.steps.append(parent.run_step(i, step, progress))
+            try:
+                result.steps.append(parent.run_step(i, step, progress))
+            except UltracurateError as e:
+                if type(e) is not UltracurateError:  # interrupted, busy: as they are
+                    raise
+                raise UltracurateError(f"{kind} {name}: step {i + 1} ({step.label}): {e}") \
+                    from None
     return result
 
 
