@@ -206,10 +206,10 @@ def test_a_predicate_past_the_time_bound_is_interrupted(tmp_path, monkeypatch):
         # the connection is usable afterwards
         assert cat.scalar("SELECT count(*) FROM anchors") == 40000
         # a predicate ultracurate wrote itself is checked but not run under the user bounds
-        selected_keys_sql(cat.con, "anchors_v", "anchor_id", Selection(slow, trusted=True))
+        selected_keys_sql(cat.con, "anchors_v", "anchor_id", Selection(scope=(slow,)))
         with pytest.raises(SelectionError, match="volatile"):
             selected_keys_sql(cat.con, "anchors_v", "anchor_id",
-                              Selection("random() < 0.5", trusted=True))
+                              Selection(scope=("random() < 0.5",)))
 
 
 # -- the --where guard, through the CLI ------------------------------------------------------

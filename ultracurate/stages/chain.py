@@ -245,7 +245,6 @@ class ChainStage(StepsStage):
 
     def steps(self, ws, selection: Selection, parent, progress: bool) -> "ChainResult":
         from ..recipe import Step
-        from .judge import clip_passed
         res = ChainResult(parent.run_id)
         run_id, say, t = parent.run_id, self.say, self.thresholds
         with ws.catalog() as cat:
@@ -261,8 +260,8 @@ class ChainStage(StepsStage):
             rep = TurnReport(turn, sessions=n_due, anchors_made=made)
             if due:
                 prm = {"_uc_turn": turn, "_uc_sessions": due}
-                anchors_sel = Selection(TURN_ANCHORS, prm, trusted=True)
-                rows_sel = Selection(TURN_ROWS, prm, trusted=True)
+                anchors_sel = Selection(scope=(TURN_ANCHORS,), scope_params=prm)
+                rows_sel = Selection(scope=(TURN_ROWS,), scope_params=prm)
                 o = self.options
                 plan = [
                     ("instruct", {"per_anchor": self.per_anchor, "types": self.types,
@@ -273,11 +272,8 @@ class ChainStage(StepsStage):
                                   **o["generate"]}, rows_sel),
                     ("score", o["score"], rows_sel),
                 ]
-                if self.judge is not None:
-                    with ws.catalog(read_only=True) as c2:
-                        where = f"({TURN_ROWS}) AND ({clip_passed(c2)})"
-                    plan.append(("judge", {"seed": self.seed, **self.judge},
-                                 Selection(where, prm, trusted=True)))
+                if self.judge is not None:  # with no --where, the rows CLIP passed
+                    plan.append(("judge", {"seed": self.seed, **self.judge}, rows_sel))
                 plan.append(("filter", {"thresholds": t}, rows_sel))
                 for name, options, sel in plan:
                     say(f"chain: turn {turn}: {name} ({len(due)} sessions)")
