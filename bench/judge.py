@@ -125,14 +125,13 @@ def bench_stage(n: int, latency: float, concurrency: int) -> dict:
     from _scoring import add_candidates, set_scores
 
     from ultracurate.judge import HTTPJudge
-    from ultracurate.runner import run_stage
-    from ultracurate.stages.ingest import IngestStage, discover
-    from ultracurate.stages.judge import run_judge
+    from ultracurate.runner import run
+    from ultracurate.stages.ingest import discover
     from ultracurate.workspace import Workspace
     from ultracurate.demo import write_demo_photos
     tmp = Path(tempfile.mkdtemp())
     ws = Workspace.init(tmp / "ws", {"models": {"profile": "tiny"}})
-    run_stage(ws, IngestStage(discover([write_demo_photos(tmp / "photos")])), progress=False)
+    run(ws, "ingest", items=discover([write_demo_photos(tmp / "photos")]), progress=False)
     c = add_candidates(ws, n_edits=n, per_edit=1)
     set_scores(ws, {cid: dict(clip_sim_source=0.3, clip_sim_target=0.3, clip_sim_dir=0.3,
                               clip_sim_image=0.8, dinov2_sim=0.6)
@@ -151,8 +150,8 @@ def bench_stage(n: int, latency: float, concurrency: int) -> dict:
                 judge.judge(payloads[i:i + 16], ["x"] * 16, [0] * 16)
 
         def stage(force):
-            run_judge(ws, backend="openai", model="bench-vlm", base_url=server.url,
-                      concurrency=concurrency, batch_size=16, force=force, progress=False)
+            run(ws, "judge", backend="openai", model="bench-vlm", base_url=server.url,
+                concurrency=concurrency, batch_size=16, force=force, progress=False)
         stage(False)  # warm-up (imports); then the best of 3 of each, interleaved
         times = {"stage": [], "alone": []}
         for _ in range(3):
