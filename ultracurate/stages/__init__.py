@@ -23,6 +23,7 @@ STAGES: dict[str, str] = {
     "classify-masks": "ultracurate.stages.classify_masks:ClassifyMasksStage",
     "generate": "ultracurate.stages.generate:GenerateStage",
     "score": "ultracurate.stages.score:ScoreStage",
+    "adaptive": "ultracurate.stages.adaptive:AdaptiveStage",
     "filter": "ultracurate.stages.filter:FilterStage",
     "judge": "ultracurate.stages.judge:JudgeStage",
     "chain": "ultracurate.stages.chain:ChainStage",
