@@ -62,8 +62,9 @@ def run_demo(out: str | Path, seed: int = 0, progress: bool = True,
     """The whole pipeline on the bundled photos with tiny random-weight models, on the CPU:
     a workspace with the tiny models profile, the models built, the photos written (some
     without captions), then the `quick` recipe (examples/quick.toml): ingest, caption,
-    instruct, ground, classify-masks, generate, score, filter, dedup, balance, review
-    (dataset only, no App), export and report. Returns what each step did, by stage."""
+    instruct, ground, classify-masks, generate, score, filter, judge, chain (3-turn
+    sessions), dedup, balance, review (dataset only, no App), export (the balanced set, and
+    the sessions in MagicBrush's layout) and report. Returns what each step did, by step."""
     from .models import ROLES, make_tiny
     from .recipe import format_steps, load_recipe, run_recipe
     from .workspace import Workspace

@@ -333,6 +333,18 @@ class SetStage(Stage):
     has_produce = False
 
 
+class StepsStage(Stage):
+    """A stage made of stage runs (a chain's turns): `steps` runs them, each through `run`
+    (`ParentRun.run_step`), as children of this stage's own run, which the runner records
+    first and ends with them; what `steps` returns is the summary's result. `check` refuses
+    before anything is recorded, like the other contracts'."""
+
+    table: str | None = None
+
+    def steps(self, ws: Workspace, selection: Selection, parent, progress: bool) -> Any:
+        raise NotImplementedError
+
+
 # -- engines ----------------------------------------------------------------------------------
 class LocalEngine:
     """In-process: `prepare` runs on worker threads up to `prefetch` batches ahead of
@@ -529,6 +541,10 @@ def run(ws: Workspace, stage: str | Stage, selection: Selection | None = None, *
     if dry_run and not isinstance(stage, SetStage):
         raise UltracurateError(f"{stage.name} has no dry run")
     started = time.perf_counter()
+    if isinstance(stage, StepsStage):
+        summary = _run_steps(ws, stage, selection, parent_run, progress)
+        summary.seconds = round(time.perf_counter() - started, 3)
+        return summary
     conns = _Catalogs(ws, cat, read_only=dry_run)
     # refusals first, before any run (this one's, or those it requires) is recorded
     with conns.open() as c:
@@ -838,6 +854,18 @@ def _run_set(ws: Workspace, conns: _Catalogs, stage: SetStage, selection: Select
             _end(c, run_id, *_failure_state(e))
             raise
     return _set_summary(stage, w.run, result)
+
+
+def _run_steps(ws: Workspace, stage: StepsStage, selection: Selection,
+               parent_run: int | None, progress: bool) -> RunSummary:
+    from .recipe import ParentRun
+    with ws.catalog() as cat:  # refusals first: nothing recorded
+        stage.check(Access(cat, stage, workspace=ws), selection)
+    with ParentRun(ws, stage.name, stage.params, 0, parent_run=parent_run,
+                   selection=selection) as parent:
+        result = stage.steps(ws, selection, parent, progress)
+    return RunSummary(parent.run_id, stage.name, parent.done, parent.done, 0, "completed",
+                      result=result)
 
 
 def _failure_state(e: BaseException) -> tuple[str, str]:
