@@ -6,7 +6,8 @@ on the same data, in the same run:
   where         a --where selection over candidates_v (a join of three tables)
   pending       the runner's selection of pending rows (selection minus stage_state 'done'),
                 all of them as a DataFrame; pending_first_batch: the count and the first batch,
-                which is what a job waits for (the runner streams the rest)
+                which is what a job waits for (the runner writes the pending rows to a file
+                first, then reads its batches back)
   anchor_lookup which of 64 sha256 are anchors (what ingest and the UltraEdit import ask per
                 batch), through the sha256 index, against `IN (SELECT unnest(?))`, a scan
   where_guard   the --where guard alone (parse, classify functions, run the predicate once
@@ -135,7 +136,7 @@ def run_ultracurate(ws: Workspace) -> dict:
         res["pending"], pending = best_of(pending_rows)
 
         def first_batch():  # what a job waits for before its first batch starts
-            n, batches = pending_batches(stage, cat, Selection(), False, 32)
+            n, batches = pending_batches(stage, cat, Selection(), False, 32, ws.scratch)
             first = next(batches)
             batches.close()
             return n, len(first)
