@@ -171,19 +171,28 @@ def _images(folder, n: int, seed: int) -> None:
 def _hold_when(ws, ready, proc: subprocess.Popen):
     """A read-only connection of the test's own, returned open once ready(ledger) holds on
     what it reads. While it is open no job commits (a writer waits for readers), so what it
-    saw stays true, whatever the machine's speed."""
-    deadline = time.monotonic() + MINUTES
-    while time.monotonic() < deadline:
-        con = _connect_read_only(ws)
-        rows = con.execute("SELECT run_id, state, rows_done, pid FROM runs").fetchall()
-        ledger = {r[0]: {"state": r[1], "rows_done": r[2], "pid": r[3]} for r in rows}
-        if ready(ledger):
-            return con, ledger
-        con.close()
-        if proc.poll() is not None:
-            raise AssertionError(f"the job ended first (rc {proc.returncode})")
-        time.sleep(0.02)
-    raise AssertionError("timed out")
+    saw stays true, whatever the machine's speed. Meanwhile the test says it is a reader
+    waiting (catalog.readers_dir), so that the jobs make way after each commit and the test
+    sees every step of their progress."""
+    from ultracurate.catalog import readers_dir
+    marker = readers_dir(ws.catalog_path) / f"{procs.tag()}~test"
+    marker.parent.mkdir(exist_ok=True)
+    marker.touch()
+    try:
+        deadline = time.monotonic() + MINUTES
+        while time.monotonic() < deadline:
+            con = _connect_read_only(ws)
+            rows = con.execute("SELECT run_id, state, rows_done, pid FROM runs").fetchall()
+            ledger = {r[0]: {"state": r[1], "rows_done": r[2], "pid": r[3]} for r in rows}
+            if ready(ledger):
+                return con, ledger
+            con.close()
+            if proc.poll() is not None:
+                raise AssertionError(f"the job ended first (rc {proc.returncode})")
+            time.sleep(0.02)
+        raise AssertionError("timed out")
+    finally:
+        marker.unlink()
 
 
 @pytest.mark.slow
