@@ -3,7 +3,8 @@
   reader        open the catalog read-only, run every `stats` query, close: idle, and while a
                 job commits batch after batch in another process (per-batch connections);
                 against the old way, a job holding its connection for the whole run, where
-                every reader fails (opened with no wait, as before)
+                every reader fails (opened with no wait, as before); and how often a user's
+                plain duckdb.connect(read_only=True), which does not retry, gets in
   throughput    rows/s of a job over N anchors whose batches commit through a connection
                 opened per batch (the runner now) against one connection held for the whole
                 job (the old runner; run(cat=...) still holds one), for batches that compute
@@ -88,6 +89,20 @@ def reads(ws: Workspace, n: int, wait: float | None) -> tuple[list[float], int]:
     return out, failed
 
 
+def plain_connects(ws: Workspace, n: int) -> float:
+    """The share of a user's plain duckdb.connect(read_only=True), no retry, that succeed."""
+    import duckdb
+    ok = 0
+    for _ in range(n):
+        try:
+            duckdb.connect(str(ws.catalog_path), read_only=True).close()
+            ok += 1
+        except duckdb.IOException:
+            pass
+        time.sleep(0.05)
+    return round(ok / n, 3)
+
+
 def summary(lat: list[float]) -> dict:
     if not lat:
         return {"p50": None, "p95": None, "max": None}
@@ -105,11 +120,12 @@ def beside_a_job(ws: Workspace, args, held: bool) -> dict:
         time.sleep(3.0)  # the job's imports, plan and first batches
         assert proc.poll() is None, "the job ended before the readers started: more --rows"
         lat, failed = reads(ws, args.reads, wait=0.0 if held else None)
+        plain = plain_connects(ws, args.reads)
         still = proc.poll() is None
     finally:
         proc.wait()
     return {**summary(lat), "open": summary(OPENS), "opens": [round(x, 3) for x in OPENS],
-            "failed": failed, "reads": args.reads,
+            "failed": failed, "reads": args.reads, "plain_connect_first_try": plain,
             "job_ran_throughout": still}
 
 
@@ -155,6 +171,9 @@ def main() -> None:
         print(f"{k:<34} {cell(r['p50'])} {cell(r['p95'])} {cell(r['max'])} "
               f"{cell(r['open']['p50'], 9)} {cell(r['open']['max'], 9)} "
               f"{r['failed']:>4}/{args.reads}")
+    print("a plain duckdb.connect(read_only=True), no retry, succeeds beside the job: "
+          f"{res['reader_beside_job']['plain_connect_first_try']:.0%} "
+          f"(beside the held job: {res['reader_beside_held_job']['plain_connect_first_try']:.0%})")
     print(f"{'job rows/s':<40} {'per-batch':>10} {'held':>10} {'ratio':>7}")
     for k, r in res["throughput"].items():
         print(f"{'  compute ' + k + ' per batch':<40} {r['per_batch_connection']:>10} "

@@ -572,8 +572,9 @@ class _Catalogs:
     commit theirs; each open waits its turn (catalog.lock_wait). The caller's (cat=...):
     held throughout.
 
-    A batch's commit keeps its connection open LINGER seconds for the next batch's, so that a
-    stage whose batches compute in milliseconds does not pay an open (tens of ms) per batch;
+    A batch's commit keeps its connection open LINGER seconds for the next batch's when the
+    batches come faster than that, so that a stage whose batches compute in milliseconds does
+    not pay an open (tens of ms) per batch (slower batches close it at once);
     a connection is never held more than HOLD_MAX seconds in all, and once closed stays closed
     GAP seconds, several of a waiting reader's pauses between tries (catalog._connect).
     Readers waiting for the catalog say so (catalog.readers_waiting): then the connection
@@ -637,8 +638,10 @@ class _Catalogs:
             except BaseException:
                 self._close()
                 raise
-            self._used = time.monotonic()
-            if self._used - self._opened >= self.HOLD_MAX or readers_waiting(path):
+            last, self._used = self._used, time.monotonic()
+            # batches slower than LINGER: the next commit is far off, close now
+            if (self._used - last >= self.LINGER or self._used - self._opened >= self.HOLD_MAX
+                    or readers_waiting(path)):
                 self._close()
 
     def _close(self) -> None:  # with self._lock held
