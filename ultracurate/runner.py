@@ -620,6 +620,8 @@ class _Catalogs:
             yield self.held
             return
         path = self.ws.catalog_path
+        # how long the batch took since the last commit ended: its compute, not our opening
+        computed = time.monotonic() - self._used
         with self._lock:
             if self._cat is not None and readers_waiting(path):
                 self._close()
@@ -638,9 +640,9 @@ class _Catalogs:
             except BaseException:
                 self._close()
                 raise
-            last, self._used = self._used, time.monotonic()
+            self._used = time.monotonic()
             # batches slower than LINGER: the next commit is far off, close now
-            if (self._used - last >= self.LINGER or self._used - self._opened >= self.HOLD_MAX
+            if (computed >= self.LINGER or self._used - self._opened >= self.HOLD_MAX
                     or readers_waiting(path)):
                 self._close()
 
