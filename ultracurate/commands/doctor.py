@@ -65,7 +65,7 @@ def check_catalog(ws) -> list[dict]:
     if not path.exists():
         return [_result("catalog", FAIL, f"{path} is missing", duckdb=duckdb.__version__)]
     try:
-        with Catalog(path, read_only=True) as cat:
+        with Catalog(path, read_only=True, wait=2.0) as cat:  # a job's commit is short
             version = cat.schema_version()
             n = cat.scalar("SELECT count(*) FROM candidates")
     except CatalogBusyError as e:
