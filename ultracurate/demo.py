@@ -5,6 +5,7 @@ without captions and captioned by the tiny captioner)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -103,9 +104,9 @@ def run_demo(out: str | Path, seed: int = 0, progress: bool = True, size: int = 
     ws = Workspace.init(out, {"models": {"profile": "tiny"}})
     steps: dict = {"workspace": str(ws.root)}
 
-    def say(msg: str) -> None:
+    def say(msg: str) -> None:  # narration, like a progress bar: stdout holds the result
         if progress:
-            print(f"== {msg}", flush=True)
+            print(f"== {msg}", file=sys.stderr, flush=True)
 
     say("building tiny random-weight models (saved as real checkpoints)")
     make_tiny(ws.root / "models" / "tiny", ROLES)
@@ -164,3 +165,25 @@ def _jsonable(obj):
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
     return str(obj)
+
+
+def format_demo(steps: dict) -> str:
+    """A few lines a person reads after the demo: what each step did, and where to look."""
+    runs = []
+    for k, v in steps.items():
+        v = v.get("run", v) if isinstance(v, dict) else None   # generate: {plan, run}
+        if isinstance(v, dict) and "rows_done" in v:
+            runs.append(f"{k.replace('_', '-')} {v['rows_done']}")
+    lines = [f"demo workspace: {steps['workspace']}",
+             "rows done: " + ", ".join(runs)]
+    f, b, e = steps.get("filter"), steps.get("balance"), steps.get("export")
+    if f:
+        lines.append(f"filter: {f['accepted']} accepted, {f['rejected']} rejected"
+                     + (f"; balance selected {b['selected']}" if b else ""))
+    if e:
+        lines.append(f"export: {e['rows']} rows ({e['format']}) in {e['out']}")
+    if steps.get("report"):
+        lines.append(f"report: {steps['report']}")
+    if steps.get("review"):
+        lines.append(f"review: ultracurate review -w {steps['workspace']}")
+    return "\n".join(lines)

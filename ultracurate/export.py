@@ -949,7 +949,7 @@ class _bar:
     def __enter__(self) -> Callable[[int], None]:
         if not self.enabled:
             return lambda n=1: None
-        from .runner import _progress
+        from .progress import bar as _progress
         self.progress = _progress(self.total, self.description)
         self.progress.start()
         task = self.progress.add_task(self.description, total=self.total)

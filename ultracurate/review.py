@@ -523,7 +523,7 @@ def _new_group(ws: Workspace, row: dict, fields: dict, fp: str, fo) -> list:
 
 
 def _bar(progress: bool, total: int, name: str):
-    from .runner import _progress
+    from .progress import bar as _progress
     bar = _progress(total, name)
     if not progress:
         bar.disable = True

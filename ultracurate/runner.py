@@ -16,12 +16,13 @@ import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import polars as pl
 
 from .catalog import KEYS, VIEWS, Catalog
 from .errors import UltracurateError, reason_text
+from .progress import JobBar
 from .selection import Selection, selected_keys_sql
 from .workspace import Workspace
 
@@ -34,10 +35,24 @@ class Context:
     device: str = "cpu"
     run_id: int = 0
     config: dict = field(default_factory=dict)
+    batch_rows: int = 0   # rows of the batch in hand (set by the local engine)
+    # the runner's bar, given rows of the batch in hand done; never shipped to a Ray worker,
+    # whose batches move the bar when they return
+    on_progress: Callable[[float], None] | None = field(default=None, repr=False,
+                                                        compare=False)
 
     @property
     def workspace(self) -> Workspace:
         return Workspace(self.workspace_root)
+
+    def progress(self, done: float, total: float) -> None:
+        """Report that done/total of the batch in hand is computed (a diffusion step, a
+        sub-batch), so the bar moves inside a long batch. A no-op where nothing listens."""
+        if self.on_progress is not None and self.batch_rows and total > 0:
+            self.on_progress(self.batch_rows * min(max(done / total, 0.0), 1.0))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "on_progress": None}
 
 
 @dataclass
@@ -184,6 +199,7 @@ class LocalEngine:
                 for nxt in _take(it, 1):
                     futures.put((nxt, pool.submit(stage.prepare, nxt, ctx)))
                 try:
+                    ctx.batch_rows = len(batch)   # what ctx.progress reports a share of
                     yield batch, stage.process(batch, fut.result(), ctx)
                 except (KeyboardInterrupt, SystemExit):
                     raise
@@ -299,25 +315,6 @@ class Interrupted(UltracurateError):
     pass
 
 
-def _progress(total: int, description: str):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
-    class RateColumn(TextColumn):
-        def __init__(self):
-            super().__init__("")
-
-        def render(self, task):
-            from rich.text import Text
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed:.1f} rows/s" if speed else "-- rows/s")
-
-    disable = os.environ.get("ULTRACURATE_PROGRESS", "1") == "0"
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    RateColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), disable=disable, transient=False)
-
-
 def run_stage(ws: Workspace, stage: Stage, selection: Selection | None = None, *,
               force: bool = False, engine: Any = None, device: str | None = None,
               batch_size: int | None = None, progress: bool = True,
@@ -346,20 +343,20 @@ def run_stage(ws: Workspace, stage: Stage, selection: Selection | None = None, *
         cat.con.execute("UPDATE runs SET rows_in = ? WHERE run_id = ?", [n_rows, run_id])
         done = failed = 0
         state = "completed"
-        bar = _progress(n_rows, stage.name) if progress else None
+        bar = JobBar(n_rows, stage.name) if progress else None
+        ctx.on_progress = bar
         ctrl_c = _DeferredInterrupt()
         try:
             ctrl_c.install()
             if bar:
                 bar.start()
-                task = bar.add_task(stage.name, total=n_rows)
             results = engine.map(stage, batches, ctx) if n_rows else iter(())
             for batch, result in results:
                 n_done, n_failed = _commit_batch(cat, stage, batch, result, run_id)
                 done += n_done
                 failed += n_failed
                 if bar:
-                    bar.advance(task, len(batch))
+                    bar.advance(len(batch))
                 if ctrl_c.requested:
                     raise KeyboardInterrupt
             cat.con.execute("BEGIN")

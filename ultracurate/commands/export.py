@@ -54,7 +54,7 @@ def export(out: Path = typer.Argument(..., help="Folder to write (must not exist
            license: str = typer.Option("unknown", "--license",
                                        help="License id for the dataset card (e.g. "
                                             "cc-by-4.0)."),
-           language: str = typer.Option("en", "--language",
+           language: str = typer.Option("en", "--language", metavar="CODE,CODE",
                                         help="Language code(s) of the text, comma-separated."),
            citation: Optional[Path] = typer.Option(None, "--citation", exists=True,
                                                    dir_okay=False,
@@ -86,7 +86,7 @@ def export(out: Path = typer.Argument(..., help="Folder to write (must not exist
                        language=language,
                        citation=citation.read_text(errors="replace").strip() if citation else None,
                        overwrite=force, push_to_hub=push_to_hub, private=private,
-                       progress=not as_json)
+                       progress=True)
     for w in s.warnings:
         typer.echo(f"warning: {w}", err=True)
     splits = ", ".join(f"{k} {v}" for k, v in s.splits.items())

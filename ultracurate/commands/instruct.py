@@ -19,11 +19,13 @@ def register(app: typer.Typer) -> None:
 def instruct(
         per_anchor: int = c.Count(1, "--per-anchor", "-n", min=1, max=10_000,
                                   help="Edits to write per anchor."),
-        types: str = typer.Option("all", "--types", help="Comma-separated edit types to deal "
-                                  "round-robin (add, change_global, change_local, change_color,"
+        types: str = typer.Option("all", "--types", metavar="TYPE,TYPE",
+                                  help="Comma-separated edit types to deal round-robin "
+                                       "(add, change_global, change_local, change_color,"
                                   " transform_global, transform_local, replace, turn, others)."),
-        quota: Optional[str] = typer.Option(None, "--quota", help="Total edits per type for "
-                                            "this job, e.g. add=30,replace=50 (spread evenly "
+        quota: Optional[str] = typer.Option(None, "--quota", metavar="TYPE=N,TYPE=N",
+                                            help="Total edits per type for this job, e.g. "
+                                                 "add=30,replace=50 (spread evenly "
                                             "over the anchors; overrides --types)."),
         backend: Optional[c.LLMBackend] = typer.Option(None, "--backend", help="rule (offline), openai "
                                               "(chat-completions server) or transformers "
@@ -52,8 +54,9 @@ def instruct(
         mode: c.EditMode = typer.Option("auto", "--mode", help="auto (region when there is an "
                                         "edit object), free or region."),
         caption_source: Optional[str] = typer.Option(
-            None, "--caption-source", help="Write from captions of these sources only, "
-            "comma-separated: ingest, coco, caption:<model>, or a prefix with '*' "
+            None, "--caption-source", metavar="SOURCE,SOURCE",
+            help="Write from captions of these sources only, comma-separated: ingest, "
+            "coco, caption:<model>, or a prefix with '*' "
             "(caption:*). Default: every source."),
         concurrency: int = c.Count(8, "--concurrency", min=1, max=1024,
                                    help="Concurrent HTTP requests."),

@@ -52,7 +52,7 @@ def review(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.Pa
     sel = c.selection(where, params, limit, sample, seed)
     summary = rv.build_review_dataset(ws, sel, name=dataset, reviewer=reviewer,
                                       margin=margin, visualize=visualize,
-                                      progress=not as_json)
+                                      progress=True)
     if no_launch or as_json:
         c.emit(summary.to_json(), as_json,
                f"review dataset {summary.dataset}: {summary.selected} candidates "

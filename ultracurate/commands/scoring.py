@@ -1,5 +1,5 @@
 """Commands after generation: score, filter, balance, dedup, report. Each is a thin layer over
-the library function named in its help (ultracurate.stages.score.run_score, ...)."""
+its library function (ultracurate.stages.score.run_score, ...)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def score(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.Par
           batch_size: Optional[int] = c.BatchOpt, workspace: Optional[str] = c.WorkspaceOpt,
           as_json: bool = c.JsonOpt):
     """Score generated candidates: CLIP (source, target, direction, image), DINOv2, SSIM, L1,
-    L2; embeddings to LanceDB (run_score)."""
+    L2; embeddings to LanceDB."""
     from ..runner import make_engine
     from ..stages.score import run_score
     ws = c.workspace(workspace)
@@ -67,7 +67,7 @@ def filter_(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.P
                                          "nothing."),
             workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
     """Accept or reject scored candidates by thresholds, then top-k per edit; every rejected
-    row records all its reasons; human decisions override (run_filter)."""
+    row records all its reasons; human decisions override."""
     from ..stages.filter import format_funnel, run_filter
     from ..thresholds import Thresholds
     ws = c.workspace(workspace)
@@ -82,8 +82,9 @@ def filter_(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.P
     c.emit(res.to_json(), as_json, format_funnel(res))
 
 
-def balance(by: List[str] = typer.Option(["edit_type"], "--by", help="Column(s) of "
-                                         "candidates_v to stratify by; repeatable."),
+def balance(by: List[str] = typer.Option(["edit_type"], "--by", metavar="COLUMN",
+                                         help="Column(s) of candidates_v to stratify by; "
+                                              "repeatable."),
             target: Optional[int] = c.Count(None, "--target", min=1,
                                             help="Select about N rows in all, spread evenly "
                                                  "over the groups."),
@@ -94,7 +95,7 @@ def balance(by: List[str] = typer.Option(["edit_type"], "--by", help="Column(s) 
                                                 "WORKSPACE/reports/balance-run<N>.png)."),
             workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
     """Stratified selection of accepted rows: marks `selected`, prints before/after counts
-    and saves a bar plot (run_balance)."""
+    and saves a bar plot."""
     from ..stages.balance import format_balance, run_balance
     ws = c.workspace(workspace)
     res = run_balance(ws, by=tuple(by), target=target, cap=cap, seed=seed,
@@ -110,7 +111,7 @@ def dedup(threshold: float = c.Number(0.95, "--threshold", min=-1, max=1,
           device: Optional[str] = c.DeviceOpt, workspace: Optional[str] = c.WorkspaceOpt,
           as_json: bool = c.JsonOpt):
     """Mark near-duplicate anchors and edited images (duplicate_of = the row they
-    duplicate), by LanceDB vector search over the stored CLIP embeddings (run_dedup)."""
+    duplicate), by LanceDB vector search over the stored CLIP embeddings."""
     from ..stages.dedup import format_dedup, run_dedup
     ws = c.workspace(workspace)
     res = run_dedup(ws, threshold=threshold, what=what, selection=c.selection(where, params),
@@ -124,7 +125,7 @@ def report(out: Path = typer.Argument(..., help="The HTML file to write."),
                                    help="Example pairs per edit type."),
            workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
     """One self-contained HTML report: score histograms with thresholds, acceptance funnel,
-    mask classes, balance, example pairs per edit type (write_report)."""
+    mask classes, balance, example pairs per edit type."""
     from ..report import write_report
     ws = c.workspace(workspace)
     path = write_report(ws, out, c.selection(where, params), examples=examples)
