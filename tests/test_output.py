@@ -363,3 +363,55 @@ def test_stage_progress_moves_the_bar_inside_a_batch(ingested_ws):
     assert stage.seen == want
     ctx = Context("/x", on_progress=lambda rows: None, batch_rows=3)
     assert pickle.loads(pickle.dumps(ctx)).on_progress is None
+
+
+# -- show ----------------------------------------------------------------------------------------
+def test_show_is_a_readable_summary(ingested_ws, capsys):
+    """show ID: the mask as its class, area and bbox (not kilobytes of RLE), gen_params as
+    compact key=value pairs, scores in a small table, empty fields left out; --full prints
+    every field whole; --json keeps the full data."""
+    import numpy as np
+
+    from _scoring import add_candidates, set_scores
+    from ultracurate import masks
+    from ultracurate.cli import main
+    from ultracurate.stages.classify_masks import run_classify_masks
+    ws = ingested_ws
+    cands = add_candidates(ws, n_edits=2, per_edit=1, modes=("region", "free"))
+    cid, eid = int(cands["candidate_id"][0]), int(cands["edit_id"][0])
+    with ws.catalog() as cat:
+        h, w = cat.query("SELECT height, width FROM anchors_v a JOIN edits e USING (anchor_id) "
+                         "WHERE edit_id = ?", [eid])[0].values()
+        m = np.random.default_rng(0).random((h, w)) > 0.5   # a mask with a long RLE
+        m[: h // 2] = False
+        rle = masks.encode(m)
+        cat.con.execute("UPDATE edits SET mask_rle = ?, mask_height = ?, mask_width = ?, "
+                        "mask_class = NULL WHERE edit_id = ?", [rle, h, w, eid])
+        cat.con.execute("UPDATE candidates SET gen_params = ? WHERE candidate_id = ?", [
+            json.dumps({"mode": "region", "total_steps": 10, "strength": 0.3,
+                        "mask": {"variant": "ultraedit", "rle": rle, "version": 1}}), cid])
+    run_classify_masks(ws, progress=False)
+    set_scores(ws, {cid: {"clip_sim_dir": 0.2512345, "ssim": 0.9, "l2": 1.5e-5}})
+    assert len(rle) > 2000
+
+    def show(*extra):
+        main(["show", str(cid), "-w", str(ws.root), *extra])   # returns: it succeeded
+        return capsys.readouterr().out
+    text = show()
+    assert rle not in text and len(text) < 4000
+    line = {ln.split(":", 1)[0].strip(): ln.split(":", 1)[1].strip()
+            for ln in text.splitlines() if ":" in ln and not ln.startswith(" " * 20)}
+    with ws.catalog(read_only=True) as cat:
+        area, bbox, cls = cat.query("SELECT mask_area, mask_bbox, mask_class FROM edits "
+                                    "WHERE edit_id = ?", [eid])[0].values()
+    assert line["mask"].startswith(f"{cls}, {100 * area:.1f}% of {w}x{h}, bbox x {bbox[0]} "
+                                   f"y {bbox[1]} w {bbox[2]} h {bbox[3]}"), line["mask"]
+    assert ("gen_params: mode=region total_steps=10 strength=0.3 mask={variant=ultraedit "
+            f"rle={rle[:12]}...<{len(rle)} chars> version=1}}") in " ".join(text.split())
+    assert "clip_sim_dir" in line["scores"] and "0.2512" in line["scores"]
+    assert re.search(r"^ +ssim +0\.9000$", text, re.M) and re.search(r"l2 +1\.500e-05", text)
+    assert "human_decision" not in line          # empty: left out
+    full = show("--full")
+    assert rle in full and "human_decision: None" in full
+    data = json.loads(show("--json"))
+    assert data["mask_rle"] == rle and data["gen_params"]["mask"]["rle"] == rle

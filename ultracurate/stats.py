@@ -109,13 +109,15 @@ def _scalar(v) -> str:
 
 
 def _compact(v) -> str:
-    """A value inside a dict: nested dicts as {k=v ...}, long lists by their length."""
+    """A value inside a dict: nested dicts as {k=v ...}, long lists by their length, long
+    texts (an RLE) cut."""
     if isinstance(v, dict):
         return "{" + " ".join(f"{k}={_compact(x)}" for k, x in v.items() if x is not None) + "}"
     if isinstance(v, list):
         text = json.dumps(v, default=str, separators=(",", ":"))
         return text if len(text) <= 40 else f"<{len(v)} items>"
-    return _scalar(v)
+    text = _scalar(v)
+    return text if len(text) <= 40 else f"{text[:12]}...<{len(text)} chars>"
 
 
 def _lines(v) -> list[str]:
