@@ -62,7 +62,14 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert counts.get("accepted", 0) > 0 and counts.get("rejected", 0) > 0  # the filter decided
     assert types == 9
     assert {"ingest", "caption", "instruct", "ground", "classify-masks", "generate", "score",
-            "filter", "balance", "dedup", "review", "export"} <= stages
+            "filter", "judge", "chain", "balance", "dedup", "review", "export"} <= stages
+    # the tiny judge rated the rows CLIP passed (JSON under its grammar); chains grew 3-turn
+    # sessions, exported in MagicBrush's layout beside their flat rows
+    assert steps["judge"]["rows_done"] == steps["judge"]["judged"] > 0
+    assert steps["judge"]["rows_failed"] == 0
+    assert steps["chain"]["by_length"].get(3, 0) > 0
+    assert steps["export_sessions"]["sessions"] == steps["chain"]["by_length"]
+    assert (out / "exports" / "sessions" / "sessions" / "edit_sessions.json").exists()
     ds = datasets.load_dataset(str(out / "exports" / "hf"))
     rows = sum(len(split) for split in ds.values())
     assert rows == steps["export"]["rows"] > 0

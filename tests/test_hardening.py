@@ -240,6 +240,9 @@ def _where_cases(ws: Path, out: Path) -> list[tuple[list[str], str]]:
         "caption": (["caption", "--backend", "openai", "--model", "m", "--base-url",
                      "http://127.0.0.1:9/v1"], ["error('boom') IS NULL",
                                                 "CAST(sha256 AS BIGINT) = 1"]),
+        "judge": (["judge", "--backend", "openai", "--model", "m", "--base-url",
+                   "http://127.0.0.1:9/v1"], over_candidates[:3]),
+        "chain": (["chain", "--size", "64"], over_candidates[:3]),
     }
     return [(argv + w + ["--where", pred], pred) for argv, preds in commands.values()
             for pred in preds]
@@ -249,7 +252,8 @@ def test_every_command_refuses_hostile_where_in_one_line_and_changes_nothing(hws
     cases = _where_cases(hws.root, tmp_path)
     assert {c[0][0] for c in cases} >= {"select", "score", "filter", "balance", "dedup",
                                          "report", "review", "export", "generate", "ground",
-                                         "classify-masks", "instruct", "caption"}
+                                         "classify-masks", "instruct", "caption", "judge",
+                                         "chain"}
     before, files = contents(hws), tree(hws.root)
     results = run_many([argv for argv, _ in cases])
     for (argv, pred), res in zip(cases, results):
@@ -519,6 +523,8 @@ def test_the_clis_choices_are_the_librarys(tmp_path):
     from ultracurate.captioners import BACKENDS as CAPTION_BACKENDS
     assert get_args(c.LLMBackend) == BACKENDS and get_args(c.Benchmark) == BENCHMARKS
     assert get_args(c.CaptionBackend) == CAPTION_BACKENDS
+    from ultracurate.judge import BACKENDS as JUDGE_BACKENDS
+    assert get_args(c.JudgeBackend) == JUDGE_BACKENDS
     assert get_args(c.InstructionsFormat) == INSTRUCTION_FORMATS
     assert get_args(c.EditMode) == GENERATE_MODES == INSTRUCT_MODES
     for profile in get_args(c.Profile):
@@ -567,6 +573,16 @@ BAD_OPTIONS = [
     (["caption", "--temperature", "nan"], "--temperature"),
     (["caption", "--backend", "x"], "--backend"),
     (["caption", "--image-size", "-1"], "--image-size"),
+    (["judge", "--max-attempts", "0"], "--max-attempts"),
+    (["judge", "--temperature", "nan"], "--temperature"),
+    (["judge", "--backend", "x"], "--backend"),
+    (["judge", "--concurrency", "0"], "--concurrency"),
+    (["filter", "--judge-min", "colour=4"], "--judge-min"),
+    (["filter", "--judge-min", "quality=inf"], "--judge-min"),
+    (["chain", "--turns", "0"], "--turns"),
+    (["chain", "--candidates", "0"], "--candidates"),
+    (["chain", "--box-threshold", "1.5"], "--box-threshold"),
+    (["chain", "--backend", "x"], "--backend"),
     (["review", "--port", "0"], "--port"),
     (["review", "--port", "70000"], "--port"),
     (["review", "--margin", "-1"], "--margin"),

@@ -24,8 +24,10 @@ from .errors import (CatalogBusyError, CatalogDamagedError, UltracurateError, re
 TABLES = ("anchors", "edits", "candidates")
 # What a caption row may carry besides its anchor and text (see Catalog.add_captions).
 CAPTION_FIELDS = ("source", "model", "prompt", "invalid_reason")
-VIEWS = {"anchors": "anchors_v", "edits": "edits_v", "candidates": "candidates_v"}
-KEYS = {"anchors": "anchor_id", "edits": "edit_id", "candidates": "candidate_id"}
+VIEWS = {"anchors": "anchors_v", "edits": "edits_v", "candidates": "candidates_v",
+         "sessions": "sessions_v"}
+KEYS = {"anchors": "anchor_id", "edits": "edit_id", "candidates": "candidate_id",
+        "sessions": "session_id"}
 EDIT_TYPES = (
     "add", "change_global", "change_local", "change_color", "transform_global",
     "transform_local", "replace", "turn", "others",

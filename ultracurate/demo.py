@@ -68,12 +68,17 @@ DEMO_THRESHOLDS = dict(clip_sim_dir_min=0.0, top_k=2, drop_if_fewer=False,
                               "clip_sim_target_min", "dinov2_sim_min"))
 
 
+CHAIN_TURNS = 3
+CHAIN_EXPORT_WHERE = "session_id IS NOT NULL AND status = 'accepted'"
+
+
 def run_demo(out: str | Path, seed: int = 0, progress: bool = True, size: int = 64,
              candidates: int = 3, review: bool = True, force: bool = False) -> dict:
     """The whole pipeline on the bundled photos with tiny random-weight models, on the CPU:
     ingest (some photos without captions), caption (those), instruct, ground, classify-masks,
-    generate, score, filter, dedup, balance, review (dataset only, no App), export and report.
-    Returns what each step did."""
+    generate, score, filter, judge, chain (3-turn sessions), dedup, balance, review (dataset
+    only, no App), export (the balanced set, and the sessions in MagicBrush's layout) and
+    report. Returns what each step did."""
     from .export import export_dataset
     from .models import ROLES, make_tiny
     from .report import write_report
@@ -87,8 +92,12 @@ def run_demo(out: str | Path, seed: int = 0, progress: bool = True, size: int = 
     from .models.captioner import TINY_GRAMMAR
     from .stages.caption import run_caption
     from .stages.ingest import IngestStage, discover
+    from .stages.chain import run_chain
     from .stages.instruct import run_instruct
+    from .stages.judge import run_judge
     from .stages.score import run_score
+    from .models.judge import TINY_GRAMMAR as JUDGE_GRAMMAR
+    from .selection import Selection
     from .thresholds import Thresholds
     from .workspace import Workspace
 
@@ -134,6 +143,16 @@ def run_demo(out: str | Path, seed: int = 0, progress: bool = True, size: int = 
     say("filter: the demo's own loose thresholds (see DEMO_THRESHOLDS)")
     thresholds = Thresholds.preset("ultraedit").override(**DEMO_THRESHOLDS)
     steps["filter"] = _jsonable(run_filter(ws, thresholds=thresholds))
+    say("judge: the tiny random-weight judge (LLaVA architecture) rates the rows CLIP passed, "
+        "two images per prompt, decoding under its JSON grammar (scores mean nothing)")
+    steps["judge"] = run_judge(ws, grammar=JUDGE_GRAMMAR, seed=seed,
+                               progress=progress).to_json()
+    say(f"chain: {CHAIN_TURNS}-turn sessions from accepted candidates (each turn's anchor is "
+        "the previous edited image; instruct, ground, generate, score, filter on it)")
+    steps["chain"] = run_chain(ws, turns=CHAIN_TURNS, candidates=candidates, seed=seed,
+                               ground={"box_threshold": 0.0, "text_threshold": 0.0},
+                               generate={"size": size}, progress=progress,
+                               say=say if progress else None).to_json()
     # dedup before balance: balance chooses among rows that are not duplicates
     # (tiny random CLIP embeds every small image alike: only near-identical ones count here)
     steps["dedup"] = _jsonable(run_dedup(ws, threshold=0.9999))
@@ -145,6 +164,11 @@ def run_demo(out: str | Path, seed: int = 0, progress: bool = True, size: int = 
     say("export: Hugging Face dataset in UltraEdit's published schema")
     steps["export"] = _jsonable(export_dataset(ws, None, ws.root / "exports" / "hf",
                                                fmt="hf", progress=progress))
+    say("export: the sessions in MagicBrush's layout (exports/sessions/sessions), beside "
+        "their turns as flat jsonl rows")
+    steps["export_sessions"] = _jsonable(export_dataset(
+        ws, Selection(CHAIN_EXPORT_WHERE), ws.root / "exports" / "sessions", fmt="jsonl",
+        sessions=True, progress=progress))
     report = write_report(ws, ws.root / "reports" / "report.html", thresholds=thresholds)
     steps["report"] = str(report)
     say(f"done: report at {report}")

@@ -12,7 +12,10 @@ Every sample carries the candidate's catalog columns (scores, edit type, mode, i
 captions, status, reject reasons, mask class, run ids, human decision...) under their catalog
 names, so a filter written in the App reads like a `--where`. Saved views open the failure
 cases: rejected (and by reason), borderline (near a keep-rule threshold), each mask class,
-each edit type, human-decided. CLIP embeddings already in LanceDB are attached and indexed for
+each edit type, human-decided; `judge-disagrees-clip` (judged rows whose CLIP verdict and
+judge verdict differ, `Thresholds.verdict_rules`) and `judge-invalid`; and `sessions`, the
+multi-turn sessions' edited images grouped by session in turn order (a dynamic group per
+session: the App shows a session's turns one after the other). CLIP embeddings already in LanceDB are attached and indexed for
 FiftyOne Brain's similarity search and embeddings plot; nothing is recomputed.
 
 Decisions flow back: tags set in the App (`accept`, `reject`, `bad_mask`, `bad_instruction`
@@ -212,15 +215,21 @@ def dataset_name(ws: Workspace) -> str:
     return f"ultracurate-{ws.root.name}-{digest}"
 
 
-def keep_thresholds(cat: Catalog | None = None) -> dict[str, dict[str, float]]:
-    """{score column: {mode: threshold}} of the keep rule: the last completed filter run's
-    thresholds when the catalog has one, else the defaults (ultracurate.thresholds)."""
-    from .thresholds import MODES, Thresholds
+def keep_rule(cat: Catalog | None = None):
+    """The keep rule: the last completed filter run's thresholds when the catalog has one,
+    else the defaults (ultracurate.thresholds)."""
+    from .thresholds import Thresholds
     t = None
     if cat is not None:
         from .stages.filter import latest_thresholds
         t = latest_thresholds(cat)
-    t = t or Thresholds.preset("ultraedit")
+    return t or Thresholds.preset("ultraedit")
+
+
+def keep_thresholds(cat: Catalog | None = None) -> dict[str, dict[str, float]]:
+    """{score column: {mode: threshold}} of the keep rule (`keep_rule`)."""
+    from .thresholds import MODES
+    t = keep_rule(cat)
     out: dict[str, dict[str, float]] = {}
     for mode in MODES:
         if mode in t.modes:
@@ -450,7 +459,7 @@ def build_review_dataset(ws: Workspace, selection: Selection | None = None, *,
             summary.pulled = pull_decisions(ws, name=name, reviewer=reviewer, cat=cat).changed
         rows = selected_candidates(cat, selection)
         types = {r[0]: r[1] for r in cat.con.execute("DESCRIBE candidates_v").fetchall()}
-        thresholds = keep_thresholds(cat)
+        thresholds, rule = keep_thresholds(cat), keep_rule(cat)
     fields = _field_names(types)
     _declare_fields(ds, types, fields, fo)
     summary.selected = len(rows)
@@ -489,7 +498,7 @@ def build_review_dataset(ws: Workspace, selection: Selection | None = None, *,
         ds.delete_groups(gone)
         summary.removed = len(gone)
 
-    summary.views = save_review_views(ds, margin=margin, thresholds=thresholds)
+    summary.views = save_review_views(ds, margin=margin, thresholds=thresholds, rule=rule)
     dirty = summary.added or summary.updated or summary.removed
     if embeddings:
         summary.embeddings = attach_embeddings(ws, ds, recompute=bool(dirty),
@@ -592,11 +601,14 @@ def _oid(s: str):
 
 # -- saved views -----------------------------------------------------------------------------
 def review_views(ds, margin: float = DEFAULT_MARGIN,
-                 thresholds: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+                 thresholds: dict[str, dict[str, float]] | None = None,
+                 rule=None) -> dict[str, Any]:
     """The failure-case views, by name: rejected, rejected-<reason>, borderline,
     borderline-<score>, mask-<class>, type-<edit_type>, human-decided (and human-accept /
-    human-reject), over whatever values the dataset holds now. Borderline uses thresholds
-    ({score: {mode: value}}, as `keep_thresholds` gives), by default the keep rule's
+    human-reject), judge-disagrees-clip and judge-invalid (when rows were judged), sessions
+    (when there are multi-turn sessions), over whatever values the dataset holds now.
+    Borderline uses thresholds ({score: {mode: value}}, as `keep_thresholds` gives), the
+    verdicts rule (a Thresholds, as `keep_rule` gives); both default to the keep rule's
     defaults."""
     from fiftyone import ViewField as F
     views: dict[str, Any] = {}
@@ -643,13 +655,48 @@ def review_views(ds, margin: float = DEFAULT_MARGIN,
                                       | (F("human_tags").length() > 0))
     views["human-accept"] = ds.match(F("human_decision") == "accept")
     views["human-reject"] = ds.match(F("human_decision") == "reject")
+    from .thresholds import JUDGE_COLUMNS
+    if ds.has_field(JUDGE_COLUMNS[0]) and distinct("judge_run"):
+        clip, judge = _verdicts(rule or keep_rule())
+        judged = F(JUDGE_COLUMNS[0]) != None  # noqa: E711
+        for c in JUDGE_COLUMNS[1:]:
+            judged = judged & (F(c) != None)  # noqa: E711
+        views["judge-disagrees-clip"] = ds.match(judged & ((clip & ~judge) | (~clip & judge)))
+        views["judge-invalid"] = ds.match(F("judge_invalid_reason") != None)  # noqa: E711
+    if ds.has_field("session_id") and distinct("session_id"):
+        views["sessions"] = edited.match(F("session_id") != None).group_by(  # noqa: E711
+            "session_id", order_by="turn")
     return views
 
 
+def _verdicts(rule):
+    """(CLIP verdict, judge verdict) of a Thresholds as FiftyOne expressions: the same rules
+    as the catalog's `stages.filter.verdict_sql` (a missing score fails)."""
+    from fiftyone import ViewField as F
+
+    from .thresholds import MODES
+
+    def passes(mode, rules):
+        cond = F("mode") == mode
+        for r in rules:
+            ok = F(r.column) >= r.value if r.op == ">=" else F(r.column) <= r.value
+            cond = cond & (F(r.column) != None) & ok  # noqa: E711
+        return cond
+    out = []
+    for which in (0, 1):
+        cond = None
+        for m in MODES:
+            c = passes(m, rule.verdict_rules(m)[which])
+            cond = c if cond is None else cond | c
+        out.append(cond)
+    return out[0], out[1]
+
+
 def save_review_views(ds, margin: float = DEFAULT_MARGIN,
-                      thresholds: dict[str, dict[str, float]] | None = None) -> list[str]:
+                      thresholds: dict[str, dict[str, float]] | None = None,
+                      rule=None) -> list[str]:
     """(Re)save the failure-case views; drop saved views of values no longer present."""
-    views = review_views(ds, margin=margin, thresholds=thresholds)
+    views = review_views(ds, margin=margin, thresholds=thresholds, rule=rule)
     # Saving a view costs a few database round trips: re-save only those whose definition
     # changed (their digests are kept in the dataset's info).
     digests = {name: _view_digest(view) for name, view in views.items()}

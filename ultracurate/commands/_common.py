@@ -66,7 +66,7 @@ def _device(value) -> str:
 # Choices. Where the library names a set in a module the CLI imports anyway, it is used here;
 # the others are checked against their library constants by tests/test_cli.py.
 TableFormat = Literal["table", "csv", "json"]
-ViewName = Literal[tuple(VIEWS)]                              # anchors, edits, candidates
+ViewName = Literal[tuple(VIEWS)]                              # anchors, edits, candidates, sessions
 EngineName = Literal["local", "ray"]
 Mode = Literal[tuple(MODES)]                                  # free, region
 EditMode = Literal[("auto", *MODES)]                          # auto, free, region
@@ -77,10 +77,27 @@ SoftVariant = Literal["ultraedit", "feathered"]               # masks.soft_mask 
 InstructionsFormat = Literal["ultraedit", "ip2p", "magicbrush"]  # instruct.importers.FORMATS
 LLMBackend = Literal["rule", "openai", "transformers"]        # instruct.backends.BACKENDS
 CaptionBackend = Literal["transformers", "openai"]           # captioners.BACKENDS
+JudgeBackend = Literal["transformers", "openai"]             # judge.BACKENDS
 DType = Literal["float32", "float16", "bfloat16"]
 GroundBackend = Literal["grounding-dino", "owlv2"]            # models.grounding
 DedupWhat = Literal["anchors", "edited", "both"]              # stages.dedup.run_dedup
 Benchmark = Literal["magicbrush", "emuedit"]                  # evaluate.BENCHMARKS
+
+
+def _judge_bound(value) -> str:
+    """One --judge-min ASPECT=N, its form checked here (its range is the keep rule's check)."""
+    from ..errors import UltracurateError
+    from ..thresholds import parse_judge_min
+    try:
+        parse_judge_min([value])
+    except UltracurateError as e:
+        raise typer.BadParameter(str(e).removeprefix("--judge-min ")) from None
+    return str(value)
+
+
+def JudgeBounds(*decls: str, help: str) -> Any:
+    """--judge-min ASPECT=N, repeatable."""
+    return typer.Option(None, *decls, help=help, parser=_judge_bound, metavar="ASPECT=N")
 
 # -- shared options --------------------------------------------------------------------------
 WorkspaceOpt = typer.Option(None, "--workspace", "-w", envvar="ULTRACURATE_WORKSPACE",

@@ -95,8 +95,8 @@ def sql(query: str = typer.Argument(..., help="One read-only query: SELECT (FROM
     write_rows(df, "json" if as_json else fmt)
 
 
-def select(table: c.ViewName = typer.Option("candidates", "--from", help="anchors, edits or "
-                                            "candidates."),
+def select(table: c.ViewName = typer.Option("candidates", "--from", help="anchors, edits, "
+                                            "candidates or sessions."),
            columns: Optional[str] = typer.Option(None, metavar="COLUMN,COLUMN",
                                                  help="Comma-separated columns "
                                                  "(default: the key and a few essentials)."),
@@ -115,7 +115,9 @@ def select(table: c.ViewName = typer.Option("candidates", "--from", help="anchor
         raise UltracurateError(f"--from must be one of {', '.join(VIEWS)}")
     defaults = {"anchors": "anchor_id, source_path, width, height",
                 "edits": "edit_id, anchor_id, edit_type, mode, edit_status, instruction",
-                "candidates": "candidate_id, edit_id, edit_type, status, clip_sim_dir"}
+                "candidates": "candidate_id, edit_id, edit_type, status, clip_sim_dir",
+                "sessions": "session_id, root_anchor_id, n_turns, session_state, "
+                            "turn_candidates"}
     ws = c.workspace(workspace)
     sel = c.selection(where, params, limit, sample, seed)
     with ws.catalog(read_only=True) as cat:

@@ -50,7 +50,13 @@ def export(out: Path = typer.Argument(..., help="Folder to write (must not exist
                                                 "with (soft_mask_image)."),
            extra_columns: bool = typer.Option(False, "--extra-columns",
                                               help="Add catalog columns (edit_type, mask_class, "
-                                                   "seed, candidate_id, ...)."),
+                                                   "seed, candidate_id, session_id, turn, the "
+                                                   "judge's scores, ...)."),
+           sessions: bool = typer.Option(False, "--sessions",
+                                         help="Also write the rows' multi-turn sessions "
+                                              "(chain) in MagicBrush's layout under "
+                                              "OUT/sessions/ (what `eval --benchmark "
+                                              "magicbrush` reads as references)."),
            license: str = typer.Option("unknown", "--license",
                                        help="License id for the dataset card (e.g. "
                                             "cc-by-4.0)."),
@@ -86,12 +92,18 @@ def export(out: Path = typer.Argument(..., help="Folder to write (must not exist
                        language=language,
                        citation=citation.read_text(errors="replace").strip() if citation else None,
                        overwrite=force, push_to_hub=push_to_hub, private=private,
-                       progress=True)
+                       sessions=sessions, progress=True)
     for w in s.warnings:
         typer.echo(f"warning: {w}", err=True)
     splits = ", ".join(f"{k} {v}" for k, v in s.splits.items())
     text = (f"exported {s.rows} rows ({splits}) as {s.format} to {s.out}: {s.files} files, "
             f"{s.bytes / 1e6:.1f} MB in {s.seconds:.1f} s (run {s.run_id})")
+    if sessions:
+        n = sum(s.sessions.values())
+        text += (f"; {n} sessions in MagicBrush's layout ("
+                 + ", ".join(f"{v} of {k} turn{'s' if k != 1 else ''}"
+                             for k, v in s.sessions.items()) + ")" if n else
+                 "; no sessions in the selection")
     if s.pushed_to:
         text += f"; pushed to {s.pushed_to}"
     c.emit(s.to_json(), as_json, text)

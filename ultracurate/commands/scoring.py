@@ -55,6 +55,10 @@ def filter_(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.P
             ssim_max: Optional[float] = c.Number(None, "--ssim-max", help="Keep rows with ssim at most this."),
             l1_max: Optional[float] = c.Number(None, "--l1-max", help="Keep rows with l1 at most this."),
             l2_max: Optional[float] = c.Number(None, "--l2-max", help="Keep rows with l2 at most this."),
+            judge_min: Optional[List[str]] = c.JudgeBounds(
+                "--judge-min", help="Keep rows the judge scored at least N (1-5) on ASPECT: "
+                                    "instruction, preservation or quality; repeatable. Rows "
+                                    "not judged fail it."),
             top_k: Optional[int] = c.Count(None, "--top-k", min=1, max=100_000,
                                            help="Keep the best K per edit by clip_sim_dir "
                                                 "(default: 4 free, 3 region)."),
@@ -66,14 +70,16 @@ def filter_(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.P
             dry_run: bool = typer.Option(False, "--dry-run", help="Print the funnel; change "
                                          "nothing."),
             workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
-    """Accept or reject scored candidates by thresholds, then top-k per edit; every rejected
-    row records all its reasons; human decisions override."""
+    """Accept or reject scored candidates by thresholds (CLIP/DINOv2/pixel scores and the
+    judge's), then top-k per edit; every rejected row records all its reasons; human decisions
+    override."""
     from ..stages.filter import format_funnel, run_filter
-    from ..thresholds import Thresholds
+    from ..thresholds import Thresholds, parse_judge_min
     ws = c.workspace(workspace)
     t = Thresholds.preset(preset).override(
-        mode=mode, clip_min=clip_min, clip_sim_source_min=clip_source_min,
-        clip_sim_target_min=clip_target_min, clip_sim_dir_min=clip_dir_min,
+        **parse_judge_min(judge_min), mode=mode, clip_min=clip_min,
+        clip_sim_source_min=clip_source_min, clip_sim_target_min=clip_target_min,
+        clip_sim_dir_min=clip_dir_min,
         clip_sim_image_min=clip_image_min, clip_sim_image_max=clip_image_max,
         dinov2_sim_min=dino_min, dinov2_sim_max=dino_max, ssim_min=ssim_min,
         ssim_max=ssim_max, l1_max=l1_max, l2_max=l2_max, top_k=top_k,
