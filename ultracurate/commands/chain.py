@@ -50,7 +50,7 @@ def chain(
     anchor (caption: its target caption), and each turn runs instruct, ground,
     classify-masks, generate, score (the judge with --judge) and filter with the last filter
     run's keep rule; a session ends when a turn yields nothing accepted. Resumable: rerun the
-    same command to go on; a larger --turns extends open sessions (run_chain)."""
+    same command to go on; a larger --turns extends open sessions."""
     from ..stages.chain import run_chain
     ws = c.workspace(workspace)
     res = run_chain(
@@ -61,5 +61,5 @@ def chain(
                 "device": device},
         generate={"size": size, "device": device}, score={"device": device},
         judge={"grammar": judge_grammar, "device": device} if judge else None,
-        progress=not as_json, say=lambda line: typer.echo(line, err=True))
+        progress=True, say=lambda line: typer.echo(f"== {line}", err=True))  # narration
     c.emit(res.to_json(), as_json, res.text())

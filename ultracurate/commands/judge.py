@@ -69,7 +69,7 @@ def judge(
         batch_size: Optional[int] = c.BatchOpt,
         workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
     """Rate candidate pairs with a vision-language judge: instruction, preservation and
-    quality (1-5) and a short rationale, with the model and prompt version (run_judge).
+    quality (1-5) and a short rationale, with the model and prompt version.
     Prints the expected request count first; invalid answers are asked again, then kept with
     their reason. Gate on the scores with `filter --judge-min instruction=4`."""
     from ..runner import make_engine
