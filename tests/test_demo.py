@@ -67,7 +67,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     # sessions, exported in MagicBrush's layout beside their flat rows
     assert steps["judge"]["rows_done"] == steps["judge"]["judged"] > 0
     assert steps["judge"]["rows_failed"] == 0
-    assert steps["chain"]["by_length"].get(3, 0) > 0
+    assert steps["chain"]["by_length"].get("3", 0) > 0  # JSON: keys are text
     assert steps["export_sessions"]["sessions"] == steps["chain"]["by_length"]
     assert (out / "exports" / "sessions" / "sessions" / "edit_sessions.json").exists()
     ds = datasets.load_dataset(str(out / "exports" / "hf"))
