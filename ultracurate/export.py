@@ -820,7 +820,7 @@ class ExportStage(SetStage):
         started = time.perf_counter()
         try:
             summary = _write_export(ctx.workspace, rows, splits, self.out, self.opts,
-                                    provenance, ctx.progress)
+                                    provenance, ctx.show_progress)
         except OSError as e:
             raise UltracurateError(f"cannot write the export to {self.out}: "
                                    f"{e.strerror or e}") from None
@@ -1043,7 +1043,7 @@ class _bar:
     def __enter__(self) -> Callable[[int], None]:
         if not self.enabled:
             return lambda n=1: None
-        from .runner import _progress
+        from .progress import bar as _progress
         self.progress = _progress(self.total, self.description)
         self.progress.start()
         task = self.progress.add_task(self.description, total=self.total)

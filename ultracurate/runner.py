@@ -33,10 +33,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .catalog import KEYS, VIEWS, Catalog, JobRun, named_queries, now
 from .errors import UltracurateError, reason_text
+from .progress import JobBar
 from .selection import Selection, selected_keys_sql
 from .workspace import Workspace
 
@@ -52,11 +53,25 @@ class Context:
     config: dict = field(default_factory=dict)
     force: bool = False
     batch_size: int | None = None   # the job's rows per batch
-    progress: bool = True           # whether the job shows progress bars
+    show_progress: bool = True      # whether the job shows progress bars
+    batch_rows: int = 0   # rows of the batch in hand (set by the local engine)
+    # the runner's bar, given rows of the batch in hand done; never shipped to a Ray worker,
+    # whose batches move the bar when they return
+    on_progress: Callable[[float], None] | None = field(default=None, repr=False,
+                                                        compare=False)
 
     @property
     def workspace(self) -> Workspace:
         return Workspace(self.workspace_root)
+
+    def progress(self, done: float, total: float) -> None:
+        """Report that done/total of the batch in hand is computed (a diffusion step, a
+        sub-batch), so the bar moves inside a long batch. A no-op where nothing listens."""
+        if self.on_progress is not None and self.batch_rows and total > 0:
+            self.on_progress(self.batch_rows * min(max(done / total, 0.0), 1.0))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "on_progress": None}
 
 
 @dataclass
@@ -355,6 +370,7 @@ class LocalEngine:
                 for nxt in _take(it, 1):
                     futures.put((nxt, pool.submit(stage.prepare, nxt, ctx)))
                 try:
+                    ctx.batch_rows = len(batch)   # what ctx.progress reports a share of
                     yield batch, stage.process(batch, fut.result(), ctx)
                 except (KeyboardInterrupt, SystemExit):
                     raise
@@ -485,25 +501,6 @@ class Interrupted(UltracurateError):
     pass
 
 
-def _progress(total: int, description: str):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
-    class RateColumn(TextColumn):
-        def __init__(self):
-            super().__init__("")
-
-        def render(self, task):
-            from rich.text import Text
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed:.1f} rows/s" if speed else "-- rows/s")
-
-    disable = os.environ.get("ULTRACURATE_PROGRESS", "1") == "0"
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    RateColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), disable=disable, transient=False)
-
-
 # -- the entry point --------------------------------------------------------------------------
 _OPEN_RUNS: set[int] = set()   # runs this process has open (never closed as dead)
 
@@ -585,7 +582,7 @@ def _run_rows(ws: Workspace, cat: Catalog, stage: RowStage, selection: Selection
               parent_run: int | None) -> RunSummary:
     ws.media.clean_tmp()
     ctx = Context(str(ws.root), device or default_device(), 0, ws.config, force,
-                  progress=progress)
+                  show_progress=progress)
     items = stage.items()
     if items is not None:
         cat.con.register(ITEMS, items)
@@ -611,7 +608,8 @@ def _run_rows(ws: Workspace, cat: Catalog, stage: RowStage, selection: Selection
         cat.runs.update([{"run_id": run_id, "rows_in": n_rows}])
         done = failed = 0
         state = "completed"
-        bar = _progress(n_rows, stage.name) if progress else None
+        bar = JobBar(n_rows, stage.name) if progress else None
+        ctx.on_progress = bar
         ctrl_c = _DeferredInterrupt()
         w = Access(cat, stage, JobRun(run_id), writable=True, workspace=ws, force=force)
         results = None
@@ -619,14 +617,13 @@ def _run_rows(ws: Workspace, cat: Catalog, stage: RowStage, selection: Selection
             ctrl_c.install()
             if bar:
                 bar.start()
-                task = bar.add_task(stage.name, total=n_rows)
             results = engine.map(stage, batches, ctx) if n_rows else iter(())
             for batch, result in results:
                 n_done, n_failed = _commit_batch(cat, stage, w, batch, result)
                 done += n_done
                 failed += n_failed
                 if bar:
-                    bar.advance(task, len(batch))
+                    bar.advance(len(batch))
                 if ctrl_c.requested:
                     raise KeyboardInterrupt
             with cat.transaction():
@@ -670,7 +667,7 @@ def _run_set(ws: Workspace, cat: Catalog, stage: SetStage, selection: Selection,
         return RunSummary(None, stage.name, 0, 0, 0, "dry-run", result=stage.preview(plan))
     if not stage.record_empty and stage.empty(plan):
         return RunSummary(None, stage.name, 0, 0, 0, "empty", result=stage.preview(plan))
-    ctx = Context(str(ws.root), device or "cpu", 0, ws.config, progress=progress)
+    ctx = Context(str(ws.root), device or "cpu", 0, ws.config, show_progress=progress)
     models = stage.models(ctx) if stage.roles else {}
     if not stage.has_produce:
         try:
