@@ -202,7 +202,7 @@ def test_chain_resumes_after_sigkill(base, chained, tmp_path):
     seen = []
     for line in proc.stderr:
         seen.append(line)
-        if line.startswith("chain: turn 2: generate"):
+        if line.startswith("== chain: turn 2: generate"):
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(timeout=120)

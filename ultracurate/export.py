@@ -795,6 +795,9 @@ class ExportStage(SetStage):
     def check(self, r, selection) -> None:
         check_target(self.out, r.workspace, self.overwrite)
 
+    def effective_selection(self, selection):
+        return _with_default(selection)
+
     def plan(self, r, selection):
         from .card import run_provenance
         sel = _with_default(selection)
@@ -820,7 +823,7 @@ class ExportStage(SetStage):
         started = time.perf_counter()
         try:
             summary = _write_export(ctx.workspace, rows, splits, self.out, self.opts,
-                                    provenance, ctx.progress)
+                                    provenance, ctx.show_progress)
         except OSError as e:
             raise UltracurateError(f"cannot write the export to {self.out}: "
                                    f"{e.strerror or e}") from None
@@ -1043,7 +1046,7 @@ class _bar:
     def __enter__(self) -> Callable[[int], None]:
         if not self.enabled:
             return lambda n=1: None
-        from .runner import _progress
+        from .progress import bar as _progress
         self.progress = _progress(self.total, self.description)
         self.progress.start()
         task = self.progress.add_task(self.description, total=self.total)

@@ -497,7 +497,7 @@ class ReviewStage(SetStage):
         existing = _existing_groups(ds)
         wanted = {r["candidate_id"] for r in rows}
         changed = []
-        bar = _bar(ctx.progress, len(rows), "review")
+        bar = _bar(ctx.show_progress, len(rows), "review")
         with bar:
             task = bar.add_task("review", total=len(rows))
             new_samples, pending = [], 0
@@ -565,7 +565,7 @@ def _new_group(ws: Workspace, row: dict, fields: dict, fp: str, fo) -> list:
 
 
 def _bar(progress: bool, total: int, name: str):
-    from .runner import _progress
+    from .progress import bar as _progress
     bar = _progress(total, name)
     if not progress:
         bar.disable = True

@@ -44,12 +44,13 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from . import procs
 from .catalog import (KEYS, VIEWS, Catalog, JobRun, lock_wait, named_queries, now,
                       readers_waiting)
 from .errors import UltracurateError, reason_text
+from .progress import JobBar
 from .runs import close_dead
 from .selection import Selection, selected_keys_sql
 from .workspace import Workspace, remove_dead_files
@@ -66,11 +67,25 @@ class Context:
     config: dict = field(default_factory=dict)
     force: bool = False
     batch_size: int | None = None   # the job's rows per batch
-    progress: bool = True           # whether the job shows progress bars
+    show_progress: bool = True      # whether the job shows progress bars
+    batch_rows: int = 0   # rows of the batch in hand (set by the local engine)
+    # the runner's bar, given rows of the batch in hand done; never shipped to a Ray worker,
+    # whose batches move the bar when they return
+    on_progress: Callable[[float], None] | None = field(default=None, repr=False,
+                                                        compare=False)
 
     @property
     def workspace(self) -> Workspace:
         return Workspace(self.workspace_root)
+
+    def progress(self, done: float, total: float) -> None:
+        """Report that done/total of the batch in hand is computed (a diffusion step, a
+        sub-batch), so the bar moves inside a long batch. A no-op where nothing listens."""
+        if self.on_progress is not None and self.batch_rows and total > 0:
+            self.on_progress(self.batch_rows * min(max(done / total, 0.0), 1.0))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "on_progress": None}
 
 
 @dataclass
@@ -200,6 +215,11 @@ class Stage:
 
     def check(self, r: Access, selection: Selection) -> None:
         """Refuse what cannot run, before the run is recorded (reads only)."""
+
+    def effective_selection(self, selection: Selection) -> Selection:
+        """The selection the stage runs over, as runs.selection records it (an export
+        without --where: its default)."""
+        return selection
 
     def models(self, ctx: Context) -> dict:
         from .models import describe
@@ -369,6 +389,7 @@ class LocalEngine:
                 for nxt in _take(it, 1):
                     futures.put((nxt, pool.submit(stage.prepare, nxt, ctx)))
                 try:
+                    ctx.batch_rows = len(batch)   # what ctx.progress reports a share of
                     yield batch, stage.process(batch, fut.result(), ctx)
                 except (KeyboardInterrupt, SystemExit):
                     raise
@@ -497,25 +518,6 @@ class RunSummary:
 
 class Interrupted(UltracurateError):
     pass
-
-
-def _progress(total: int, description: str):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
-    class RateColumn(TextColumn):
-        def __init__(self):
-            super().__init__("")
-
-        def render(self, task):
-            from rich.text import Text
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed:.1f} rows/s" if speed else "-- rows/s")
-
-    disable = os.environ.get("ULTRACURATE_PROGRESS", "1") == "0"
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    RateColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), disable=disable, transient=False)
 
 
 # -- the entry point --------------------------------------------------------------------------
@@ -690,7 +692,8 @@ def _start(cat: Catalog, stage: Stage, selection: Selection, models: dict, engin
     # A run still marked running whose process is gone (SIGKILL, power loss) is closed as
     # killed, its batches stand; a live job's (another process's, or this one's) never.
     close_dead(cat, _OPEN_RUNS)
-    run_id = cat.start_run(stage.name, stage.params, selection.to_json(), models,
+    recorded = getattr(stage, "effective_selection", lambda s: s)(selection)
+    run_id = cat.start_run(stage.name, stage.params, recorded.to_json(), models,
                            engine=engine, parent_run=parent_run)
     key = resume_key(stage)
     if key:
@@ -712,7 +715,7 @@ def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selec
     ws.media.clean_tmp()
     remove_dead_files(ws.scratch)
     ctx = Context(str(ws.root), device or default_device(), 0, ws.config, force,
-                  progress=progress)
+                  show_progress=progress)
     size = ctx.batch_size = batch_size or stage.batch_size
     models = stage.models(ctx) if stage.roles else {}
     items = stage.items()
@@ -748,14 +751,14 @@ def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selec
     ctx.run_id = run_id
     n_rows = pending.n
     done = failed = 0
-    bar = _progress(n_rows, stage.name) if progress else None
+    bar = JobBar(n_rows, stage.name) if progress else None
+    ctx.on_progress = bar
     ctrl_c = _DeferredInterrupt()
     results = batches = None
     try:
         ctrl_c.install()
         if bar:
             bar.start()
-            task = bar.add_task(stage.name, total=n_rows)
         batches = pending.batches(size)
         results = engine.map(stage, batches, ctx) if n_rows else iter(())
         for batch, result in results:
@@ -766,7 +769,7 @@ def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selec
             done += n_done
             failed += n_failed
             if bar:
-                bar.advance(task, len(batch))
+                bar.advance(len(batch))
             if ctrl_c.requested:
                 raise KeyboardInterrupt
         with conns.commit() as cat:
@@ -811,7 +814,7 @@ def _end_after(conns: _Catalogs, run_id: int, state: str, message: str) -> None:
 def _run_set(ws: Workspace, conns: _Catalogs, stage: SetStage, selection: Selection,
              dry_run: bool, parent_run: int | None, device: str | None,
              progress: bool) -> RunSummary:
-    ctx = Context(str(ws.root), device or "cpu", 0, ws.config, progress=progress)
+    ctx = Context(str(ws.root), device or "cpu", 0, ws.config, show_progress=progress)
     models = stage.models(ctx) if stage.roles and not dry_run else {}
     with conns.open() as cat:
         r = Access(cat, stage, workspace=ws)

@@ -54,7 +54,7 @@ def chain(
     from ..runner import run
     ws = c.workspace(workspace)
     res = run(
-        ws, "chain", c.selection(where, params, limit, sample, seed), progress=not as_json,
+        ws, "chain", c.selection(where, params, limit, sample, seed), progress=True,
         **c.given(turns=turns, per_anchor=per_anchor, candidates=candidates, types=types,
                   seed=seed),
         instruct=c.given(backend=backend, device=device),
@@ -62,5 +62,5 @@ def chain(
                        device=device),
         generate=c.given(size=size, device=device), score=c.given(device=device),
         judge=c.given(grammar=judge_grammar, device=device) if judge else None,
-        say=lambda line: typer.echo(line, err=True)).result
+        say=lambda line: typer.echo(f"== {line}", err=True)).result  # narration: stderr
     c.emit(res.to_json(), as_json, res.text())

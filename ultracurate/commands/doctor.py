@@ -224,7 +224,8 @@ def run_checks(ws=None, skip: tuple[str, ...] = ()) -> list[dict]:
 
 
 # -- the command -----------------------------------------------------------------------------
-def doctor(skip: Optional[List[str]] = typer.Option(None, "--skip", help="Leave out a check "
+def doctor(skip: Optional[List[str]] = typer.Option(None, "--skip", metavar="CHECK",
+                                                    help="Leave out a check "
                                                     f"({', '.join(CHECKS)}); repeatable."),
            workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
     """Check the installation and the workspace: torch and CUDA, the catalog, LanceDB, each

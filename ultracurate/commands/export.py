@@ -48,7 +48,7 @@ def export(out: Path = typer.Argument(..., help="Folder to write (must not exist
            license: Optional[str] = typer.Option(None, "--license",
                                                  help="License id for the dataset card (e.g. "
                                                       "cc-by-4.0; default unknown)."),
-           language: Optional[str] = typer.Option(None, "--language",
+           language: Optional[str] = typer.Option(None, "--language", metavar="CODE,CODE",
                                                   help="Language code(s) of the text, "
                                                        "comma-separated (default en)."),
            citation: Optional[Path] = typer.Option(None, "--citation", exists=True,
@@ -75,7 +75,7 @@ def export(out: Path = typer.Argument(..., help="Folder to write (must not exist
     from ..runner import run
     ws = c.workspace(workspace)
     sel = c.selection(where, params, limit, sample, seed)
-    s = run(ws, "export", sel, progress=not as_json, **c.given(
+    s = run(ws, "export", sel, **c.given(
         out=out, format=fmt, layout=layout, shard_size=shard_size,
         extra_columns=extra_columns or None, soft_masks=soft_masks or None,
         val_fraction=val_fraction, seed=seed, license=license, language=language,

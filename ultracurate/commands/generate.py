@@ -40,8 +40,9 @@ def generate(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.
                  None, "--soft-variant", help="Region soft mask: ultraedit (the default) or "
                  "feathered."),
              mask_class: Optional[str] = typer.Option(
-                 None, "--mask-class", help="Mask classes region generation takes, a comma "
-                 "list of fine, fragmented, too_small, too_large, or 'any' (default: fine, "
+                 None, "--mask-class", metavar="CLASS,CLASS",
+                 help="Mask classes region generation takes, a comma list of fine, "
+                 "fragmented, too_small, too_large, or 'any' (default: fine, "
                  "unless --where reads mask_class). Other region edits are skipped, with "
                  "the reason."),
              pairs_per_call: Optional[int] = c.Count(

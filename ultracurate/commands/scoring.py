@@ -87,9 +87,10 @@ def filter_(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.P
     c.emit(res.to_json(), as_json, format_funnel(res))
 
 
-def balance(by: Optional[List[str]] = typer.Option(None, "--by", help="Column(s) of "
-                                                   "candidates_v to stratify by; repeatable "
-                                                   "(default edit_type)."),
+def balance(by: Optional[List[str]] = typer.Option(None, "--by", metavar="COLUMN",
+                                                   help="Column(s) of candidates_v to "
+                                                        "stratify by; repeatable (default "
+                                                        "edit_type)."),
             target: Optional[int] = c.Count(None, "--target", min=1,
                                             help="Select about N rows in all, spread evenly "
                                                  "over the groups."),
