@@ -96,7 +96,8 @@ def test_catalog_busy_is_a_clear_error(tmp_path):
     from ultracurate.workspace import Workspace
     ws = Workspace.init(tmp_path / "ws")
     holder = ws.catalog()  # this process holds the write lock
-    try:
-        _one_line_error(run("stats", "-w", str(ws.root)), "in use by another")
+    try:  # a reader waits ULTRACURATE_LOCK_WAIT seconds for it, then says so in one line
+        _one_line_error(run("stats", "-w", str(ws.root), env={"ULTRACURATE_LOCK_WAIT": "0.3"}),
+                        "in use by another", "waited 0.3 s")
     finally:
         holder.close()
