@@ -56,7 +56,10 @@ def close_dead(cat: Catalog, own: Iterable[int] = ()) -> list[int]:
     return dead
 
 
-def list_runs(cat: Catalog, states: Iterable[str] | None = None, limit: int | None = 20,
+LIMIT = 20  # runs listed by default
+
+
+def list_runs(cat: Catalog, states: Iterable[str] | None = None, limit: int | None = LIMIT,
               own: Iterable[int] = ()) -> list[dict]:
     """The newest runs (at most limit; None: all) of the given states, as dicts: the
     ledger's fields plus elapsed_s, rate (rows per second over the committed rows), eta_s

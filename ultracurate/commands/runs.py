@@ -17,8 +17,8 @@ def register(app: typer.Typer) -> None:
 
 def runs(state: Optional[c.RunState] = typer.Option(None, "--state",
                                                     help="Only the runs in this state."),
-         limit: int = c.Count(20, "--limit", min=1, help="At most this many runs, newest "
-                              "first."),
+         limit: Optional[int] = c.Count(None, "--limit", min=1, help="At most this many "
+                                        "runs, newest first (default 20)."),
          watch: bool = typer.Option(False, "--watch", help="Refresh until Ctrl-C. With "
                                     "--json, one JSON object per refresh, a line each."),
          interval: float = c.Number(2.0, "--interval", min=0.1, max=3600,
@@ -58,7 +58,7 @@ def runs(state: Optional[c.RunState] = typer.Option(None, "--state",
 def _read(ws, state, limit) -> list[dict]:
     from ..runs import list_runs
     with ws.catalog(read_only=True) as cat:
-        return list_runs(cat, [state] if state else None, limit)
+        return list_runs(cat, [state] if state else None, **c.given(limit=limit))
 
 
 def _print(rows: list[dict]) -> None:
