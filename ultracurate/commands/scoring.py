@@ -24,6 +24,9 @@ def score(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.Par
           seed: int = c.SeedOpt, force: bool = c.ForceOpt,
           engine: Optional[c.EngineName] = c.EngineOpt,
           address: Optional[str] = c.AddressOpt, device: Optional[str] = c.DeviceOpt,
+          workers: Optional[int] = c.WorkersOpt,
+          gpus_per_worker: Optional[float] = c.GpusPerWorkerOpt,
+          cpus_per_worker: Optional[float] = c.CpusPerWorkerOpt,
           batch_size: Optional[int] = c.BatchOpt, workspace: Optional[str] = c.WorkspaceOpt,
           as_json: bool = c.JsonOpt):
     """Score generated candidates: CLIP (source, target, direction, image), DINOv2, SSIM, L1,
@@ -31,7 +34,8 @@ def score(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.Par
     ws = c.workspace(workspace)
     c.run_stage(ws, "score", c.selection(where, params, limit, sample, seed), as_json=as_json,
                 engine=engine, address=address, device=device, batch_size=batch_size,
-                force=force)
+                force=force, workers=workers, gpus_per_worker=gpus_per_worker,
+                cpus_per_worker=cpus_per_worker)
 
 
 def filter_(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,

@@ -1,0 +1,101 @@
+"""The Ray engine on a real multi-node cluster (`ray.cluster_utils.Cluster`, two nodes of one
+CPU each on this machine), with the tiny editor on the demo's photos: replicas spread over
+both nodes, a node lost mid-run with the job finished on the survivor and the catalog
+complete, and a placement the cluster cannot meet refused in one line within the timeout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from _clirun import one_line_error, run_many
+from test_generate_stage import add_edits
+from ultracurate.runner import RayEngine, run
+from ultracurate.selection import Selection
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture
+def cluster():
+    """A head and one worker node, one CPU each: a replica asking for one CPU fits once per
+    node, so two replicas must land on both."""
+    from ray.cluster_utils import Cluster
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1,
+                                                      "include_dashboard": False})
+    c.worker = c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    try:
+        yield c
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        c.shutdown()
+
+
+@pytest.fixture
+def edits_ws(ingested_ws):
+    return ingested_ws, add_edits(ingested_ws)
+
+
+class LoseNodeAfterFirstBatch(RayEngine):
+    """The real engine; once the first batch has come back (and been committed), the worker
+    node is removed from the cluster, taking its replica and the batches in flight on it."""
+
+    def __init__(self, cluster, **kw):
+        super().__init__(**kw)
+        self.cluster, self.removed = cluster, None
+
+    def map(self, stage, batches, ctx, stop=None):
+        for item in super().map(stage, batches, ctx, stop):
+            yield item
+            if self.removed is None:
+                self.removed = self.cluster.worker.node_id
+                self.cluster.remove_node(self.cluster.worker)
+
+
+def _workers(ws, run_id) -> dict:
+    with ws.catalog(read_only=True) as cat:
+        return json.loads(cat.scalar("SELECT workers FROM runs WHERE run_id = ?", [run_id]))
+
+
+def test_generate_spreads_over_both_nodes_and_survives_losing_one(edits_ws, cluster):
+    ws, ids = edits_ws
+    engine = LoseNodeAfterFirstBatch(cluster, address=cluster.address, num_workers=2,
+                                     num_cpus_per_worker=1)
+    out = run(ws, "generate", Selection(where="mode = 'free'"), candidates=4, size=64,
+              pairs_per_call=1, engine=engine, batch_size=1, progress=False)
+    assert out.state == "completed"
+    assert out.rows_in == 8 and out.rows_done == 8 and out.rows_failed == 0
+    with ws.catalog(read_only=True) as cat:
+        rows = cat.query("SELECT edit_id, candidate_index, auto_status, edited_image "
+                         "FROM candidates ORDER BY candidate_id")
+        marks = cat.query("SELECT key, state FROM stage_state WHERE stage = 'generate'")
+    # every planned candidate rendered exactly once, none missing, none twice
+    assert len(rows) == 8 and len({(r["edit_id"], r["candidate_index"]) for r in rows}) == 8
+    assert all(r["auto_status"] == "generated" and ws.media.exists(r["edited_image"])
+               for r in rows)
+    assert len(marks) == 8 and {m["state"] for m in marks} == {"done"}
+    placed = _workers(ws, out.run_id)
+    # the two replicas started on the two nodes, one of them the node that was lost
+    assert len(set(placed["placed"])) == 2 and engine.removed in placed["placed"]
+    assert placed["lost"] == 1 and placed["retried"] >= 1
+    assert sum(placed["nodes"].values()) == 8   # batches, by the node that computed them
+    assert any("lost" in n for n in out.extra["notes"])
+
+
+def test_a_placement_the_cluster_cannot_meet_fails_in_one_line(edits_ws, cluster):
+    ws, _ = edits_ws
+    ws.set_config("ray", {"placement_timeout": 3})
+    res = run_many([["generate", "-w", str(ws.root), "--where", "mode = 'free'",
+                     "--candidates", "1", "--size", "64", "--engine", "ray",
+                     "--address", cluster.address, "--workers", "3",
+                     "--cpus-per-worker", "1"]])[0]
+    line = one_line_error(res, "cannot place 3 Ray replica(s) of CPU 1", "within 3 s",
+                          "2 node(s) with CPU 2", "--workers")
+    assert "traceback" not in res["stderr"].lower(), line
+    with ws.catalog(read_only=True) as cat:
+        state = cat.query("SELECT state, rows_done FROM runs WHERE stage = 'generate'")
+        assert state == [{"state": "failed", "rows_done": 0}]
+        assert cat.scalar("SELECT count(*) FROM candidates WHERE auto_status = 'generated'") == 0
