@@ -99,3 +99,41 @@ def test_a_placement_the_cluster_cannot_meet_fails_in_one_line(edits_ws, cluster
         state = cat.query("SELECT state, rows_done FROM runs WHERE stage = 'generate'")
         assert state == [{"state": "failed", "rows_done": 0}]
         assert cat.scalar("SELECT count(*) FROM candidates WHERE auto_status = 'generated'") == 0
+
+
+def test_the_first_ctrl_c_ends_a_job_waiting_for_placement(edits_ws, cluster):
+    """Three replicas on two one-CPU nodes: two start, the third waits (timeout 120 s). One
+    SIGINT, sent once the two hold both CPUs, ends the job at once: exit 130, one line, the
+    run recorded as interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    ws, _ = edits_ws
+    ws.set_config("ray", {"placement_timeout": 120})
+    env = dict(os.environ, ULTRACURATE_PROGRESS="0")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ultracurate.cli", "generate", "-w", str(ws.root), "--where",
+         "mode = 'free'", "--candidates", "1", "--size", "64", "--engine", "ray",
+         "--address", cluster.address, "--workers", "3", "--cpus-per-worker", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
+        deadline = time.monotonic() + 90
+        while ray.available_resources().get("CPU", 0) > 0 and proc.poll() is None:
+            assert time.monotonic() < deadline, "the two replicas never started"
+            time.sleep(0.5)
+        ray.shutdown()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert proc.returncode == 130, err
+    assert lines[-1].startswith("error: generate interrupted"), err
+    assert "Traceback" not in err
+    with ws.catalog(read_only=True) as cat:
+        assert cat.query("SELECT state FROM runs WHERE stage = 'generate'") == [
+            {"state": "interrupted"}]
