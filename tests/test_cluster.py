@@ -11,6 +11,7 @@ import pytest
 
 from _clirun import one_line_error, run_many
 from test_generate_stage import add_edits
+from ultracurate.models import make_tiny
 from ultracurate.runner import RayEngine, run
 from ultracurate.selection import Selection
 
@@ -60,23 +61,34 @@ def _workers(ws, run_id) -> dict:
         return json.loads(cat.scalar("SELECT workers FROM runs WHERE run_id = ?", [run_id]))
 
 
-def test_generate_spreads_over_both_nodes_and_survives_losing_one(edits_ws, cluster):
+FREE = Selection(where="mode = 'free'")   # two edits of the demo: 8 candidates at 4 each
+
+
+@pytest.mark.parametrize("stage", ["generate", "score"])
+def test_a_stage_spreads_over_both_nodes_and_survives_losing_one(edits_ws, cluster, stage):
     ws, ids = edits_ws
+    if stage == "score":   # candidates rendered locally first, then scored on the cluster
+        make_tiny(ws.section("models")["tiny_dir"], ("clip", "dino"))
+        run(ws, "generate", FREE, candidates=4, size=64, pairs_per_call=1, progress=False)
     engine = LoseNodeAfterFirstBatch(cluster, address=cluster.address, num_workers=2,
                                      num_cpus_per_worker=1)
-    out = run(ws, "generate", Selection(where="mode = 'free'"), candidates=4, size=64,
-              pairs_per_call=1, engine=engine, batch_size=1, progress=False)
+    options = {"candidates": 4, "size": 64, "pairs_per_call": 1} if stage == "generate" else {}
+    out = run(ws, stage, FREE, engine=engine, batch_size=1, progress=False, **options)
     assert out.state == "completed"
     assert out.rows_in == 8 and out.rows_done == 8 and out.rows_failed == 0
     with ws.catalog(read_only=True) as cat:
-        rows = cat.query("SELECT edit_id, candidate_index, auto_status, edited_image "
-                         "FROM candidates ORDER BY candidate_id")
-        marks = cat.query("SELECT key, state FROM stage_state WHERE stage = 'generate'")
-    # every planned candidate rendered exactly once, none missing, none twice
+        rows = cat.query("SELECT * FROM candidates ORDER BY candidate_id")
+        marks = cat.query("SELECT key, state FROM stage_state WHERE stage = ?", [stage])
+    # every row computed exactly once, none missing, none twice
     assert len(rows) == 8 and len({(r["edit_id"], r["candidate_index"]) for r in rows}) == 8
-    assert all(r["auto_status"] == "generated" and ws.media.exists(r["edited_image"])
-               for r in rows)
-    assert len(marks) == 8 and {m["state"] for m in marks} == {"done"}
+    if stage == "generate":
+        assert all(r["auto_status"] == "generated" and ws.media.exists(r["edited_image"])
+                   for r in rows)
+    else:
+        assert all(r["auto_status"] == "scored" and r["score_run"] == out.run_id
+                   and r["clip_sim_dir"] is not None and r["ssim"] is not None for r in rows)
+    assert sorted(m["key"] for m in marks) == sorted(r["candidate_id"] for r in rows)
+    assert {m["state"] for m in marks} == {"done"}
     placed = _workers(ws, out.run_id)
     # the two replicas started on the two nodes, one of them the node that was lost
     assert len(set(placed["placed"])) == 2 and engine.removed in placed["placed"]
