@@ -18,15 +18,14 @@ from ultracurate.selection import Selection
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture
-def cluster():
+@pytest.fixture(scope="module")
+def _cluster():
     """A head and one worker node, one CPU each: a replica asking for one CPU fits once per
-    node, so two replicas must land on both."""
+    node, so two replicas must land on both. Started once for the module."""
     from ray.cluster_utils import Cluster
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1,
                                                       "include_dashboard": False})
-    c.worker = c.add_node(num_cpus=1)
-    c.wait_for_nodes()
+    c.worker = None
     try:
         yield c
     finally:
@@ -36,13 +35,27 @@ def cluster():
 
 
 @pytest.fixture
+def cluster(_cluster):
+    """The module's cluster with its two nodes (a test that lost the worker node gets a new
+    one)."""
+    if _cluster.worker is None or _cluster.worker not in _cluster.list_all_nodes():
+        _cluster.worker = _cluster.add_node(num_cpus=1)
+    _cluster.wait_for_nodes()
+    yield _cluster
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
 def edits_ws(ingested_ws):
     return ingested_ws, add_edits(ingested_ws)
 
 
 class LoseNodeAfterFirstBatch(RayEngine):
     """The real engine; once the first batch has come back (and been committed), the worker
-    node is removed from the cluster, taking its replica and the batches in flight on it."""
+    node is removed from the cluster, taking its replica and the batches in flight on it.
+    With batch size 1 there are more batches than in flight (2 per replica), so the lost
+    replica is always found: a batch in flight on it, or the next one sent to it, fails."""
 
     def __init__(self, cluster, **kw):
         super().__init__(**kw)
