@@ -58,7 +58,9 @@ class Context:
 
     @property
     def workspace(self) -> Workspace:
-        return Workspace(self.workspace_root)
+        # the driver's config travels with the context: a worker needs no workspace folder
+        return (Workspace.attached(self.workspace_root, self.config) if self.config
+                else Workspace(self.workspace_root))
 
 
 @dataclass
@@ -883,6 +885,7 @@ def _end(cat: Catalog, run_id: int, state: str, message: str | None = None, **co
 def _run_rows(ws: Workspace, cat: Catalog, stage: RowStage, selection: Selection, engine,
               force: bool, device: str | None, batch_size: int | None, progress: bool,
               parent_run: int | None) -> RunSummary:
+    ws.media.check()   # one line now, not a failure per row on the workers
     ws.media.clean_tmp()
     ctx = Context(str(ws.root), device or default_device(), 0, ws.config, force,
                   progress=progress)
