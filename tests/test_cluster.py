@@ -10,10 +10,12 @@ import json
 import pytest
 
 from _clirun import one_line_error, run_many
+from _s3 import CREDENTIALS, objects, s3_server, use_bucket
 from test_generate_stage import add_edits
 from ultracurate.models import make_tiny
 from ultracurate.runner import RayEngine, run
 from ultracurate.selection import Selection
+from ultracurate.stages.ingest import IngestStage, discover
 
 ray = pytest.importorskip("ray")
 
@@ -51,6 +53,26 @@ def edits_ws(ingested_ws):
     return ingested_ws, add_edits(ingested_ws)
 
 
+@pytest.fixture(scope="module")
+def endpoint():
+    server, url = s3_server()
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def bucket_ws(ws, demo_photos, endpoint, monkeypatch):
+    """A workspace whose media store is a bucket: the replicas on both nodes read anchors
+    from it and write candidates to it (credentials from the driver's environment)."""
+    for k, v in CREDENTIALS.items():
+        monkeypatch.setenv(k, v)
+    use_bucket(ws, endpoint, "cluster")
+    run(ws, IngestStage(items=discover([demo_photos])), progress=False)
+    return ws, add_edits(ws)
+
+
 class LoseNodeAfterFirstBatch(RayEngine):
     """The real engine; once the first batch has come back (and been committed), the worker
     node is removed from the cluster, taking its replica and the batches in flight on it.
@@ -78,8 +100,9 @@ FREE = Selection(where="mode = 'free'")   # two edits of the demo: 8 candidates 
 
 
 @pytest.mark.parametrize("stage", ["generate", "score"])
-def test_a_stage_spreads_over_both_nodes_and_survives_losing_one(edits_ws, cluster, stage):
-    ws, ids = edits_ws
+def test_a_stage_spreads_over_both_nodes_and_survives_losing_one(bucket_ws, cluster, stage,
+                                                                endpoint):
+    ws, ids = bucket_ws
     if stage == "score":   # candidates rendered locally first, then scored on the cluster
         make_tiny(ws.section("models")["tiny_dir"], ("clip", "dino"))
         run(ws, "generate", FREE, candidates=4, size=64, pairs_per_call=1, progress=False)
@@ -95,8 +118,10 @@ def test_a_stage_spreads_over_both_nodes_and_survives_losing_one(edits_ws, clust
     # every row computed exactly once, none missing, none twice
     assert len(rows) == 8 and len({(r["edit_id"], r["candidate_index"]) for r in rows}) == 8
     if stage == "generate":
-        assert all(r["auto_status"] == "generated" and ws.media.exists(r["edited_image"])
-                   for r in rows)
+        assert all(r["auto_status"] == "generated" for r in rows)
+        keys = set(objects(endpoint, "cluster"))
+        assert all(f"media/{r[c][:2]}/{r[c]}" in keys for r in rows
+                   for c in ("source_image", "edited_image"))
     else:
         assert all(r["auto_status"] == "scored" and r["score_run"] == out.run_id
                    and r["clip_sim_dir"] is not None and r["ssim"] is not None for r in rows)
