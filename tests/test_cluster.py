@@ -12,6 +12,7 @@ import pytest
 from _clirun import one_line_error, run_many
 from _s3 import CREDENTIALS, objects, s3_server, use_bucket
 from test_generate_stage import add_edits
+from ultracurate.errors import UltracurateError
 from ultracurate.models import make_tiny
 from ultracurate.runner import RayEngine, run
 from ultracurate.selection import Selection
@@ -187,3 +188,30 @@ def test_the_first_ctrl_c_ends_a_job_waiting_for_placement(edits_ws, cluster):
     with ws.catalog(read_only=True) as cat:
         assert cat.query("SELECT state FROM runs WHERE stage = 'generate'") == [
             {"state": "interrupted"}]
+
+
+def test_a_worker_running_other_code_is_one_clear_error(edits_ws, cluster, tmp_path,
+                                                        monkeypatch):
+    """The workers get another copy of the package (one comment added): their code differs
+    from the driver's, and the job says so before any row is computed."""
+    import shutil
+
+    import ultracurate
+    import ultracurate.runner as runner
+    other = tmp_path / "other" / "ultracurate"
+    shutil.copytree(ultracurate.__path__[0], other,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    with open(other / "names.py", "a") as f:
+        f.write("# a change the driver does not have\n")
+    monkeypatch.setattr(runner, "_package_dir", lambda: str(other))
+    # Ray puts the driver's working directory first on the workers' sys.path: not the
+    # checkout, whose package would shadow the shipped one
+    monkeypatch.chdir(tmp_path)
+    ws, _ = edits_ws
+    engine = RayEngine(address=cluster.address, num_workers=1, num_cpus_per_worker=1)
+    with pytest.raises(UltracurateError) as e:
+        run(ws, "generate", FREE, candidates=1, size=64, engine=engine, progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "runs ultracurate" in msg and runner.code_digest() in msg
+    with ws.catalog(read_only=True) as cat:
+        assert cat.scalar("SELECT rows_done FROM runs WHERE stage = 'generate'") == 0

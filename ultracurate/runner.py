@@ -464,12 +464,14 @@ _FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "ULTRACUR
 
 
 def _package_dir() -> str:
+    """The package folder shipped to the workers."""
     return str(Path(__file__).resolve().parent)
 
 
 def code_digest() -> str:
-    """A digest of the package's Python sources: driver and workers must run the same code."""
-    return _code_digest(_package_dir())
+    """A digest of the Python sources of the package this process runs: driver and workers
+    must run the same code."""
+    return _code_digest(str(Path(__file__).resolve().parent))
 
 
 @functools.lru_cache(maxsize=4)
