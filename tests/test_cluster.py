@@ -6,6 +6,7 @@ complete, and a placement the cluster cannot meet refused in one line within the
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -215,3 +216,18 @@ def test_a_worker_running_other_code_is_one_clear_error(edits_ws, cluster, tmp_p
     assert "\n" not in msg and "runs ultracurate" in msg and runner.code_digest() in msg
     with ws.catalog(read_only=True) as cat:
         assert cat.scalar("SELECT rows_done FROM runs WHERE stage = 'generate'") == 0
+
+
+@pytest.mark.parametrize("kw, fragment", [
+    ({"engine": "local", "workers": 2}, "--workers 2 needs --engine ray"),
+    ({"engine": "ray", "config": {"placement_timout": 5}},
+     "[ray] placement_timout: unknown setting"),
+    ({"engine": "ray", "config": {"placement_timeout": 0}},
+     "[ray] placement_timeout must be a number of seconds > 0"),
+    ({"engine": "ray", "config": {"retries": -1}}, "[ray] retries must be a whole number >= 0"),
+    ({"engine": "spark"}, "unknown engine 'spark'"),
+])
+def test_engine_settings_are_checked(kw, fragment):
+    from ultracurate.runner import make_engine
+    with pytest.raises(UltracurateError, match=re.escape(fragment)):
+        make_engine(**kw)

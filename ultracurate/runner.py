@@ -739,6 +739,14 @@ def make_engine(engine: Any = None, address: str | None = None, workers: int | N
         if unknown:
             raise UltracurateError(f"[ray] {unknown[0]}: unknown setting (one of "
                                    f"{', '.join(sorted(RAY_CONFIG))})")
+        timeout, retries = cfg.get("placement_timeout"), cfg.get("retries")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(
+                timeout, (int, float)) or not 0 < timeout < float("inf")):
+            raise UltracurateError(f"[ray] placement_timeout must be a number of seconds > 0, "
+                                   f"got {timeout!r}")
+        if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)
+                                    or retries < 0):
+            raise UltracurateError(f"[ray] retries must be a whole number >= 0, got {retries!r}")
         return RayEngine(address=address or cfg.get("address"),
                          num_workers=workers or cfg.get("workers"),
                          num_gpus_per_worker=_first(gpus_per_worker, cfg.get("gpus_per_worker")),
