@@ -404,9 +404,9 @@ class RayEngine:
         if ray.is_initialized():
             return False
         env = {"env_vars": {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}}
-        # Ray's own messages stay quiet unless -v (ULTRACURATE_VERBOSE)
-        quiet = {"include_dashboard": False, "log_to_driver": False,
-                 "logging_level": "INFO" if os.environ.get("ULTRACURATE_VERBOSE") else "ERROR"}
+        # Ray's own messages stay quiet (a refusal is one line); its logs are in its session
+        # folder (/tmp/ray/session_latest/logs)
+        quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
         if self.address in (None, "local"):
             ray.init(num_cpus=os.cpu_count(), runtime_env=env, **quiet)
         else:
@@ -521,7 +521,8 @@ class _Replicas:
         self.replaced = 0
         self.batches_by_node: dict[str, int] = {}
         self.placed: list[str] = []   # the node of every replica that started
-        self.version = (__import__("ultracurate").__version__, code_digest())
+        from . import __version__
+        self.version = (__version__, code_digest())
 
     def _spawn(self) -> None:
         Actor = self.ray.remote(_StageActor).options(
