@@ -40,6 +40,9 @@ def test_the_pipeline_runs_with_its_media_in_a_bucket(ws, demo_photos, endpoint,
     import datasets
     url = use_bucket(ws, endpoint, "pipeline")
     assert not ws.media.local and ws.media.url == url
+    from ultracurate.commands.doctor import CHECKS, run_checks
+    [check] = run_checks(ws, skip=tuple(c for c in CHECKS if c != "media"))
+    assert check["status"] == "OK" and check["detail"] == f"{url} (object store, reachable)"
     run(ws, IngestStage(items=discover([demo_photos])), progress=False)
     ids = add_edits(ws)
     make_tiny(ws.section("models")["tiny_dir"], ("clip", "dino"))
@@ -97,6 +100,9 @@ def test_an_unreachable_media_store_is_one_line_before_anything_changes(
     res = run_many([["generate", "-w", str(ws.root), "--size", "64", "--candidates", "1"]],
                    env=CREDENTIALS)[0]
     one_line_error(res, fragment, code=1)
+    from ultracurate.commands.doctor import CHECKS, run_checks
+    [check] = run_checks(ws, skip=tuple(c for c in CHECKS if c != "media"))
+    assert check["status"] == "FAIL" and fragment in check["detail"]
     with ws.catalog(read_only=True) as cat:
         assert cat.scalar("SELECT count(*) FROM runs WHERE stage = 'generate'") == 0
         assert cat.scalar("SELECT count(*) FROM candidates") == 0

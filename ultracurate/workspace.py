@@ -155,9 +155,9 @@ class MediaStore:
     def put_bytes(self, data: bytes, ext: str) -> str:
         name = self.check_name(hashlib.sha256(data).hexdigest() + "." + ext.lower().lstrip("."))
         if not self.local:
-            key = self._key(name)
-            if not self.fs.exists(key):
-                self.fs.pipe_file(key, data)   # one PUT: the object appears whole or not at all
+            # One PUT: the object appears whole or not at all. No HEAD first: a name is its
+            # bytes' hash, so writing it again changes nothing.
+            self.fs.pipe_file(self._key(name), data)
             return name
         dest = self.path(name)
         if dest.exists():
