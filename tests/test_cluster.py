@@ -231,3 +231,21 @@ def test_engine_settings_are_checked(kw, fragment):
     from ultracurate.runner import make_engine
     with pytest.raises(UltracurateError, match=re.escape(fragment)):
         make_engine(**kw)
+
+
+def test_a_replica_whose_models_do_not_load_fails_the_job_in_one_line(edits_ws, cluster,
+                                                                      tmp_path):
+    """A replica's models load on its first batch; when they cannot (here the editor's
+    checkpoint folder does not exist), every batch would fail the same way: the job stops
+    with the loader's own reason, once, naming the node."""
+    ws, _ = edits_ws
+    ws.set_config("models", {"editor": str(tmp_path / "no-editor")})
+    engine = RayEngine(address=cluster.address, num_workers=1, num_cpus_per_worker=1)
+    with pytest.raises(UltracurateError) as e:
+        run(ws, "generate", FREE, candidates=1, size=64, engine=engine, progress=False)
+    msg = str(e.value)
+    assert msg.startswith("Ray worker failed on node ") and "\n" not in msg
+    assert "no-editor" in msg and "ray::" not in msg, msg
+    with ws.catalog(read_only=True) as cat:
+        assert cat.query("SELECT state, rows_done FROM runs WHERE stage = 'generate'") == [
+            {"state": "failed", "rows_done": 0}]

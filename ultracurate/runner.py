@@ -691,6 +691,13 @@ class _Replicas:
 
 
 def _last_line(e: BaseException) -> str:
+    """A Ray error in one line: a task's own exception (RayTaskError.cause) rather than the
+    traceback Ray wraps it in."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        e = cause
+        if not isinstance(e, UltracurateError):
+            return f"{type(e).__name__}: {_last_line(e)}"
     text = str(e).strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return (lines[0] if lines else type(e).__name__)[:300]
