@@ -255,3 +255,45 @@ def test_a_replica_whose_models_do_not_load_fails_the_job_in_one_line(edits_ws, 
     with ws.catalog(read_only=True) as cat:
         assert cat.query("SELECT state, rows_done FROM runs WHERE stage = 'generate'") == [
             {"state": "failed", "rows_done": 0}]
+
+
+class ReplaceNodeAfterFirstBatch(RayEngine):
+    """The real engine, its one replica pinned by a custom resource to a node that has it;
+    after the first batch that node goes and another with the resource joins."""
+
+    def __init__(self, cluster, node, **kw):
+        super().__init__(**kw)
+        self.cluster, self.node, self.nodes = cluster, node, [node.node_id]
+
+    def map(self, stage, batches, ctx, stop=None):
+        for item in super().map(stage, batches, ctx, stop):
+            yield item
+            if len(self.nodes) == 1:
+                self.cluster.remove_node(self.node)
+                self.node = self.cluster.add_node(num_cpus=1, resources={"uc_pin": 1})
+                self.nodes.append(self.node.node_id)
+
+
+def test_a_lost_replica_is_replaced_when_the_cluster_has_room(edits_ws, cluster):
+    """One replica, on the only node with the resource it asks for; that node is lost after
+    the first batch and a new one joins: the job waits for the replacement (none is left
+    meanwhile) and finishes every row on it."""
+    ws, _ = edits_ws
+    pinned = cluster.add_node(num_cpus=1, resources={"uc_pin": 1})
+    cluster.wait_for_nodes()
+    engine = ReplaceNodeAfterFirstBatch(cluster, pinned, address=cluster.address,
+                                        num_workers=1, num_cpus_per_worker=1,
+                                        resources_per_worker={"uc_pin": 1})
+    try:
+        out = run(ws, "generate", FREE, candidates=2, size=64, pairs_per_call=1,
+                  engine=engine, batch_size=1, progress=False)
+    finally:
+        cluster.remove_node(engine.node)
+    assert out.rows_in == 4 and out.rows_done == 4 and out.rows_failed == 0
+    workers = _workers(ws, out.run_id)
+    assert workers["placed"] == engine.nodes      # the first replica, then its replacement
+    assert workers["lost"] == 1 and workers["spec"]["uc_pin"] == 1
+    assert workers["nodes"] == {engine.nodes[0]: 1, engine.nodes[1]: 3}
+    with ws.catalog(read_only=True) as cat:
+        assert cat.scalar("SELECT count(DISTINCT candidate_id) FROM candidates "
+                          "WHERE auto_status = 'generated'") == 4
