@@ -83,6 +83,10 @@ def test_writes_to_a_bucket_are_single_puts_and_idempotent(tmp_path, endpoint, c
     assert objects(endpoint, "puts") == [f"m/{a[:2]}/{a}"]
     assert store.read_bytes(a) == b"abc" and store.exists(a) and store.size(a) == 3
     assert list(store.names()) == [a]
+    # tools that open files (the FiftyOne App) get a local copy, fetched once
+    local = store.local_path(a, tmp_path / "cache")
+    assert local == tmp_path / "cache" / a[:2] / a and local.read_bytes() == b"abc"
+    assert not list((tmp_path / "cache").rglob("*.part"))
     store.remove(a)
     assert not store.exists(a) and list(store.names()) == []
 
