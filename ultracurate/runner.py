@@ -848,20 +848,24 @@ def run(ws: Workspace, stage: str | Stage, selection: Selection | None = None, *
         raise UltracurateError(f"batch size must be a whole number >= 1, got {batch_size!r}")
     if dry_run and not isinstance(stage, SetStage):
         raise UltracurateError(f"{stage.name} has no dry run")
+    # the engine's settings are refusals too: checked first (nothing connects yet)
+    eng = make_engine(engine, address, workers, gpus_per_worker, cpus_per_worker,
+                      ws.section("ray"))
     started = time.perf_counter()
     own = cat is None
     cat = cat or ws.catalog(read_only=dry_run)
     try:
         # refusals first, before any run (this one's, or those it requires) is recorded
         stage.check(Access(cat, stage, workspace=ws, force=force), selection)
-        stage.before = [run(ws, s, device=device, progress=progress, parent_run=parent_run,
+        # the stages it requires run on the same engine (dedup's embedding pass)
+        stage.before = [run(ws, s, engine=engine, address=address, workers=workers,
+                            gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+                            device=device, progress=progress, parent_run=parent_run,
                             cat=cat) for s in stage.requires()] if not dry_run else []
         if isinstance(stage, SetStage):
             summary = _run_set(ws, cat, stage, selection, dry_run, parent_run, device,
                                progress, own)
         else:
-            eng = make_engine(engine, address, workers, gpus_per_worker, cpus_per_worker,
-                              ws.section("ray"))
             summary = _run_rows(ws, cat, stage, selection, eng, force, device, batch_size,
                                 progress, parent_run)
     finally:
