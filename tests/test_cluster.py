@@ -300,16 +300,19 @@ def test_a_lost_replica_is_replaced_when_the_cluster_has_room(edits_ws, cluster)
 
 
 ROW_COMMANDS = [["caption"], ["instruct"], ["ground"], ["classify-masks"],
-                ["generate", "--size", "64"], ["score"], ["dedup"]]
+                ["generate", "--size", "64"], ["score"], ["judge"], ["dedup"]]
 
 
 def test_every_row_stage_command_passes_workers_to_the_engine(ingested_ws):
     """--workers reaches the engine from every command that runs a row stage (dedup: its
     anchors' embedding pass): with the local engine, more than one is refused in one line."""
     ws = ingested_ws
+    make_tiny(ws.section("models")["tiny_dir"], ("judge",))  # judge plans before it runs
     results = run_many([[*cmd, "-w", str(ws.root), "--workers", "2", "--cpus-per-worker", "1"]
                         for cmd in ROW_COMMANDS])
     for cmd, res in zip(ROW_COMMANDS, results):
+        if cmd == ["judge"]:   # judge says on stderr first what it would request
+            res = {**res, "stderr": res["stderr"].splitlines()[-1]}
         one_line_error(res, "--workers 2 needs --engine ray", code=1)
     with ws.catalog(read_only=True) as cat:
         assert cat.scalar("SELECT count(*) FROM runs WHERE stage <> 'ingest'") == 0

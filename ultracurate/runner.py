@@ -35,10 +35,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .catalog import KEYS, VIEWS, Catalog, JobRun, named_queries, now
 from .errors import UltracurateError, reason_text
+from .progress import JobBar
 from .selection import Selection, selected_keys_sql
 from .workspace import Workspace
 
@@ -54,13 +55,27 @@ class Context:
     config: dict = field(default_factory=dict)
     force: bool = False
     batch_size: int | None = None   # the job's rows per batch
-    progress: bool = True           # whether the job shows progress bars
+    show_progress: bool = True      # whether the job shows progress bars
+    batch_rows: int = 0   # rows of the batch in hand (set by the local engine)
+    # the runner's bar, given rows of the batch in hand done; never shipped to a Ray worker,
+    # whose batches move the bar when they return
+    on_progress: Callable[[float], None] | None = field(default=None, repr=False,
+                                                        compare=False)
 
     @property
     def workspace(self) -> Workspace:
         # the driver's config travels with the context: a worker needs no workspace folder
         return (Workspace.attached(self.workspace_root, self.config) if self.config
                 else Workspace(self.workspace_root))
+
+    def progress(self, done: float, total: float) -> None:
+        """Report that done/total of the batch in hand is computed (a diffusion step, a
+        sub-batch), so the bar moves inside a long batch. A no-op where nothing listens."""
+        if self.on_progress is not None and self.batch_rows and total > 0:
+            self.on_progress(self.batch_rows * min(max(done / total, 0.0), 1.0))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "on_progress": None}
 
 
 @dataclass
@@ -323,6 +338,18 @@ class SetStage(Stage):
     has_produce = False
 
 
+class StepsStage(Stage):
+    """A stage made of stage runs (a chain's turns): `steps` runs them, each through `run`
+    (`ParentRun.run_step`), as children of this stage's own run, which the runner records
+    first and ends with them; what `steps` returns is the summary's result. `check` refuses
+    before anything is recorded, like the other contracts'."""
+
+    table: str | None = None
+
+    def steps(self, ws: Workspace, selection: Selection, parent, progress: bool) -> Any:
+        raise NotImplementedError
+
+
 # -- engines ----------------------------------------------------------------------------------
 class LocalEngine:
     """In-process: `prepare` runs on worker threads up to `prefetch` batches ahead of
@@ -347,6 +374,7 @@ class LocalEngine:
                 for nxt in _take(it, 1):
                     futures.put((nxt, pool.submit(stage.prepare, nxt, ctx)))
                 try:
+                    ctx.batch_rows = len(batch)   # what ctx.progress reports a share of
                     yield batch, stage.process(batch, fut.result(), ctx)
                 except (KeyboardInterrupt, SystemExit):
                     raise
@@ -440,7 +468,7 @@ class RayEngine:
             n = self._replicas(spec, gpus)
             worker_ctx = Context(ctx.workspace_root, "cuda" if spec["num_gpus"] else "cpu",
                                  ctx.run_id, ctx.config, ctx.force, ctx.batch_size,
-                                 progress=False)
+                                 show_progress=False)
             pool = _Replicas(stage, worker_ctx, spec, n, self.placement_timeout, stop)
             try:
                 pool.start()
@@ -805,25 +833,6 @@ class Interrupted(UltracurateError):
     pass
 
 
-def _progress(total: int, description: str):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
-    class RateColumn(TextColumn):
-        def __init__(self):
-            super().__init__("")
-
-        def render(self, task):
-            from rich.text import Text
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed:.1f} rows/s" if speed else "-- rows/s")
-
-    disable = os.environ.get("ULTRACURATE_PROGRESS", "1") == "0"
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    RateColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), disable=disable, transient=False)
-
-
 # -- the entry point --------------------------------------------------------------------------
 _OPEN_RUNS: set[int] = set()   # runs this process has open (never closed as dead)
 
@@ -852,6 +861,10 @@ def run(ws: Workspace, stage: str | Stage, selection: Selection | None = None, *
     eng = make_engine(engine, address, workers, gpus_per_worker, cpus_per_worker,
                       ws.section("ray"))
     started = time.perf_counter()
+    if isinstance(stage, StepsStage):
+        summary = _run_steps(ws, stage, selection, parent_run, progress)
+        summary.seconds = round(time.perf_counter() - started, 3)
+        return summary
     own = cat is None
     cat = cat or ws.catalog(read_only=dry_run)
     try:
@@ -910,7 +923,7 @@ def _run_rows(ws: Workspace, cat: Catalog, stage: RowStage, selection: Selection
     ws.media.check()   # one line now, not a failure per row on the workers
     ws.media.clean_tmp()
     ctx = Context(str(ws.root), device or default_device(), 0, ws.config, force,
-                  progress=progress)
+                  show_progress=progress)
     items = stage.items()
     if items is not None:
         cat.con.register(ITEMS, items)
@@ -936,7 +949,8 @@ def _run_rows(ws: Workspace, cat: Catalog, stage: RowStage, selection: Selection
         cat.runs.update([{"run_id": run_id, "rows_in": n_rows}])
         done = failed = 0
         state = "completed"
-        bar = _progress(n_rows, stage.name) if progress else None
+        bar = JobBar(n_rows, stage.name) if progress else None
+        ctx.on_progress = bar
         ctrl_c = _DeferredInterrupt()
         w = Access(cat, stage, JobRun(run_id), writable=True, workspace=ws, force=force)
         results = None
@@ -944,7 +958,6 @@ def _run_rows(ws: Workspace, cat: Catalog, stage: RowStage, selection: Selection
             ctrl_c.install()
             if bar:
                 bar.start()
-                task = bar.add_task(stage.name, total=n_rows)
             results = (engine.map(stage, batches, ctx, stop=lambda: ctrl_c.requested)
                        if n_rows else iter(()))
             for batch, result in results:
@@ -952,7 +965,7 @@ def _run_rows(ws: Workspace, cat: Catalog, stage: RowStage, selection: Selection
                 done += n_done
                 failed += n_failed
                 if bar:
-                    bar.advance(task, len(batch))
+                    bar.advance(len(batch))
                 if ctrl_c.requested:
                     raise KeyboardInterrupt
             with cat.transaction():
@@ -1005,7 +1018,7 @@ def _run_set(ws: Workspace, cat: Catalog, stage: SetStage, selection: Selection,
         return RunSummary(None, stage.name, 0, 0, 0, "dry-run", result=stage.preview(plan))
     if not stage.record_empty and stage.empty(plan):
         return RunSummary(None, stage.name, 0, 0, 0, "empty", result=stage.preview(plan))
-    ctx = Context(str(ws.root), device or "cpu", 0, ws.config, progress=progress)
+    ctx = Context(str(ws.root), device or "cpu", 0, ws.config, show_progress=progress)
     models = stage.models(ctx) if stage.roles else {}
     if not stage.has_produce:
         try:
@@ -1046,6 +1059,18 @@ def _run_set(ws: Workspace, cat: Catalog, stage: SetStage, selection: Selection,
             _end(c, run_id, *_failure_state(e))
             raise
     return _set_summary(stage, w.run, result)
+
+
+def _run_steps(ws: Workspace, stage: StepsStage, selection: Selection,
+               parent_run: int | None, progress: bool) -> RunSummary:
+    from .recipe import ParentRun
+    with ws.catalog() as cat:  # refusals first: nothing recorded
+        stage.check(Access(cat, stage, workspace=ws), selection)
+    with ParentRun(ws, stage.name, stage.params, 0, parent_run=parent_run,
+                   selection=selection) as parent:
+        result = stage.steps(ws, selection, parent, progress)
+    return RunSummary(parent.run_id, stage.name, parent.done, parent.done, 0, "completed",
+                      result=result)
 
 
 def _failure_state(e: BaseException) -> tuple[str, str]:

@@ -117,6 +117,10 @@ class MediaStore:
     def load_rgb(self, name: str, max_pixels: int | None = None):
         """The file decoded to RGB, or BadImage naming it (missing, unreadable, not an
         image)."""
+        return self.inspect(name, max_pixels)[1]
+
+    def inspect(self, name: str, max_pixels: int | None = None):
+        """(ImageInfo, RGB image) of the file, or BadImage naming it."""
         from .images import MAX_PIXELS, BadImage, inspect_image, read_bytes
         if self.local:
             data = read_bytes(self.path(name))
@@ -127,7 +131,7 @@ class MediaStore:
                 raise BadImage(f"{self.where(name)}: file not found") from None
             except OSError as e:
                 raise BadImage(f"{self.where(name)}: cannot read ({e})") from None
-        return inspect_image(data, self.where(name), max_pixels or MAX_PIXELS)[1]
+        return inspect_image(data, self.where(name), max_pixels or MAX_PIXELS)
 
     def size(self, name: str) -> int:
         return self.path(name).stat().st_size if self.local else int(

@@ -2,7 +2,8 @@
 
 For every selected scored candidate it decides `auto_status` ('accepted' | 'rejected') and
 records ALL of the reasons a rejected row fails, e.g.
-['clip_sim_image < 0.75', 'clip_sim_dir < 0.22'], then per edit:
+['clip_sim_image < 0.75', 'clip_sim_dir < 0.22', 'judge_instruction < 4'] (a score the row
+lacks fails its rule as 'judge_quality missing'), then per edit:
 
 - top-k: among the rows that pass the thresholds, the k with the highest clip_sim_dir stay
   accepted; the others record 'not in top 4 by clip_sim_dir';
@@ -26,14 +27,18 @@ from dataclasses import dataclass, field
 
 from ..catalog import Catalog
 from ..errors import UltracurateError
-from ..names import MODES, SCORE_COLUMNS
+from ..names import MODES
 from ..runner import SetStage
 from ..selection import Selection, selected_keys_sql
-from ..thresholds import Rule, Thresholds
+from ..thresholds import JUDGE_COLUMNS, SCORE_RANGES, Rule, Thresholds
 
 DEFAULT_WHERE = ("auto_status IN ('scored', 'accepted', 'rejected') "
                  "AND clip_sim_dir IS NOT NULL")
-_SCORE_COLS = ", ".join(SCORE_COLUMNS)
+_SCORE_COLS = ", ".join(SCORE_RANGES)  # every column a rule can bound, the judge's too
+# Which passing candidate of a group comes first (top-k; and the one a chain continues with):
+# a human accept, then the highest clip_sim_dir.
+RANK_ORDER = ("(human_decision = 'accept') DESC NULLS LAST, clip_sim_dir DESC NULLS LAST, "
+              "candidate_id")
 
 
 @dataclass
@@ -76,9 +81,29 @@ def _cond(rule: Rule) -> str:
     return f"coalesce({rule.column} {bad} {_lit(rule.value)}, true)"
 
 
+def _reason(rule: Rule) -> str:
+    """SQL for what a row failing rule records: the rule's reason, or '<column> missing'."""
+    return f"(CASE WHEN {rule.column} IS NULL THEN '{rule.column} missing' " \
+           f"ELSE '{rule.reason}' END)"
+
+
 def _per_mode(exprs: dict[str, str], default: str = "NULL") -> str:
     whens = " ".join(f"WHEN '{m}' THEN {e}" for m, e in exprs.items())
     return f"(CASE mode {whens} ELSE {default} END)" if whens else f"({default})"
+
+
+def verdict_sql(t: Thresholds) -> tuple[str, str]:
+    """(CLIP verdict, judge verdict): SQL over candidates_v true when a row passes the score
+    rules of its mode, and the judge rules (`Thresholds.verdict_rules`). Trusted predicates
+    (column names and numbers only), usable as a --where."""
+    def passes(rules: list[Rule]) -> str:
+        return " AND ".join(f"NOT {_cond(r)}" for r in rules) or "true"
+    clip = _per_mode({m: passes(t.verdict_rules(m)[0]) for m in MODES}, "false")
+    judge = _per_mode({m: passes(t.verdict_rules(m)[1]) for m in MODES}, "false")
+    return clip, judge
+
+
+JUDGED = " AND ".join(f"{c} IS NOT NULL" for c in JUDGE_COLUMNS)
 
 
 def _decision_sql(con, selection: Selection, t: Thresholds) -> tuple[str, dict, list]:
@@ -94,7 +119,7 @@ def _decision_sql(con, selection: Selection, t: Thresholds) -> tuple[str, dict, 
         modes_with = {m: "true" for m in MODES if rule in t.rules(m)}
         applies = _per_mode(modes_with, "false")
         flags.append(f"({applies} AND {_cond(rule)}) AS fail_{i}")
-        reason_items.append(f"(CASE WHEN fail_{i} THEN ['{rule.reason}'] "
+        reason_items.append(f"(CASE WHEN fail_{i} THEN [{_reason(rule)}] "
                             "ELSE []::VARCHAR[] END)")
     flags_sql = (", " + ", ".join(flags)) if flags else ""
     reasons_sql = " || ".join(reason_items) if reason_items else "[]::VARCHAR[]"
@@ -109,9 +134,7 @@ def _decision_sql(con, selection: Selection, t: Thresholds) -> tuple[str, dict, 
     ranked AS (
       SELECT *,
         CASE WHEN pool THEN row_number() OVER (
-          PARTITION BY edit_id, pool
-          ORDER BY (human_decision = 'accept') DESC NULLS LAST, clip_sim_dir DESC NULLS LAST,
-                   candidate_id) END AS rank,
+          PARTITION BY edit_id, pool ORDER BY {RANK_ORDER}) END AS rank,
         sum(pool::INTEGER) OVER (PARTITION BY edit_id) AS n_pass
       FROM p)
     SELECT *,
