@@ -794,6 +794,9 @@ class ExportStage(SetStage):
     def check(self, r, selection) -> None:
         check_target(self.out, r.workspace, self.overwrite)
 
+    def effective_selection(self, selection):
+        return _with_default(selection)
+
     def plan(self, r, selection):
         from .card import run_provenance
         sel = _with_default(selection)

@@ -206,6 +206,11 @@ class Stage:
     def check(self, r: Access, selection: Selection) -> None:
         """Refuse what cannot run, before the run is recorded (reads only)."""
 
+    def effective_selection(self, selection: Selection) -> Selection:
+        """The selection the stage runs over, as runs.selection records it (an export
+        without --where: its default)."""
+        return selection
+
     def models(self, ctx: Context) -> dict:
         from .models import describe
         return describe(ctx.workspace, self.roles)
@@ -903,7 +908,8 @@ def _start(cat: Catalog, stage: Stage, selection: Selection, models: dict, engin
     # We hold the catalog's write lock, so a run still marked running (and not one this
     # process holds open) has died (SIGKILL, power loss): close it, its batches stand.
     cat.con.execute(named_queries("runs")["close_dead"], [sorted(_OPEN_RUNS) or [-1]])
-    run_id = cat.start_run(stage.name, stage.params, selection.to_json(), models,
+    recorded = getattr(stage, "effective_selection", lambda s: s)(selection)
+    run_id = cat.start_run(stage.name, stage.params, recorded.to_json(), models,
                            engine=engine, parent_run=parent_run)
     key = resume_key(stage)
     if key:
