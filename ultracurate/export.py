@@ -255,13 +255,12 @@ def _media(ws: Workspace, row: dict, column: str) -> Media:
         raise UltracurateError(f"candidate {cid}: has no {what} (status {row['status']}); "
                                "narrow --where to generated rows")
     try:
-        path = ws.media.path(name)
-        return Media(path.read_bytes(), name, _ext(name))
+        return Media(ws.media.read_bytes(name), name, _ext(name))
     except UltracurateError as e:  # the store refuses a name that is not one of its own
         raise UltracurateError(f"candidate {cid}: {what}: {e}") from None
     except FileNotFoundError:
         raise UltracurateError(f"candidate {cid}: {what} {name} is missing from the media "
-                               f"store ({path})") from None
+                               f"store ({ws.media.where(name)})") from None
     except OSError as e:
         raise UltracurateError(f"candidate {cid}: cannot read {what} {name} "
                                f"({e.strerror or e})") from None

@@ -42,7 +42,8 @@ from .selection import Selection
 from .workspace import Workspace
 
 # A step's keys that are not its stage's options.
-RUN_KEYS = ("engine", "address", "workers", "device", "batch_size", "force")
+RUN_KEYS = ("engine", "address", "workers", "gpus_per_worker", "cpus_per_worker", "device",
+            "batch_size", "force")
 SELECT_KEYS = ("where", "params", "limit", "sample", "seed")
 
 

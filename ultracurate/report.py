@@ -136,7 +136,7 @@ def _funnel_section(ws, cat, selection: Selection, t: Thresholds) -> str:
 
 def _examples(ws, df, per_type: int) -> str:
     plt = _plt()
-    from .images import BadImage, load_rgb
+    from .images import BadImage
     out = []
     import polars as pl
     for et in [e for e in EDIT_TYPES if e in set(df["edit_type"].to_list())]:
@@ -152,12 +152,14 @@ def _examples(ws, df, per_type: int) -> str:
                                               ("edited_image", "edited"))):
                 ax = axes[i][j]
                 ax.axis("off")
-                path = ws.media.path(r[key]) if r[key] else None  # a bad name: one error
+                name = ws.media.check_name(r[key]) if r[key] else None  # a bad name: one error
                 try:
-                    im = load_rgb(path)
+                    if name is None:
+                        raise BadImage("no media")
+                    im = ws.media.load_rgb(name)
                     im.thumbnail((256, 256))
                     ax.imshow(im)
-                except (BadImage, TypeError):
+                except BadImage:
                     ax.text(0.5, 0.5, "missing", ha="center")
                 dirs = r["clip_sim_dir"]
                 title = (f"#{r['candidate_id']} {r['status']}"
@@ -211,19 +213,21 @@ def _judge_section(ws, conf: dict, t: Thresholds) -> str:
            f"answers: {conf['invalid']}.</p>"]
     if conf["disagree"]:
         plt = _plt()
-        from .images import BadImage, load_rgb
+        from .images import BadImage
         rows = conf["disagree"]
         fig, axes = plt.subplots(len(rows), 2, figsize=(6, 2.6 * len(rows)), squeeze=False)
         for i, r in enumerate(rows):
             for j, key in enumerate(("source_image", "edited_image")):
                 ax = axes[i][j]
                 ax.axis("off")
-                path = ws.media.path(r[key]) if r[key] else None  # a bad name: one error
+                name = ws.media.check_name(r[key]) if r[key] else None  # a bad name: one error
                 try:
-                    im = load_rgb(path)
+                    if name is None:
+                        raise BadImage("no media")
+                    im = ws.media.load_rgb(name)
                     im.thumbnail((256, 256))
                     ax.imshow(im)
-                except (BadImage, TypeError):
+                except BadImage:
                     ax.text(0.5, 0.5, "missing", ha="center")
             kind = "CLIP passes, judge fails" if r["clip_pass"] else "judge passes, CLIP fails"
             axes[i][0].set_title(f"#{r['candidate_id']}: {(r['instruction'] or '')[:40]}",

@@ -412,7 +412,9 @@ def open_review_dataset(ws: Workspace, name: str | None = None, create: bool = F
 def _slice_paths(ws: Workspace, row: dict) -> dict[str, str]:
     media = {"anchor": row.get("anchor_media"), "source": row.get("source_image"),
              "edited": row.get("edited_image")}
-    out = {s: str(ws.media.path(n)) for s, n in media.items() if n}
+    # FiftyOne opens files: media in a bucket is fetched once into the workspace's cache
+    out = {s: str(ws.media.local_path(n, ws.root / "cache" / "media"))
+           for s, n in media.items() if n}
     if row.get("mask_rle") and row.get("mask_height") and row.get("mask_width"):
         try:
             out["mask"] = str(mask_png(ws, row["mask_rle"], row["mask_height"],

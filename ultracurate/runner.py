@@ -34,6 +34,7 @@ once its process is gone (`ultracurate.runs`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -76,7 +77,9 @@ class Context:
 
     @property
     def workspace(self) -> Workspace:
-        return Workspace(self.workspace_root)
+        # the driver's config travels with the context: a worker needs no workspace folder
+        return (Workspace.attached(self.workspace_root, self.config) if self.config
+                else Workspace(self.workspace_root))
 
     def progress(self, done: float, total: float) -> None:
         """Report that done/total of the batch in hand is computed (a diffusion step, a
@@ -376,7 +379,7 @@ class LocalEngine:
         self.prefetch = prefetch
         self.threads = threads
 
-    def map(self, stage: RowStage, batches, ctx: Context
+    def map(self, stage: RowStage, batches, ctx: Context, stop=None
             ) -> Iterator[tuple[list[dict], BatchResult | BaseException]]:
         stage.setup(ctx)
         with ThreadPoolExecutor(self.threads) as pool:
@@ -408,67 +411,361 @@ def _take(it, n):
 
 
 class RayEngine:
-    """One stage replica per Ray actor (one per GPU when there are GPUs), fed batches through
-    an ActorPool; results stream back to the driver, which alone writes the catalog. Media is
-    written by the workers into the workspace's media store, a path every node must see."""
+    """Stage replicas as Ray actors, spread over the cluster's nodes; results stream back to
+    the driver, which alone writes the catalog. Workers read and write media through the
+    workspace's media store (a shared mount or a bucket, see `workspace.MediaStore`).
+
+    Faults: a replica that dies (its node lost) takes its in-flight batches with it; the
+    driver knows which (each task is tracked), resubmits them to live replicas (at most
+    `retries` times each; beyond that the batch's rows are marked failed and a rerun retries
+    them), and starts a replacement when the cluster has room. Nothing is written twice:
+    a batch's rows are committed only from the one result that reaches the driver.
+    Placement: the replicas must all start within `placement_timeout` seconds, else the job
+    fails in one line naming what it asked for and what the cluster has."""
 
     name = "ray"
 
     def __init__(self, address: str | None = None, num_workers: int | None = None,
-                 num_gpus_per_worker: float | None = None):
+                 num_gpus_per_worker: float | None = None,
+                 num_cpus_per_worker: float | None = None,
+                 resources_per_worker: dict | None = None,
+                 placement_timeout: float | None = None, retries: int | None = None,
+                 ship_code: bool | None = None):
         self.address = address
         self.num_workers = num_workers
         self.num_gpus_per_worker = num_gpus_per_worker
+        self.num_cpus_per_worker = num_cpus_per_worker
+        self.resources_per_worker = dict(resources_per_worker or {})
+        self.placement_timeout = float(PLACEMENT_TIMEOUT if placement_timeout is None
+                                       else placement_timeout)
+        self.retries = RAY_RETRIES if retries is None else int(retries)
+        self.ship_code = ship_code
+        self.stats: dict = {}   # what the last map did: nodes, replicas lost, batches retried
+        # (recorded in runs.workers)
 
-    def map(self, stage: RowStage, batches, ctx: Context):
+    # -- the cluster ------------------------------------------------------------------------
+    def _connect(self) -> bool:
+        """ray.init unless the caller did; True when this engine started (and ends) it."""
         import ray
-        from ray.util import ActorPool
+        if ray.is_initialized():
+            return False
+        env = {"env_vars": {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}}
+        # Ray's own messages stay quiet (a refusal is one line); its logs are in its session
+        # folder (/tmp/ray/session_latest/logs)
+        quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
+        if self.address in (None, "local"):
+            ray.init(num_cpus=os.cpu_count(), runtime_env=env, **quiet)
+        else:
+            if self.ship_code is not False:   # workers import the driver's code, not theirs
+                env["py_modules"] = [_package_dir()]
+                env["excludes"] = ["__pycache__", "*.pyc"]
+            ray.init(address=self.address, runtime_env=env, **quiet)
+        return True
 
-        started = False
-        if not ray.is_initialized():
-            if self.address in (None, "local"):
-                ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
-                         log_to_driver=False, ignore_reinit_error=True)
-            else:
-                ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
-            started = True
+    def _spec(self, gpus_in_cluster: float) -> dict:
+        per_gpu = self.num_gpus_per_worker if self.num_gpus_per_worker is not None else (
+            1 if gpus_in_cluster else 0)
+        per_cpu = self.num_cpus_per_worker if self.num_cpus_per_worker is not None else 1
+        return {"num_gpus": per_gpu, "num_cpus": per_cpu,
+                "resources": self.resources_per_worker}
+
+    def _replicas(self, spec: dict, gpus_in_cluster: float) -> int:
+        if self.num_workers:
+            return self.num_workers
+        if spec["num_gpus"]:
+            return max(1, int(gpus_in_cluster // spec["num_gpus"]))
+        return 1
+
+    def map(self, stage: RowStage, batches, ctx: Context, stop=None):
+        import ray
+        self.stats = {}
+        started = self._connect()
         try:
             gpus = ray.cluster_resources().get("GPU", 0)
-            per = self.num_gpus_per_worker if self.num_gpus_per_worker is not None else (
-                1 if gpus else 0)
-            n = self.num_workers or (int(gpus // per) if per else 1) or 1
-            worker_ctx = Context(ctx.workspace_root, "cuda" if per else "cpu", ctx.run_id,
-                                 ctx.config, ctx.force, ctx.batch_size)
-            Actor = ray.remote(num_gpus=per, num_cpus=1)(_StageActor)
-            actors = [Actor.remote(stage, worker_ctx) for _ in range(n)]
-            pool = ActorPool(actors)
-            it = iter(batches)
-
-            def submit(k):  # keep at most 2 batches per worker in flight
-                for batch in _take(it, k):
-                    pool.submit(lambda a, b: a.run.remote(b), batch)
-            submit(2 * n)
-            while pool.has_next():
-                submit(1)
-                try:
-                    batch, result = pool.get_next()
-                except ray.exceptions.RayError as e:
-                    # A worker died (or could not start): its batches cannot be told apart,
-                    # so stop; what committed stays and a rerun resumes the rest.
-                    first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                    raise UltracurateError(f"Ray worker failed: {first}") from None
-                yield batch, result
+            spec = self._spec(gpus)
+            n = self._replicas(spec, gpus)
+            worker_ctx = Context(ctx.workspace_root, "cuda" if spec["num_gpus"] else "cpu",
+                                 ctx.run_id, ctx.config, ctx.force, ctx.batch_size,
+                                 show_progress=False)
+            pool = _Replicas(stage, worker_ctx, spec, n, self.placement_timeout, stop)
+            try:
+                pool.start()
+                yield from pool.feed(batches, self.retries)
+            finally:
+                self.stats = pool.stats()
+                pool.close()
         finally:
             if started:
                 ray.shutdown()
 
 
+PLACEMENT_TIMEOUT = 60.0   # seconds every replica has to start (config: [ray] placement_timeout)
+RAY_RETRIES = 2            # times a batch whose replica died is resubmitted ([ray] retries)
+IN_FLIGHT = 2              # batches queued per replica (one running, one waiting)
+# Environment the workers need as the driver has it (offline flags; credentials of the media
+# store are read by the workers' own s3fs from their environment or the workspace config).
+_FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "ULTRACURATE_PROGRESS",
+                  "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                  "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL")
+
+
+def _package_dir() -> str:
+    """The package folder shipped to the workers."""
+    return str(Path(__file__).resolve().parent)
+
+
+def code_digest() -> str:
+    """A digest of the Python sources of the package this process runs: driver and workers
+    must run the same code."""
+    return _code_digest(str(Path(__file__).resolve().parent))
+
+
+@functools.lru_cache(maxsize=4)
+def _code_digest(root: str) -> str:
+    h = hashlib.sha256()
+    for p in sorted(Path(root).rglob("*.py")):
+        if "__pycache__" not in p.parts:
+            h.update(p.relative_to(root).as_posix().encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _describe(spec: dict) -> str:
+    parts = [f"CPU {spec['num_cpus']:g}"] + ([f"GPU {spec['num_gpus']:g}"]
+                                              if spec["num_gpus"] else [])
+    parts += [f"{k} {v:g}" for k, v in sorted(spec["resources"].items())]
+    return ", ".join(parts)
+
+
+def _cluster_text() -> str:
+    """What the cluster has: its live nodes and their resources (total, and free now)."""
+    import ray
+    nodes = [x for x in ray.nodes() if x.get("Alive")]
+    total, free = ray.cluster_resources(), ray.available_resources()
+
+    def show(res):
+        keep = [k for k in sorted(res) if not k.startswith("node:") and k not in
+                ("memory", "object_store_memory")]
+        return ", ".join(f"{k} {res[k]:g}" for k in keep) or "nothing"
+    return f"{len(nodes)} node(s) with {show(total)} (free: {show(free)})"
+
+
+class _Replicas:
+    """The actors of one job and the batches in flight on each; the driver's side of the
+    fault handling (see RayEngine)."""
+
+    def __init__(self, stage, ctx, spec, n, timeout, stop):
+        import ray
+        self.ray = ray
+        self.stage, self.ctx, self.spec, self.n = stage, ctx, spec, n
+        self.timeout, self.stop = timeout, stop or (lambda: False)
+        self.live: dict = {}       # actor -> node id
+        self.starting: dict = {}   # ready() ref -> actor
+        self.inflight: dict = {}   # task ref -> (actor, batch, attempt)
+        self.lost = 0
+        self.retried = 0
+        self.replaced = 0
+        self.batches_by_node: dict[str, int] = {}
+        self.placed: list[str] = []   # the node of every replica that started
+        from . import __version__
+        self.version = (__version__, code_digest())
+
+    def _spawn(self) -> None:
+        Actor = self.ray.remote(_StageActor).options(
+            num_cpus=self.spec["num_cpus"], num_gpus=self.spec["num_gpus"],
+            resources=self.spec["resources"] or None, scheduling_strategy="SPREAD",
+            max_restarts=0, max_concurrency=1)
+        actor = Actor.remote(self.stage, self.ctx)
+        self.starting[actor.ready.remote()] = actor
+
+    def _check_stop(self) -> None:
+        if self.stop():
+            raise KeyboardInterrupt
+
+    def _accept(self, ref) -> None:
+        actor = self.starting.pop(ref)
+        try:
+            node, version = self.ray.get(ref)
+        except self.ray.exceptions.RayActorError:
+            self.lost += 1   # died while starting (its node went): another may take its place
+            return
+        except self.ray.exceptions.RayError as e:
+            raise UltracurateError(f"a Ray replica could not start: {_last_line(e)}") from None
+        if tuple(version) != self.version:
+            raise UltracurateError(
+                f"the Ray worker on node {node[:12]} runs ultracurate {version[0]} (code "
+                f"{version[1]}), the driver {self.version[0]} (code {self.version[1]}): install "
+                "the same version on every node, or let the engine ship the driver's code "
+                "([ray] ship_code, on by default with --address)")
+        self.live[actor] = node
+        self.placed.append(node)
+
+    def start(self) -> None:
+        """Start n replicas and wait until all are placed, or fail in one line."""
+        for _ in range(self.n):
+            self._spawn()
+        deadline = time.monotonic() + self.timeout
+        while self.starting:
+            self._check_stop()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise UltracurateError(
+                    f"cannot place {self.n} Ray replica(s) of {_describe(self.spec)} each "
+                    f"within {self.timeout:g} s: {len(self.live)} started; the cluster has "
+                    f"{_cluster_text()}; lower --workers or the per-worker resources, or add "
+                    "nodes")
+            ready, _ = self.ray.wait(list(self.starting), num_returns=1,
+                                     timeout=min(0.5, left))
+            for ref in ready:
+                self._accept(ref)
+        if not self.live:
+            raise UltracurateError("every Ray replica died while starting")
+
+    def _submit(self, actor, batch, attempt) -> None:
+        self.inflight[actor.run.remote(batch)] = (actor, batch, attempt)
+
+    def _load(self, actor) -> int:
+        return sum(1 for a, _, _ in self.inflight.values() if a is actor)
+
+    def _free_slot(self):
+        """The live replica with the fewest batches in flight, if one has room."""
+        if not self.live:
+            return None
+        actor = min(self.live, key=self._load)
+        return actor if self._load(actor) < IN_FLIGHT else None
+
+    def _lose(self, actor, retry: list, why: str) -> None:
+        """A replica died: its in-flight batches go back to the queue, and a replacement is
+        asked for (it joins when the cluster can place it)."""
+        if actor in self.live:
+            del self.live[actor]
+            self.lost += 1
+            if self.replaced < self.n:   # bounded: a node that keeps dying is not chased
+                self.replaced += 1
+                self._spawn()
+        for ref, (a, batch, attempt) in list(self.inflight.items()):
+            if a is actor:
+                del self.inflight[ref]
+                retry.append((batch, attempt + 1, why))
+
+    def feed(self, batches, retries: int):
+        """Yield (batch, result) as results arrive; every batch exactly once."""
+        it = iter(batches)
+        retry: list = []         # (batch, attempt, why) to resubmit first
+        exhausted = False
+        no_replica_since = None
+        while True:
+            self._check_stop()
+            # fill the free slots: resubmitted batches first
+            while True:
+                actor = self._free_slot()
+                if actor is None:
+                    break
+                if retry:
+                    batch, attempt, _ = retry.pop(0)
+                    self.retried += 1
+                elif not exhausted:
+                    nxt = _take(it, 1)
+                    if not nxt:
+                        exhausted = True
+                        continue
+                    batch, attempt = nxt[0], 0
+                else:
+                    break
+                self._submit(actor, batch, attempt)
+            if not self.inflight and not retry and exhausted:
+                return
+            if not self.live and not self.inflight:
+                # every replica lost: wait for a replacement up to the placement timeout
+                no_replica_since = no_replica_since or time.monotonic()
+                if not self.starting or time.monotonic() - no_replica_since > self.timeout:
+                    raise UltracurateError(
+                        f"every Ray replica was lost ({self.lost}) and none could be placed "
+                        f"again within {self.timeout:g} s; the cluster has {_cluster_text()}; "
+                        "rerun to resume")
+            else:
+                no_replica_since = None
+            refs = list(self.inflight) + list(self.starting)
+            done, _ = self.ray.wait(refs, num_returns=1, timeout=0.5)
+            for ref in done:
+                if ref in self.starting:
+                    self._accept(ref)
+                    continue
+                actor, batch, attempt = self.inflight.pop(ref)
+                try:
+                    out_batch, result = self.ray.get(ref)
+                except self.ray.exceptions.RayActorError as e:
+                    retry.append((batch, attempt + 1, _last_line(e)))
+                    self._lose(actor, retry, _last_line(e))
+                    continue
+                except (self.ray.exceptions.ObjectLostError,
+                        self.ray.exceptions.OwnerDiedError) as e:
+                    retry.append((batch, attempt + 1, _last_line(e)))
+                    continue
+                except self.ray.exceptions.RayError as e:
+                    # the replica itself failed (its models did not load, the stage did
+                    # not unpickle): every batch would fail the same way
+                    node = self.live.get(actor, "?")[:12]
+                    raise UltracurateError(f"Ray worker failed on node {node}: "
+                                           f"{_last_line(e)}") from None
+                node = self.live.get(actor, "?")
+                self.batches_by_node[node] = self.batches_by_node.get(node, 0) + 1
+                yield out_batch, result
+            # batches retried too often: their rows are failed (a rerun retries them)
+            keep = []
+            for batch, attempt, why in retry:
+                if attempt > retries:
+                    yield batch, UltracurateError(
+                        f"lost with its Ray worker {attempt} times (last: {why})")
+                else:
+                    keep.append((batch, attempt, why))
+            retry[:] = keep
+
+    def stats(self) -> dict:
+        return {"replicas": self.n, "placed": list(self.placed),
+                "nodes": dict(self.batches_by_node),
+                "lost": self.lost, "retried": self.retried,
+                "spec": {"num_cpus": self.spec["num_cpus"], "num_gpus": self.spec["num_gpus"],
+                         **self.spec["resources"]}}
+
+    def close(self) -> None:
+        for actor in [*self.live, *self.starting.values()]:
+            try:
+                self.ray.kill(actor)
+            except Exception:
+                pass
+
+
+def _last_line(e: BaseException) -> str:
+    """A Ray error in one line: a task's own exception (RayTaskError.cause) rather than the
+    traceback Ray wraps it in."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        e = cause
+        if not isinstance(e, UltracurateError):
+            return f"{type(e).__name__}: {_last_line(e)}"
+    text = str(e).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
 class _StageActor:
+    """One replica: placed first (ready() answers at once), models loaded on its first batch
+    (so the placement timeout never counts model loading)."""
+
     def __init__(self, stage: RowStage, ctx: Context):
-        self.stage, self.ctx = stage, ctx
-        stage.setup(ctx)
+        self.stage, self.ctx, self._setup = stage, ctx, False
+
+    def ready(self):
+        import ray
+        import ultracurate
+        return ray.get_runtime_context().get_node_id(), (ultracurate.__version__,
+                                                         code_digest())
 
     def run(self, batch):
+        if not self._setup:   # a failure here fails the job (every batch would fail)
+            self.stage.setup(self.ctx)
+            self._setup = True
         try:
             return batch, self.stage.process(batch, self.stage.prepare(batch, self.ctx),
                                              self.ctx)
@@ -479,15 +776,49 @@ class _StageActor:
 ENGINES = ("local", "ray")
 
 
-def make_engine(engine: Any = None, address: str | None = None, workers: int | None = None):
-    """An engine from its name (local, ray) or as given."""
+def make_engine(engine: Any = None, address: str | None = None, workers: int | None = None,
+                gpus_per_worker: float | None = None, cpus_per_worker: float | None = None,
+                config: dict | None = None):
+    """An engine from its name (local, ray) or as given. The Ray engine's other settings come
+    from the workspace config's [ray] section (placement_timeout, retries, ship_code,
+    resources_per_worker, and defaults for the per-worker resources)."""
     if engine is None or engine == "local":
+        if workers is not None and workers > 1:
+            raise UltracurateError(f"--workers {workers} needs --engine ray (the local engine "
+                                   "runs one replica)")
         return LocalEngine()
     if engine == "ray":
-        return RayEngine(address=address, num_workers=workers)
+        cfg = dict(config or {})
+        unknown = sorted(set(cfg) - RAY_CONFIG)
+        if unknown:
+            raise UltracurateError(f"[ray] {unknown[0]}: unknown setting (one of "
+                                   f"{', '.join(sorted(RAY_CONFIG))})")
+        timeout, retries = cfg.get("placement_timeout"), cfg.get("retries")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(
+                timeout, (int, float)) or not 0 < timeout < float("inf")):
+            raise UltracurateError(f"[ray] placement_timeout must be a number of seconds > 0, "
+                                   f"got {timeout!r}")
+        if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)
+                                    or retries < 0):
+            raise UltracurateError(f"[ray] retries must be a whole number >= 0, got {retries!r}")
+        return RayEngine(address=address or cfg.get("address"),
+                         num_workers=workers or cfg.get("workers"),
+                         num_gpus_per_worker=_first(gpus_per_worker, cfg.get("gpus_per_worker")),
+                         num_cpus_per_worker=_first(cpus_per_worker, cfg.get("cpus_per_worker")),
+                         resources_per_worker=cfg.get("resources_per_worker"),
+                         placement_timeout=cfg.get("placement_timeout"),
+                         retries=cfg.get("retries"), ship_code=cfg.get("ship_code"))
     if isinstance(engine, str):
         raise UltracurateError(f"unknown engine '{engine}' (local or ray)")
     return engine
+
+
+RAY_CONFIG = {"address", "workers", "gpus_per_worker", "cpus_per_worker",
+              "resources_per_worker", "placement_timeout", "retries", "ship_code"}
+
+
+def _first(*values):
+    return next((v for v in values if v is not None), None)
 
 
 # -- the summary of a run ---------------------------------------------------------------------
@@ -526,6 +857,7 @@ _OPEN_RUNS: set[int] = set()   # runs this process has open (never closed as dea
 
 def run(ws: Workspace, stage: str | Stage, selection: Selection | None = None, *,
         engine: Any = None, address: str | None = None, workers: int | None = None,
+        gpus_per_worker: float | None = None, cpus_per_worker: float | None = None,
         force: bool = False, device: str | None = None, batch_size: int | None = None,
         progress: bool = True, dry_run: bool = False, parent_run: int | None = None,
         cat: Catalog | None = None, **options) -> RunSummary:
@@ -533,7 +865,8 @@ def run(ws: Workspace, stage: str | Stage, selection: Selection | None = None, *
 
     Row stages commit batch by batch and resume where they stopped; set stages apply one plan
     in one transaction (dry_run: the plan's result, nothing written). engine: 'local', 'ray'
-    (address, workers) or an engine object; device and batch_size for row stages."""
+    (address, workers, gpus_per_worker, cpus_per_worker; the rest from the workspace's [ray]
+    config) or an engine object; device and batch_size for row stages."""
     from .stages import make_stage
     stage = make_stage(stage, options)
     selection = selection or Selection()
@@ -542,6 +875,9 @@ def run(ws: Workspace, stage: str | Stage, selection: Selection | None = None, *
         raise UltracurateError(f"batch size must be a whole number >= 1, got {batch_size!r}")
     if dry_run and not isinstance(stage, SetStage):
         raise UltracurateError(f"{stage.name} has no dry run")
+    # the engine's settings are refusals too: checked first (nothing connects yet)
+    eng = make_engine(engine, address, workers, gpus_per_worker, cpus_per_worker,
+                      ws.section("ray"))
     started = time.perf_counter()
     if isinstance(stage, StepsStage):
         summary = _run_steps(ws, stage, selection, parent_run, progress)
@@ -551,13 +887,16 @@ def run(ws: Workspace, stage: str | Stage, selection: Selection | None = None, *
     # refusals first, before any run (this one's, or those it requires) is recorded
     with conns.open() as c:
         stage.check(Access(c, stage, workspace=ws, force=force), selection)
-    stage.before = [run(ws, s, device=device, progress=progress, parent_run=parent_run,
+    # the stages it requires run on the same engine (dedup's embedding pass)
+    stage.before = [run(ws, s, engine=engine, address=address, workers=workers,
+                        gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+                        device=device, progress=progress, parent_run=parent_run,
                         cat=cat) for s in stage.requires()] if not dry_run else []
     if isinstance(stage, SetStage):
         summary = _run_set(ws, conns, stage, selection, dry_run, parent_run, device, progress)
     else:
-        summary = _run_rows(ws, conns, stage, selection, make_engine(engine, address, workers),
-                            force, device, batch_size, progress, parent_run)
+        summary = _run_rows(ws, conns, stage, selection, eng, force, device, batch_size,
+                            progress, parent_run)
     summary.seconds = round(time.perf_counter() - started, 3)
     summary.before = stage.before
     return summary
@@ -712,6 +1051,7 @@ def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selec
               progress: bool, parent_run: int | None) -> RunSummary:
     """Plan, materialise the pending rows and record the run (one connection); then compute
     batch by batch with no connection held, connecting only for each batch's commit."""
+    ws.media.check()   # one line now, not a failure per row on the workers
     ws.media.clean_tmp()
     remove_dead_files(ws.scratch)
     ctx = Context(str(ws.root), device or default_device(), 0, ws.config, force,
@@ -760,7 +1100,8 @@ def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selec
         if bar:
             bar.start()
         batches = pending.batches(size)
-        results = engine.map(stage, batches, ctx) if n_rows else iter(())
+        results = (engine.map(stage, batches, ctx, stop=lambda: ctrl_c.requested)
+                   if n_rows else iter(()))
         for batch, result in results:
             with conns.commit() as cat:
                 w = Access(cat, stage, JobRun(run_id), writable=True, workspace=ws,
@@ -772,11 +1113,19 @@ def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selec
                 bar.advance(len(batch))
             if ctrl_c.requested:
                 raise KeyboardInterrupt
+        stats = getattr(engine, "stats", None)   # where the replicas ran, what was retried
         with conns.commit() as cat:
             w = Access(cat, stage, JobRun(run_id), writable=True, workspace=ws, force=force)
             with cat.transaction():
                 stage.finish(w)
             extra = stage.report(w)
+            if stats:
+                cat.runs.update([{"run_id": run_id, "workers": json.dumps(stats)}])
+                extra = {**extra, "workers": stats}
+                if stats.get("lost"):
+                    extra["notes"] = [*extra.get("notes", []), (
+                        f"{stats['lost']} Ray replica(s) lost; {stats['retried']} batch(es) "
+                        "resubmitted to the others")]
             _end(cat, run_id, "completed", "; ".join(extra.get("notes", [])) or None)
     except (KeyboardInterrupt, RuntimeError) as e:
         # DuckDB turns a Ctrl-C during a query into RuntimeError('Query interrupted')

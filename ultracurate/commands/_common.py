@@ -122,6 +122,14 @@ JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON.")
 EngineOpt = typer.Option(None, "--engine", help="local (the default), or ray.")
 AddressOpt = typer.Option(None, "--address", metavar="ADDRESS", help="Ray cluster address (auto, or host:port; "
                                                   "default: a local cluster).")
+WorkersOpt = Count(None, "--workers", min=1, max=4096,
+                   help="Ray: stage replicas, spread over the cluster's nodes (default: one "
+                        "per GPU, else one).")
+GpusPerWorkerOpt = Number(None, "--gpus-per-worker", min=0, max=64,
+                          help="Ray: GPUs each replica asks for (default: 1 when the cluster "
+                               "has GPUs, else 0; fractions share a GPU).")
+CpusPerWorkerOpt = Number(None, "--cpus-per-worker", min=0, max=1024,
+                          help="Ray: CPUs each replica asks for (default 1).")
 DeviceOpt = typer.Option(None, "--device", parser=_device, metavar="DEVICE",
                          help="cpu, cuda, cuda:N (default: cuda if present).")
 BatchOpt = Count(None, "--batch-size", min=1, max=MAX_BATCH,

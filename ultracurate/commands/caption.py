@@ -67,6 +67,9 @@ def caption(
         seed: int = c.SeedOpt, force: bool = c.ForceOpt,
         engine: Optional[c.EngineName] = c.EngineOpt,
         address: Optional[str] = c.AddressOpt, device: Optional[str] = c.DeviceOpt,
+        workers: Optional[int] = c.WorkersOpt,
+        gpus_per_worker: Optional[float] = c.GpusPerWorkerOpt,
+        cpus_per_worker: Optional[float] = c.CpusPerWorkerOpt,
         batch_size: Optional[int] = c.BatchOpt,
         workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
     """Write captions (source caption:<model>) for the selected anchors that have no usable
@@ -81,4 +84,5 @@ def caption(
         prefix=prefix, grammar=grammar, all_anchors=all_anchors or None,
         max_attempts=max_attempts, seed=seed, concurrency=concurrency, timeout=timeout,
         max_retries=max_retries, max_new_tokens=max_new_tokens, temperature=temperature,
-        image_size=image_size, dtype=dtype)
+        image_size=image_size, dtype=dtype, workers=workers,
+        gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)

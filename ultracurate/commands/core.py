@@ -161,12 +161,12 @@ def gc(dry_run: bool = typer.Option(False, "--dry-run", help="List what would be
     # makes unreferenced_media refuse (it writes media before its batch commits)
     with ws.catalog() as cat:
         names = ws.unreferenced_media(cat)
-        freed = sum(ws.media.path(n).stat().st_size for n in names)
+        freed = sum(ws.media.size(n) for n in names)
         partial = 0
         stale = export_leftovers(ws, cat)
         if not dry_run:
             for n in names:
-                ws.media.path(n).unlink(missing_ok=True)
+                ws.media.remove(n)
             partial = ws.media.clean_tmp()
             remove_leftovers(stale)
     verb = "would remove" if dry_run else "removed"

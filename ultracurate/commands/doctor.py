@@ -1,6 +1,7 @@
 """`doctor`: is everything ultracurate needs here and working? One line per check: torch and
 its CUDA devices, the catalog (schema version, DuckDB), LanceDB, each model role's checkpoint,
-FiftyOne's database (does it start? which MongoDB?), Ray. Each says OK, WARN (works, with a
+FiftyOne's database (does it start? which MongoDB?), Ray, the media store (where, and does it
+answer?). Each says OK, WARN (works, with a
 caveat) or FAIL (what is wrong). The checks are plain functions (`run_checks`) a Python user
 can call too."""
 
@@ -202,9 +203,25 @@ def check_ray(ws) -> list[dict]:
                     version=ray.__version__)]
 
 
+def check_media(ws) -> list[dict]:
+    """Where the media store is (a folder, a shared mount, a bucket) and whether it answers."""
+    if ws is None:
+        return [_result("media", WARN, "no workspace here")]
+    from ..errors import UltracurateError
+    url = ws.section("media").get("url", "media")
+    try:
+        store = ws.media
+        store.check()
+    except UltracurateError as e:
+        return [_result("media", FAIL, str(e), url=url)]
+    kind = "folder" if store.local else "object store"
+    return [_result("media", OK, f"{store.url} ({kind}, reachable)", url=store.url)]
+
+
 CHECKS: dict[str, Callable] = {
     "torch": check_torch, "catalog": check_catalog, "lancedb": check_lancedb,
     "models": check_models, "fiftyone": check_fiftyone, "ray": check_ray,
+    "media": check_media,
 }
 
 
@@ -229,7 +246,8 @@ def doctor(skip: Optional[List[str]] = typer.Option(None, "--skip", metavar="CHE
                                                     f"({', '.join(CHECKS)}); repeatable."),
            workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
     """Check the installation and the workspace: torch and CUDA, the catalog, LanceDB, each
-    model role's checkpoint, FiftyOne's database, Ray. Exits 1 when a check fails."""
+    model role's checkpoint, FiftyOne's database, Ray, the media store. Exits 1 when a check
+    fails."""
     from ..errors import UltracurateError
     from ..workspace import Workspace
     bad = sorted(set(skip or ()) - set(CHECKS))

@@ -51,9 +51,9 @@ def generate(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.
                  "candidate's pixels never depend on --batch-size."),
              force: bool = c.ForceOpt, engine: c.EngineName = c.EngineOpt,
              address: Optional[str] = c.AddressOpt,
-             workers: Optional[int] = c.Count(None, "--workers", min=1, max=4096,
-                                              help="Ray: model replicas (default: one "
-                                                   "per GPU, else one)."),
+             workers: Optional[int] = c.WorkersOpt,
+             gpus_per_worker: Optional[float] = c.GpusPerWorkerOpt,
+             cpus_per_worker: Optional[float] = c.CpusPerWorkerOpt,
              until_accepted: Optional[int] = c.Count(
                  None, "--until-accepted", min=1, max=100_000,
                  help="Adaptive rounds: generate, score and filter in rounds, and stop an "
@@ -86,6 +86,8 @@ def generate(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.
                             preset=preset),
                   generate={**options, **c.given(engine=engine, address=address,
                                                  workers=workers, device=device,
+                                                 gpus_per_worker=gpus_per_worker,
+                                                 cpus_per_worker=cpus_per_worker,
                                                  batch_size=batch_size)},
                   score=c.given(device=device)).result
         data = res.to_json()
@@ -95,4 +97,6 @@ def generate(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.
                + (f" ({per:.1f} per successful edit)" if per else ""))
         return
     c.run_stage(ws, "generate", sel, as_json=as_json, engine=engine, address=address,
-                workers=workers, device=device, batch_size=batch_size, force=force, **options)
+                workers=workers, gpus_per_worker=gpus_per_worker,
+                cpus_per_worker=cpus_per_worker, device=device, batch_size=batch_size,
+                force=force, **options)

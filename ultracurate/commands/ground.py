@@ -28,6 +28,9 @@ def ground(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.Pa
                None, help="grounding-dino or owlv2 (default: from the checkpoint's config)."),
            force: bool = c.ForceOpt, engine: Optional[c.EngineName] = c.EngineOpt,
            address: Optional[str] = c.AddressOpt, device: Optional[str] = c.DeviceOpt,
+           workers: Optional[int] = c.WorkersOpt,
+           gpus_per_worker: Optional[float] = c.GpusPerWorkerOpt,
+           cpus_per_worker: Optional[float] = c.CpusPerWorkerOpt,
            batch_size: Optional[int] = c.BatchOpt,
            workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
     """Mask the edit object of region edits: detect its phrase, prompt SAM with the boxes,
@@ -37,7 +40,8 @@ def ground(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.Pa
     c.run_stage(ws, "ground", c.selection(where, params, limit, sample, seed),
                 as_json=as_json, engine=engine, address=address, device=device,
                 batch_size=batch_size, force=force, box_threshold=box_threshold,
-                text_threshold=text_threshold, backend=backend)
+                text_threshold=text_threshold, backend=backend, workers=workers,
+                gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
 
 
 def classify_masks(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
@@ -53,11 +57,16 @@ def classify_masks(where: Optional[str] = c.WhereOpt, params: Optional[List[str]
                    max_contours: Optional[int] = c.Count(
                        None, "--max-contours",
                        help="More external contours than this: fragmented (default 500)."),
-                   force: bool = c.ForceOpt, workspace: Optional[str] = c.WorkspaceOpt,
-                   as_json: bool = c.JsonOpt):
+                   force: bool = c.ForceOpt,
+                   engine: Optional[c.EngineName] = c.EngineOpt,
+                   address: Optional[str] = c.AddressOpt,
+                   workers: Optional[int] = c.WorkersOpt,
+                   cpus_per_worker: Optional[float] = c.CpusPerWorkerOpt,
+                   workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
     """Classify stored masks as too_large, too_small, fragmented or fine. Rerun with new
     thresholds at will: it reclassifies from the stored features, without SAM."""
     ws = c.workspace(workspace)
     c.run_stage(ws, "classify-masks", c.selection(where, params, limit, sample, seed),
                 as_json=as_json, force=force, min_area=min_area, max_area=max_area,
-                max_contours=max_contours)
+                max_contours=max_contours, engine=engine, address=address, workers=workers,
+                cpus_per_worker=cpus_per_worker)

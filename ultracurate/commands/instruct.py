@@ -86,6 +86,9 @@ def instruct(
         seed: int = c.SeedOpt, force: bool = c.ForceOpt,
         engine: Optional[c.EngineName] = c.EngineOpt,
         address: Optional[str] = c.AddressOpt, device: Optional[str] = c.DeviceOpt,
+        workers: Optional[int] = c.WorkersOpt,
+        gpus_per_worker: Optional[float] = c.GpusPerWorkerOpt,
+        cpus_per_worker: Optional[float] = c.CpusPerWorkerOpt,
         batch_size: Optional[int] = c.BatchOpt,
         workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
     """Write candidate edits (instruction, target caption, edit object, type, mode) from the
@@ -100,7 +103,8 @@ def instruct(
         n_instruction_examples=n_instructions, n_full_examples=n_full,
         max_attempts=max_attempts, mode=mode, concurrency=concurrency, timeout=timeout,
         max_retries=max_retries, temperature=temperature, max_new_tokens=max_new_tokens,
-        dtype=dtype, caption_source=caption_source)
+        dtype=dtype, caption_source=caption_source, workers=workers,
+        gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
 
 
 def import_instructions(

@@ -66,6 +66,9 @@ def judge(
         sample: Optional[int] = c.SampleOpt, seed: int = c.SeedOpt,
         force: bool = c.ForceOpt, engine: c.EngineName = c.EngineOpt,
         address: Optional[str] = c.AddressOpt, device: Optional[str] = c.DeviceOpt,
+        workers: Optional[int] = c.WorkersOpt,
+        gpus_per_worker: Optional[float] = c.GpusPerWorkerOpt,
+        cpus_per_worker: Optional[float] = c.CpusPerWorkerOpt,
         batch_size: Optional[int] = c.BatchOpt,
         workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
     """Rate candidate pairs with a vision-language judge: instruction, preservation and
@@ -88,4 +91,6 @@ def judge(
     if not as_json:
         typer.echo(plan.text(), err=True)
     c.run_stage(ws, "judge", sel, as_json=as_json, engine=engine, address=address,
-                seed=seed, device=device, force=force, batch_size=batch_size, **opts)
+                seed=seed, device=device, force=force, batch_size=batch_size,
+                workers=workers, gpus_per_worker=gpus_per_worker,
+                cpus_per_worker=cpus_per_worker, **opts)

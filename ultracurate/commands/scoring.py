@@ -24,6 +24,9 @@ def score(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.Par
           seed: int = c.SeedOpt, force: bool = c.ForceOpt,
           engine: Optional[c.EngineName] = c.EngineOpt,
           address: Optional[str] = c.AddressOpt, device: Optional[str] = c.DeviceOpt,
+          workers: Optional[int] = c.WorkersOpt,
+          gpus_per_worker: Optional[float] = c.GpusPerWorkerOpt,
+          cpus_per_worker: Optional[float] = c.CpusPerWorkerOpt,
           batch_size: Optional[int] = c.BatchOpt, workspace: Optional[str] = c.WorkspaceOpt,
           as_json: bool = c.JsonOpt):
     """Score generated candidates: CLIP (source, target, direction, image), DINOv2, SSIM, L1,
@@ -31,7 +34,8 @@ def score(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.Par
     ws = c.workspace(workspace)
     c.run_stage(ws, "score", c.selection(where, params, limit, sample, seed), as_json=as_json,
                 engine=engine, address=address, device=device, batch_size=batch_size,
-                force=force)
+                force=force, workers=workers, gpus_per_worker=gpus_per_worker,
+                cpus_per_worker=cpus_per_worker)
 
 
 def filter_(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
@@ -117,15 +121,23 @@ def dedup(threshold: Optional[float] = c.Number(
           what: Optional[c.DedupWhat] = typer.Option(None, help="anchors, edited, or both "
                                                      "(the default)."),
           where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
-          device: Optional[str] = c.DeviceOpt, workspace: Optional[str] = c.WorkspaceOpt,
-          as_json: bool = c.JsonOpt):
+          device: Optional[str] = c.DeviceOpt,
+          engine: Optional[c.EngineName] = c.EngineOpt,
+          address: Optional[str] = c.AddressOpt,
+          workers: Optional[int] = c.WorkersOpt,
+          gpus_per_worker: Optional[float] = c.GpusPerWorkerOpt,
+          cpus_per_worker: Optional[float] = c.CpusPerWorkerOpt,
+          workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
     """Mark near-duplicate anchors and edited images (duplicate_of = the row they
     duplicate), by LanceDB vector search over the stored CLIP embeddings (anchors are
     embedded first by the embed-anchors stage, which resumes like any stage)."""
     from ..runner import run
     from ..stages.dedup import format_dedup
     ws = c.workspace(workspace)
-    res = run(ws, "dedup", c.selection(where, params), device=device,
+    # the engine options are for the anchors' embedding pass (a row stage dedup runs first)
+    res = run(ws, "dedup", c.selection(where, params), device=device, engine=engine,
+              address=address, workers=workers, gpus_per_worker=gpus_per_worker,
+              cpus_per_worker=cpus_per_worker,
               **c.given(threshold=threshold, what=what)).result
     c.emit(res.to_json(), as_json, format_dedup(res))
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from ..captioners import (Captioner, CaptionerSpec, captioner_spec, load_prompt,
                           validate_caption)
-from ..images import BadImage, load_rgb
+from ..images import BadImage
 from ..instruct.plan import derive_seed
 from ..runner import BatchResult, Context, RowStage
 
@@ -130,7 +130,7 @@ class CaptionStage(RowStage):
         out = []
         for r in rows:
             try:
-                out.append(self._captioner.encode(load_rgb(media.path(r["media"]))))
+                out.append(self._captioner.encode(media.load_rgb(r["media"])))
             except BadImage as e:
                 out.append(BadImage(f"anchor {r['anchor_id']}: {e}"))
         return out

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from ..catalog import Catalog, named_queries, now
 from ..errors import UltracurateError, reason_text
-from ..images import BadImage, inspect_image, read_bytes
+from ..images import BadImage
 from ..runner import StepsStage
 from ..selection import Selection, selected_keys_sql
 from ..thresholds import Thresholds
@@ -138,7 +138,7 @@ def make_anchors(cat: Catalog, ws, sessions: list[int], turn: int, run_id: int
                              "the anchor of another session"))
             continue
         try:
-            info, _ = inspect_image(read_bytes(ws.media.path(name)), name)
+            info, _ = ws.media.inspect(name)
         except BadImage as e:
             ended[sid] = f"turn {turn}: candidate {parent}'s edited image: {e}"
             continue

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..embeddings import EmbeddingStore
 from ..errors import UltracurateError
-from ..images import BadImage, load_rgb
+from ..images import BadImage
 from ..runner import BatchResult, Context, RowStage, SetStage
 
 SEARCH_K = 10
@@ -78,8 +78,8 @@ class EmbedAnchorsStage(RowStage):
         out = {}
         for r in rows:
             try:
-                out[r["anchor_id"]] = self.clip.pixels(load_rgb(ctx.workspace.media.path(
-                    r["media"])))
+                out[r["anchor_id"]] = self.clip.pixels(ctx.workspace.media.load_rgb(
+                    r["media"]))
             except (BadImage, UltracurateError) as e:
                 out[r["anchor_id"]] = BadImage(f"anchor {r['anchor_id']}: {e}")
         return out

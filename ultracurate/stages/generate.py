@@ -25,7 +25,7 @@ from ..catalog import Catalog, named_queries, now
 from ..errors import UltracurateError
 from ..generation import params as P
 from ..generation.behaviour import BEHAVIOURS, COMPAT, CallDropped
-from ..images import load_rgb, resize_center_crop, to_jpeg_bytes
+from ..images import resize_center_crop, to_jpeg_bytes
 from ..names import CAPTION_MAX_WORDS, EDIT_MODES
 from ..runner import BatchResult, Context, RowStage
 from ..selection import Selection, referenced_columns, selected_keys_sql
@@ -280,7 +280,7 @@ class GenerateStage(RowStage):
             name = r["anchor_media"]
             if name not in out:
                 try:
-                    out[name] = resize_center_crop(load_rgb(ws.media.path(name)), self.size)
+                    out[name] = resize_center_crop(ws.media.load_rgb(name), self.size)
                 except UltracurateError as e:
                     out[name] = e
         return out

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .. import masks as M
-from ..images import BadImage, load_rgb
+from ..images import BadImage
 from ..names import BOX_THRESHOLD, TEXT_THRESHOLD
 from ..runner import BatchResult, Context, RowStage
 
@@ -77,7 +77,7 @@ class GroundStage(RowStage):
             a = r["anchor_id"]
             if a not in out:
                 try:
-                    out[a] = load_rgb(ws.media.path(r["anchor_media"]))
+                    out[a] = ws.media.load_rgb(r["anchor_media"])
                 except (BadImage, OSError) as e:
                     out[a] = BadImage(f"anchor {a}: {e}")
                 except Exception as e:  # media store lookup errors

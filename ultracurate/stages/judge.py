@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UltracurateError
-from ..images import BadImage, load_rgb
+from ..images import BadImage
 from ..instruct.plan import derive_seed
 from ..judge import Judge, JudgeSpec, judge_spec, load_prompt, validate_judgement
 from ..runner import BatchResult, Context, RowStage
@@ -135,7 +135,7 @@ class JudgeStage(RowStage):
         out = []
         for r in rows:
             try:
-                out.append(tuple(self._judge.encode(load_rgb(media.path(r[k])))
+                out.append(tuple(self._judge.encode(media.load_rgb(r[k]))
                                  for k in ("source_image", "edited_image")))
             except BadImage as e:
                 out.append(BadImage(f"candidate {r['candidate_id']}: {e}"))

@@ -32,7 +32,6 @@ import polars as pl
 from .. import metrics
 from ..embeddings import EmbeddingStore
 from ..errors import UltracurateError
-from ..images import load_rgb
 from ..names import SCORE_COLUMNS
 from ..runner import BatchResult, Context, RowStage
 
@@ -98,8 +97,8 @@ class ScoreStage(RowStage):
         self._img_cache = _LRU(self.cache_size)   # media -> (clip emb, dino emb)
         self._txt_cache = _LRU(self.cache_size)   # caption -> clip text emb
 
-    def _decode(self, path) -> tuple:
-        im = load_rgb(path)
+    def _decode(self, media, name: str) -> tuple:
+        im = media.load_rgb(name)
         return im, self.clip.pixels(im), self.dino.pixels(im)
 
     def prepare(self, rows: list[dict], ctx: Context) -> Prepared:
@@ -111,7 +110,7 @@ class ScoreStage(RowStage):
                   else str(ctx.device).startswith("cuda"))
         names = sorted({n for r in rows for n in (r["source_image"], r["edited_image"])})
         # PIL decodes and resizes without the GIL: a pool keeps the device fed
-        futures = {n: self._pool.submit(lambda n=n: self._decode(media.path(n)))
+        futures = {n: self._pool.submit(lambda n=n: self._decode(media, n))
                    for n in names}
         for name, fut in futures.items():
             try:
