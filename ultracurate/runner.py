@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from .catalog import KEYS, VIEWS, Catalog, JobRun, named_queries, now
+from .catalog import KEYS, VIEWS, Catalog, JobRun, UndeclaredWrite, named_queries, now
 from .errors import UltracurateError, reason_text
 from .selection import Selection, selected_keys_sql
 from .workspace import Workspace
@@ -115,6 +115,9 @@ class Access:
     def registered(self, data, name: str | None = None):
         return self.cat.registered(data, name)
 
+    def materialized(self, sql: str, params: Any = None):
+        return self.cat.materialized(sql, params)
+
     def selected(self, selection: Selection, table: str, columns: str = "*",
                  where: str | None = None) -> tuple[str, dict]:
         """SQL (and its parameters) of the rows of table's view that selection picks."""
@@ -154,6 +157,15 @@ class _Declared:
 
     def update_from(self, sql, params, columns, **kw) -> None:
         return self._t.update_from(sql, params, columns, allowed=self._allowed, **kw)
+
+    def insert_from(self, sql, params, columns) -> None:
+        return self._t.insert_from(sql, params, columns, allowed=self._allowed)
+
+    def delete_keys(self, sql, params, **kw) -> None:
+        if not self._allowed:
+            raise UndeclaredWrite(f"deleted from {self._t.name}, which the stage does not "
+                                  "declare")
+        return self._t.delete_keys(sql, params, **kw)
 
     def merge(self, rows, run_id) -> int:  # anchor_captions
         self._t._check({k for r in rows for k in r}, self._allowed)

@@ -13,18 +13,19 @@ from __future__ import annotations
 from typing import Any
 
 from .. import masks as M
-from ..runner import BatchResult, Context, RowStage
+from ..names import FEATURE_COLUMNS
+from ..runner import Access, BatchResult, Context, RowStage
 
 
 class ClassifyMasksStage(RowStage):
     name = "classify-masks"
     table = "edits"
     default_where = "mask_rle IS NOT NULL"
-    columns = "edit_id, mask_rle, mask_height, mask_width, mask_area, mask_bbox, " \
-              "mask_components, mask_contours"
-    writes = {"edits": {"mask_class", "classify_run", "mask_area", "mask_bbox",
-                        "mask_components", "mask_contours"}}
-    batch_size = 4096
+    columns = "edit_id, mask_rle, mask_height, mask_width, " + ", ".join(FEATURE_COLUMNS)
+    writes = {"edits": {"mask_class", "classify_run", *FEATURE_COLUMNS}}
+    # Classifying stored features is arithmetic: large batches keep the per-batch cost
+    # (transaction, row marks) small against the rows (bench/scale.py).
+    batch_size = 16384
     # A row is classified while the run that did it had these thresholds and its
     # classify_run still names that run (grounding again clears it).
     resume_on = ("thresholds",)
@@ -38,22 +39,27 @@ class ClassifyMasksStage(RowStage):
         super().__init__(thresholds=self.thresholds)
 
     def process(self, rows: list[dict], prepared: Any, ctx: Context) -> BatchResult:
-        out, failed = [], {}
+        classified, computed, failed = [], [], {}
         for r in rows:
-            row = {"edit_id": r["edit_id"], "classify_run": ctx.run_id}
-            area, contours = r["mask_area"], r["mask_contours"]
-            if None in (area, contours, r["mask_bbox"], r["mask_components"]):
+            if any(r[c] is None for c in FEATURE_COLUMNS):  # a mask that came without them
                 try:
                     f = M.rle_features(r["mask_rle"], r["mask_height"], r["mask_width"])
                 except Exception as e:
                     failed[r["edit_id"]] = f"edit {r['edit_id']}: {e}"
                     continue
-                area, contours = f.area, f.contours
-                row.update(mask_area=f.area, mask_bbox=f.bbox, mask_components=f.components,
-                           mask_contours=f.contours)
-            else:
-                row.update(mask_area=area, mask_bbox=r["mask_bbox"],
-                           mask_components=r["mask_components"], mask_contours=contours)
-            row["mask_class"] = M.classify(area, contours, self.thresholds)
-            out.append(row)
-        return BatchResult(updates={"edits": out}, failed=failed)
+                computed.append({"edit_id": r["edit_id"], **f.columns()})
+                r = {**r, **computed[-1]}
+            classified.append(r)
+        classes = M.classify_many([r["mask_area"] for r in classified],
+                                  [r["mask_contours"] for r in classified], self.thresholds)
+        out = {"edit_id": [r["edit_id"] for r in classified], "mask_class": list(classes),
+               "classify_run": [ctx.run_id] * len(classified)}
+        # the stored features are left as they are; only computed ones are written
+        return BatchResult(updates={"edits": out}, failed=failed,
+                           extra={"features": computed})
+
+    def write(self, w: Access, result: BatchResult) -> None:
+        import pyarrow as pa
+        w.edits.update(pa.table(result.updates["edits"]) if result.updates else [])
+        if result.extra.get("features"):
+            w.edits.update(result.extra["features"])
