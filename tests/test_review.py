@@ -251,7 +251,7 @@ def test_tags_pulled_back_and_survive_refilter(review_ws):
 
     # a re-filter (the real one, UltraEdit's thresholds) rewrites auto_status and
     # reject_reasons of every row; the human decisions still win
-        res = run(ws, "filter").result
+    res = run(ws, "filter").result
     assert res.rows_in == 9
     with ws.catalog() as cat:
         st = {r["candidate_id"]: r for r in cat.query(
