@@ -70,6 +70,13 @@ class BatchResult:
     inserts: dict[str, Any] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # stage-specific, for write()
+    # Work that finishes the batch off the compute thread (waiting for its media writes):
+    # the runner calls it on its commit thread, while the next batch computes, and commits
+    # what it returns.
+    complete: Any = None
+
+    def completed(self) -> "BatchResult":
+        return self.complete() if self.complete is not None else self
 
 
 GROUP = "_uc_group"       # the row key holding a row's group (see RowStage.group_by)
@@ -434,9 +441,9 @@ class _StageActor:
         stage.setup(ctx)
 
     def run(self, batch):
-        try:
+        try:  # completed here: what travels back to the driver is plain rows
             return batch, self.stage.process(batch, self.stage.prepare(batch, self.ctx),
-                                             self.ctx)
+                                             self.ctx).completed()
         except Exception as e:
             return batch, RuntimeError(f"{type(e).__name__}: {e}")
 
@@ -611,6 +618,20 @@ def _run_rows(ws: Workspace, cat: Catalog, stage: RowStage, selection: Selection
         ctrl_c = _DeferredInterrupt()
         w = Access(cat, stage, JobRun(run_id), writable=True, workspace=ws, force=force)
         results = None
+        # A batch is committed on this thread while the engine computes the next one (at
+        # most one commit in flight): the model never waits for writes and commits.
+        committer = ThreadPoolExecutor(1, thread_name_prefix="uc-commit")
+        in_flight: list = []
+
+        def settle() -> None:
+            nonlocal done, failed
+            while in_flight:
+                fut, n = in_flight.pop()
+                n_done, n_failed = fut.result()
+                done += n_done
+                failed += n_failed
+                if bar:
+                    bar.advance(task, n)
         try:
             ctrl_c.install()
             if bar:
@@ -618,17 +639,18 @@ def _run_rows(ws: Workspace, cat: Catalog, stage: RowStage, selection: Selection
                 task = bar.add_task(stage.name, total=n_rows)
             results = engine.map(stage, batches, ctx) if n_rows else iter(())
             for batch, result in results:
-                n_done, n_failed = _commit_batch(cat, stage, w, batch, result)
-                done += n_done
-                failed += n_failed
-                if bar:
-                    bar.advance(task, len(batch))
+                settle()
+                in_flight.append((committer.submit(_commit_batch, cat, stage, w, batch,
+                                                   result), len(batch)))
                 if ctrl_c.requested:
+                    settle()
                     raise KeyboardInterrupt
+            settle()
             with cat.transaction():
                 stage.finish(w)
             extra = stage.report(w)
         except (KeyboardInterrupt, RuntimeError) as e:
+            _drain(in_flight)  # a commit under way finishes (or fails) before the run ends
             # DuckDB turns a Ctrl-C during a query into RuntimeError('Query interrupted')
             if isinstance(e, RuntimeError) and not ctrl_c.requested:
                 _end(cat, run_id, "failed", f"{type(e).__name__}: {e}")
@@ -638,9 +660,11 @@ def _run_rows(ws: Workspace, cat: Catalog, stage: RowStage, selection: Selection
             raise Interrupted(f"{stage.name} interrupted: {done} rows done, {failed} failed; "
                               "rerun the same command to resume") from None
         except BaseException as e:
+            _drain(in_flight)
             _end(cat, run_id, "failed", f"{type(e).__name__}: {e}")
             raise
         finally:
+            committer.shutdown(wait=True)
             ctrl_c.restore()
             # close the generators now: the selection stream holds a DuckDB cursor
             for gen in (results, batches):
@@ -902,10 +926,26 @@ def _groups(rows) -> Iterator[list[dict]]:
         yield group
 
 
+def _drain(in_flight: list) -> None:
+    """Wait for a commit under way; its error (if any) is not this one's cause."""
+    while in_flight:
+        fut, _ = in_flight.pop()
+        try:
+            fut.result()
+        except BaseException:
+            pass
+
+
 def _commit_batch(cat: Catalog, stage: RowStage, w: Access, batch: list[dict],
                   result: BatchResult | BaseException) -> tuple[int, int]:
-    """One batch's writes, its rows' marks and its run's counters, in one transaction."""
+    """One batch's completion (BatchResult.complete), then its writes, its rows' marks and
+    its run's counters, in one transaction."""
     keys = [stage.key_of(r) for r in batch]
+    if not isinstance(result, BaseException):
+        try:
+            result = result.completed()
+        except Exception as e:  # e.g. its media could not be written: the batch fails
+            result = e
     if isinstance(result, BaseException):  # the whole batch failed: every row, with the error
         err = reason_text(result, typed=True)
         result = BatchResult(failed={k: err for k in keys})
