@@ -64,6 +64,18 @@ class _FirstBatch(Exception):
     pass
 
 
+class Clock:
+    """Wall and CPU seconds (all threads of the process) since it started: on a loaded
+    machine the CPU seconds say more about the work than the wall seconds."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self, **extra) -> dict:
+        return {"seconds": time.perf_counter() - self.wall,
+                "cpu_seconds": time.process_time() - self.cpu, **extra}
+
+
 class FirstBatchEngine:
     """An engine that stops the job when its first batch arrives (no model is loaded)."""
     name = "local"
@@ -74,7 +86,7 @@ class FirstBatchEngine:
 
     def map(self, stage, batches, ctx):
         first = next(iter(batches), [])
-        self.at, self.rows = time.perf_counter(), len(first)
+        self.at, self.rows = self.clock.read(), len(first)
         raise _FirstBatch
         yield  # a generator, as the runner expects
 
@@ -83,26 +95,35 @@ def _row_first(ws, name, selection=None, **opts) -> dict:
     from ultracurate.runner import run
     from ultracurate.stages import make_stage
     stage = make_stage(name, opts)   # its module imported (torch, ...) before the clock
+    _warm_imports()
     eng = FirstBatchEngine()
-    t0 = time.perf_counter()
+    eng.clock = Clock()
     try:
         s = run(ws, stage, selection, engine=eng, progress=False)
-        return {"seconds": time.perf_counter() - t0, "rows": s.rows_in, "note": "no rows"}
+        return eng.clock.read(rows=s.rows_in, note="no rows")
     except _FirstBatch:
-        return {"seconds": eng.at - t0, "rows": eng.rows}
+        return {**eng.at, "rows": eng.rows}
+
+
+def _warm_imports() -> None:
+    """What a job imports anyway (torch to pick the device and load its models; pandas,
+    which pyarrow pulls in on a first conversion): seconds of imports are not the catalog's."""
+    import pandas  # noqa: F401
+    import torch  # noqa: F401
 
 
 def _set_first(ws, name, selection, **opts) -> dict:
     from ultracurate.runner import Access
     from ultracurate.stages import make_stage
     stage = make_stage(name, opts)
-    t0 = time.perf_counter()
+    _warm_imports()
+    clock = Clock()
     with ws.catalog(read_only=True) as cat:
         r = Access(cat, stage, workspace=ws)
         stage.check(r, selection)
         plan = stage.plan(r, selection)
     rows = plan[0] if isinstance(plan, tuple) else plan
-    return {"seconds": time.perf_counter() - t0, "rows": len(rows)}
+    return clock.read(rows=len(rows))
 
 
 def n_edits(ws) -> int:
@@ -117,12 +138,15 @@ def measure(ws_root: str, command: str) -> dict:
     from ultracurate.selection import Selection, selected_keys_sql
     from ultracurate.workspace import Workspace
     ws = Workspace(ws_root)
-    t0 = time.perf_counter()
+    if command == "balance":
+        target = max(1, n_edits(ws) // 20)
+    _warm_imports()
+    clock = Clock()
     if command == "stats":
         from ultracurate.stats import catalog_stats
         with ws.catalog(read_only=True) as cat:
             catalog_stats(cat)
-        out = {"seconds": time.perf_counter() - t0, "rows": None}
+        out = clock.read(rows=None)
     elif command == "select":
         with ws.catalog(read_only=True) as cat:
             sel = Selection(where=WHERE, params={"min_dir": 0.25}, limit=100)
@@ -134,7 +158,7 @@ def measure(ws_root: str, command: str) -> dict:
                                        Selection(where=WHERE, params={"min_dir": 0.25}),
                                        columns="count(*) AS n")
             cat.scalar(sql, p)
-        out = {"seconds": time.perf_counter() - t0, "rows": n}
+        out = clock.read(rows=n)
     elif command == "review --limit 100":
         out = _set_first(ws, "review", Selection(limit=100))
     elif command == "export --limit 100":
@@ -151,13 +175,13 @@ def measure(ws_root: str, command: str) -> dict:
                          mask_class="any")
     elif command == "filter --clip-min 0.25":
         s = run(ws, "filter", clip_min=0.25, progress=False)
-        out = {"seconds": time.perf_counter() - t0, "rows": s.rows_in}
+        out = clock.read(rows=s.rows_in)
     elif command == "classify-masks":
         s = run(ws, "classify-masks", progress=False)
-        out = {"seconds": time.perf_counter() - t0, "rows": s.rows_done}
+        out = clock.read(rows=s.rows_done)
     elif command == "balance":
-        s = run(ws, "balance", target=max(1, n_edits(ws) // 20), progress=False)
-        out = {"seconds": time.perf_counter() - t0, "rows": s.rows_in}
+        s = run(ws, "balance", target=target, progress=False)
+        out = clock.read(rows=s.rows_in)
     else:
         raise SystemExit(f"unknown command {command!r}")
     out["rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
@@ -227,7 +251,8 @@ def main():
             r = child(ws_root, name, args.timeout)
             r.update(kind=kind, what=what)
             rows[name] = r
-            print(f"   {name:<26} {kind:<6} {fmt(r['seconds']):>9}  rows {r['rows'] or '-':>9}"
+            print(f"   {name:<26} {kind:<6} {fmt(r['seconds']):>9} (cpu "
+                  f"{fmt(r.get('cpu_seconds'))})  rows {r['rows'] or '-':>9}"
                   f"  peak {fmt(r['rss_gb'], 'GB'):>8}  {r.get('error', r.get('note', ''))}",
                   flush=True)
         results["sizes"][n] = {"build_seconds": build_s, "catalog_gb": size_gb,

@@ -171,6 +171,7 @@ def test_cli_generate(edits_ws, monkeypatch, capsys):
 
 KILL_SCRIPT = textwrap.dedent("""
     import sys
+    from ultracurate.runner import run
     from ultracurate.selection import Selection
     from ultracurate.workspace import Workspace
     run(Workspace(sys.argv[1]), "generate", Selection(where="edit_id IN (1, 2, 3)"),
@@ -234,6 +235,7 @@ def test_ray_engine(edits_ws):
 # -- a candidate's pixels do not depend on the runner's batches --------------------------------
 BATCH_KILL_SCRIPT = textwrap.dedent("""
     import sys
+    from ultracurate.runner import run
     from ultracurate.selection import Selection
     from ultracurate.workspace import Workspace
     run(Workspace(sys.argv[1]), "generate", Selection(where="edit_id IN (1, 2, 3)"),

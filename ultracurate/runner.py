@@ -229,6 +229,10 @@ class RowStage(Stage):
     # whole groups (a group larger than the batch size is a batch of its own).
     group_by: str | None = None
     order_by: str | None = None       # batch order (default: the key); e.g. "anchor_id, edit_id"
+    # A stage whose work is arithmetic over columns gets each batch as a pyarrow Table
+    # instead of a list of dicts (no Python object per row; no groups, numbering or order
+    # of its own): classify-masks over millions of stored mask features.
+    columnar: bool = False
     # Resumption, all done by the runner. A row is finished once stage_state marks it done...
     resume_on: tuple[str, ...] = ()   # ...by a run with the same values of these options
     run_column: str | None = None     # ...and the row still carries that run in this column
@@ -263,6 +267,12 @@ class RowStage(Stage):
 
     def key_of(self, row: dict) -> int:
         return row[self.row_key]
+
+    def keys_of(self, batch) -> list[int]:
+        """The keys of a batch's rows, in order."""
+        if self.columnar:
+            return batch.column(self.row_key).to_pylist()
+        return [self.key_of(r) for r in batch]
 
     @property
     def row_key(self) -> str:
@@ -871,26 +881,81 @@ def order_sql(stage: RowStage) -> str:
     return f" ORDER BY {GROUP} NULLS FIRST, {order}" if stage.group_by else f" ORDER BY {order}"
 
 
+# Key-ordered stages read their pending rows a key range at a time: the first range is
+# small, so that the first batch starts without sorting every pending row; ranges double in
+# rows up to the last size (bench/scale.py).
+FIRST_RANGE_ROWS = 16_384
+MAX_RANGE_ROWS = 1_048_576
+
+
 def pending_batches(stage: RowStage, cat: Catalog, selection: Selection, force: bool,
                     size: int, items=None) -> tuple[int, Iterator[list[dict]]]:
-    """How many rows are pending, and their batches, streamed from DuckDB (a second cursor,
-    sorted inside DuckDB, which spills to disk), so a job over 41M rows never holds them all
-    in Python."""
+    """How many rows are pending, and their batches, streamed from DuckDB (a second cursor),
+    so a job over 41M rows never holds them all in Python. A stage in key order reads them
+    a key range at a time (each range sorted on its own, its first one small); one whose
+    batches follow groups, numbering or its own order gets one sorted stream."""
     sql, params = pending_sql(stage, cat, selection, force)
-    n = int(cat.scalar(f"SELECT count(*) FROM ({sql}) counted", params))
+    key = stage.row_key
+    by_range = (items is None and not (stage.group_by or stage.ordinal_where or stage.identity)
+                and stage.order_by in (None, key))
+    if by_range:
+        n, lo, hi = cat.con.execute(f"SELECT count(*), min({key}), max({key}) "
+                                    f"FROM ({sql}) counted", params).fetchone()
+        n = int(n)
+    else:
+        n = int(cat.scalar(f"SELECT count(*) FROM ({sql}) counted", params))
 
-    def stream() -> Iterator[dict]:
+    def ranges() -> Iterator[str]:
+        # Each range is its own query, after the batches before it committed: rows of this
+        # run lie in earlier ranges, so none comes twice.
+        start, rows = int(lo), FIRST_RANGE_ROWS
+        while start <= hi:
+            end = start + max(1, int((hi - lo + 1) * rows / n))
+            yield (f"SELECT * FROM ({sql}) pending WHERE {key} >= {start} AND {key} < {end} "
+                   f"ORDER BY {key}")
+            start, rows = end, min(rows * 2, MAX_RANGE_ROWS)
+
+    def stream() -> Iterator:
         cur = cat.con.cursor()
         try:
             if items is not None:  # a cursor does not see its connection's registrations
                 cur.register(ITEMS, items)
-            reader = cur.sql(sql + order_sql(stage),
-                             params=params).to_arrow_reader(max(size, 2048))
-            for rb in reader:
-                yield from rb.to_pylist()
+            for query in (ranges() if by_range else [sql + order_sql(stage)]):
+                reader = cur.sql(query, params=params).to_arrow_reader(max(size, 2048))
+                for rb in reader:
+                    if stage.columnar:
+                        yield rb
+                    else:
+                        yield from rb.to_pylist()
         finally:
             cur.close()
-    return n, whole_groups(stream(), size)
+    if stage.columnar:
+        if not by_range:
+            raise ValueError(f"stage {stage.name}: a columnar stage has no groups, numbering "
+                             "or order of its own")
+        return n, table_batches(stream() if n else iter(()), size)
+    return n, whole_groups(stream() if n else iter(()), size)
+
+
+def table_batches(record_batches, size: int) -> Iterator:
+    """pyarrow Tables of `size` rows (the last one shorter) from a stream of record batches."""
+    import pyarrow as pa
+    held: list = []
+    n_held = 0
+    try:
+        for rb in record_batches:
+            held.append(rb)
+            n_held += rb.num_rows
+            while n_held >= size:
+                table = pa.Table.from_batches(held)
+                yield table.slice(0, size).combine_chunks()
+                rest = table.slice(size)
+                held, n_held = rest.to_batches(), rest.num_rows
+        if n_held:
+            yield pa.Table.from_batches(held).combine_chunks()
+    finally:
+        if hasattr(record_batches, "close"):
+            record_batches.close()
 
 
 def whole_groups(rows, size: int) -> Iterator[list[dict]]:
@@ -940,7 +1005,7 @@ def _commit_batch(cat: Catalog, stage: RowStage, w: Access, batch: list[dict],
                   result: BatchResult | BaseException) -> tuple[int, int]:
     """One batch's completion (BatchResult.complete), then its writes, its rows' marks and
     its run's counters, in one transaction."""
-    keys = [stage.key_of(r) for r in batch]
+    keys = stage.keys_of(batch)
     if not isinstance(result, BaseException):
         try:
             result = result.completed()
@@ -952,14 +1017,17 @@ def _commit_batch(cat: Catalog, stage: RowStage, w: Access, batch: list[dict],
     with cat.transaction():
         stage.write(w, result)
         n_failed = sum(1 for k in keys if k in result.failed)
-        if stage.tracks_state:
-            at = now()
-            cat.stage_state.insert(
-                [{"stage": stage.name, "key": k, "state": "failed" if k in result.failed
-                  else "done", "error": reason_text(result.failed[k])
-                  if result.failed.get(k) else None, "run_id": w.run_id, "updated_at": at}
-                 for k in keys], replace=True)
-        n_done = len(batch) - n_failed
+        if stage.tracks_state:  # as columns: a batch may hold tens of thousands of rows
+            import pyarrow as pa
+            f = result.failed
+            n = len(keys)
+            cat.stage_state.insert(pa.table({
+                "stage": [stage.name] * n, "key": keys,
+                "state": ["failed" if k in f else "done" for k in keys] if f else ["done"] * n,
+                "error": [reason_text(f[k]) if f.get(k) else None for k in keys] if f
+                else pa.nulls(n, pa.string()),
+                "run_id": [w.run_id] * n, "updated_at": [now()] * n}), replace=True)
+        n_done = len(keys) - n_failed
         cat.con.execute(named_queries("runs")["count_batch"], [n_done, n_failed, w.run_id])
     return n_done, n_failed
 

@@ -26,6 +26,7 @@ class ClassifyMasksStage(RowStage):
     # Classifying stored features is arithmetic: large batches keep the per-batch cost
     # (transaction, row marks) small against the rows (bench/scale.py).
     batch_size = 16384
+    columnar = True
     # A row is classified while the run that did it had these thresholds and its
     # classify_run still names that run (grounding again clears it).
     resume_on = ("thresholds",)
@@ -38,28 +39,41 @@ class ClassifyMasksStage(RowStage):
                                        max_contours=max_contours)
         super().__init__(thresholds=self.thresholds)
 
-    def process(self, rows: list[dict], prepared: Any, ctx: Context) -> BatchResult:
-        classified, computed, failed = [], [], {}
-        for r in rows:
-            if any(r[c] is None for c in FEATURE_COLUMNS):  # a mask that came without them
-                try:
-                    f = M.rle_features(r["mask_rle"], r["mask_height"], r["mask_width"])
-                except Exception as e:
-                    failed[r["edit_id"]] = f"edit {r['edit_id']}: {e}"
-                    continue
-                computed.append({"edit_id": r["edit_id"], **f.columns()})
-                r = {**r, **computed[-1]}
-            classified.append(r)
-        classes = M.classify_many([r["mask_area"] for r in classified],
-                                  [r["mask_contours"] for r in classified], self.thresholds)
-        out = {"edit_id": [r["edit_id"] for r in classified], "mask_class": list(classes),
-               "classify_run": [ctx.run_id] * len(classified)}
+    def process(self, rows, prepared: Any, ctx: Context) -> BatchResult:
+        """rows: a pyarrow Table (columnar): the classes are numpy over its columns; only
+        masks that came without features are decoded, one by one."""
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        missing = np.zeros(rows.num_rows, dtype=bool)
+        for c in FEATURE_COLUMNS:
+            missing |= rows.column(c).is_null().to_numpy(zero_copy_only=False)
+        ids = rows.column("edit_id").to_numpy()
+        area = pc.fill_null(rows.column("mask_area"), 0.0).to_numpy().copy()
+        contours = pc.fill_null(rows.column("mask_contours"), 0).to_numpy().copy()
+        computed, failed = [], {}
+        keep = np.ones(rows.num_rows, dtype=bool)
+        for i in np.flatnonzero(missing):   # a mask that came without its features
+            r = {c: rows.column(c)[int(i)].as_py()
+                 for c in ("edit_id", "mask_rle", "mask_height", "mask_width")}
+            try:
+                f = M.rle_features(r["mask_rle"], r["mask_height"], r["mask_width"])
+            except Exception as e:
+                failed[r["edit_id"]] = f"edit {r['edit_id']}: {e}"
+                keep[i] = False
+                continue
+            computed.append({"edit_id": r["edit_id"], **f.columns()})
+            area[i], contours[i] = f.area, f.contours
+        classes = M.classify_many(area[keep], contours[keep], self.thresholds)
+        out = pa.table({"edit_id": ids[keep], "mask_class": pa.array(classes, pa.string()),
+                        "classify_run": pa.array(np.full(int(keep.sum()), ctx.run_id))})
         # the stored features are left as they are; only computed ones are written
         return BatchResult(updates={"edits": out}, failed=failed,
                            extra={"features": computed})
 
     def write(self, w: Access, result: BatchResult) -> None:
-        import pyarrow as pa
-        w.edits.update(pa.table(result.updates["edits"]) if result.updates else [])
+        for table, rows in result.updates.items():
+            w.table(table).update(rows)
         if result.extra.get("features"):
             w.edits.update(result.extra["features"])
