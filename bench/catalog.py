@@ -62,7 +62,8 @@ def build(ws: Workspace, n: int) -> float:
     # the synthetic rows go in through a plain connection: the catalog's own connections
     # have their configuration locked (ultracurate.limits), and this one needs a setting
     with contextlib.closing(duckdb.connect(str(ws.catalog_path),
-                                           config={"preserve_insertion_order": False})) as con:
+                                           config={"preserve_insertion_order": False,
+                                                   "memory_limit": "6GB"})) as con:
         columns = {t: {r[0] for r in con.execute(f"DESCRIBE {t}").fetchall()}
                    for t in ("edits", "candidates")}
         list_reasons = "reject_reasons" in columns["candidates"]

@@ -51,13 +51,14 @@ COMMANDS = [
     ("instruct --limit 100", "first", "row stage over anchors"),
     ("score", "first", "row stage: pending selection"),
     ("dedup (embed-anchors)", "first", "row stage over every anchor"),
-    ("generate --where replace", "first", "plan in SQL + pending selection"),
+    ("generate --where replace", "first", "plan (1 candidate/edit) + pending selection"),
     ("filter --clip-min 0.25", "whole", "set stage"),
     ("classify-masks", "whole", "row stage, features stored"),
     ("balance", "whole", "set stage, --target edits/20"),
 ]
+# 41M: generate is left out (its planning holds a Python row per planned candidate)
 FIRST_ONLY = {"review --limit 100", "export --limit 100", "instruct --limit 100", "score",
-              "dedup (embed-anchors)", "generate --where replace", "stats", "select"}
+              "dedup (embed-anchors)", "stats", "select"}
 
 
 class _FirstBatch(Exception):
@@ -70,10 +71,14 @@ class Clock:
 
     def __init__(self):
         self.wall, self.cpu = time.perf_counter(), time.process_time()
+        # the process's peak so far (its imports: torch alone is ~0.6 GB): the job's own
+        # memory is the peak above it
+        self.base_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
     def read(self, **extra) -> dict:
         return {"seconds": time.perf_counter() - self.wall,
-                "cpu_seconds": time.process_time() - self.cpu, **extra}
+                "cpu_seconds": time.process_time() - self.cpu, "base_gb": self.base_gb,
+                **extra}
 
 
 class FirstBatchEngine:
@@ -171,8 +176,9 @@ def measure(ws_root: str, command: str) -> dict:
     elif command == "dedup (embed-anchors)":
         out = _row_first(ws, "embed-anchors")
     elif command == "generate --where replace":
+        # one candidate per edit: planning is still a Python loop over edits x candidates
         out = _row_first(ws, "generate", Selection(where="edit_type = 'replace'"),
-                         mask_class="any")
+                         candidates=1)
     elif command == "filter --clip-min 0.25":
         s = run(ws, "filter", clip_min=0.25, progress=False)
         out = clock.read(rows=s.rows_in)
