@@ -51,7 +51,7 @@ COMMANDS = [
     ("instruct --limit 100", "first", "row stage over anchors"),
     ("score", "first", "row stage: pending selection"),
     ("dedup (embed-anchors)", "first", "row stage over every anchor"),
-    ("generate --where replace", "first", "plan (1 candidate/edit) + pending selection"),
+    ("generate --where replace", "first", "plan (a 2nd candidate/edit) + pending"),
     ("filter --clip-min 0.25", "whole", "set stage"),
     ("classify-masks", "whole", "row stage, features stored"),
     ("balance", "whole", "set stage, --target edits/20"),
@@ -176,9 +176,10 @@ def measure(ws_root: str, command: str) -> dict:
     elif command == "dedup (embed-anchors)":
         out = _row_first(ws, "embed-anchors")
     elif command == "generate --where replace":
-        # one candidate per edit: planning is still a Python loop over edits x candidates
+        # a second candidate per edit (the bench catalog has one): planning is still a
+        # Python loop over edits x candidates
         out = _row_first(ws, "generate", Selection(where="edit_type = 'replace'"),
-                         candidates=1)
+                         candidates=2)
     elif command == "filter --clip-min 0.25":
         s = run(ws, "filter", clip_min=0.25, progress=False)
         out = clock.read(rows=s.rows_in)

@@ -350,18 +350,26 @@ class Catalog:
         finally:
             self.con.unregister(name)
 
-    @contextlib.contextmanager
-    def materialized(self, sql: str, params: Any = None):
+    def temp_table(self, sql: str, params: Any = None) -> str:
         """A query's result computed once into a temporary table of this connection (DuckDB
-        spills it to disk when large), for several writes that read the same rows; dropped
-        afterwards."""
+        spills it to disk when large; a read-only catalog may hold one too); its name.
+        Drop it with drop_temp."""
         self._n_registered += 1
         name = f"_uc_tmp_{self._n_registered}"
         self.con.execute(f"CREATE TEMP TABLE {name} AS {sql}", params or None)
+        return name
+
+    def drop_temp(self, name: str) -> None:
+        self.con.execute(f"DROP TABLE IF EXISTS temp.{name}")
+
+    @contextlib.contextmanager
+    def materialized(self, sql: str, params: Any = None):
+        """temp_table for the block's length."""
+        name = self.temp_table(sql, params)
         try:
             yield name
         finally:
-            self.con.execute(f"DROP TABLE IF EXISTS {name}")
+            self.drop_temp(name)
 
     # -- the run ledger's rows (written by ultracurate.runner) -----------------------------
     def start_run(self, stage: str, params: dict, selection: dict | None, models: dict | None,

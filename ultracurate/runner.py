@@ -125,6 +125,12 @@ class Access:
     def materialized(self, sql: str, params: Any = None):
         return self.cat.materialized(sql, params)
 
+    def temp_table(self, sql: str, params: Any = None) -> str:
+        return self.cat.temp_table(sql, params)
+
+    def drop_temp(self, name: str) -> None:
+        self.cat.drop_temp(name)
+
     def selected(self, selection: Selection, table: str, columns: str = "*",
                  where: str | None = None) -> tuple[str, dict]:
         """SQL (and its parameters) of the rows of table's view that selection picks."""
