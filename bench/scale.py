@@ -232,11 +232,17 @@ def main():
     ap.add_argument("--only", help="comma list of command names (default: all)")
     ap.add_argument("--timeout", type=float, default=900.0, help="per command, seconds")
     ap.add_argument("--label", default="", help="a name for this run in the results")
+    ap.add_argument("--markdown", nargs="+", metavar="JSON",
+                    help="write bench/results/scale.md's tables from runs' JSON files "
+                         "(bench/out/scale-*.json) and stop")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--ws", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(measure(args.ws, args.child)))
+        return
+    if args.markdown:
+        print(markdown([json.loads(Path(f).read_text()) for f in args.markdown]))
         return
     sys.path.insert(0, str(HERE))
     import ultracurate
@@ -247,6 +253,10 @@ def main():
               and (not args.first_only or c[0] in FIRST_ONLY)]
     results = {"label": args.label, "package": str(Path(ultracurate.__file__).parent),
                "sizes": {}}
+    out = HERE / "out"
+    out.mkdir(exist_ok=True)
+    tag = "-".join(str(s) for s in sizes) + (f"-{args.label}" if args.label else "")
+    dest = out / f"scale-{tag}.json"
     for n in sizes:
         fresh = not (root / f"ws-{n}" / "catalog.duckdb").exists()
         print(f"== {n:,} edits: building ..." if fresh else f"== {n:,} edits (kept)", flush=True)
@@ -262,15 +272,12 @@ def main():
                   f"{fmt(r.get('cpu_seconds'))})  rows {r['rows'] or '-':>9}"
                   f"  peak {fmt(r['rss_gb'], 'GB'):>8}  {r.get('error', r.get('note', ''))}",
                   flush=True)
-        results["sizes"][n] = {"build_seconds": build_s, "catalog_gb": size_gb,
-                               "commands": rows}
+            results["sizes"][n] = {"build_seconds": build_s, "catalog_gb": size_gb,
+                                   "commands": rows}
+            dest.write_text(json.dumps(results, indent=2, default=str))  # as it goes
         if not args.keep:
             shutil.rmtree(ws_root, ignore_errors=True)
     report(results, sizes, wanted)
-    out = HERE / "out"
-    out.mkdir(exist_ok=True)
-    tag = "-".join(str(s) for s in sizes) + (f"-{args.label}" if args.label else "")
-    (out / f"scale-{tag}.json").write_text(json.dumps(results, indent=2, default=str))
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -288,6 +295,37 @@ def report(results: dict, sizes: list[int], wanted) -> None:
         if len(sizes) > 1 and s[0] and s[-1]:
             line += f"  {(s[-1] / s[0]) ** (1 / math.log10(sizes[-1] / sizes[0])):.1f}x"
         print(line)
+
+
+def markdown(runs: list[dict]) -> str:
+    """One table per size: each command's wall and CPU seconds and peak memory above the
+    process's imports, for every run (e.g. before / after) that measured it."""
+    sizes = sorted({int(n) for r in runs for n in r["sizes"]})
+    out = []
+    for n in sizes:
+        have = [r for r in runs if str(n) in r["sizes"] or n in r["sizes"]]
+        head = " | ".join(f"{r['label']}: wall / CPU s, peak GB" for r in have)
+        out += [f"**{n:,} edits**", "", f"| command | kind | {head} |",
+                "|---|---|" + "---|" * len(have)]
+        names = [c[0] for c in COMMANDS]
+        for name in names:
+            cells, kind = [], ""
+            for r in have:
+                c = (r["sizes"].get(str(n)) or r["sizes"].get(n))["commands"].get(name)
+                if c is None:
+                    cells.append("-")
+                    continue
+                kind = c["kind"]
+                if c.get("seconds") is None:
+                    cells.append(c.get("error", "-")[:60])
+                    continue
+                extra = c["rss_gb"] - c.get("base_gb", 0) if c.get("base_gb") else None
+                cells.append(f"{c['seconds']:.2f} / {c.get('cpu_seconds', 0):.2f}, "
+                             f"{c['rss_gb']:.2f}" + (f" (+{extra:.2f})" if extra else ""))
+            if any(x != "-" for x in cells):
+                out.append(f"| {name} | {kind} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
