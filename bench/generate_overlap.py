@@ -110,9 +110,12 @@ def main():
     ap.add_argument("--candidates", type=int, default=4)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=2, help="alternate the two, best of N")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="the model's threads (default 1: the other core is the GPU's host "
+                         "side, where writes and commits run)")
     args = ap.parse_args()
     import torch
-    torch.set_num_threads(max(1, (os.cpu_count() or 2)))
+    torch.set_num_threads(args.torch_threads)
     root = Path(tempfile.mkdtemp(prefix="uc-genoverlap-"))
     ws = workspace(root, args.edits, args.size)
     base = dict(size=args.size, pairs_per_call=args.batch, mode="free")
