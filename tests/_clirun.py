@@ -3,9 +3,11 @@ ONE subprocess, so that a table of CLI cases pays Python's imports once instead 
 
     results = run_many([["select", "--where", "x"], ...], env={...})   # from a test
 
-Each case's exit code, stdout and stderr come back; an exception that escapes `main` is printed
-as the traceback a user would see and reported with rc None. Cases run in order, in the same
-process, as a user running them one after another would (minus the imports).
+Each case's exit code, stdout and stderr come back, captured at the file descriptors (so what C
+code and child processes print is there too, as in a separate process); an exception that
+escapes `main` is printed as the traceback a user would see and reported with rc None. Cases
+run in order, in the same process, as a user running them one after another would (minus the
+imports).
 """
 
 from __future__ import annotations
@@ -48,29 +50,54 @@ def one_line_error(result: dict, *fragments: str, code: int | None = None) -> st
     return lines[0]
 
 
+def _captured(fn) -> tuple[str, str]:
+    """Run fn with file descriptors 1 and 2 on temporary files: what Python writes to
+    sys.stdout / sys.stderr, what C code writes to them and what child processes inherit,
+    as a separate process's stdout and stderr would hold it."""
+    import tempfile
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        try:
+            fn()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+        texts = []
+        for f in (out, err):
+            f.seek(0)
+            texts.append(f.read().decode("utf-8", errors="replace"))
+    return texts[0], texts[1]
+
+
 def _main() -> None:
-    import contextlib
-    import io
     import traceback
 
     from ultracurate.cli import main
     cases = json.loads(sys.stdin.read())
     out = []
-    real_stdout = sys.stdout
     for argv in cases:
-        o, e = io.StringIO(), io.StringIO()
-        rc = 0
-        with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+        rc = [0]
+
+        def case(argv=argv, rc=rc):
             try:
                 main(list(argv))
             except SystemExit as x:
-                rc = x.code if isinstance(x.code, int) else (0 if x.code is None else 1)
+                rc[0] = x.code if isinstance(x.code, int) else (0 if x.code is None else 1)
             except BaseException:
                 traceback.print_exc()
-                rc = None
-        out.append({"argv": argv, "rc": rc, "stdout": o.getvalue(), "stderr": e.getvalue()})
-    real_stdout.write("\n@@CLIRUN@@" + json.dumps(out))
-    real_stdout.flush()
+                rc[0] = None
+        stdout, stderr = _captured(case)
+        out.append({"argv": argv, "rc": rc[0], "stdout": stdout, "stderr": stderr})
+    sys.stdout.write("\n@@CLIRUN@@" + json.dumps(out))
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

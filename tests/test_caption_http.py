@@ -102,7 +102,7 @@ def test_caption_through_a_vision_endpoint(crops_ws, server, monkeypatch):
         caps = cat.query("SELECT * FROM anchor_captions ORDER BY anchor_id, caption_index")
         state = {width[k]: (st, err) for k, st, err in cat.con.execute(
             "SELECT key, state, error FROM stage_state WHERE stage = 'caption'").fetchall()}
-        run = cat.query("SELECT params, models, message FROM runs WHERE run_id = ?",
+        run_row = cat.query("SELECT params, models, message FROM runs WHERE run_id = ?",
                         [s.run_id])[0]
     valid = {width[r["anchor_id"]]: r["caption"] for r in caps if not r["invalid_reason"]}
     invalid = {}
@@ -139,10 +139,10 @@ def test_caption_through_a_vision_endpoint(crops_ws, server, monkeypatch):
     assert text.startswith("Write a caption for this photo")
     assert server.max_inflight <= 3
     assert server.auth == {f"Bearer {KEY}"}
-    assert KEY not in run["params"] + run["models"] + (run["message"] or "")
+    assert KEY not in run_row["params"] + run_row["models"] + (run_row["message"] or "")
     assert KEY not in ws.catalog_path.read_bytes().decode("latin-1")
-    assert json.loads(run["models"])["captioner"]["model"] == "test-vlm"
-    assert run["message"] == ("new captions (caption:test-vlm): 7, invalid answers kept with "
+    assert json.loads(run_row["models"])["captioner"]["model"] == "test-vlm"
+    assert run_row["message"] == ("new captions (caption:test-vlm): 7, invalid answers kept with "
                               "their reasons: 4; anchors still without a caption: 3 (the "
                               "failed ones are retried by a rerun)")
 

@@ -2,19 +2,36 @@
 photos ingested without captions, captioned by the tiny captioner) and ends in a loadable
 Hugging Face export and an HTML report."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
-from ultracurate.demo import DEMO_UNCAPTIONED, run_demo
+from ultracurate.demo import DEMO_UNCAPTIONED, format_demo, run_demo
 from ultracurate.errors import UltracurateError
 from ultracurate.workspace import Workspace
 
 
 @pytest.mark.slow
 def test_demo_runs_the_whole_pipeline(tmp_path):
+    """Through the CLI, as a user runs it: with --json, stdout is the JSON of every step and
+    nothing else; stderr only the demo's own narration (`== ...`), whatever the libraries
+    under it print; the text summary names what a person looks at next."""
     import datasets
     out = tmp_path / "demo"
-    steps = run_demo(out, progress=False)
-    for stage in ("ingest", "caption", "instruct", "ground", "classify-masks", "score"):
+    res = subprocess.run([sys.executable, "-c", "from ultracurate.cli import main; main()",
+                          "demo", str(out), "--json"], capture_output=True, text=True,
+                         timeout=1800, env=dict(os.environ, ULTRACURATE_PROGRESS="0"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    steps = json.loads(res.stdout)
+    assert [ln for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith("== ")] \
+        == [], res.stderr[-3000:]
+    summary = format_demo(steps)
+    assert f"export: {steps['export']['rows']} rows (hf) in {out}" in summary
+    assert f"report: {out}" in summary and len(summary.splitlines()) <= 8
+    for stage in ("ingest", "caption", "instruct", "ground", "classify_masks", "score"):
         assert steps[stage]["state"] == "completed" and steps[stage]["rows_failed"] == 0, stage
     # photos ingested without captions got theirs from the tiny captioner ...
     assert steps["ingest"]["anchors_without_caption"] == len(DEMO_UNCAPTIONED)
@@ -45,7 +62,14 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert counts.get("accepted", 0) > 0 and counts.get("rejected", 0) > 0  # the filter decided
     assert types == 9
     assert {"ingest", "caption", "instruct", "ground", "classify-masks", "generate", "score",
-            "filter", "balance", "dedup", "review", "export"} <= stages
+            "filter", "judge", "chain", "balance", "dedup", "review", "export"} <= stages
+    # the tiny judge rated the rows CLIP passed (JSON under its grammar); chains grew 3-turn
+    # sessions, exported in MagicBrush's layout beside their flat rows
+    assert steps["judge"]["rows_done"] == steps["judge"]["judged"] > 0
+    assert steps["judge"]["rows_failed"] == 0
+    assert steps["chain"]["by_length"].get("3", 0) > 0  # JSON: keys are text
+    assert steps["export_sessions"]["sessions"] == steps["chain"]["by_length"]
+    assert (out / "exports" / "sessions" / "sessions" / "edit_sessions.json").exists()
     ds = datasets.load_dataset(str(out / "exports" / "hf"))
     rows = sum(len(split) for split in ds.values())
     assert rows == steps["export"]["rows"] > 0

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from ultracurate.models import make_tiny
-from ultracurate.stages.adaptive import compare_schemes, run_adaptive
+from ultracurate.runner import run
+from ultracurate.stages.adaptive import compare_schemes
 from ultracurate.thresholds import Thresholds
 
 from _scoring import add_candidates, set_scores
@@ -42,8 +43,8 @@ def test_run_adaptive_generates_in_rounds(ingested_ws, tiny_dir):
     # tiny random models: loose thresholds so that candidates pass (scores are meaningless)
     loose = Thresholds.preset().override(clip_sim_image_min=-1, clip_sim_dir_min=-1,
                                          clip_min=-1, dinov2_sim_min=-1)
-    res = run_adaptive(ws, until_accepted=2, max_candidates=6, round_size=3,
-                       thresholds=loose, generate_kwargs={"size": 64})
+    res = run(ws, "adaptive", until_accepted=2, max_candidates=6, round_size=3,
+              thresholds=loose, generate={"size": 64}, progress=False).result
     assert res.edits == 2 and res.succeeded == 2
     assert res.rounds == [{"candidates": 3, "open_edits": 2, "closed": 2}]
     assert res.generated == 6 and res.candidates_per_success == 3.0
@@ -54,8 +55,8 @@ def test_run_adaptive_generates_in_rounds(ingested_ws, tiny_dir):
     assert all(r["reject_reasons"] in (None, ["not in top 2 by clip_sim_dir"]) for r in rows)
     # a threshold nothing passes: every round runs, up to max_candidates
     strict = Thresholds.preset().override(clip_sim_dir_min=1.0)
-    res = run_adaptive(ws, until_accepted=2, max_candidates=6, round_size=3,
-                       thresholds=strict, generate_kwargs={"size": 64})
+    res = run(ws, "adaptive", until_accepted=2, max_candidates=6, round_size=3,
+              thresholds=strict, generate={"size": 64}, progress=False).result
     assert [r["candidates"] for r in res.rounds] == [3, 6] and res.succeeded == 0
     assert res.generated == 12
 

@@ -33,10 +33,12 @@ TINY = {
     "filter": ["--clip-min", "-1", "--clip-dir-min", "-1", "--clip-image-min", "-1",
                "--dino-min", "-1", "--top-k", "2", "--no-region-rule"],
     "dedup": ["--threshold", "0.9995"],
+    "judge": ["--grammar", "tiny-judge"],  # the tiny local judge instead of a served one
     "balance": ["--by", "edit_type", "--cap", "2", "--seed", "0"],
 }
 NOT_HERE = {"init", "ingest", "instruct", "ground", "classify-masks", "generate",  # fixture
             "review",                                                            # the App
+            "chain",                                     # generation again (test_chain.py)
             "stats", "gc", "select"}                                             # read-only
 
 
@@ -66,7 +68,7 @@ def flow_ws(ingested_ws, tiny_dir, tmp_path):
     """Scored-to-be candidates on the demo photos plus a near-duplicate anchor (a re-encoded
     crop of the first photo, with edits of its own) and one planted duplicate edited image."""
     ws = ingested_ws
-    make_tiny(tiny_dir, ("clip", "dino"))
+    make_tiny(tiny_dir, ("clip", "dino", "judge"))
     with ws.catalog() as cat:
         first = cat.query("SELECT media FROM anchors ORDER BY anchor_id LIMIT 1")[0]["media"]
     im = Image.open(ws.media.path(first)).convert("RGB")

@@ -116,6 +116,33 @@ def test_generate_plans_renders_and_resumes(edits_ws):
     assert redone == first[1][1]
 
 
+def test_the_bar_moves_per_diffusion_step(edits_ws, monkeypatch):
+    """A generate batch reports each denoising step of each call to the runner's bar: the bar
+    moves as many times as the calls have steps, forward only, within the batch, before the
+    batch commits, and ends at the batch's rows."""
+    from ultracurate.progress import JobBar
+    ws, ids = edits_ws
+    seen = []
+    original = JobBar.__call__
+
+    def spy(self, rows_in_batch):
+        seen.append((self.committed, rows_in_batch))
+        original(self, rows_in_batch)
+    monkeypatch.setattr(JobBar, "__call__", spy)
+    out = run_generate(ws, Selection(where="edit_type = 'replace'"), candidates=2, size=64,
+                       progress=True)
+    assert out.run.rows_done == 4
+    rows = candidates(ws)
+    calls = {}
+    for r in rows:   # one pair per call here: a call's steps are its candidate's
+        calls[r["gen_call"]] = max(calls.get(r["gen_call"], 0),
+                                   json.loads(r["gen_params"])["real_steps"])
+    assert len(seen) == sum(calls.values()) > len(calls)
+    assert {c for c, _ in seen} == {0}                       # all before the batch committed
+    done = [x for _, x in seen]
+    assert done == sorted(done) and len(set(done)) == len(done) and done[-1] == 4
+
+
 def test_compat_plans_one_seed_per_released_call_and_keeps_the_anchor(edits_ws):
     ws, ids = edits_ws
     out = run(ws, "generate", Selection(where="mode = 'free'"), candidates=2, size=64,

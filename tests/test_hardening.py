@@ -206,10 +206,10 @@ def test_a_predicate_past_the_time_bound_is_interrupted(tmp_path, monkeypatch):
         # the connection is usable afterwards
         assert cat.scalar("SELECT count(*) FROM anchors") == 40000
         # a predicate ultracurate wrote itself is checked but not run under the user bounds
-        selected_keys_sql(cat.con, "anchors_v", "anchor_id", Selection(slow, trusted=True))
+        selected_keys_sql(cat.con, "anchors_v", "anchor_id", Selection(scope=(slow,)))
         with pytest.raises(SelectionError, match="volatile"):
             selected_keys_sql(cat.con, "anchors_v", "anchor_id",
-                              Selection("random() < 0.5", trusted=True))
+                              Selection(scope=("random() < 0.5",)))
 
 
 # -- the --where guard, through the CLI ------------------------------------------------------
@@ -240,6 +240,9 @@ def _where_cases(ws: Path, out: Path) -> list[tuple[list[str], str]]:
         "caption": (["caption", "--backend", "openai", "--model", "m", "--base-url",
                      "http://127.0.0.1:9/v1"], ["error('boom') IS NULL",
                                                 "CAST(sha256 AS BIGINT) = 1"]),
+        "judge": (["judge", "--backend", "openai", "--model", "m", "--base-url",
+                   "http://127.0.0.1:9/v1"], over_candidates[:3]),
+        "chain": (["chain", "--size", "64"], over_candidates[:3]),
     }
     return [(argv + w + ["--where", pred], pred) for argv, preds in commands.values()
             for pred in preds]
@@ -249,7 +252,8 @@ def test_every_command_refuses_hostile_where_in_one_line_and_changes_nothing(hws
     cases = _where_cases(hws.root, tmp_path)
     assert {c[0][0] for c in cases} >= {"select", "score", "filter", "balance", "dedup",
                                          "report", "review", "export", "generate", "ground",
-                                         "classify-masks", "instruct", "caption"}
+                                         "classify-masks", "instruct", "caption", "judge",
+                                         "chain"}
     before, files = contents(hws), tree(hws.root)
     results = run_many([argv for argv, _ in cases])
     for (argv, pred), res in zip(cases, results):
@@ -422,11 +426,10 @@ def test_a_tampered_catalog_cannot_make_a_command_read_or_write_outside(hws, tmp
     after = contents(ws)
     assert {t: v for t, v in after.items() if t != "runs"} == \
         {t: v for t, v in before.items() if t != "runs"}
-    with ws.catalog(read_only=True) as cat:  # an export is a recorded job: it failed
+    with ws.catalog(read_only=True) as cat:  # refused before they ran: no run recorded
         new_runs = cat.query("SELECT stage, state, message FROM runs WHERE run_id > ?",
                              [last_run])
-    assert all(r["stage"] == "export" and r["state"] == "failed" and
-               "is not a media name" in r["message"] for r in new_runs), new_runs
+    assert new_runs == []
     assert tree(ws_root) == files
 
 
@@ -518,6 +521,8 @@ def test_the_clis_choices_are_the_librarys(tmp_path):
     from ultracurate.captioners import BACKENDS as CAPTION_BACKENDS
     assert get_args(c.LLMBackend) == BACKENDS and get_args(c.Benchmark) == BENCHMARKS
     assert get_args(c.CaptionBackend) == CAPTION_BACKENDS
+    from ultracurate.judge import BACKENDS as JUDGE_BACKENDS
+    assert get_args(c.JudgeBackend) == JUDGE_BACKENDS
     assert get_args(c.InstructionsFormat) == INSTRUCTION_FORMATS
     assert get_args(c.EditMode) == EDIT_MODES
     assert get_args(c.ExportFormat) == EXPORT_FORMATS
@@ -568,6 +573,16 @@ BAD_OPTIONS = [
     (["caption", "--temperature", "nan"], "--temperature"),
     (["caption", "--backend", "x"], "--backend"),
     (["caption", "--image-size", "-1"], "--image-size"),
+    (["judge", "--max-attempts", "0"], "--max-attempts"),
+    (["judge", "--temperature", "nan"], "--temperature"),
+    (["judge", "--backend", "x"], "--backend"),
+    (["judge", "--concurrency", "0"], "--concurrency"),
+    (["filter", "--judge-min", "colour=4"], "--judge-min"),
+    (["filter", "--judge-min", "quality=inf"], "--judge-min"),
+    (["chain", "--turns", "0"], "--turns"),
+    (["chain", "--candidates", "0"], "--candidates"),
+    (["chain", "--box-threshold", "1.5"], "--box-threshold"),
+    (["chain", "--backend", "x"], "--backend"),
     (["review", "--port", "0"], "--port"),
     (["review", "--port", "70000"], "--port"),
     (["review", "--margin", "-1"], "--margin"),

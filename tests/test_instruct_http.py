@@ -75,7 +75,7 @@ def test_http_backend_against_loopback_server(ingested_ws, server, monkeypatch):
     with ws.catalog(read_only=True) as cat:
         edits = {r["source_caption"]: r for r in cat.query("SELECT * FROM edits")}
         state = cat.query("SELECT key, state, error FROM stage_state WHERE stage='instruct'")
-        run = cat.query("SELECT params, models FROM runs WHERE run_id = ?", [s.run_id])[0]
+        run_row = cat.query("SELECT params, models FROM runs WHERE run_id = ?", [s.run_id])[0]
     # 500 past the retries: the anchor failed (nothing written), with the reason
     failed = [r for r in state if r["state"] == "failed"]
     assert [r["key"] for r in failed] == [7]
@@ -106,7 +106,7 @@ def test_http_backend_against_loopback_server(ingested_ws, server, monkeypatch):
     assert all(b["model"] == "test-model" for b in server.bodies)
     assert server.max_inflight <= 2
     assert server.auth == {f"Bearer {KEY}"}
-    assert KEY not in run["params"] and KEY not in run["models"]
+    assert KEY not in run_row["params"] and KEY not in run_row["models"]
     with ws.catalog(read_only=True) as cat:
         dump = json.dumps(cat.query("SELECT * FROM runs") + cat.query("SELECT * FROM edits")
                           + cat.query("SELECT * FROM stage_state"), default=str)

@@ -174,8 +174,8 @@ def test_build_groups_slices_fields_and_views(review_ws):
     assert len(ds.load_saved_view("human-decided")) == 0
 
     with ws.catalog(read_only=True) as cat:
-        run = cat.query("SELECT * FROM runs WHERE stage = 'review'")
-    assert len(run) == 1 and run[0]["state"] == "completed" and run[0]["rows_in"] == 9
+        runs = cat.query("SELECT * FROM runs WHERE stage = 'review'")
+    assert len(runs) == 1 and runs[0]["state"] == "completed" and runs[0]["rows_in"] == 9
 
 
 def test_incremental_update_touches_only_changed(review_ws):
@@ -234,14 +234,14 @@ def test_tags_pulled_back_and_survive_refilter(review_ws):
         got = {r["candidate_id"]: r for r in cat.query(
             "SELECT candidate_id, human_decision, human_tags, reviewer, decided_at, status, "
             "auto_status FROM candidates_v WHERE candidate_id IN (1, 4, 5, 6)")}
-        pulls = cat.query("SELECT * FROM runs WHERE stage = 'review-pull'")
+        runs = cat.query("SELECT * FROM runs WHERE stage = 'review-pull'")
     assert got[4]["human_decision"] == "reject" and got[4]["status"] == "rejected"
     assert sorted(got[4]["human_tags"]) == ["bad_mask", "reject"]
     assert got[1]["human_decision"] == "accept" and got[1]["status"] == "accepted"
     assert got[5]["human_decision"] is None and got[5]["human_tags"] == ["bad_instruction"]
     assert got[6]["human_decision"] is None and got[6]["human_tags"] is None
     assert all(got[c]["reviewer"] == "ana" and got[c]["decided_at"] for c in (1, 4, 5))
-    assert len(pulls) == 1 and pulls[0]["rows_done"] == 3
+    assert len(runs) == 1 and runs[0]["rows_done"] == 3
     # the source-slice tag moved to the group's edited sample
     assert ds.select_group_slices("source").match({"candidate_id": 5}).first().tags == []
     assert _edited(ds).match({"candidate_id": 5}).first().tags == ["bad_instruction"]

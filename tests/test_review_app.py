@@ -114,11 +114,12 @@ def test_app_on_loopback_shows_dataset_and_pulls_tags_on_exit(review_ws, tmp_pat
 
     port = _free_port()
     env = dict(os.environ, ULTRACURATE_PROGRESS="0", PYTHONUNBUFFERED="1")
-    log_path = tmp_path / "review.log"
-    log = open(log_path, "w")
+    log_path, out_path = tmp_path / "review.log", tmp_path / "review.json"
+    log, out = open(log_path, "w"), open(out_path, "w")
+    # --json: the URL goes to stderr, stdout is one JSON document when the session ends
     proc = subprocess.Popen([sys.executable, "-m", "ultracurate.cli", "review", "-w",
-                             str(ws.root), "--port", str(port), "--reviewer", "app-user"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env,
+                             str(ws.root), "--port", str(port), "--reviewer", "app-user",
+                             "--json"], stdout=out, stderr=log, env=env,
                             start_new_session=True)
     driver = None
     try:
@@ -169,9 +170,11 @@ def test_app_on_loopback_shows_dataset_and_pulls_tags_on_exit(review_ws, tmp_pat
             os.killpg(proc.pid, signal.SIGKILL)
             raise
         log.close()
+        out.close()
         output = log_path.read_text()
     assert proc.returncode == 0, output[-2000:]
-    assert "pulled 1 decisions" in output
+    result = json.loads(out_path.read_text())
+    assert result["dataset"] == built.dataset and result["pull"]["changed"] == 1
     with ws.catalog(read_only=True) as cat:
         row = cat.query("SELECT human_decision, human_tags, reviewer, status FROM candidates_v "
                         "WHERE candidate_id = 7")[0]

@@ -169,6 +169,41 @@ def test_score_stage_writes_scores_and_embeddings(ingested_ws, tiny):
     assert len(cands) == 12
 
 
+def test_a_batch_moves_the_bar_per_model_call(ingested_ws, tiny, monkeypatch):
+    """A score batch embeds its images in calls of images_per_call and reports each to the
+    runner's bar (forward only, before the batch commits, ending at the batch's rows); the
+    scores are those of one call for the whole batch."""
+    from ultracurate.progress import JobBar
+    from ultracurate.runner import run
+    from ultracurate.stages.score import SCORE_COLUMNS, ScoreStage
+    ws = ingested_ws
+    cands = add_candidates(ws, n_edits=2, per_edit=3)
+    run(ws, "score", progress=False, batch_size=6)
+    with ws.catalog() as cat:
+        whole = cat.query(f"SELECT candidate_id, {', '.join(SCORE_COLUMNS)} FROM candidates")
+    images = len(set(cands["source_image"]) | set(cands["edited_image"]))
+    seen = []
+    original = JobBar.__call__
+
+    def spy(self, rows_in_batch):
+        seen.append((self.committed, rows_in_batch))
+        original(self, rows_in_batch)
+    monkeypatch.setattr(JobBar, "__call__", spy)
+    monkeypatch.setattr(ScoreStage, "images_per_call", 2)
+    summary = run(ws, "score", force=True, batch_size=6, progress=True)
+    assert summary.rows_done == 6
+    assert len(seen) == -(-images // 2) > 1
+    assert {c for c, _ in seen} == {0}
+    done = [x for _, x in seen]
+    assert done == sorted(done) and done[-1] == 6
+    with ws.catalog() as cat:
+        split = cat.query(f"SELECT candidate_id, {', '.join(SCORE_COLUMNS)} FROM candidates")
+    for a, b in zip(sorted(whole, key=lambda r: r["candidate_id"]),
+                    sorted(split, key=lambda r: r["candidate_id"])):
+        for k in SCORE_COLUMNS:
+            assert b[k] == pytest.approx(a[k], abs=1e-5), k
+
+
 def test_score_records_a_missing_image_as_failed(ingested_ws, tiny, capsys):
     import json
     from ultracurate.cli import main

@@ -14,7 +14,6 @@ never raises for one bad photo. `validate_caption` judges an answer's text.
 
 from __future__ import annotations
 
-import os
 import re
 import unicodedata
 from collections import Counter
@@ -22,12 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .chat import (Answer, ChatClient, image_part, is_url, message, split_role_url,
-                   strip_userinfo)
+from .chat import Answer, ChatClient, image_part, message
 from .errors import UltracurateError, reason_text
 from .names import CAPTION_MAX_WORDS
-
-BACKENDS = ("transformers", "openai")
+from .vision import BACKENDS, VisionSpec, vision_spec
 MIN_CAPTION_WORDS = 2
 MAX_CAPTION_CHARS = 400
 
@@ -163,32 +160,11 @@ def load_prompt(ref: str | None) -> tuple[str, str]:
 
 # -- what the stage builds where it runs ------------------------------------------------------
 @dataclass
-class CaptionerSpec:
-    """What is needed to build a captioner where the work runs (picklable; the API key is
-    kept out of `public()`, which is what a run records)."""
+class CaptionerSpec(VisionSpec):
+    """A captioner back-end (see `ultracurate.vision.VisionSpec`); `prefix` is the text a
+    captioner without a chat template continues."""
 
-    backend: str = "transformers"
-    model: str | None = None         # checkpoint (transformers) or served model name (openai)
-    base_url: str | None = None
-    api_key: str | None = None
-    prompt: str | None = None
     prefix: str | None = None
-    grammar: str | None = None
-    concurrency: int = 8
-    timeout: float = 60.0
-    max_retries: int = 4
-    backoff: float = 1.0
-    max_new_tokens: int = 60
-    temperature: float = 0.0
-    batch_size: int = 8
-    image_size: int = 1024
-    dtype: str | None = None
-
-    def public(self) -> dict:
-        out = {k: v for k, v in self.__dict__.items() if k != "api_key"}
-        if self.base_url:
-            out["base_url"] = strip_userinfo(self.base_url)
-        return out
 
     @property
     def source(self) -> str:
@@ -206,7 +182,7 @@ class CaptionerSpec:
                                   max_new_tokens=self.max_new_tokens,
                                   temperature=self.temperature)
         if self.backend == "openai":
-            return HTTPCaptioner(self.base_url, self.model, api_key=self.api_key or env_api_key(),
+            return HTTPCaptioner(self.base_url, self.model, api_key=self.key(),
                                  prompt=self.prompt, concurrency=self.concurrency,
                                  timeout=self.timeout, max_retries=self.max_retries,
                                  backoff=self.backoff, max_new_tokens=self.max_new_tokens,
@@ -215,47 +191,8 @@ class CaptionerSpec:
                                f"({', '.join(BACKENDS)})")
 
 
-def env_api_key() -> str | None:
-    return os.environ.get("ULTRACURATE_VLM_API_KEY") or os.environ.get("OPENAI_API_KEY")
-
-
 def captioner_spec(ws, backend: str | None = None, model: str | None = None,
                    base_url: str | None = None, **kw) -> CaptionerSpec:
     """The captioner to use: explicit options, else the workspace's captioner role (a
     checkpoint, or an http(s) URL of a served model with the model after '#')."""
-    from .models import resolve
-    if backend not in (None, *BACKENDS):
-        raise UltracurateError(f"unknown captioner back-end '{backend}' "
-                               f"({', '.join(BACKENDS)})")
-    base_url = base_url or os.environ.get("ULTRACURATE_VLM_BASE_URL")
-    if backend == "openai" or (backend is None and base_url):
-        url, role_model = base_url, None
-        if not url:
-            ref = resolve(ws, "captioner")
-            if not is_url(ref):
-                raise UltracurateError("the openai captioner needs --base-url (or "
-                                       "$ULTRACURATE_VLM_BASE_URL, or a captioner role "
-                                       "http://host/v1#model)")
-            url, role_model = split_role_url(ref)
-        model = model or role_model or os.environ.get("ULTRACURATE_VLM_MODEL")
-        if not model:
-            raise UltracurateError("the openai captioner needs --model (the served model's "
-                                   "name)")
-        spec = CaptionerSpec("openai", model=model, base_url=url)
-    else:
-        ref = model or resolve(ws, "captioner")
-        if is_url(ref):
-            if backend == "transformers":
-                raise UltracurateError(f"the transformers captioner needs --model (a hub id "
-                                       f"or a folder); the workspace's captioner is '{ref}'")
-            url, served = split_role_url(ref)
-            if not served:
-                raise UltracurateError(f"captioner role '{ref}' names no model (add "
-                                       "'#<model name>')")
-            spec = CaptionerSpec("openai", model=served, base_url=url)
-        else:
-            spec = CaptionerSpec("transformers", model=ref)
-    for k, v in kw.items():
-        if v is not None:
-            setattr(spec, k, v)
-    return spec
+    return vision_spec(ws, "captioner", CaptionerSpec, backend, model, base_url, **kw)

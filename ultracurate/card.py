@@ -77,7 +77,7 @@ def models_used(provenance: dict) -> list[tuple[str, str, str, list[int]]]:
         for role, ref in models.items():
             if role in ("profile", "versions"):
                 continue
-            if role == "llm" and isinstance(ref, dict):
+            if role in ("llm", "captioner", "judge") and isinstance(ref, dict):
                 ref = ref.get("model") or ref.get("backend")
             key = (run["stage"], role, describe_model(ref, profile))
             seen.setdefault(key, []).append(run["run_id"])

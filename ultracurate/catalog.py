@@ -23,12 +23,14 @@ from .errors import (CatalogBusyError, CatalogDamagedError, UltracurateError, re
 
 # What a caption row may carry besides its anchor and text (see Catalog.add_captions).
 CAPTION_FIELDS = ("source", "model", "prompt", "invalid_reason")
-VIEWS = {"anchors": "anchors_v", "edits": "edits_v", "candidates": "candidates_v"}
-KEYS = {"anchors": "anchor_id", "edits": "edit_id", "candidates": "candidate_id"}
+VIEWS = {"anchors": "anchors_v", "edits": "edits_v", "candidates": "candidates_v",
+         "sessions": "sessions_v"}
+KEYS = {"anchors": "anchor_id", "edits": "edit_id", "candidates": "candidate_id",
+        "sessions": "session_id"}
 # Every table of the catalog (cat.<name> is its table API) and its key, where it has one.
 TABLE_KEYS = {**KEYS, "runs": "run_id", "stage_state": "key", "anchor_captions": "anchor_id",
-              "candidate_rejects": "candidate_id",
-              "ingest_rejects": "source_path", "schema_meta": "key"}
+              "candidate_rejects": "candidate_id", "ingest_rejects": "source_path",
+              "schema_meta": "key", "session_turns": "session_id"}
 TABLE_NAMES = frozenset(TABLE_KEYS)
 
 
@@ -40,8 +42,10 @@ def sql_text(name: str) -> str:
 def named_queries(name: str) -> dict[str, str]:
     """The '-- name: key' blocks of sql/queries/<name>.sql."""
     blocks = re.split(r"^-- name: *(\w+) *$", sql_text(f"queries/{name}.sql"), flags=re.M)
-    # without the closing ';', so that a query can be a subquery of another
-    return {blocks[i]: blocks[i + 1].strip().rstrip(";") for i in range(1, len(blocks), 2)}
+    # without the closing ';', so that a query can be a subquery of another, and without its
+    # comment lines, so that a {marker} a comment names is not filled in there
+    return {blocks[i]: re.sub(r"^\s*--.*\n?", "", blocks[i + 1], flags=re.M).strip().rstrip(";")
+            for i in range(1, len(blocks), 2)}
 
 
 def migrations() -> list[tuple[int, str, str]]:

@@ -1,7 +1,7 @@
 """A client for OpenAI-compatible chat-completions servers (vLLM, llama.cpp server, TGI, SGLang,
 hosted APIs), shared by every stage that asks a served model: instruct (text prompts), caption
-(an image as a data URL) and any later one (a vision judge with two images and JSON-schema
-answers builds its bodies with the same `message`, `text_part` and `image_part`).
+(an image as a data URL) and judge (two images, answers constrained to a JSON schema through
+`json_schema_format`), each building its bodies with `message`, `text_part` and `image_part`.
 
 Requests go out on a bounded thread pool; a timeout, a connection error, 429 or a 5xx is
 retried with exponential backoff (a server's Retry-After is honoured, up to a cap). A 200 whose
@@ -48,6 +48,15 @@ def image_part(data_url: str, detail: str | None = None) -> dict:
     if detail:
         url["detail"] = detail
     return {"type": "image_url", "image_url": url}
+
+
+def json_schema_format(name: str, schema: dict, strict: bool = True) -> dict:
+    """A `response_format` asking the server to answer with JSON that follows schema (OpenAI's
+    structured outputs; vLLM, SGLang and llama.cpp's server constrain decoding to it). The
+    answer still arrives as text: the caller parses and validates it, since a server may
+    ignore the request."""
+    return {"type": "json_schema",
+            "json_schema": {"name": name, "schema": schema, "strict": bool(strict)}}
 
 
 def message(role: str, *parts: str | dict) -> dict:

@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from . import __version__, commands
+from . import __version__, commands, quiet
 from .errors import UltracurateError, redact
 
 app = typer.Typer(
@@ -25,6 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},  # every sub-command inherits it
 )
 
 
@@ -36,8 +37,14 @@ def _version(value: bool):
 
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")):
+                                       help="Print the version and exit."),
+          verbose: bool = typer.Option(False, "--verbose", "-v", envvar="ULTRACURATE_VERBOSE",
+                                       show_envvar=False,
+                                       help="Let libraries' own output through (progress "
+                                            "bars, warnings, logs), on stderr. Default: only "
+                                            "ultracurate's (also $ULTRACURATE_VERBOSE=1).")):
     """ultracurate: curation of instruction-based image-editing datasets."""
+    # -v takes effect in main(), before parsing and before any library loads (see quiet.py)
 
 
 def _register_all() -> None:
@@ -64,6 +71,19 @@ def join_param_pairs(argv: list[str]) -> list[str]:
     return out
 
 
+VERBOSE = ("-v", "--verbose")
+
+
+def hoist_verbose(argv: list[str]) -> list[str]:
+    """-v is the root's option, but a user adds it anywhere (`ultracurate generate ... -v`):
+    move it before the command (no command has a -v of its own; tests check). Tokens after
+    `--` are left alone."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    head, tail = argv[:cut], argv[cut:]
+    flags = [a for a in head if a in VERBOSE]
+    return flags[:1] + [a for a in head if a not in VERBOSE] + tail
+
+
 class _RedactSecrets(logging.Filter):
     """Every log record passes redact() before any handler prints or stores it."""
 
@@ -84,18 +104,23 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
     from . import limits
     hard_exit, limits.HARD_EXIT = limits.HARD_EXIT, True  # see limits.bounded
+    argv = hoist_verbose(join_param_pairs(list(sys.argv[1:] if argv is None else argv)))
+    # the commands import the libraries after this, so their environment is set first
+    quiet.configure(verbose=argv[:1] == ["-v"] or argv[:1] == ["--verbose"]
+                    or os.environ.get("ULTRACURATE_VERBOSE", "").lower()
+                    in ("1", "true", "t", "yes", "y", "on"))
     try:
         _main(argv)
-    finally:  # main() called in-process (tests, scripts) leaves the caller's setting
+    finally:  # main() called in-process (tests, scripts) leaves the caller's settings
         limits.HARD_EXIT = hard_exit
+        quiet.restore()
 
 
-def _main(argv: list[str] | None) -> None:
+def _main(argv: list[str]) -> None:
     for handler in logging.getLogger().handlers + [logging.lastResort]:
         if handler is not None and not any(isinstance(f, _RedactSecrets)
                                            for f in handler.filters):
             handler.addFilter(_RedactSecrets())
-    argv = join_param_pairs(list(sys.argv[1:] if argv is None else argv))
     try:
         app(args=argv, prog_name="ultracurate", standalone_mode=False)
     except UltracurateError as e:

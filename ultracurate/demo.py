@@ -62,8 +62,9 @@ def run_demo(out: str | Path, seed: int = 0, progress: bool = True,
     """The whole pipeline on the bundled photos with tiny random-weight models, on the CPU:
     a workspace with the tiny models profile, the models built, the photos written (some
     without captions), then the `quick` recipe (examples/quick.toml): ingest, caption,
-    instruct, ground, classify-masks, generate, score, filter, dedup, balance, review
-    (dataset only, no App), export and report. Returns what each step did, by stage."""
+    instruct, ground, classify-masks, generate, score, filter, judge, chain (3-turn
+    sessions), dedup, balance, review (dataset only, no App), export (the balanced set, and
+    the sessions in MagicBrush's layout) and report. Returns what each step did, by step."""
     from .models import ROLES, make_tiny
     from .recipe import format_steps, load_recipe, run_recipe
     from .workspace import Workspace
@@ -85,8 +86,31 @@ def run_demo(out: str | Path, seed: int = 0, progress: bool = True,
     write_demo_photos(ws.root / "photos", without_captions=DEMO_UNCAPTIONED)
     result = run_recipe(ws, load_recipe("quick", {"seed": seed}), progress=progress)
     steps: dict = {"workspace": str(ws.root), "recipe_run": result.run_id}
-    for s in result.steps:
-        steps[s.stage] = s.summary.to_json() if s.summary is not None else {"state": s.state}
+    for s in result.steps:  # by step name, as JSON has it (classify_masks, export_sessions)
+        steps[s.stage.replace("-", "_")] = (s.summary.to_json() if s.summary is not None
+                                            else {"state": s.state})
     steps["report"] = str(ws.root / "reports" / "report.html")
     steps["table"] = format_steps(result)
-    return steps
+    return json.loads(json.dumps(steps, default=str))
+
+
+def format_demo(steps: dict) -> str:
+    """A few lines a person reads after the demo: what each step did, and where to look."""
+    runs = []
+    for k, v in steps.items():
+        v = v.get("run", v) if isinstance(v, dict) else None   # generate: {plan, run}
+        if isinstance(v, dict) and "rows_done" in v:
+            runs.append(f"{k.replace('_', '-')} {v['rows_done']}")
+    lines = [f"demo workspace: {steps['workspace']}",
+             "rows done: " + ", ".join(runs)]
+    f, b, e = steps.get("filter"), steps.get("balance"), steps.get("export")
+    if f:
+        lines.append(f"filter: {f['accepted']} accepted, {f['rejected']} rejected"
+                     + (f"; balance selected {b['selected']}" if b else ""))
+    if e:
+        lines.append(f"export: {e['rows']} rows ({e['format']}) in {e['out']}")
+    if steps.get("report"):
+        lines.append(f"report: {steps['report']}")
+    if steps.get("review"):
+        lines.append(f"review: ultracurate review -w {steps['workspace']}")
+    return "\n".join(lines)

@@ -17,6 +17,13 @@ Formats (docs/export.md has the table of every column in each):
   wds    WebDataset tars `<split>-NNNNN-of-NNNNN.tar`: `<key>.source_image.<ext>`,
          `<key>.edited_image.<ext>`, `<key>.mask_image.png`, `<key>.json`.
 
+Sessions (`sessions=True`, any format): beside the flat rows, `OUT/sessions/` holds the
+multi-turn sessions (`chain`) whose turns the selection holds, in MagicBrush's layout:
+`images/<id>/<id>-input.png`, `<id>-output<i>.png`, `<id>-mask<i>.png`, `edit_sessions.json`
+({id: [{input, mask, output, instruction}, ...]}) and `global_descriptions.json` ({id: {file:
+caption}}), which `ultracurate eval --benchmark magicbrush` reads as references. A session is
+cut at its first turn the selection lacks (a turn's input is the previous turn's output).
+
 Geometry: an exported mask has exactly its pair's geometry. Generation centre-crops the anchor
 to its size (recorded in gen_params) and so does the mask it blends with (`masks.crop_mask`);
 the export applies the same (`masks.pair_mask`), and, with soft_masks, rebuilds the soft mask
@@ -82,7 +89,9 @@ EXTRA_COLUMNS = {
     "mask_class": "string", "mask_area": "float64", "seed": "int64",
     "gen_behaviour": "string", "gen_params": "string", "source_is_anchor": "bool",
     "l1": "float64", "l2": "float64", "status": "string", "dataset": "string",
-    "anchor_path": "string",
+    "anchor_path": "string", "session_id": "int64", "turn": "int32",
+    "judge_instruction": "int32", "judge_preservation": "int32", "judge_quality": "int32",
+    "judge_rationale": "string", "judge_model": "string", "judge_prompt": "string",
 }
 # Columns of candidates_v an export reads.
 _READ = ("candidate_id, edit_id, anchor_id, anchor_duplicate_of, candidate_index, "
@@ -91,9 +100,12 @@ _READ = ("candidate_id, edit_id, anchor_id, anchor_duplicate_of, candidate_index
          "edited_image, clip_sim_source, clip_sim_target, clip_sim_dir, clip_sim_image, "
          "dinov2_sim, ssim, l1, l2, seed, gen_behaviour, gen_params, source_is_anchor, status, "
          "dataset, anchor_path, instruct_run, ground_run, classify_run, gen_run, score_run, "
-         "filter_run, balance_run, dedup_run")
+         "filter_run, balance_run, dedup_run, session_id, turn, judge_instruction, "
+         "judge_preservation, judge_quality, judge_rationale, judge_model, judge_prompt, "
+         "judge_run")
 RUN_COLUMNS = ("instruct_run", "ground_run", "classify_run", "gen_run", "score_run",
-                "filter_run", "balance_run", "dedup_run")
+                "filter_run", "balance_run", "dedup_run", "judge_run")
+SESSIONS_DIR = "sessions"   # MagicBrush's layout of the multi-turn sessions, under OUT
 
 
 
@@ -111,6 +123,7 @@ class ExportSummary:
     pushed_to: str | None = None
     edit_types: dict[str, dict[str, int]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    sessions: dict[int, int] = field(default_factory=dict)   # turns -> sessions written
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -129,6 +142,7 @@ class ExportOptions:
     license: str = "unknown"
     language: tuple[str, ...] = ("en",)
     citation: str | None = None
+    sessions: bool = False
 
     def check(self) -> None:
         if self.fmt not in EXPORT_FORMATS:
@@ -381,6 +395,7 @@ def _extra_values(row: dict) -> dict:
     out = {k: row.get(k) for k in EXTRA_COLUMNS}
     out["gen_params"] = json.dumps(public(gen_params(row))) if row.get("gen_params") else None
     out["anchor_path"] = public(out["anchor_path"])
+    out["judge_model"] = public(out["judge_model"])  # a local folder: its name only
     return out
 
 
@@ -656,6 +671,77 @@ def _write_wds(ctx: _Ctx, splits: dict[str, list[dict]], tmp: Path) -> list[dict
 _WRITERS = {"hf": _write_hf, "jsonl": _write_jsonl, "ip2p": _write_ip2p, "wds": _write_wds}
 
 
+# -- multi-turn sessions in MagicBrush's layout ---------------------------------------------------
+def session_turns(rows: list[dict]) -> dict[int, list[dict]]:
+    """{session id: its rows in turn order} for the sessions among rows, each cut at its first
+    turn rows lack (turn i's input is turn i - 1's output); sessions without turn 1 left out."""
+    by_session: dict[int, dict[int, dict]] = {}
+    for r in rows:
+        if r.get("session_id") is not None:
+            by_session.setdefault(int(r["session_id"]), {})[int(r["turn"])] = r
+    out = {}
+    for sid, turns in sorted(by_session.items()):
+        kept = []
+        while len(kept) + 1 in turns:
+            kept.append(turns[len(kept) + 1])
+        if kept:
+            out[sid] = kept
+    return out
+
+
+def _png_of(m: Media) -> bytes:
+    from PIL import Image
+
+    from .images import to_png_bytes
+    if m.data[:8] == b"\x89PNG\r\n\x1a\n":
+        return m.data
+    with Image.open(io.BytesIO(m.data)) as im:
+        return to_png_bytes(im.convert("RGB"))
+
+
+def _write_sessions(ctx: _Ctx, rows: list[dict], folder: Path) -> dict[int, int]:
+    """MagicBrush's layout under folder: images/<id>/<id>-input.png (turn 1's source image),
+    <id>-output<i>.png (turn i's edited image), <id>-mask<i>.png (turn i's region, L, 255 =
+    editable; the whole image for a free-form turn), edit_sessions.json and
+    global_descriptions.json (nothing when rows hold no session). Returns {turns:
+    sessions}."""
+    import numpy as np
+    sessions = session_turns(rows)
+    if not sessions:
+        return {}
+    _mkdir(folder)
+    _mkdir(folder / "images")
+    edit_sessions: dict[str, list[dict]] = {}
+    captions: dict[str, dict[str, str]] = {}
+    lengths: dict[int, int] = {}
+    for sid, turns in sessions.items():
+        name = str(sid)
+        _mkdir(folder / "images" / name)
+        steps, caps = [], {}
+        previous = f"{name}-input.png"
+        for i, item in enumerate(_loaded(ctx.ws, turns, False), 1):
+            r = item.row
+            if i == 1:
+                _write_file(folder / "images" / name / previous, _png_of(item.source))
+                caps[previous] = r["source_caption"]
+            output, mask = f"{name}-output{i}.png", f"{name}-mask{i}.png"
+            _write_file(folder / "images" / name / output, _png_of(item.edited))
+            if item.mask is None:  # a free-form turn may change the whole image
+                w, h = _size(item.edited, r["candidate_id"], "edited image")
+                item.mask = _png(np.full((h, w), 255, np.uint8))
+            _write_file(folder / "images" / name / mask, item.mask)
+            steps.append({"input": previous, "mask": mask, "output": output,
+                          "instruction": r["instruction"]})
+            caps[output] = r["target_caption"]
+            previous = output
+        edit_sessions[name], captions[name] = steps, caps
+        lengths[len(steps)] = lengths.get(len(steps), 0) + 1
+    for fname, data in (("edit_sessions.json", edit_sessions),
+                        ("global_descriptions.json", captions)):
+        _write_file(folder / fname, json.dumps(data, indent=1, ensure_ascii=False).encode())
+    return dict(sorted(lengths.items()))
+
+
 # -- the public entry point ------------------------------------------------------------------
 def export_dataset(ws: Workspace, selection: Selection | None, out: str | Path, fmt: str = "hf",
                    *, progress: bool = True, **options) -> ExportSummary:
@@ -673,8 +759,10 @@ class ExportStage(SetStage):
     All-or-nothing: out appears complete or not at all. With overwrite, an existing out is
     replaced, once the new export is complete, only if it is an earlier export of this tool.
     val_fraction cuts a validation split by anchor (seeded by seed, default the selection's).
-    push_to_hub (hf format) uploads out to that dataset repo through huggingface_hub. The
-    files are written with no catalog connection held; a refusal (an empty selection, a
+    push_to_hub (hf format) uploads out to that dataset repo through huggingface_hub.
+    sessions: also write the selected rows' multi-turn sessions in MagicBrush's layout under
+    OUT/sessions/ (see the module docstring). The files are written with no catalog
+    connection held; a refusal (an empty selection, a
     catalog value that is not a media name, a target it may not replace) records no run."""
 
     name = "export"
@@ -688,12 +776,12 @@ class ExportStage(SetStage):
                  seed: int | None = None, license: str = "unknown",
                  language: str | list[str] = "en", citation: str | None = None,
                  overwrite: bool = False, push_to_hub: str | None = None,
-                 private: bool = False):
+                 private: bool = False, sessions: bool = False):
         parts = language.split(",") if isinstance(language, str) else list(language)
         langs = tuple(p.strip() for p in parts if p.strip())
         self.opts = ExportOptions(format, layout, int(shard_size), extra_columns, soft_masks,
                                   float(val_fraction), 0 if seed is None else int(seed),
-                                  license, langs, citation)
+                                  license, langs, citation, bool(sessions))
         self.opts.check()
         if push_to_hub and (format != "hf" or layout != "default"):
             raise UltracurateError("--push-to-hub needs --format hf and the default layout "
@@ -706,6 +794,9 @@ class ExportStage(SetStage):
 
     def check(self, r, selection) -> None:
         check_target(self.out, r.workspace, self.overwrite)
+
+    def effective_selection(self, selection):
+        return _with_default(selection)
 
     def plan(self, r, selection):
         from .card import run_provenance
@@ -732,7 +823,7 @@ class ExportStage(SetStage):
         started = time.perf_counter()
         try:
             summary = _write_export(ctx.workspace, rows, splits, self.out, self.opts,
-                                    provenance, ctx.progress)
+                                    provenance, ctx.show_progress)
         except OSError as e:
             raise UltracurateError(f"cannot write the export to {self.out}: "
                                    f"{e.strerror or e}") from None
@@ -767,6 +858,8 @@ def _write_export(ws, rows, splits, out: Path, opts: ExportOptions, provenance: 
                 splits = {s: r for d in datasets_written for s, r in d["splits"].items()}
             else:
                 datasets_written = _WRITERS[opts.fmt](ctx, splits, tmp)
+            written_sessions = (_write_sessions(ctx, rows, tmp / SESSIONS_DIR)
+                                if opts.sessions else {})
         for d in datasets_written:
             _write_file(d["folder"] / "README.md",
                         dataset_card(d, opts, provenance, ctx.split_bytes).encode())
@@ -786,7 +879,8 @@ def _write_export(ws, rows, splits, out: Path, opts: ExportOptions, provenance: 
     return ExportSummary(str(out), opts.fmt, opts.layout, len(rows),
                          {s: len(r) for s, r in splits.items()}, len(files),
                          sum(p.stat().st_size for p in files), 0.0,
-                         edit_types={s: edit_type_counts(r) for s, r in splits.items()})
+                         edit_types={s: edit_type_counts(r) for s, r in splits.items()},
+                         sessions=written_sessions)
 
 
 def _missing_parents(out: Path) -> list[Path]:
@@ -952,7 +1046,7 @@ class _bar:
     def __enter__(self) -> Callable[[int], None]:
         if not self.enabled:
             return lambda n=1: None
-        from .runner import _progress
+        from .progress import bar as _progress
         self.progress = _progress(self.total, self.description)
         self.progress.start()
         task = self.progress.add_task(self.description, total=self.total)

@@ -55,9 +55,15 @@ class Step:
     select: dict[str, Any] = field(default_factory=dict)
     run: dict[str, Any] = field(default_factory=dict)
     selection: Selection | None = None   # given directly (adaptive rounds), else from select
+    name: str | None = None              # the step's own name (default: its stage's)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.stage
 
     def to_json(self) -> dict:
-        out = {"stage": self.stage, **self.options}
+        out = {"stage": self.stage, **({"name": self.name} if self.name else {}),
+               **self.options}
         if self.select:
             out["select"] = self.select
         out.update(self.run)
@@ -144,6 +150,9 @@ def parse_recipe(doc: dict, where: str = "recipe",
             raise UltracurateError(f"{at}: unknown stage '{name}' (one of "
                                    f"{', '.join(STAGES)})")
         at = f"{where}: step {i} ({name})"
+        label = item.pop("name", None)
+        if label is not None and not isinstance(label, str):
+            raise UltracurateError(f"{at}: name must be text")
         select = item.pop("select", {})
         if not isinstance(select, dict) or set(select) - set(SELECT_KEYS):
             bad = sorted(set(select) - set(SELECT_KEYS)) if isinstance(select, dict) else []
@@ -174,7 +183,7 @@ def parse_recipe(doc: dict, where: str = "recipe",
                 cls(**item)
             except (UltracurateError, TypeError, ValueError) as e:
                 raise UltracurateError(f"{at}: {e}") from None
-        steps.append(Step(name, item, select, run))
+        steps.append(Step(name, item, select, run, name=label))
     name = meta.get("name") or Path(where).stem
     return Recipe(str(name), steps, where if where != "recipe" else None)
 
@@ -202,7 +211,7 @@ def _overrides(overrides, where: str) -> list[tuple[str, Any]]:
 @dataclass
 class StepResult:
     index: int
-    stage: str
+    stage: str                 # the step's name (its stage's, unless it names itself)
     state: str                 # completed | skipped | failed | interrupted
     run_id: int | None = None
     rows_in: int = 0
@@ -271,12 +280,18 @@ def run_steps(ws: Workspace, steps: list[Step], name: str, params: dict, *,
         result = RecipeResult(name, parent.run_id, resumed_from)
         for i, step in enumerate(steps):
             if i in done:
-                result.steps.append(StepResult(i, step.stage, "skipped"))
-                _say(echo and progress, f"== {step.stage}: skipped (finished by run "
+                result.steps.append(StepResult(i, step.label, "skipped"))
+                _say(echo and progress, f"== {step.label}: skipped (finished by run "
                                         f"{resumed_from})")
                 continue
-            _say(echo and progress, f"== {step.stage}")
-            result.steps.append(parent.run_step(i, step, progress))
+            _say(echo and progress, f"== {step.label}")
+            try:
+                result.steps.append(parent.run_step(i, step, progress))
+            except UltracurateError as e:
+                if type(e) is not UltracurateError:  # interrupted, busy: as they are
+                    raise
+                raise UltracurateError(f"{kind} {name}: step {i + 1} ({step.label}): {e}") \
+                    from None
     return result
 
 
@@ -286,17 +301,19 @@ class ParentRun:
     failed / interrupted with the step that stopped it."""
 
     def __init__(self, ws: Workspace, kind: str, params: dict, n_steps: int,
-                 done_before: int = 0):
+                 done_before: int = 0, parent_run: int | None = None,
+                 selection: Selection | None = None):
         self.ws, self.kind, self.params = ws, kind, params
         self.n_steps, self.done = n_steps, done_before
+        self.parent_run, self.selection = parent_run, selection or Selection()
         self.state, self.message = "completed", None
 
     def __enter__(self) -> "ParentRun":
         from .runner import _start
         with self.ws.catalog() as cat:
             with cat.transaction():
-                self.run_id = _start(cat, _Named(self.kind, self.params), Selection(), {},
-                                     "local", None)
+                self.run_id = _start(cat, _Named(self.kind, self.params), self.selection, {},
+                                     "local", self.parent_run)
                 cat.runs.update([{"run_id": self.run_id, "rows_in": self.n_steps,
                                   "rows_done": self.done}])
         return self
@@ -318,7 +335,7 @@ class ParentRun:
         with self.ws.catalog() as cat:  # what a rerun skips, should this one stop
             cat.runs.update([{"run_id": self.run_id, "rows_done": self.done,
                               "rows_in": max(self.n_steps, self.done)}])
-        return StepResult(i, step.stage, "completed", s.run_id, s.rows_in, s.rows_done,
+        return StepResult(i, step.label, "completed", s.run_id, s.rows_in, s.rows_done,
                           s.rows_failed, round(time.perf_counter() - t0, 3), s)
 
     def __exit__(self, kind, e, tb) -> None:

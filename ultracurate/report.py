@@ -4,8 +4,10 @@ Sections: the selection's counts by status; the acceptance funnel (the filter's 
 recomputed over the selection, without changing anything); score histograms per edit type with
 the thresholds drawn (free-form solid, region dashed); the mask-class distribution; balance
 before and after (per edit type: the accepted, de-duplicated rows balance chooses from, and the
-rows export takes by default); a grid of example pairs per edit type
-(accepted first, best clip_sim_dir first).
+rows export takes by default); CLIP against the judge (when rows were judged: how often the
+CLIP verdict and the judge's disagree, a confusion table and example pairs of each kind of
+disagreement); a grid of example pairs per edit type (accepted first, best clip_sim_dir
+first).
 
     write_report(ws, "report.html", Selection(where="mode = 'free'"))
 """
@@ -168,6 +170,73 @@ def _examples(ws, df, per_type: int) -> str:
     return "\n".join(out) or "<p>No pairs.</p>"
 
 
+def judge_confusion(cat, selection: Selection, t: Thresholds, examples: int = 4) -> dict:
+    """CLIP's verdict against the judge's over the selected judged rows (`verdict_sql`):
+    {'judged', 'not_judged', 'invalid', 'table': {(clip_pass, judge_pass): n},
+    'disagree': [rows of each kind of disagreement, up to `examples` each]}."""
+    from .stages.filter import JUDGED, verdict_sql
+    clip, judge = verdict_sql(t)
+    sql, params = selected_keys_sql(cat.con, "candidates_v", "candidate_id", selection)
+    rows = cat.query(
+        f"SELECT {clip} AS clip_pass, {judge} AS judge_pass, count(*) AS n FROM ({sql}) s "
+        f"WHERE {JUDGED} GROUP BY ALL", params)
+    counts = cat.query(
+        f"SELECT count(*) FILTER (WHERE NOT ({JUDGED})) AS not_judged, "
+        f"count(*) FILTER (WHERE judge_invalid_reason IS NOT NULL) AS invalid FROM ({sql}) s",
+        params)[0]
+    disagree = cat.query(
+        f"SELECT * FROM (SELECT candidate_id, instruction, source_image, edited_image, "
+        f"clip_sim_dir, judge_instruction, judge_preservation, judge_quality, "
+        f"judge_rationale, {clip} AS clip_pass, {judge} AS judge_pass, row_number() OVER "
+        f"(PARTITION BY {clip} ORDER BY candidate_id) AS k FROM ({sql}) s WHERE {JUDGED} "
+        f"AND ({clip}) <> ({judge})) WHERE k <= {int(examples)} "
+        f"ORDER BY clip_pass DESC, candidate_id", params)
+    table = {(bool(r["clip_pass"]), bool(r["judge_pass"])): int(r["n"]) for r in rows}
+    return {"judged": sum(table.values()), "not_judged": int(counts["not_judged"]),
+            "invalid": int(counts["invalid"]), "table": table, "disagree": disagree}
+
+
+def _judge_section(ws, conf: dict, t: Thresholds) -> str:
+    tab = conf["table"]
+    n = conf["judged"]
+    both = tab.get((True, True), 0) + tab.get((False, False), 0)
+    rules = list(dict.fromkeys(r.name for m in MODES for r in t.verdict_rules(m)[1]))
+    out = [_table(["", "judge passes", "judge fails"],
+                  [("CLIP passes", tab.get((True, True), 0), tab.get((True, False), 0)),
+                   ("CLIP fails", tab.get((False, True), 0), tab.get((False, False), 0))]),
+           f"<p>{n} judged rows: CLIP and the judge agree on {both} "
+           f"({100 * both / n:.0f}%), disagree on {n - both}. Judge verdict: "
+           f"{html.escape(', '.join(rules))}; CLIP verdict: the keep rule's "
+           f"score thresholds (before top-k). Not judged: {conf['not_judged']}; invalid "
+           f"answers: {conf['invalid']}.</p>"]
+    if conf["disagree"]:
+        plt = _plt()
+        from .images import BadImage, load_rgb
+        rows = conf["disagree"]
+        fig, axes = plt.subplots(len(rows), 2, figsize=(6, 2.6 * len(rows)), squeeze=False)
+        for i, r in enumerate(rows):
+            for j, key in enumerate(("source_image", "edited_image")):
+                ax = axes[i][j]
+                ax.axis("off")
+                path = ws.media.path(r[key]) if r[key] else None  # a bad name: one error
+                try:
+                    im = load_rgb(path)
+                    im.thumbnail((256, 256))
+                    ax.imshow(im)
+                except (BadImage, TypeError):
+                    ax.text(0.5, 0.5, "missing", ha="center")
+            kind = "CLIP passes, judge fails" if r["clip_pass"] else "judge passes, CLIP fails"
+            axes[i][0].set_title(f"#{r['candidate_id']}: {(r['instruction'] or '')[:40]}",
+                                 fontsize=7)
+            axes[i][1].set_title(f"{kind}: {r['judge_instruction']}/{r['judge_preservation']}"
+                                 f"/{r['judge_quality']} {(r['judge_rationale'] or '')[:40]}",
+                                 fontsize=7)
+        fig.tight_layout()
+        out.append("<p>Examples of each kind of disagreement (judge scores: instruction / "
+                   "preservation / quality).</p>" + _png(fig))
+    return "\n".join(out)
+
+
 def balance_counts(cat, selection: Selection) -> dict[str, tuple[int, int]]:
     """{edit_type: (rows balance chooses from, rows export takes by default)} within the
     selection: the same predicates balance and export use, so the three agree."""
@@ -230,6 +299,7 @@ def _render(ws, cat, selection: Selection, thresholds: Thresholds | None,
         f"GROUP BY ALL ORDER BY mode, mask_class", params)
     funnel = _funnel_section(ws, cat, selection, t)
     balance = balance_counts(cat, selection)
+    confusion = judge_confusion(cat, selection, t)
     status_counts = df.group_by("status").len().sort("status").rows() if len(df) else []
     sections = [
         ("Selection", _table(["status", "candidates"], status_counts)
@@ -254,6 +324,8 @@ def _render(ws, cat, selection: Selection, thresholds: Thresholds | None,
                                 list(zip(types, before, after)))
                          + _bar(types, {"accepted (before)": before, "selected (after)": after},
                                 "balance by edit type")))
+    if confusion["judged"]:
+        sections.append(("CLIP and the judge", _judge_section(ws, confusion, t)))
     sections.append(("Example pairs per edit type", _examples(ws, df, examples)))
     body = "\n".join(f"<section><h2>{html.escape(h)}</h2>{c}</section>" for h, c in sections)
     doc = f"""<!DOCTYPE html>

@@ -12,7 +12,10 @@ Every sample carries the candidate's catalog columns (scores, edit type, mode, i
 captions, status, reject reasons, mask class, run ids, human decision...) under their catalog
 names, so a filter written in the App reads like a `--where`. Saved views open the failure
 cases: rejected (and by reason), borderline (near a keep-rule threshold), each mask class,
-each edit type, human-decided. CLIP embeddings already in LanceDB are attached and indexed for
+each edit type, human-decided; `judge-disagrees-clip` (judged rows whose CLIP verdict and
+judge verdict differ, `Thresholds.verdict_rules`) and `judge-invalid`; and `sessions`, the
+multi-turn sessions' edited images grouped by session in turn order (a dynamic group per
+session: the App shows a session's turns one after the other). CLIP embeddings already in LanceDB are attached and indexed for
 FiftyOne Brain's similarity search and embeddings plot; nothing is recomputed.
 
 Decisions flow back: tags set in the App (`accept`, `reject`, `bad_mask`, `bad_instruction`
@@ -213,16 +216,21 @@ def dataset_name(ws: Workspace) -> str:
     return f"ultracurate-{ws.root.name}-{digest}"
 
 
-def keep_thresholds(cat: Catalog | None = None) -> dict[str, dict[str, float]]:
-    """{score column: {mode: threshold}} of the keep rule: the last completed filter run's
-    thresholds when the catalog has one, else the defaults (ultracurate.thresholds)."""
-    from .names import MODES
+def keep_rule(cat: Catalog | None = None):
+    """The keep rule: the last completed filter run's thresholds when the catalog has one,
+    else the defaults (ultracurate.thresholds)."""
     from .thresholds import Thresholds
     t = None
     if cat is not None:
         from .stages.filter import latest_thresholds
         t = latest_thresholds(cat)
-    t = t or Thresholds.preset("ultraedit")
+    return t or Thresholds.preset("ultraedit")
+
+
+def keep_thresholds(cat: Catalog | None = None) -> dict[str, dict[str, float]]:
+    """{score column: {mode: threshold}} of the keep rule (`keep_rule`)."""
+    from .names import MODES
+    t = keep_rule(cat)
     out: dict[str, dict[str, float]] = {}
     for mode in MODES:
         if mode in t.modes:
@@ -472,10 +480,10 @@ class ReviewStage(SetStage):
         rows = selected_candidates(r.cat, selection)
         types = {row["column_name"]: row["column_type"]
                  for row in r.query("DESCRIBE candidates_v")}
-        return rows, types, keep_thresholds(r.cat)
+        return rows, types, keep_thresholds(r.cat), keep_rule(r.cat)
 
     def produce(self, plan, ctx):
-        rows, types, thresholds = plan
+        rows, types, thresholds, rule = plan
         ws = ctx.workspace
         summary = ReviewSummary(dataset=self.dataset)
         summary.pulled = sum(b.result.changed for b in self.before
@@ -489,7 +497,7 @@ class ReviewStage(SetStage):
         existing = _existing_groups(ds)
         wanted = {r["candidate_id"] for r in rows}
         changed = []
-        bar = _bar(ctx.progress, len(rows), "review")
+        bar = _bar(ctx.show_progress, len(rows), "review")
         with bar:
             task = bar.add_task("review", total=len(rows))
             new_samples, pending = [], 0
@@ -520,7 +528,8 @@ class ReviewStage(SetStage):
             ds.delete_groups(gone)
             summary.removed = len(gone)
 
-        summary.views = save_review_views(ds, margin=self.margin, thresholds=thresholds)
+        summary.views = save_review_views(ds, margin=self.margin, thresholds=thresholds,
+                                          rule=rule)
         dirty = summary.added or summary.updated or summary.removed
         if self.embeddings:
             summary.embeddings = attach_embeddings(ws, ds, recompute=bool(dirty),
@@ -556,7 +565,7 @@ def _new_group(ws: Workspace, row: dict, fields: dict, fp: str, fo) -> list:
 
 
 def _bar(progress: bool, total: int, name: str):
-    from .runner import _progress
+    from .progress import bar as _progress
     bar = _progress(total, name)
     if not progress:
         bar.disable = True
@@ -625,11 +634,14 @@ def _oid(s: str):
 
 # -- saved views -----------------------------------------------------------------------------
 def review_views(ds, margin: float = DEFAULT_MARGIN,
-                 thresholds: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+                 thresholds: dict[str, dict[str, float]] | None = None,
+                 rule=None) -> dict[str, Any]:
     """The failure-case views, by name: rejected, rejected-<reason>, borderline,
     borderline-<score>, mask-<class>, type-<edit_type>, human-decided (and human-accept /
-    human-reject), over whatever values the dataset holds now. Borderline uses thresholds
-    ({score: {mode: value}}, as `keep_thresholds` gives), by default the keep rule's
+    human-reject), judge-disagrees-clip and judge-invalid (when rows were judged), sessions
+    (when there are multi-turn sessions), over whatever values the dataset holds now.
+    Borderline uses thresholds ({score: {mode: value}}, as `keep_thresholds` gives), the
+    verdicts rule (a Thresholds, as `keep_rule` gives); both default to the keep rule's
     defaults."""
     from fiftyone import ViewField as F
     views: dict[str, Any] = {}
@@ -676,13 +688,48 @@ def review_views(ds, margin: float = DEFAULT_MARGIN,
                                       | (F("human_tags").length() > 0))
     views["human-accept"] = ds.match(F("human_decision") == "accept")
     views["human-reject"] = ds.match(F("human_decision") == "reject")
+    from .thresholds import JUDGE_COLUMNS
+    if ds.has_field(JUDGE_COLUMNS[0]) and distinct("judge_run"):
+        clip, judge = _verdicts(rule or keep_rule())
+        judged = F(JUDGE_COLUMNS[0]) != None  # noqa: E711
+        for c in JUDGE_COLUMNS[1:]:
+            judged = judged & (F(c) != None)  # noqa: E711
+        views["judge-disagrees-clip"] = ds.match(judged & ((clip & ~judge) | (~clip & judge)))
+        views["judge-invalid"] = ds.match(F("judge_invalid_reason") != None)  # noqa: E711
+    if ds.has_field("session_id") and distinct("session_id"):
+        views["sessions"] = edited.match(F("session_id") != None).group_by(  # noqa: E711
+            "session_id", order_by="turn")
     return views
 
 
+def _verdicts(rule):
+    """(CLIP verdict, judge verdict) of a Thresholds as FiftyOne expressions: the same rules
+    as the catalog's `stages.filter.verdict_sql` (a missing score fails)."""
+    from fiftyone import ViewField as F
+
+    from .thresholds import MODES
+
+    def passes(mode, rules):
+        cond = F("mode") == mode
+        for r in rules:
+            ok = F(r.column) >= r.value if r.op == ">=" else F(r.column) <= r.value
+            cond = cond & (F(r.column) != None) & ok  # noqa: E711
+        return cond
+    out = []
+    for which in (0, 1):
+        cond = None
+        for m in MODES:
+            c = passes(m, rule.verdict_rules(m)[which])
+            cond = c if cond is None else cond | c
+        out.append(cond)
+    return out[0], out[1]
+
+
 def save_review_views(ds, margin: float = DEFAULT_MARGIN,
-                      thresholds: dict[str, dict[str, float]] | None = None) -> list[str]:
+                      thresholds: dict[str, dict[str, float]] | None = None,
+                      rule=None) -> list[str]:
     """(Re)save the failure-case views; drop saved views of values no longer present."""
-    views = review_views(ds, margin=margin, thresholds=thresholds)
+    views = review_views(ds, margin=margin, thresholds=thresholds, rule=rule)
     # Saving a view costs a few database round trips: re-save only those whose definition
     # changed (their digests are kept in the dataset's info).
     digests = {name: _view_digest(view) for name, view in views.items()}

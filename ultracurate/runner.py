@@ -33,10 +33,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .catalog import KEYS, VIEWS, Catalog, JobRun, UndeclaredWrite, named_queries, now
 from .errors import UltracurateError, reason_text
+from .progress import JobBar
 from .selection import Selection, selected_keys_sql
 from .workspace import Workspace
 
@@ -52,11 +53,25 @@ class Context:
     config: dict = field(default_factory=dict)
     force: bool = False
     batch_size: int | None = None   # the job's rows per batch
-    progress: bool = True           # whether the job shows progress bars
+    show_progress: bool = True      # whether the job shows progress bars
+    batch_rows: int = 0   # rows of the batch in hand (set by the local engine)
+    # the runner's bar, given rows of the batch in hand done; never shipped to a Ray worker,
+    # whose batches move the bar when they return
+    on_progress: Callable[[float], None] | None = field(default=None, repr=False,
+                                                        compare=False)
 
     @property
     def workspace(self) -> Workspace:
         return Workspace(self.workspace_root)
+
+    def progress(self, done: float, total: float) -> None:
+        """Report that done/total of the batch in hand is computed (a diffusion step, a
+        sub-batch), so the bar moves inside a long batch. A no-op where nothing listens."""
+        if self.on_progress is not None and self.batch_rows and total > 0:
+            self.on_progress(self.batch_rows * min(max(done / total, 0.0), 1.0))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "on_progress": None}
 
 
 @dataclass
@@ -212,6 +227,11 @@ class Stage:
     def check(self, r: Access, selection: Selection) -> None:
         """Refuse what cannot run, before the run is recorded (reads only)."""
 
+    def effective_selection(self, selection: Selection) -> Selection:
+        """The selection the stage runs over, as runs.selection records it (an export
+        without --where: its default)."""
+        return selection
+
     def models(self, ctx: Context) -> dict:
         from .models import describe
         return describe(ctx.workspace, self.roles)
@@ -354,6 +374,18 @@ class SetStage(Stage):
     has_produce = False
 
 
+class StepsStage(Stage):
+    """A stage made of stage runs (a chain's turns): `steps` runs them, each through `run`
+    (`ParentRun.run_step`), as children of this stage's own run, which the runner records
+    first and ends with them; what `steps` returns is the summary's result. `check` refuses
+    before anything is recorded, like the other contracts'."""
+
+    table: str | None = None
+
+    def steps(self, ws: Workspace, selection: Selection, parent, progress: bool) -> Any:
+        raise NotImplementedError
+
+
 # -- engines ----------------------------------------------------------------------------------
 class LocalEngine:
     """In-process: `prepare` runs on worker threads up to `prefetch` batches ahead of
@@ -378,6 +410,7 @@ class LocalEngine:
                 for nxt in _take(it, 1):
                     futures.put((nxt, pool.submit(stage.prepare, nxt, ctx)))
                 try:
+                    ctx.batch_rows = len(batch)   # what ctx.progress reports a share of
                     yield batch, stage.process(batch, fut.result(), ctx)
                 except (KeyboardInterrupt, SystemExit):
                     raise
@@ -508,25 +541,6 @@ class Interrupted(UltracurateError):
     pass
 
 
-def _progress(total: int, description: str):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
-    class RateColumn(TextColumn):
-        def __init__(self):
-            super().__init__("")
-
-        def render(self, task):
-            from rich.text import Text
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed:.1f} rows/s" if speed else "-- rows/s")
-
-    disable = os.environ.get("ULTRACURATE_PROGRESS", "1") == "0"
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    RateColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), disable=disable, transient=False)
-
-
 # -- the entry point --------------------------------------------------------------------------
 _OPEN_RUNS: set[int] = set()   # runs this process has open (never closed as dead)
 
@@ -550,6 +564,10 @@ def run(ws: Workspace, stage: str | Stage, selection: Selection | None = None, *
     if dry_run and not isinstance(stage, SetStage):
         raise UltracurateError(f"{stage.name} has no dry run")
     started = time.perf_counter()
+    if isinstance(stage, StepsStage):
+        summary = _run_steps(ws, stage, selection, parent_run, progress)
+        summary.seconds = round(time.perf_counter() - started, 3)
+        return summary
     own = cat is None
     cat = cat or ws.catalog(read_only=dry_run)
     try:
@@ -585,7 +603,8 @@ def _start(cat: Catalog, stage: Stage, selection: Selection, models: dict, engin
     # We hold the catalog's write lock, so a run still marked running (and not one this
     # process holds open) has died (SIGKILL, power loss): close it, its batches stand.
     cat.con.execute(named_queries("runs")["close_dead"], [sorted(_OPEN_RUNS) or [-1]])
-    run_id = cat.start_run(stage.name, stage.params, selection.to_json(), models,
+    recorded = getattr(stage, "effective_selection", lambda s: s)(selection)
+    run_id = cat.start_run(stage.name, stage.params, recorded.to_json(), models,
                            engine=engine, parent_run=parent_run)
     key = resume_key(stage)
     if key:
@@ -604,7 +623,7 @@ def _run_rows(ws: Workspace, cat: Catalog, stage: RowStage, selection: Selection
               parent_run: int | None) -> RunSummary:
     ws.media.clean_tmp()
     ctx = Context(str(ws.root), device or default_device(), 0, ws.config, force,
-                  progress=progress)
+                  show_progress=progress)
     items = stage.items()
     if items is not None:
         cat.con.register(ITEMS, items)
@@ -630,7 +649,8 @@ def _run_rows(ws: Workspace, cat: Catalog, stage: RowStage, selection: Selection
         cat.runs.update([{"run_id": run_id, "rows_in": n_rows}])
         done = failed = 0
         state = "completed"
-        bar = _progress(n_rows, stage.name) if progress else None
+        bar = JobBar(n_rows, stage.name) if progress else None
+        ctx.on_progress = bar
         ctrl_c = _DeferredInterrupt()
         w = Access(cat, stage, JobRun(run_id), writable=True, workspace=ws, force=force)
         results = None
@@ -647,12 +667,11 @@ def _run_rows(ws: Workspace, cat: Catalog, stage: RowStage, selection: Selection
                 done += n_done
                 failed += n_failed
                 if bar:
-                    bar.advance(task, n)
+                    bar.advance(n)
         try:
             ctrl_c.install()
             if bar:
                 bar.start()
-                task = bar.add_task(stage.name, total=n_rows)
             results = engine.map(stage, batches, ctx) if n_rows else iter(())
             for batch, result in results:
                 settle()
@@ -706,7 +725,7 @@ def _run_set(ws: Workspace, cat: Catalog, stage: SetStage, selection: Selection,
         return RunSummary(None, stage.name, 0, 0, 0, "dry-run", result=stage.preview(plan))
     if not stage.record_empty and stage.empty(plan):
         return RunSummary(None, stage.name, 0, 0, 0, "empty", result=stage.preview(plan))
-    ctx = Context(str(ws.root), device or "cpu", 0, ws.config, progress=progress)
+    ctx = Context(str(ws.root), device or "cpu", 0, ws.config, show_progress=progress)
     models = stage.models(ctx) if stage.roles else {}
     if not stage.has_produce:
         try:
@@ -747,6 +766,18 @@ def _run_set(ws: Workspace, cat: Catalog, stage: SetStage, selection: Selection,
             _end(c, run_id, *_failure_state(e))
             raise
     return _set_summary(stage, w.run, result)
+
+
+def _run_steps(ws: Workspace, stage: StepsStage, selection: Selection,
+               parent_run: int | None, progress: bool) -> RunSummary:
+    from .recipe import ParentRun
+    with ws.catalog() as cat:  # refusals first: nothing recorded
+        stage.check(Access(cat, stage, workspace=ws), selection)
+    with ParentRun(ws, stage.name, stage.params, 0, parent_run=parent_run,
+                   selection=selection) as parent:
+        result = stage.steps(ws, selection, parent, progress)
+    return RunSummary(parent.run_id, stage.name, parent.done, parent.done, 0, "completed",
+                      result=result)
 
 
 def _failure_state(e: BaseException) -> tuple[str, str]:

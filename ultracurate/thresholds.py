@@ -12,6 +12,13 @@ direction 0.2, image-image 0.7), for comparison.
     t = t.override(mode="region", top_k=5)              # one mode
     t = t.override(clip_min=0.25)                       # shortcut: source and target
     t.rules("free")   # [Rule('clip_sim_image', '>=', 0.75), ...] in the funnel's order
+    t = t.override(judge_instruction_min=4)             # a vision-language judge's score
+
+Judge bounds (`judge_<aspect>_min`, aspects instruction, preservation, quality, each scored
+1-5 by `ultracurate judge`) sit beside the CLIP ones; none is on by default. A row's *CLIP
+verdict* is the score rules alone, its *judge verdict* the judge rules (or, when the keep rule
+has none, every aspect at least DEFAULT_JUDGE_PASS): `verdict_rules` splits them, for the
+report's confusion table and the review App's "judge disagrees with CLIP" view.
 """
 
 from __future__ import annotations
@@ -25,6 +32,13 @@ from .errors import UltracurateError
 from .names import MODES
 
 
+# What the judge scores (candidates.judge_<aspect>), on a 1-5 scale.
+JUDGE_ASPECTS = ("instruction", "preservation", "quality")
+JUDGE_SCALE = (1, 5)
+JUDGE_COLUMNS = tuple(f"judge_{a}" for a in JUDGE_ASPECTS)
+# The judge's verdict when the keep rule has no judge bound: every aspect at least this.
+DEFAULT_JUDGE_PASS = 4
+
 # Score columns in the order the funnel applies them, with the range each can take.
 SCORE_RANGES = {
     "clip_sim_image": (-1.0, 1.0),
@@ -35,6 +49,7 @@ SCORE_RANGES = {
     "ssim": (-1.0, 1.0),
     "l1": (0.0, 1.0),
     "l2": (0.0, 1.0),
+    **{c: (float(JUDGE_SCALE[0]), float(JUDGE_SCALE[1])) for c in JUDGE_COLUMNS},
 }
 
 
@@ -53,6 +68,10 @@ class Rule:
     def name(self) -> str:
         return f"{self.column} {self.op} {self.value:g}"
 
+    @property
+    def is_judge(self) -> bool:
+        return self.column in JUDGE_COLUMNS
+
 
 @dataclass(frozen=True)
 class ModeThresholds:
@@ -69,6 +88,9 @@ class ModeThresholds:
     ssim_max: float | None = None
     l1_max: float | None = None
     l2_max: float | None = None
+    judge_instruction_min: float | None = None
+    judge_preservation_min: float | None = None
+    judge_quality_min: float | None = None
     top_k: int | None = None            # per edit, by clip_sim_dir; None: keep all that pass
     drop_if_fewer: bool = False         # region rule: drop the edit if fewer than top_k pass
     candidates: int | None = None       # candidates generated per edit (the scheme's size)
@@ -104,6 +126,18 @@ class Thresholds:
 
     def rules(self, mode: str) -> list[Rule]:
         return self.modes[mode].rules()
+
+    def verdict_rules(self, mode: str) -> tuple[list[Rule], list[Rule]]:
+        """(the CLIP verdict's rules, the judge verdict's rules) of mode: the score rules,
+        and the judge rules, or every aspect >= DEFAULT_JUDGE_PASS when there are none."""
+        rules = self.rules(mode) if mode in self.modes else []
+        clip = [r for r in rules if not r.is_judge]
+        judge = [r for r in rules if r.is_judge] or [
+            Rule(c, ">=", float(DEFAULT_JUDGE_PASS)) for c in JUDGE_COLUMNS]
+        return clip, judge
+
+    def has_judge_rules(self) -> bool:
+        return any(r.is_judge for r in self.all_rules())
 
     def all_rules(self) -> list[Rule]:
         """Every distinct rule of any mode, in funnel order (for reports)."""
@@ -175,6 +209,26 @@ class Thresholds:
     def from_dict(cls, d: dict) -> "Thresholds":
         return cls({m: ModeThresholds(**d[m]) for m in MODES if m in d},
                    d.get("preset", "custom"))
+
+
+def parse_judge_min(items: list[str] | None) -> dict[str, float]:
+    """`--judge-min instruction=4` (repeatable) as override() keywords
+    ({'judge_instruction_min': 4.0})."""
+    out: dict[str, float] = {}
+    for item in items or []:
+        aspect, sep, value = str(item).partition("=")
+        aspect = aspect.strip()
+        if not sep or aspect not in JUDGE_ASPECTS:
+            raise UltracurateError(f"--judge-min expects ASPECT=VALUE with ASPECT one of "
+                                   f"{', '.join(JUDGE_ASPECTS)}, got '{item}'")
+        try:
+            v = float(value)
+        except ValueError:
+            v = math.nan
+        if not math.isfinite(v):
+            raise UltracurateError(f"--judge-min {aspect}: '{value}' is not a number")
+        out[f"judge_{aspect}_min"] = v
+    return out
 
 
 _COMMON = dict(clip_sim_dir_min=0.22, clip_sim_source_min=0.2, clip_sim_target_min=0.2,

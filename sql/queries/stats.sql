@@ -47,3 +47,16 @@ GROUP BY ALL ORDER BY n DESC;
 -- name: failed_by_stage
 SELECT stage AS label, count(*) AS n FROM stage_state WHERE state = 'failed'
 GROUP BY ALL ORDER BY n DESC;
+
+-- name: judge
+SELECT label, n FROM (
+    SELECT 'judged' AS label, count(*) AS n, 1 AS o FROM candidates
+        WHERE judge_instruction IS NOT NULL
+    UNION ALL SELECT 'invalid answers', count(*), 2 FROM candidates
+        WHERE judge_invalid_reason IS NOT NULL
+) WHERE n > 0 ORDER BY o;
+
+-- name: sessions
+SELECT n_turns || (CASE WHEN n_turns = 1 THEN ' turn, ' ELSE ' turns, ' END) || session_state
+       AS label, count(*) AS n
+FROM sessions_v GROUP BY ALL ORDER BY label;

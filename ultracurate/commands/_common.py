@@ -30,7 +30,8 @@ MAX_BATCH = 1_000_000      # rows per batch; beyond this a batch is the whole jo
 # -- option types ----------------------------------------------------------------------------
 def Count(default: Any, *decls: str, help: str, min: int = 0, max: int = MAX_INT,
           **kw) -> Any:
-    """A whole-number option in [min, max]."""
+    """A whole-number option in [min, max] (--help shows the range)."""
+    kw.setdefault("metavar", "N")
     return typer.Option(default, *decls, help=help, min=min, max=max, **kw)
 
 
@@ -66,7 +67,7 @@ def _device(value) -> str:
 # Choices. Where the library names a set in a module the CLI imports anyway, it is used here;
 # the others are checked against their library constants by tests/test_cli.py.
 TableFormat = Literal["table", "csv", "json"]
-ViewName = Literal[tuple(VIEWS)]                              # anchors, edits, candidates
+ViewName = Literal[tuple(VIEWS)]                              # anchors, edits, candidates, sessions
 EngineName = Literal["local", "ray"]                          # runner.ENGINES
 Mode = Literal[tuple(MODES)]                                  # free, region
 EditMode = Literal[tuple(EDIT_MODES)]                         # auto, free, region
@@ -79,19 +80,37 @@ SoftVariant = Literal["ultraedit", "feathered"]               # masks.soft_mask 
 InstructionsFormat = Literal["ultraedit", "ip2p", "magicbrush"]  # instruct.importers.FORMATS
 LLMBackend = Literal["rule", "openai", "transformers"]        # instruct.backends.BACKENDS
 CaptionBackend = Literal["transformers", "openai"]           # captioners.BACKENDS
+JudgeBackend = Literal["transformers", "openai"]             # judge.BACKENDS
 DType = Literal["float32", "float16", "bfloat16"]
 GroundBackend = Literal["grounding-dino", "owlv2"]            # models.grounding
 DedupWhat = Literal["anchors", "edited", "both"]              # stages.dedup.DedupStage
 Benchmark = Literal["magicbrush", "emuedit"]                  # evaluate.BENCHMARKS
 
+
+def _judge_bound(value) -> str:
+    """One --judge-min ASPECT=N, its form checked here (its range is the keep rule's check)."""
+    from ..errors import UltracurateError
+    from ..thresholds import parse_judge_min
+    try:
+        parse_judge_min([value])
+    except UltracurateError as e:
+        raise typer.BadParameter(str(e).removeprefix("--judge-min ")) from None
+    return str(value)
+
+
+def JudgeBounds(*decls: str, help: str) -> Any:
+    """--judge-min ASPECT=N, repeatable."""
+    return typer.Option(None, *decls, help=help, parser=_judge_bound, metavar="ASPECT=N")
+
 # -- shared options --------------------------------------------------------------------------
 WorkspaceOpt = typer.Option(None, "--workspace", "-w", envvar="ULTRACURATE_WORKSPACE",
+                            metavar="DIR",
                             help="Workspace folder (default: $ULTRACURATE_WORKSPACE, else the "
                                  "current directory or a parent).", show_envvar=False)
-WhereOpt = typer.Option(None, "--where",
+WhereOpt = typer.Option(None, "--where", metavar="SQL",
                         help="SQL predicate selecting rows, e.g. \"edit_type = 'replace'\"; "
                              "values as $name or :name with -p.")
-ParamOpt = typer.Option(None, "--param", "-p", help="Bind a --where parameter: -p NAME VALUE "
+ParamOpt = typer.Option(None, "--param", "-p", metavar="NAME VALUE", help="Bind a --where parameter: -p NAME VALUE "
                         "(or -p NAME=VALUE); repeatable. The value is text, cast to the type "
                         "its place in the predicate needs.")
 LimitOpt = Count(None, "--limit", help="At most this many rows (lowest ids first).")
@@ -99,9 +118,9 @@ SampleOpt = Count(None, "--sample", help="A random sample of N selected rows.")
 SeedOpt = Count(0, "--seed", help="Seed for --sample and for the job's randomness.")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON.")
 EngineOpt = typer.Option(None, "--engine", help="local (the default), or ray.")
-AddressOpt = typer.Option(None, "--address", help="Ray cluster address (auto, or host:port; "
+AddressOpt = typer.Option(None, "--address", metavar="ADDRESS", help="Ray cluster address (auto, or host:port; "
                                                   "default: a local cluster).")
-DeviceOpt = typer.Option(None, "--device", parser=_device,
+DeviceOpt = typer.Option(None, "--device", parser=_device, metavar="DEVICE",
                          help="cpu, cuda, cuda:N (default: cuda if present).")
 BatchOpt = Count(None, "--batch-size", min=1, max=MAX_BATCH,
                  help="Rows per batch (default: the stage's).")

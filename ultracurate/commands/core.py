@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -83,24 +82,22 @@ def sql(query: str = typer.Argument(..., help="One read-only query: SELECT (FROM
         allow_files: bool = typer.Option(False, "--allow-files",
                                          help="Let the query read files (read_csv, "
                                               "read_parquet, ...); it never writes them."),
-        workspace: Optional[str] = c.WorkspaceOpt):
+        workspace: Optional[str] = c.WorkspaceOpt,
+        as_json: bool = typer.Option(False, "--json", help="The rows as JSON (as -f json).")):
     """Run one read-only query on the catalog, with no file or network access (see
-    --allow-files), no extensions and the time and memory bounds of every user statement."""
+    --allow-files), no extensions and the time and memory bounds of every user statement.
+    List and struct values are JSON in csv and table output."""
+    from ..stats import write_rows
     ws = c.workspace(workspace)
     with ws.catalog(read_only=True, allow_files=allow_files) as cat:
         df = cat.read_query(query, c.parse_params(params))
-    if fmt == "json":
-        typer.echo(json.dumps(df.to_dicts(), default=str, indent=2))
-    elif fmt == "csv":
-        typer.echo(df.write_csv(), nl=False)
-    else:
-        from ..stats import print_table
-        print_table(df)
+    write_rows(df, "json" if as_json else fmt)
 
 
-def select(table: c.ViewName = typer.Option("candidates", "--from", help="anchors, edits or "
-                                            "candidates."),
-           columns: Optional[str] = typer.Option(None, help="Comma-separated columns "
+def select(table: c.ViewName = typer.Option("candidates", "--from", help="anchors, edits, "
+                                            "candidates or sessions."),
+           columns: Optional[str] = typer.Option(None, metavar="COLUMN,COLUMN",
+                                                 help="Comma-separated columns "
                                                  "(default: the key and a few essentials)."),
            where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.ParamOpt,
            limit: Optional[int] = c.LimitOpt, sample: Optional[int] = c.SampleOpt,
@@ -109,14 +106,17 @@ def select(table: c.ViewName = typer.Option("candidates", "--from", help="anchor
                                              help="table, csv or json."),
            count: bool = typer.Option(False, "--count", help="Print only how many rows match."),
            workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
-    """List the rows a --where selection picks (what a job with the same options runs over)."""
+    """List the rows a --where selection picks (what a job with the same options runs over).
+    List and struct values are JSON in csv and table output."""
     from ..catalog import KEYS, VIEWS
     from ..selection import selected_keys_sql
     if table not in VIEWS:
         raise UltracurateError(f"--from must be one of {', '.join(VIEWS)}")
     defaults = {"anchors": "anchor_id, source_path, width, height",
                 "edits": "edit_id, anchor_id, edit_type, mode, edit_status, instruction",
-                "candidates": "candidate_id, edit_id, edit_type, status, clip_sim_dir"}
+                "candidates": "candidate_id, edit_id, edit_type, status, clip_sim_dir",
+                "sessions": "session_id, root_anchor_id, n_turns, session_state, "
+                            "turn_candidates"}
     ws = c.workspace(workspace)
     sel = c.selection(where, params, limit, sample, seed)
     with ws.catalog(read_only=True) as cat:
@@ -130,25 +130,24 @@ def select(table: c.ViewName = typer.Option("candidates", "--from", help="anchor
         df = cat.pl(sql + ("" if count else f" ORDER BY {KEYS[table]}"), bound)
     if count:
         c.emit({"count": int(df["n"][0])}, as_json, str(int(df["n"][0])))
-    elif as_json or fmt == "json":
-        typer.echo(json.dumps(df.to_dicts(), default=str, indent=2))
-    elif fmt == "csv":
-        typer.echo(df.write_csv(), nl=False)
     else:
-        from ..stats import print_table
-        print_table(df)
+        from ..stats import write_rows
+        write_rows(df, "json" if as_json else fmt)
 
 
 def show(candidate_or_edit: str = typer.Argument(..., help="Candidate id, or e<ID> for an "
                                                   "edit, a<ID> for an anchor."),
+         full: bool = typer.Option(False, "--full", help="Every field, every value whole "
+                                   "(the mask's RLE too)."),
          workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
-    """Everything known about one candidate, edit or anchor, and the stages that touched it
-    (done or failed, in which run, with the error)."""
-    from ..stats import show_row
+    """Everything known about one candidate, edit or anchor: a readable summary (the mask as
+    its class, area and bbox; the scores as a table), and the stages that touched it (done or
+    failed, in which run, with the error); --full or --json for all of it."""
+    from ..stats import format_row, show_row
     ws = c.workspace(workspace)
     with ws.catalog(read_only=True) as cat:
         data = show_row(cat, candidate_or_edit)
-    c.emit(data, as_json, "\n".join(f"{k:>18}: {v}" for k, v in data.items()))
+    c.emit(data, as_json, format_row(data, full=full))
 
 
 def gc(dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed; "
@@ -178,7 +177,8 @@ def gc(dry_run: bool = typer.Option(False, "--dry-run", help="List what would be
 
 
 def make_tiny(directory: Path = typer.Argument(..., help="Folder for the tiny checkpoints."),
-              roles: Optional[str] = typer.Option(None, help="Comma-separated roles "
+              roles: Optional[str] = typer.Option(None, metavar="ROLE,ROLE",
+                                                  help="Comma-separated roles "
                                                   "(default: all)."),
               as_json: bool = c.JsonOpt):
     """Build tiny random-weight models from configs and save them as real checkpoints."""

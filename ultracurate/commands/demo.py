@@ -21,8 +21,8 @@ def demo(directory: Path = typer.Argument(Path("demo-workspace"), help="New fold
          as_json: bool = c.JsonOpt):
     """Run every stage on scikit-image's real photos with tiny random-weight models on the
     CPU (the `quick` recipe, examples/quick.toml), ending in an export and a report. (Tiny
-    models give meaningless scores: the demo shows the pipeline, not good edits.)"""
-    from ..demo import run_demo
-    summary = run_demo(directory, seed=seed, force=force, progress=not as_json)
-    c.emit(summary, as_json, f"{summary['table']}\nworkspace {summary['workspace']}; report "
-                             f"{summary['report']}")
+    models give meaningless scores: the demo shows the pipeline, not good edits.) Prints a
+    short summary; --json, what every step did."""
+    from ..demo import format_demo, run_demo
+    summary = run_demo(directory, seed=seed, force=force)
+    c.emit(summary, as_json, format_demo(summary))

@@ -128,7 +128,7 @@ def _model_status(role: str, ref: str) -> tuple[str, str]:
     if role == "llm" and ref == "rule":
         return OK, "rule (the offline rule-based instruction writer; no model)"
     from ..chat import is_url, strip_userinfo
-    if is_url(ref):  # a served model (llm, captioner): reached when a job runs
+    if is_url(ref):  # a served model (llm, captioner, judge): reached when a job runs
         return OK, f"{strip_userinfo(ref)} (a served model; not contacted by doctor)"
     path = Path(ref).expanduser()
     if path.exists():
@@ -224,7 +224,8 @@ def run_checks(ws=None, skip: tuple[str, ...] = ()) -> list[dict]:
 
 
 # -- the command -----------------------------------------------------------------------------
-def doctor(skip: Optional[List[str]] = typer.Option(None, "--skip", help="Leave out a check "
+def doctor(skip: Optional[List[str]] = typer.Option(None, "--skip", metavar="CHECK",
+                                                    help="Leave out a check "
                                                     f"({', '.join(CHECKS)}); repeatable."),
            workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
     """Check the installation and the workspace: torch and CUDA, the catalog, LanceDB, each

@@ -34,7 +34,7 @@ def eval_cmd(benchmark: c.Benchmark = typer.Option(..., "--benchmark", "-b",
                                       help="CLIP checkpoint (open_clip name:tag or folder)."),
              dino: str = typer.Option("facebook/dino-vits16", "--dino",
                                       help="DINO checkpoint (hub id or folder)."),
-             metrics: Optional[str] = typer.Option(None, "--metrics",
+             metrics: Optional[str] = typer.Option(None, "--metrics", metavar="METRIC,METRIC",
                                                    help="Comma-separated subset of metrics."),
              out: Optional[Path] = typer.Option(None, "--out", "-o",
                                                 help="Write the results (with per-sample "
@@ -50,7 +50,7 @@ def eval_cmd(benchmark: c.Benchmark = typer.Option(..., "--benchmark", "-b",
     chosen = [m.strip() for m in metrics.split(",")] if metrics else None
     result = evaluate(benchmark, predictions, references, captions=captions, clip=clip,
                       dino=dino, metrics=chosen, split=split, device=device or default_device(),
-                      batch_size=batch_size, progress=not as_json)
+                      batch_size=batch_size, progress=True)
     out = out or Path(predictions) / f"eval_{benchmark}.json"
     out.write_text(json.dumps(result.to_json(), indent=2))
     if as_json:

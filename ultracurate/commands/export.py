@@ -38,11 +38,17 @@ def export(out: Path = typer.Argument(..., help="Folder to write (must not exist
                                                 "with (soft_mask_image)."),
            extra_columns: bool = typer.Option(False, "--extra-columns",
                                               help="Add catalog columns (edit_type, mask_class, "
-                                                   "seed, candidate_id, ...)."),
+                                                   "seed, candidate_id, session_id, turn, the "
+                                                   "judge's scores, ...)."),
+           sessions: bool = typer.Option(False, "--sessions",
+                                         help="Also write the rows' multi-turn sessions "
+                                              "(chain) in MagicBrush's layout under "
+                                              "OUT/sessions/ (what `eval --benchmark "
+                                              "magicbrush` reads as references)."),
            license: Optional[str] = typer.Option(None, "--license",
                                                  help="License id for the dataset card (e.g. "
                                                       "cc-by-4.0; default unknown)."),
-           language: Optional[str] = typer.Option(None, "--language",
+           language: Optional[str] = typer.Option(None, "--language", metavar="CODE,CODE",
                                                   help="Language code(s) of the text, "
                                                        "comma-separated (default en)."),
            citation: Optional[Path] = typer.Option(None, "--citation", exists=True,
@@ -69,17 +75,24 @@ def export(out: Path = typer.Argument(..., help="Folder to write (must not exist
     from ..runner import run
     ws = c.workspace(workspace)
     sel = c.selection(where, params, limit, sample, seed)
-    s = run(ws, "export", sel, progress=not as_json, **c.given(
+    s = run(ws, "export", sel, **c.given(
         out=out, format=fmt, layout=layout, shard_size=shard_size,
         extra_columns=extra_columns or None, soft_masks=soft_masks or None,
         val_fraction=val_fraction, seed=seed, license=license, language=language,
         citation=citation.read_text(errors="replace").strip() if citation else None,
-        overwrite=force or None, push_to_hub=push_to_hub, private=private or None)).result
+        overwrite=force or None, push_to_hub=push_to_hub, private=private or None,
+        sessions=sessions or None)).result
     for w in s.warnings:
         typer.echo(f"warning: {w}", err=True)
     splits = ", ".join(f"{k} {v}" for k, v in s.splits.items())
     text = (f"exported {s.rows} rows ({splits}) as {s.format} to {s.out}: {s.files} files, "
             f"{s.bytes / 1e6:.1f} MB in {s.seconds:.1f} s (run {s.run_id})")
+    if sessions:
+        n = sum(s.sessions.values())
+        text += (f"; {n} sessions in MagicBrush's layout ("
+                 + ", ".join(f"{v} of {k} turn{'s' if k != 1 else ''}"
+                             for k, v in s.sessions.items()) + ")" if n else
+                 "; no sessions in the selection")
     if s.pushed_to:
         text += f"; pushed to {s.pushed_to}"
     c.emit(s.to_json(), as_json, text)

@@ -1,5 +1,5 @@
 """`ultracurate generate`: candidate pairs for the selected edits (a thin layer over
-`run(ws, "generate", ...)`, or adaptive rounds: ultracurate.stages.adaptive.run_adaptive)."""
+`run(ws, "generate", ...)`, or adaptive rounds: `run(ws, "adaptive", ...)`)."""
 
 from __future__ import annotations
 
@@ -40,8 +40,9 @@ def generate(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.
                  None, "--soft-variant", help="Region soft mask: ultraedit (the default) or "
                  "feathered."),
              mask_class: Optional[str] = typer.Option(
-                 None, "--mask-class", help="Mask classes region generation takes, a comma "
-                 "list of fine, fragmented, too_small, too_large, or 'any' (default: fine, "
+                 None, "--mask-class", metavar="CLASS,CLASS",
+                 help="Mask classes region generation takes, a comma list of fine, "
+                 "fragmented, too_small, too_large, or 'any' (default: fine, "
                  "unless --where reads mask_class). Other region edits are skipped, with "
                  "the reason."),
              pairs_per_call: Optional[int] = c.Count(
@@ -78,17 +79,15 @@ def generate(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.
                       soft_variant=soft_variant, mask_class=mask_class,
                       pairs_per_call=pairs_per_call)
     if until_accepted is not None:
-        from ..stages.adaptive import run_adaptive
-        from ..thresholds import Thresholds
+        from ..runner import run
         options.pop("candidates", None)
-        res = run_adaptive(
-            ws, sel, until_accepted=until_accepted,
-            **c.given(max_candidates=max_candidates, round_size=round_size),
-            thresholds=Thresholds.preset(preset) if preset else None,
-            generate_kwargs={**options, **c.given(engine=engine, address=address,
-                                                  workers=workers, device=device,
-                                                  batch_size=batch_size)},
-            score_kwargs=c.given(device=device), progress=not as_json)
+        res = run(ws, "adaptive", sel, progress=not as_json, until_accepted=until_accepted,
+                  **c.given(max_candidates=max_candidates, round_size=round_size,
+                            preset=preset),
+                  generate={**options, **c.given(engine=engine, address=address,
+                                                 workers=workers, device=device,
+                                                 batch_size=batch_size)},
+                  score=c.given(device=device)).result
         data = res.to_json()
         per = data["candidates_per_success"]
         c.emit(data, as_json, f"adaptive rounds: {data['succeeded']} of {data['edits']} edits "

@@ -19,13 +19,15 @@ def register(app: typer.Typer) -> None:
 def instruct(
         per_anchor: Optional[int] = c.Count(None, "--per-anchor", "-n", min=1, max=10_000,
                                             help="Edits to write per anchor (default 1)."),
-        types: Optional[str] = typer.Option(None, "--types", help="Comma-separated edit "
-                                            "types to deal round-robin (default all: add, "
-                                            "change_global, change_local, change_color, "
-                                            "transform_global, transform_local, replace, "
-                                            "turn, others)."),
-        quota: Optional[str] = typer.Option(None, "--quota", help="Total edits per type for "
-                                            "this job, e.g. add=30,replace=50 (spread evenly "
+        types: Optional[str] = typer.Option(None, "--types", metavar="TYPE,TYPE",
+                                            help="Comma-separated edit types to deal "
+                                                 "round-robin (default all: add, "
+                                                 "change_global, change_local, change_color, "
+                                                 "transform_global, transform_local, replace, "
+                                                 "turn, others)."),
+        quota: Optional[str] = typer.Option(None, "--quota", metavar="TYPE=N,TYPE=N",
+                                            help="Total edits per type for this job, e.g. "
+                                                 "add=30,replace=50 (spread evenly "
                                             "over the anchors; overrides --types)."),
         backend: Optional[c.LLMBackend] = typer.Option(None, "--backend", help="rule (offline), openai "
                                               "(chat-completions server) or transformers "
@@ -59,8 +61,9 @@ def instruct(
                                                   "region when there is an edit object), "
                                                   "free or region."),
         caption_source: Optional[str] = typer.Option(
-            None, "--caption-source", help="Write from captions of these sources only, "
-            "comma-separated: ingest, coco, caption:<model>, or a prefix with '*' "
+            None, "--caption-source", metavar="SOURCE,SOURCE",
+            help="Write from captions of these sources only, comma-separated: ingest, "
+            "coco, caption:<model>, or a prefix with '*' "
             "(caption:*). Default: every source."),
         concurrency: Optional[int] = c.Count(None, "--concurrency", min=1, max=1024,
                                              help="Concurrent HTTP requests (default 8)."),

@@ -42,7 +42,8 @@ def review(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.Pa
     """Review candidates in the FiftyOne App: one group per candidate (anchor, source,
     edited, mask), every score and reason as a field, saved views of the failure cases.
     Tags set in the App (accept, reject, bad_mask, bad_instruction, ...) become human
-    decisions in the catalog with --pull and when the App session ends (Ctrl-C)."""
+    decisions in the catalog with --pull and when the App session ends (Ctrl-C). With
+    --json, one document when it ends: the dataset built and, under pull, the decisions."""
     from .. import review as rv
     from ..runner import run
     ws = c.workspace(workspace)
@@ -51,17 +52,15 @@ def review(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.Pa
                                                      reviewer=reviewer)).result, as_json)
         return
     sel = c.selection(where, params, limit, sample, seed)
-    summary = run(ws, "review", sel, progress=not as_json,
-                  **c.given(dataset=dataset, reviewer=reviewer, margin=margin,
-                            visualize=visualize)).result
-    if no_launch or as_json:
+    summary = run(ws, "review", sel, **c.given(dataset=dataset, reviewer=reviewer,
+                                               margin=margin, visualize=visualize)).result
+    if no_launch:
         c.emit(summary.to_json(), as_json,
                f"review dataset {summary.dataset}: {summary.selected} candidates "
                f"({summary.added} added, {summary.updated} updated, {summary.unchanged} "
                f"unchanged, {summary.removed} removed; {summary.pulled} decisions pulled "
                f"first); views: {', '.join(summary.views) or 'none'}")
-        if no_launch:
-            return
+        return
     session = rv.launch_review(ws, summary.dataset, port=port, address=address)
     typer.echo(f"FiftyOne App: {rv.review_url(address, port)}  (dataset {summary.dataset}; "
                f"tag samples accept / reject / bad_mask / bad_instruction; Ctrl-C to stop "
@@ -77,7 +76,10 @@ def review(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.Pa
             pass
         result = run(ws, "review-pull", **c.given(dataset=summary.dataset,
                                                   reviewer=reviewer)).result
-        _print_pull(result, as_json)
+        if as_json:   # one document: the dataset built, then what the session decided
+            c.emit({**summary.to_json(), "pull": result.to_json()}, True)
+        else:
+            _print_pull(result, False)
 
 
 def _print_pull(summary, as_json: bool) -> None:

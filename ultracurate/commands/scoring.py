@@ -54,6 +54,10 @@ def filter_(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.P
             ssim_max: Optional[float] = c.Number(None, "--ssim-max", help="Keep rows with ssim at most this."),
             l1_max: Optional[float] = c.Number(None, "--l1-max", help="Keep rows with l1 at most this."),
             l2_max: Optional[float] = c.Number(None, "--l2-max", help="Keep rows with l2 at most this."),
+            judge_min: Optional[List[str]] = c.JudgeBounds(
+                "--judge-min", help="Keep rows the judge scored at least N (1-5) on ASPECT: "
+                                    "instruction, preservation or quality; repeatable. Rows "
+                                    "not judged fail it."),
             top_k: Optional[int] = c.Count(None, "--top-k", min=1, max=100_000,
                                            help="Keep the best K per edit by clip_sim_dir "
                                                 "(default: 4 free, 3 region)."),
@@ -65,10 +69,12 @@ def filter_(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.P
             dry_run: bool = typer.Option(False, "--dry-run", help="Print the funnel; change "
                                          "nothing."),
             workspace: Optional[str] = c.WorkspaceOpt, as_json: bool = c.JsonOpt):
-    """Accept or reject scored candidates by thresholds, then top-k per edit; every rejected
-    row records all its reasons; human decisions override."""
+    """Accept or reject scored candidates by thresholds (CLIP/DINOv2/pixel scores and the
+    judge's), then top-k per edit; every rejected row records all its reasons; human decisions
+    override."""
     from ..runner import run
     from ..stages.filter import format_funnel
+    from ..thresholds import parse_judge_min
     ws = c.workspace(workspace)
     res = run(ws, "filter", c.selection(where, params, limit, sample, seed), dry_run=dry_run,
               **c.given(preset=preset, mode=mode, clip_min=clip_min,
@@ -77,13 +83,14 @@ def filter_(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.P
                         clip_sim_image_min=clip_image_min, clip_sim_image_max=clip_image_max,
                         dinov2_sim_min=dino_min, dinov2_sim_max=dino_max, ssim_min=ssim_min,
                         ssim_max=ssim_max, l1_max=l1_max, l2_max=l2_max, top_k=top_k,
-                        drop_if_fewer=region_rule)).result
+                        drop_if_fewer=region_rule, **parse_judge_min(judge_min))).result
     c.emit(res.to_json(), as_json, format_funnel(res))
 
 
-def balance(by: Optional[List[str]] = typer.Option(None, "--by", help="Column(s) of "
-                                                   "candidates_v to stratify by; repeatable "
-                                                   "(default edit_type)."),
+def balance(by: Optional[List[str]] = typer.Option(None, "--by", metavar="COLUMN",
+                                                   help="Column(s) of candidates_v to "
+                                                        "stratify by; repeatable (default "
+                                                        "edit_type)."),
             target: Optional[int] = c.Count(None, "--target", min=1,
                                             help="Select about N rows in all, spread evenly "
                                                  "over the groups."),

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -121,10 +121,12 @@ def _per_row(values: list) -> torch.Tensor:
 # -- the loop ---------------------------------------------------------------------------------
 @torch.no_grad()
 def run_pairs(pipe, pairs: list[Pair], behaviour, *, trace: Trace | None = None,
-              store_maps: bool = False, edit: AttentionEdit | None = None) -> list[PairImages]:
+              store_maps: bool = False, edit: AttentionEdit | None = None,
+              on_step: Callable[[int, int], None] | None = None) -> list[PairImages]:
     """Generate one call of pairs with a behaviour ('method', 'ultraedit-compat' or its
     object). In `ultraedit-compat` the pairs form one released call and share their
-    parameters (the caller has drawn them with the behaviour's sample_params for its seed)."""
+    parameters (the caller has drawn them with the behaviour's sample_params for its seed).
+    on_step(i, n) is told after each denoising step i of the call's n (for a progress bar)."""
     bh = get(behaviour)
     unet, vae = pipe.unet, pipe.vae
     device, dtype = unet.device, unet.dtype
@@ -217,6 +219,8 @@ def run_pairs(pipe, pairs: list[Pair], behaviour, *, trace: Trace | None = None,
                 z[r] = z_next
             if trace is not None:
                 trace.steps.append(z.clone())
+            if on_step is not None:
+                on_step(i + 1, max(n_steps))
 
     # 6. Decode, and pixels by the behaviour's rounding.
     images = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]

@@ -2,8 +2,8 @@
 
 Roles: editor (SDXL-architecture diffusers pipeline), clip (open_clip), dino (transformers
 DINOv2), grounding (transformers GroundingDINO / OWLv2), sam (segment-anything), llm
-(transformers causal LM, or 'rule' for the offline back-end), captioner (an image-text-to-text
-model through `models.vlm`, or a served OpenAI-compatible vision endpoint).
+(transformers causal LM, or 'rule' for the offline back-end), captioner and judge (chat
+image-text-to-text models through `models.vlm`, or served OpenAI-compatible vision endpoints).
 
 A workspace's config picks a profile (`[models] profile = "ultraedit" | "tiny"`) and may
 override any role (`[models] clip = "/path/or/hub-id"`). Each role has a module
@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import UltracurateError
 
-ROLES = ("editor", "clip", "dino", "grounding", "sam", "llm", "captioner")
+ROLES = ("editor", "clip", "dino", "grounding", "sam", "llm", "captioner", "judge")
 
 # The real defaults of the method (docs/method.md), by hub id.
 ULTRAEDIT_PROFILE = {
@@ -33,6 +33,9 @@ ULTRAEDIT_PROFILE = {
     "llm": "rule",
     # UltraEdit used datasets' own captions; for photos without any, a chat VLM writes them
     "captioner": "Qwen/Qwen2.5-VL-3B-Instruct",
+    # beyond UltraEdit (which filtered with CLIP alone): a VLM rates each pair, as ImgEdit and
+    # OmniEdit filter
+    "judge": "Qwen/Qwen2.5-VL-7B-Instruct",
 }
 TINY_DIR = "models/tiny"
 

@@ -102,8 +102,6 @@ def load(ref: str, device: str = "cpu", dtype: Any = None, resize: int | None = 
     if ref.startswith("random:"):
         return _load_random(ref, device, dtype, resize, crop)
     try:
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()  # the runner shows its own progress
         model = AutoModel.from_pretrained(ref, add_pooling_layer=False) if _is_vit(ref) \
             else AutoModel.from_pretrained(ref)
         try:

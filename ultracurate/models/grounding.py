@@ -172,8 +172,6 @@ def load(ref: str, device: str = "cpu", dtype: Any = None, backend: str | None =
         return _load_random(ref, device, dtype, box_threshold, text_threshold)
     be = _backend_of(ref, backend)
     try:
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
         if be == "owlv2":
             from transformers import Owlv2ForObjectDetection, Owlv2Processor
             model = Owlv2ForObjectDetection.from_pretrained(ref)

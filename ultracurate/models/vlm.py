@@ -160,8 +160,6 @@ class VLM:
 def load(ref: str, device: str = "cpu", dtype: Any = None) -> VLM:
     """An image-text-to-text model and its processor by hub id or folder (safetensors)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()  # the runner shows its own progress
     try:
         processor = AutoProcessor.from_pretrained(ref)
         model = AutoModelForImageTextToText.from_pretrained(
@@ -190,8 +188,6 @@ def make_tiny(folder: str | Path, words: list[str]) -> str:
                               LlavaForConditionalGeneration, LlavaProcessor,
                               PreTrainedTokenizerFast)
 
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab = {w: i for i, w in enumerate(dict.fromkeys(TINY_SPECIALS + [w.lower()

@@ -2,12 +2,13 @@
 scoring and filtering each round, and stop the edit once `until_accepted` of its candidates
 pass, instead of always generating a fixed 30 (free-form) or 100 (region).
 
-    run_adaptive(ws, Selection(where="mode = 'free'"), until_accepted=4, max_candidates=30,
-                 round_size=8, generate_kwargs={"size": 512})
+    run(ws, "adaptive", Selection(where="mode = 'free'"), until_accepted=4, max_candidates=30,
+        round_size=8, generate={"size": 512})
 
-Each round's generate, score and filter run through the recipe machinery (recipe.ParentRun)
-under one `adaptive` run; the edits still open are a scope of the user's selection (CLOSED, in
-SQL) and their candidates a child selection of it: no id list leaves the catalog.
+Each round's generate, score and filter run through `runner.run` as children of one
+`adaptive` run (a StepsStage, recipe.ParentRun); the edits still open are a scope of the
+user's selection (CLOSED, in SQL) and their candidates a child selection of it: no id list
+leaves the catalog.
 
 Round r asks `generate` for the first min(max_candidates, r * round_size) candidates of the
 edits still open (generation plans candidates by index with deterministic seeds, so a round
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 
 from ..catalog import Catalog
 from ..errors import UltracurateError
+from ..runner import StepsStage
 from ..selection import Selection, selected_keys_sql
 from ..thresholds import Thresholds
 
@@ -57,38 +59,58 @@ def _count(cat: Catalog, selection: Selection, table: str, where: str | None = N
     return int(cat.scalar(sql, params))
 
 
-def run_adaptive(ws, selection: Selection | None = None, *, until_accepted: int = 4,
-                 max_candidates: int = 30, round_size: int = 8,
-                 thresholds: Thresholds | None = None, generate_kwargs: dict | None = None,
-                 score_kwargs: dict | None = None, progress: bool = False) -> AdaptiveResult:
+class AdaptiveStage(StepsStage):
     """Generate, score and filter the selected edits in rounds until each has until_accepted
-    accepted candidates or max_candidates candidates. Each round is three steps run through
-    the recipe machinery under one `adaptive` run; the edits still open and their candidates
-    are selected in SQL (a scope on the user's selection, and a child selection of it)."""
-    from ..recipe import ParentRun, Step
-    if until_accepted < 1 or max_candidates < until_accepted or round_size < 1:
-        raise UltracurateError("adaptive rounds need 1 <= --until-accepted <= "
-                               "--max-candidates and a round size of at least 1")
-    t = (thresholds or Thresholds.preset("ultraedit")).override(top_k=until_accepted)
-    selection = selection or Selection()
-    still_open = selection.narrowed(f"NOT ({CLOSED})", _uc_k=until_accepted)
-    with ws.catalog(read_only=True) as cat:
-        res = AdaptiveResult(edits=_count(cat, selection, "edits"))
-    params = {"until_accepted": until_accepted, "max_candidates": max_candidates,
-              "round_size": round_size, "thresholds": t.to_dict(),
-              "generate": generate_kwargs or {}, "score": score_kwargs or {}}
-    asked, n_open, step = 0, res.edits, 0
-    with ParentRun(ws, "adaptive", params, 0) as parent:
-        while n_open and asked < max_candidates:
-            asked = min(max_candidates, asked + round_size)
+    accepted candidates or max_candidates candidates. Each round is three stage runs, children
+    of the `adaptive` run; the edits still open and their candidates are selected in SQL (a
+    scope on the user's selection, and a child selection of it). generate / score: more
+    options of those stages (engine, device, batch_size ... included)."""
+
+    name = "adaptive"
+    table = "edits"
+
+    def __init__(self, until_accepted: int = 4, max_candidates: int = 30, round_size: int = 8,
+                 thresholds: Thresholds | dict | None = None, preset: str | None = None,
+                 generate: dict | None = None, score: dict | None = None):
+        if until_accepted < 1 or max_candidates < until_accepted or round_size < 1:
+            raise UltracurateError("adaptive rounds need 1 <= --until-accepted <= "
+                                   "--max-candidates and a round size of at least 1")
+        if isinstance(thresholds, dict):
+            thresholds = Thresholds.from_dict(thresholds)
+        t = thresholds or Thresholds.preset(preset or "ultraedit")
+        self.thresholds = t.override(top_k=until_accepted)
+        self.until_accepted, self.max_candidates = int(until_accepted), int(max_candidates)
+        self.round_size = int(round_size)
+        self.generate, self.score = dict(generate or {}), dict(score or {})
+        super().__init__(until_accepted=self.until_accepted,
+                         max_candidates=self.max_candidates, round_size=self.round_size,
+                         thresholds=self.thresholds.to_dict(), generate=self.generate,
+                         score=self.score)
+
+    def check(self, r, selection: Selection) -> None:
+        selection.checked(r.cat.con, "edits_v")  # a bad --where: before anything is recorded
+
+    def steps(self, ws, selection: Selection, parent, progress: bool) -> AdaptiveResult:
+        from ..recipe import Step
+        k, t = self.until_accepted, self.thresholds
+        still_open = selection.narrowed(f"NOT ({CLOSED})", _uc_k=k)
+        with ws.catalog(read_only=True) as cat:
+            res = AdaptiveResult(edits=_count(cat, selection, "edits"))
+        asked, n_open, step = 0, res.edits, 0
+        while n_open and asked < self.max_candidates:
+            asked = min(self.max_candidates, asked + self.round_size)
             # round 1 takes every selected edit; later ones those the rounds left open
             edits = selection if not res.rounds else still_open
             candidates = edits.within("edits", "candidate_index < $_uc_n", _uc_n=asked)
             for stage, options, sel in (
-                    ("generate", {**(generate_kwargs or {}), "candidates": asked}, edits),
-                    ("score", score_kwargs or {}, candidates),
+                    ("generate", {**self.generate, "candidates": asked}, edits),
+                    ("score", dict(self.score), candidates),
                     ("filter", {"thresholds": t}, candidates)):
-                parent.run_step(step, Step(stage, options, selection=sel), progress)
+                run_options = {o: options.pop(o) for o in ("engine", "address", "workers",
+                                                           "device", "batch_size")
+                               if o in options}
+                parent.run_step(step, Step(stage, options, run=run_options, selection=sel),
+                                progress)
                 step += 1
             with ws.catalog(read_only=True) as cat:
                 left = _count(cat, still_open, "edits")
@@ -99,7 +121,7 @@ def run_adaptive(ws, selection: Selection | None = None, *, until_accepted: int 
         with ws.catalog(read_only=True) as cat:
             res.generated = _count(cat, selection.within("edits"), "candidates",
                                    "edited_image IS NOT NULL")
-    return res
+        return res
 
 
 def compare_schemes(ws, selection: Selection | None = None, *, until_accepted: int = 4,

@@ -2,8 +2,9 @@
 
 For every selected scored candidate it decides `auto_status` ('accepted' | 'rejected') and
 records ALL of the reasons a rejected row fails, e.g.
-['clip_sim_image < 0.75', 'clip_sim_dir < 0.22'] (one row each in `candidate_rejects`;
-`candidates_v.reject_reasons` lists them), then per edit:
+['clip_sim_image < 0.75', 'clip_sim_dir < 0.22', 'judge_instruction < 4'] (a score the row
+lacks fails its rule as 'judge_quality missing'; one row each in `candidate_rejects`, which
+`candidates_v.reject_reasons` lists), then per edit:
 
 - top-k: among the rows that pass the thresholds, the k with the highest clip_sim_dir stay
   accepted; the others record 'not in top 4 by clip_sim_dir';
@@ -27,14 +28,18 @@ from dataclasses import dataclass, field
 
 from ..catalog import Catalog
 from ..errors import UltracurateError
-from ..names import MODES, SCORE_COLUMNS
+from ..names import MODES
 from ..runner import SetStage
 from ..selection import Selection, selected_keys_sql
-from ..thresholds import Rule, Thresholds
+from ..thresholds import JUDGE_COLUMNS, SCORE_RANGES, Rule, Thresholds
 
 DEFAULT_WHERE = ("auto_status IN ('scored', 'accepted', 'rejected') "
                  "AND clip_sim_dir IS NOT NULL")
-_SCORE_COLS = ", ".join(SCORE_COLUMNS)
+_SCORE_COLS = ", ".join(SCORE_RANGES)  # every column a rule can bound, the judge's too
+# Which passing candidate of a group comes first (top-k; and the one a chain continues with):
+# a human accept, then the highest clip_sim_dir.
+RANK_ORDER = ("(human_decision = 'accept') DESC NULLS LAST, clip_sim_dir DESC NULLS LAST, "
+              "candidate_id")
 
 
 @dataclass
@@ -77,9 +82,29 @@ def _cond(rule: Rule) -> str:
     return f"coalesce({rule.column} {bad} {_lit(rule.value)}, true)"
 
 
+def _reason(rule: Rule, missing: str) -> str:
+    """SQL for what a row failing rule records: the rule's reason, or '<column> missing'
+    (missing: SQL true when the row lacks the rule's score)."""
+    return f"(CASE WHEN {missing} THEN '{rule.column} missing' ELSE '{rule.reason}' END)"
+
+
 def _per_mode(exprs: dict[str, str], default: str = "NULL") -> str:
     whens = " ".join(f"WHEN '{m}' THEN {e}" for m, e in exprs.items())
     return f"(CASE mode {whens} ELSE {default} END)" if whens else f"({default})"
+
+
+def verdict_sql(t: Thresholds) -> tuple[str, str]:
+    """(CLIP verdict, judge verdict): SQL over candidates_v true when a row passes the score
+    rules of its mode, and the judge rules (`Thresholds.verdict_rules`). Trusted predicates
+    (column names and numbers only), usable as a --where."""
+    def passes(rules: list[Rule]) -> str:
+        return " AND ".join(f"NOT {_cond(r)}" for r in rules) or "true"
+    clip = _per_mode({m: passes(t.verdict_rules(m)[0]) for m in MODES}, "false")
+    judge = _per_mode({m: passes(t.verdict_rules(m)[1]) for m in MODES}, "false")
+    return clip, judge
+
+
+JUDGED = " AND ".join(f"{c} IS NOT NULL" for c in JUDGE_COLUMNS)
 
 
 def _decision_sql(con, selection: Selection, t: Thresholds) -> tuple[str, dict, list]:
@@ -100,7 +125,8 @@ def _decision_sql(con, selection: Selection, t: Thresholds) -> tuple[str, dict, 
         flags.append(f"({applies} AND {_cond(rule)}) AS fail_{i}")
     flags_sql = (", " + ", ".join(flags)) if flags else ""
     any_fail = " OR ".join(f"fail_{i}" for i in range(len(rules))) or "false"
-    fail_cols = "".join(f"fail_{i}, " for i in range(len(rules)))
+    fail_cols = "".join(f"fail_{i}, ({rule.column} IS NULL) AS missing_{i}, "
+                        for i, rule in enumerate(rules))
     k = _per_mode({m: str(t[m].top_k) for m in MODES if t[m].top_k})
     drop = _per_mode({m: "true" for m in MODES if t[m].drop_if_fewer and t[m].top_k}, "false")
     sql = f"""
@@ -112,9 +138,7 @@ def _decision_sql(con, selection: Selection, t: Thresholds) -> tuple[str, dict, 
     ranked AS (
       SELECT *,
         CASE WHEN pool THEN row_number() OVER (
-          PARTITION BY edit_id, pool
-          ORDER BY (human_decision = 'accept') DESC NULLS LAST, clip_sim_dir DESC NULLS LAST,
-                   candidate_id) END AS rank,
+          PARTITION BY edit_id, pool ORDER BY {RANK_ORDER}) END AS rank,
         sum(pool::INTEGER) OVER (PARTITION BY edit_id) AS n_pass
       FROM p),
     decided AS (
@@ -130,8 +154,8 @@ def _decision_sql(con, selection: Selection, t: Thresholds) -> tuple[str, dict, 
 def _reasons_sql(decided: str, rules: list[Rule]) -> str:
     """The reasons of the rejected rows of a decision table, one row each, numbered in the
     order filter gives them: the rules', the region rule's, top-k's."""
-    parts = [f"SELECT candidate_id, {i} AS o, '{rule.reason}' AS reason FROM {decided} "
-             f"WHERE fail_{i}" for i, rule in enumerate(rules)]
+    parts = [f"SELECT candidate_id, {i} AS o, {_reason(rule, f'missing_{i}')} AS reason "
+             f"FROM {decided} WHERE fail_{i}" for i, rule in enumerate(rules)]
     n = len(rules)
     parts.append(f"SELECT candidate_id, {n} AS o, 'edit has ' || n_pass || ' < ' || k || "
                  f"' passing candidates' FROM {decided} WHERE dropped_by_region")

@@ -325,15 +325,20 @@ class GenerateStage(RowStage):
         ws = ctx.workspace
         updates = []
         pool = self._writers()
+        n_calls_rows, started = sum(len(m) for m in calls.values()), 0
         for members in calls.values():
             crows, pairs = [r for r, _ in members], [p for _, p in members]
+            base, started = started, started + len(members)
+
+            def step(i, n, base=base, k=len(members)):  # the bar moves per step
+                ctx.progress(base + k * i / n, n_calls_rows)
             bh = BEHAVIOURS[crows[0]["gen_behaviour"]]
             mode = json.loads(crows[0]["gen_params"])["mode"]
             try:
                 if mode == "region" and bh.region_at_native_size:
                     self._check_native_size()
                 bh.draw_call_params(pairs, mode, str(self.pipe.unet.device))
-                images = run_pairs(self.pipe, pairs, bh)
+                images = run_pairs(self.pipe, pairs, bh, on_step=step)
             except CallDropped as e:  # the released driver drops the whole call
                 dropped.update({r["candidate_id"]: (f"dropped: {e}", r["gen_params"])
                                 for r in crows})

@@ -68,6 +68,7 @@ class ScoreStage(RowStage):
     writes = {"candidates": {*SCORE_COLUMNS, "score_run", "auto_status"}}
     batch_size = 64
     roles = ("clip", "dino")
+    images_per_call = 64  # images per CLIP / DINOv2 call: a big batch is several calls
 
     def __init__(self, cache_size: int = 4096, decode_threads: int | None = None,
                  pixel_scores_on_device: bool | None = None):
@@ -146,11 +147,13 @@ class ScoreStage(RowStage):
         rows = [r for r in rows if r["candidate_id"] not in p.failed]
         # each distinct image and caption once
         new = [n for n in p.clip_pixels if n not in self._img_cache]
-        if new:
-            ce = self.clip.encode_pixels([p.clip_pixels[n] for n in new])
-            de = self.dino.encode_pixels([p.dino_pixels[n] for n in new])
-            for i, n in enumerate(new):
+        for start in range(0, len(new), self.images_per_call):  # the bar moves per call
+            chunk = new[start:start + self.images_per_call]
+            ce = self.clip.encode_pixels([p.clip_pixels[n] for n in chunk])
+            de = self.dino.encode_pixels([p.dino_pixels[n] for n in chunk])
+            for i, n in enumerate(chunk):
                 self._img_cache.put(n, (ce[i], de[i]))
+            ctx.progress(start + len(chunk), len(new))
         if p.tokens:
             caps = list(p.tokens)
             te = self.clip.encode_tokens(torch.stack([p.tokens[c] for c in caps]))
