@@ -54,50 +54,78 @@ class ScoreLike(RowStage):
 
 
 def build(ws: Workspace, n: int) -> float:
+    """n edits with one candidate each (a third free-form, the rest region with a mask and
+    its stored features), through the schema the workspace has (before migration 011 too:
+    reject reasons and mask boxes as list columns there)."""
     t0 = time.perf_counter()
     types = "[" + ", ".join(f"'{t}'" for t in EDIT_TYPES) + "]"
     n_anchors = max(1, n * 16 // 41)  # UltraEdit: ~1.6M anchors for 4.1M edits
     # the synthetic rows go in through a plain connection: the catalog's own connections
     # have their configuration locked (ultracurate.limits), and this one needs a setting
     with contextlib.closing(duckdb.connect(str(ws.catalog_path),
-                                           config={"preserve_insertion_order": False})) as con:
+                                           config={"preserve_insertion_order": False,
+                                                   "memory_limit": "6GB"})) as con:
+        columns = {t: {r[0] for r in con.execute(f"DESCRIBE {t}").fetchall()}
+                   for t in ("edits", "candidates")}
+        list_reasons = "reject_reasons" in columns["candidates"]
+        list_bbox = "mask_bbox" in columns["edits"]
         con.execute(f"""
             INSERT INTO anchors (anchor_id, sha256, media, source_path, dataset, width, height,
                                  format, orig_mode, conversion, ingested_at)
-            SELECT i, md5(i::VARCHAR), md5(i::VARCHAR) || '.jpg', '/data/coco/' || i || '.jpg',
+            SELECT i, md5(i::VARCHAR), sha256(i::VARCHAR) || '.jpg', '/data/coco/' || i || '.jpg',
                    'coco', 640, 480, 'JPEG', 'RGB', '', now()
             FROM range(1, {n_anchors} + 1) t(i)""")
         con.execute(f"""
             INSERT INTO anchor_captions (anchor_id, caption_index, caption, source, created_at)
             SELECT i, 0, 'a photo number ' || i, 'coco', now()
             FROM range(1, {n_anchors} + 1) t(i)""")
+        # region rows: a mask (a placeholder RLE, never decoded: its features are stored)
+        region = "i % 3 <> 0"
+        bbox_cols = "mask_bbox" if list_bbox else \
+            "mask_bbox_x, mask_bbox_y, mask_bbox_w, mask_bbox_h"
+        bbox_vals = (f"CASE WHEN {region} THEN [10, 20, 100, 80] END" if list_bbox else
+                     ", ".join(f"CASE WHEN {region} THEN {v} END" for v in (10, 20, 100, 80)))
         con.execute(f"""
             INSERT INTO edits (edit_id, anchor_id, source_caption, instruction, target_caption,
                                edit_object, edit_type, mode, edit_status, mask_area, mask_class,
-                               created_at)
+                               mask_rle, mask_height, mask_width, mask_components,
+                               mask_contours, {bbox_cols}, created_at)
             SELECT i, 1 + (i % {n_anchors}), 'a photo number ' || i, 'make it number ' || i,
                    'a photo changed ' || i,
-                   CASE WHEN i % 3 = 0 THEN 'NONE' ELSE 'object' END,
+                   CASE WHEN {region} THEN 'object' ELSE 'NONE' END,
                    {types}[1 + (hash(i) % 9)::INTEGER],
-                   CASE WHEN i % 3 = 0 THEN 'free' ELSE 'region' END,
-                   CASE WHEN i % 3 = 0 THEN 'proposed' ELSE 'grounded' END,
+                   CASE WHEN {region} THEN 'region' ELSE 'free' END,
+                   CASE WHEN {region} THEN 'grounded' ELSE 'proposed' END,
                    (hash(i * 7) % 1000) / 1000.0,
                    ['fine', 'too_small', 'too_large', 'fragmented'][1 + (hash(i * 3) % 4)::INTEGER],
-                   now()
+                   CASE WHEN {region} THEN 'bench' END,
+                   CASE WHEN {region} THEN 480 END, CASE WHEN {region} THEN 640 END,
+                   CASE WHEN {region} THEN 1 + hash(i * 11) % 3 END,
+                   CASE WHEN {region} THEN 1 + hash(i * 13) % 30 END,
+                   {bbox_vals}, now()
             FROM range(1, {n} + 1) t(i)""")
+        rejected = "hash(i * 5) % 4 = 3"
         con.execute(f"""
             INSERT INTO candidates (candidate_id, edit_id, candidate_index, seed, gen_behaviour,
                                     source_image, edited_image, clip_sim_source,
                                     clip_sim_target, clip_sim_dir, clip_sim_image, dinov2_sim,
-                                    ssim, auto_status, reject_reasons, created_at)
-            SELECT i, i, 0, (hash(i) % 1000000007)::BIGINT, 'method', md5(i::VARCHAR) || '.jpg',
-                   md5((i + 1)::VARCHAR) || '.jpg',
+                                    ssim, auto_status, filter_run, created_at
+                                    {', reject_reasons' if list_reasons else ''})
+            SELECT i, i, 0, (hash(i) % 1000000007)::BIGINT, 'method', sha256(i::VARCHAR) || '.jpg',
+                   sha256((i + 1)::VARCHAR) || '.jpg',
                    (hash(i) % 1000) / 2000.0, (hash(i + 1) % 1000) / 2000.0,
                    (hash(i + 2) % 1000) / 2000.0, 0.5 + (hash(i + 3) % 1000) / 2000.0,
                    (hash(i + 4) % 1000) / 1000.0, (hash(i + 5) % 1000) / 1000.0,
                    ['generated', 'scored', 'accepted', 'rejected'][1 + (hash(i * 5) % 4)::INTEGER],
-                   CASE WHEN hash(i * 5) % 4 = 3 THEN ['clip_sim_dir < 0.22'] END, now()
+                   CASE WHEN hash(i * 5) % 4 >= 2 THEN 1 END, now()
+                   {f", CASE WHEN {rejected} THEN ['clip_sim_dir < 0.22'] END"
+                    if list_reasons else ''}
             FROM range(1, {n} + 1) t(i)""")
+        if not list_reasons:
+            con.execute(f"""
+                INSERT INTO candidate_rejects (candidate_id, reason_index, reason, filter_run)
+                SELECT i, 0, 'clip_sim_dir < 0.22', 1 FROM range(1, {n} + 1) t(i)
+                WHERE {rejected}""")
         # half the candidates already scored: the runner must skip them
         con.execute(f"""
             INSERT INTO stage_state (stage, key, state, run_id, updated_at)
@@ -167,6 +195,8 @@ def run_pandas(ws: Workspace) -> dict:
         cands = cat.arrow("SELECT * FROM candidates").to_pandas()
         state = cat.arrow("SELECT * FROM stage_state").to_pandas()
         rejects = cat.arrow("SELECT * FROM ingest_rejects").to_pandas()
+        cat_rejects = (cat.arrow("SELECT * FROM candidate_rejects").to_pandas()
+                       if "reject_reasons" not in cands.columns else None)
         load = time.perf_counter() - t0
     res = {}
 
@@ -181,7 +211,9 @@ def run_pandas(ws: Workspace) -> dict:
         out["candidates_by_status"] = status.fillna(cands["auto_status"]).value_counts().to_dict()
         merged = cands[["edit_id"]].merge(edits[["edit_id", "edit_type"]], on="edit_id")
         out["candidates_by_type"] = merged["edit_type"].value_counts().to_dict()
-        out["reject_reasons"] = cands["reject_reasons"].dropna().explode().value_counts().to_dict()
+        reasons = cat_rejects["reason"] if cat_rejects is not None else \
+            cands["reject_reasons"].dropna().explode()
+        out["reject_reasons"] = reasons.value_counts().to_dict()
         out["ingest_reject_reasons"] = rejects["reason"].value_counts().to_dict()
         out["failed_by_stage"] = state.loc[state["state"] == "failed", "stage"].value_counts().to_dict()
         return out

@@ -51,7 +51,7 @@ def make_workspace(root: Path, n: int, size: int):
         return ws.media.put_bytes(buf.getvalue(), "png")
 
     n_anchors = max(1, n // 4)
-    anchors, edits, cands = [], [], []
+    anchors, edits, cands, rejects = [], [], [], []
     for a in range(1, n_anchors + 1):
         img = rng.integers(0, 255, (size, size, 3), np.uint8)
         anchors.append(dict(anchor_id=a, sha256=f"{a:064x}", media=png(img), width=size,
@@ -80,11 +80,13 @@ def make_workspace(root: Path, n: int, size: int):
                           clip_sim_image=float(rng.uniform(0.6, 0.95)), dinov2_sim=0.6,
                           ssim=0.5, l1=0.1, l2=0.02,
                           auto_status="accepted" if d >= 0.22 else "rejected",
-                          reject_reasons=None if d >= 0.22 else ["clip_sim_dir < 0.22"],
                           created_at=now()))
+        if d < 0.22:
+            rejects.append(dict(candidate_id=cid, reason_index=0, reason="clip_sim_dir < 0.22"))
     with ws.catalog() as cat:
         cat.con.execute("BEGIN")
-        for table, rows in (("anchors", anchors), ("edits", edits), ("candidates", cands)):
+        for table, rows in (("anchors", anchors), ("edits", edits), ("candidates", cands),
+                            ("candidate_rejects", rejects)):
             cat.table(table).insert(pl.DataFrame(rows, infer_schema_length=None))
         cat.con.execute("COMMIT")
     return ws

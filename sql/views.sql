@@ -17,8 +17,12 @@ FROM anchors a LEFT JOIN (
     FROM anchor_captions WHERE invalid_reason IS NULL GROUP BY anchor_id
 ) c USING (anchor_id);
 
+-- mask_bbox: the mask's box [x, y, w, h] in pixels, from its four scalar columns (a list
+-- column cost a whole-row rewrite on every update: migration 011).
 CREATE OR REPLACE VIEW edits_v AS
 SELECT e.*,
+       CASE WHEN e.mask_bbox_x IS NOT NULL
+            THEN [e.mask_bbox_x, e.mask_bbox_y, e.mask_bbox_w, e.mask_bbox_h] END AS mask_bbox,
        a.media        AS anchor_media,
        a.source_path  AS anchor_path,
        a.dataset      AS dataset,
@@ -34,17 +38,24 @@ SELECT e.*,
 FROM edits e JOIN anchors a USING (anchor_id);
 
 -- status: a human decision overrides the automatic one, and survives re-filtering.
+-- reject_reasons: every reason filter recorded for the row (candidate_rejects, one row per
+-- reason), in filter's order; NULL when it has none. A query that does not read it does not
+-- pay for the join (DuckDB prunes it).
 -- session_id, turn: the multi-turn session this candidate is a turn of (NULL for most rows;
 -- see sessions_v).
 CREATE OR REPLACE VIEW candidates_v AS
 SELECT c.*,
+       r.reject_reasons,
        CASE c.human_decision WHEN 'accept' THEN 'accepted'
                              WHEN 'reject' THEN 'rejected'
                              ELSE c.auto_status END AS status,
        e.* EXCLUDE (edit_id, created_at),
        st.session_id,
        st.turn
-FROM candidates c JOIN edits_v e USING (edit_id)
+FROM candidates c
+LEFT JOIN (SELECT candidate_id, list(reason ORDER BY reason_index) AS reject_reasons
+           FROM candidate_rejects GROUP BY candidate_id) r USING (candidate_id)
+JOIN edits_v e USING (edit_id)
 LEFT JOIN session_turns st USING (candidate_id);
 
 -- One row per multi-turn session (`chain`) with its turns in order: their candidates,

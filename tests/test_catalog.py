@@ -5,7 +5,7 @@ import json
 import duckdb
 import pytest
 
-from ultracurate.catalog import SCHEMA_VERSION, Catalog
+from ultracurate.catalog import SCHEMA_VERSION, Catalog, migrations
 from ultracurate.errors import UltracurateError
 from ultracurate.models import resolve
 from ultracurate.workspace import Workspace
@@ -132,15 +132,15 @@ def test_writes_are_cast_to_the_declared_types(ws):
     rows = [_edit(i, edit_reasons=None, mask_height=None) for i in range(1, 150)]
     rows.append(_edit(150, edit_reasons=["too long"], mask_height=7, ground_boxes={"boxes": []}))
     with ws.catalog() as cat:
-        assert cat.edits.types["mask_bbox"] == "INTEGER[]" and cat.edits.key == "edit_id"
+        assert cat.edits.types["exemplar_ids"] == "VARCHAR[]" and cat.edits.key == "edit_id"
         with cat.transaction():
             assert cat.edits.insert(rows) == 150
-            cat.edits.update(pl.DataFrame({"edit_id": [1, 2], "mask_bbox": [[1, 2, 3, 4], None],
+            cat.edits.update(pl.DataFrame({"edit_id": [1, 2], "exemplar_ids": [["a", "b"], None],
                                            "mask_width": [640, 480]}))
-        got = cat.query("SELECT edit_id, edit_reasons, mask_height, mask_bbox, mask_width, "
+        got = cat.query("SELECT edit_id, edit_reasons, mask_height, exemplar_ids, mask_width, "
                         "ground_boxes, typeof(mask_width) AS t FROM edits "
                         "WHERE edit_id IN (1, 150) ORDER BY 1")
-    assert got[0]["mask_bbox"] == [1, 2, 3, 4] and got[0]["mask_width"] == 640
+    assert got[0]["exemplar_ids"] == ["a", "b"] and got[0]["mask_width"] == 640
     assert got[0]["t"] == "INTEGER"
     assert got[1]["edit_reasons"] == ["too long"] and got[1]["mask_height"] == 7
     assert json.loads(got[1]["ground_boxes"]) == {"boxes": []}
@@ -174,3 +174,42 @@ def test_insert_missing_adds_only_new_rows(ws):
         assert cat.ingest_rejects.insert_missing([row, {**row, "sha256": "ab"}],
                                                  on=("source_path", "sha256")) == 1
         assert cat.ingest_rejects.count() == 2
+
+
+def test_migration_011_moves_reject_reasons_and_boxes_out_of_list_columns(tmp_path):
+    """A catalog from before 011 keeps every reject reason (one row each, in order) and every
+    mask box (four scalar columns); the views list them as before."""
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    before = [(v, sql) for v, _, sql in migrations() if v < 11]
+    for _, sql in before:
+        con.execute(sql)
+    con.execute("INSERT INTO schema_meta VALUES ('schema_version', ?)", [str(before[-1][0])])
+    con.execute("""INSERT INTO anchors (anchor_id, sha256, media, width, height)
+                   VALUES (1, 'a', 'a.jpg', 8, 8)""")
+    con.execute("""INSERT INTO edits (edit_id, anchor_id, source_caption, instruction,
+                   target_caption, edit_type, mode, mask_bbox) VALUES
+        (1, 1, 's', 'i', 't', 'add', 'region', [1, 2, 3, 4]),
+        (2, 1, 's', 'i', 't', 'add', 'free', NULL)""")
+    con.execute("""INSERT INTO candidates (candidate_id, edit_id, candidate_index, seed,
+                   auto_status, reject_reasons, filter_run) VALUES
+        (1, 1, 0, 0, 'rejected', ['clip_sim_image < 0.75', 'clip_sim_dir < 0.22'], 7),
+        (2, 1, 1, 0, 'accepted', NULL, 7),
+        (3, 2, 0, 0, 'rejected', ['not in top 4 by clip_sim_dir'], 8)""")
+    con.close()
+    with Catalog(path) as cat:
+        assert "reject_reasons" not in cat.columns("candidates")
+        assert "mask_bbox" not in cat.columns("edits")
+        reasons = cat.query("SELECT candidate_id, reject_reasons FROM candidates_v "
+                            "ORDER BY candidate_id")
+        rows = cat.query("SELECT * FROM candidate_rejects ORDER BY candidate_id, reason_index")
+        boxes = cat.query("SELECT edit_id, mask_bbox, mask_bbox_x, mask_bbox_h FROM edits_v "
+                          "ORDER BY edit_id")
+    assert reasons == [
+        {"candidate_id": 1, "reject_reasons": ["clip_sim_image < 0.75", "clip_sim_dir < 0.22"]},
+        {"candidate_id": 2, "reject_reasons": None},
+        {"candidate_id": 3, "reject_reasons": ["not in top 4 by clip_sim_dir"]}]
+    assert [(r["candidate_id"], r["reason_index"], r["filter_run"]) for r in rows] == [
+        (1, 0, 7), (1, 1, 7), (3, 0, 8)]
+    assert boxes == [{"edit_id": 1, "mask_bbox": [1, 2, 3, 4], "mask_bbox_x": 1, "mask_bbox_h": 4},
+                     {"edit_id": 2, "mask_bbox": None, "mask_bbox_x": None, "mask_bbox_h": None}]

@@ -148,3 +148,29 @@ def test_cli_filter_options_selection_and_topk(scored, capsys):
     r = run(ws, "filter", Selection(where="mode = 'free'"),
             thresholds=Thresholds.preset().override(unset=("top_k",))).result
     assert r.accepted == 5
+
+
+def test_reasons_are_rows_of_a_side_table_and_refiltering_replaces_only_the_selected(scored):
+    """One row per candidate and reason in candidate_rejects (filter's order kept); a filter
+    over part of the rows replaces those rows' reasons and leaves the others' as they were."""
+    ws, a, b = scored
+    first = run(ws, "filter").result
+
+    def rejects():
+        with ws.catalog(read_only=True) as cat:
+            return [tuple(r.values()) for r in cat.query(
+                "SELECT candidate_id, reason_index, reason, filter_run FROM candidate_rejects "
+                "ORDER BY candidate_id, reason_index")]
+    got = rejects()
+    assert [r[1:3] for r in got if r[0] == a[5]] == [(0, "clip_sim_image < 0.75"),
+                                                    (1, "clip_sim_dir < 0.22")]
+    assert len(got) == len({(r[0], r[2]) for r in got})      # one row per reason
+    assert {r[3] for r in got} == {first.run_id}
+    assert not [r for r in got if r[0] in a[1:5]]             # accepted rows have none
+
+    # b[0] alone: its edit now has 1 < 3 passing candidates in the selection
+    second = run(ws, "filter", Selection(where="candidate_id = $c", params={"c": b[0]})).result
+    after = rejects()
+    assert [r[1:] for r in after if r[0] == b[0]] == [
+        (0, "edit has 1 < 3 passing candidates", second.run_id)]
+    assert [r for r in after if r[0] != b[0]] == [r for r in got if r[0] != b[0]]

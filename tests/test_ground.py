@@ -14,6 +14,7 @@ from ultracurate import masks as M
 from ultracurate.catalog import now
 from ultracurate.errors import UltracurateError
 from ultracurate.models import grounding, make_tiny, sam
+from ultracurate.names import BBOX_COLUMNS
 from ultracurate.runner import run
 from ultracurate.selection import Selection
 from ultracurate.stages.ground import no_box_reason
@@ -91,7 +92,7 @@ def test_ground_end_to_end_with_boxes(ingested_ws, tiny_refs, monkeypatch):
         m = M.decode(e["mask_rle"], e["mask_height"], e["mask_width"])
         f = M.features(m)
         assert e["mask_area"] == pytest.approx(f.area)
-        assert list(e["mask_bbox"]) == f.bbox
+        assert list(e["mask_bbox"]) == f.bbox == [e[c] for c in BBOX_COLUMNS]
         assert (e["mask_components"], e["mask_contours"]) == (f.components, f.contours)
         gb = json.loads(e["ground_boxes"])
         assert gb["detector"] == "grounding-dino" and len(gb["boxes"]) == len(gb["scores"]) > 0
@@ -207,13 +208,16 @@ def synthetic_masks():
 @pytest.mark.parametrize("with_features", [True, False])
 def test_classify_masks_and_rerun_with_new_thresholds(ingested_ws, with_features):
     ws = ingested_ws
-    _insert_masks(ws, synthetic_masks(), with_features)
+    masks = synthetic_masks()
+    _insert_masks(ws, masks, with_features)
     s = run(ws, "classify-masks", progress=False)
     assert s.rows_done == 4
     got = {e["edit_object"]: e for e in edits(ws)}
     for name, e in got.items():
         assert e["mask_class"] == name and e["classify_run"] == s.run_id
-        assert e["mask_contours"] is not None and e["mask_bbox"] is not None
+        f = M.features(masks[name])   # what was missing is computed from the RLE
+        assert e["mask_bbox"] == f.bbox == [e[c] for c in BBOX_COLUMNS]
+        assert (e["mask_components"], e["mask_contours"]) == (f.components, f.contours)
     # same thresholds: nothing to redo
     assert run(ws, "classify-masks", progress=False).rows_in == 0
     # new thresholds: every mask reclassified from the stored features, no SAM involved

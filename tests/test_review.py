@@ -44,7 +44,7 @@ def make_candidates(ws) -> dict:
     import polars as pl
     with ws.catalog() as cat:
         anchors = cat.query("SELECT anchor_id, media, captions FROM anchors_v ORDER BY anchor_id")
-        edits, cands = [], []
+        edits, cands, rejects = [], [], []
         eid, cid = 1, 1
         types = ["replace", "add", "change_color", "change_global", "turn"]
         classes = ["fine", "too_small", "fragmented"]
@@ -79,8 +79,10 @@ def make_candidates(ws) -> dict:
                         clip_sim_source=0.3, clip_sim_target=0.31, clip_sim_dir=dir_score,
                         clip_sim_image=0.9, dinov2_sim=0.8, ssim=0.5, l1=0.1, l2=0.02,
                         auto_status="rejected" if rejected else "accepted",
-                        reject_reasons=["clip_sim_dir < 0.22"] if rejected else None,
                         gen_run=1, score_run=2, filter_run=3, created_at=now()))
+                    if rejected:
+                        rejects.append(dict(candidate_id=cid, reason_index=0,
+                                            reason="clip_sim_dir < 0.22", filter_run=3))
                     cid += 1
                 eid += 1
         # one planned candidate without images: not reviewable
@@ -89,6 +91,7 @@ def make_candidates(ws) -> dict:
         cat.con.execute("BEGIN")
         cat.edits.insert(pl.DataFrame(edits, infer_schema_length=None))
         cat.candidates.insert(pl.DataFrame(cands, infer_schema_length=None))
+        cat.candidate_rejects.insert(rejects)
         cat.con.execute("COMMIT")
     return {"edits": len(edits), "candidates": len(cands) - 1}
 
@@ -187,8 +190,9 @@ def test_incremental_update_touches_only_changed(review_ws):
     assert (again.added, again.updated, again.unchanged, again.removed) == (0, 0, 9, 0)
 
     with ws.catalog() as cat:
-        cat.con.execute("UPDATE candidates SET clip_sim_dir = 0.5, auto_status = 'accepted', "
-                        "reject_reasons = NULL WHERE candidate_id = 1")
+        cat.con.execute("UPDATE candidates SET clip_sim_dir = 0.5, auto_status = 'accepted' "
+                        "WHERE candidate_id = 1")
+        cat.con.execute("DELETE FROM candidate_rejects WHERE candidate_id = 1")
     s = review.build_review_dataset(ws, progress=False)
     assert (s.added, s.updated, s.unchanged) == (0, 1, 8)
     ds.reload()

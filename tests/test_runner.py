@@ -281,3 +281,60 @@ def test_a_batch_that_raises_in_ingest_is_counted_failed_and_retried(ws, demo_ph
     monkeypatch.setattr(ingest_mod, "inspect_image", real)
     s = run(ws, IngestStage(items=discover([demo_photos])), progress=False)
     assert (s.rows_in, s.rows_done) == (9, 9)
+
+
+class Overlapped(RowStage):
+    """Test stage over anchors, one row per batch: a batch's `complete` (its writes) waits
+    until the next batch's `process` has started, which only happens when the runner
+    finishes and commits a batch while the next one computes; every completion is counted."""
+
+    name = "test_overlap"
+    table = "anchors"
+    columns = "anchor_id"
+    writes = {"anchors": {"dataset"}}
+    batch_size = 1
+
+    def __init__(self, last=9, fail_complete_of=None):
+        super().__init__()
+        self.last = last
+        import threading
+        self.started = {}        # anchor_id -> Event set when its process starts
+        self.completed = []      # anchor_ids, in completion order
+        self.overlapped = []     # anchor_ids whose completion saw the next batch computing
+        self.threads = set()
+        self.fail_complete_of = fail_complete_of
+        self._event = threading.Event
+
+    def process(self, rows, prepared, ctx):
+        import threading
+        k = rows[0]["anchor_id"]
+        self.started.setdefault(k, self._event()).set()
+
+        def complete():
+            self.threads.add(threading.current_thread().name)
+            nxt = self.started.setdefault(k + 1, self._event())
+            if k < self.last and nxt.wait(timeout=20):
+                self.overlapped.append(k)
+            self.completed.append(k)
+            if k == self.fail_complete_of:
+                raise OSError("disk full")
+            return BatchResult(updates={"anchors": [{"anchor_id": k, "dataset": f"done {k}"}]})
+        return BatchResult(complete=complete)
+
+
+def test_a_batch_is_completed_and_committed_while_the_next_one_computes(ingested_ws):
+    ws = ingested_ws
+    stage = Overlapped(fail_complete_of=4)
+    s = run(ws, stage, progress=False)
+    assert (s.rows_in, s.rows_done, s.rows_failed) == (9, 8, 1)
+    assert stage.completed == list(range(1, 10))            # each batch exactly once, in order
+    assert stage.overlapped == list(range(1, 9))            # all but the last overlapped
+    assert stage.threads and all(t.startswith("uc-commit") for t in stage.threads)
+    st = _states(ws, "test_overlap")
+    assert st[4][0] == "failed" and "disk full" in st[4][1]
+    with ws.catalog(read_only=True) as cat:
+        got = dict(cat.con.execute("SELECT anchor_id, dataset FROM anchors").fetchall())
+    assert all(got[k] == f"done {k}" for k in range(1, 10) if k != 4)
+    # a rerun completes only the failed batch
+    again = Overlapped(last=4)
+    assert run(ws, again, progress=False).rows_done == 1 and again.completed == [4]

@@ -32,7 +32,8 @@ KEYS = {"anchors": "anchor_id", "edits": "edit_id", "candidates": "candidate_id"
         "sessions": "session_id"}
 # Every table of the catalog (cat.<name> is its table API) and its key, where it has one.
 TABLE_KEYS = {**KEYS, "runs": "run_id", "stage_state": "key", "anchor_captions": "anchor_id",
-              "ingest_rejects": "source_path", "schema_meta": "key", "session_turns": "session_id"}
+              "candidate_rejects": "candidate_id", "ingest_rejects": "source_path",
+              "schema_meta": "key", "session_turns": "session_id"}
 TABLE_NAMES = frozenset(TABLE_KEYS)
 
 
@@ -441,6 +442,27 @@ class Catalog:
         finally:
             self.con.unregister(name)
 
+    def temp_table(self, sql: str, params: Any = None) -> str:
+        """A query's result computed once into a temporary table of this connection (DuckDB
+        spills it to disk when large; a read-only catalog may hold one too); its name.
+        Drop it with drop_temp."""
+        self._n_registered += 1
+        name = f"_uc_tmp_{self._n_registered}"
+        self.con.execute(f"CREATE TEMP TABLE {name} AS {sql}", params or None)
+        return name
+
+    def drop_temp(self, name: str) -> None:
+        self.con.execute(f"DROP TABLE IF EXISTS temp.{name}")
+
+    @contextlib.contextmanager
+    def materialized(self, sql: str, params: Any = None):
+        """temp_table for the block's length."""
+        name = self.temp_table(sql, params)
+        try:
+            yield name
+        finally:
+            self.drop_temp(name)
+
     # -- the run ledger's rows (written by ultracurate.runner) -----------------------------
     def start_run(self, stage: str, params: dict, selection: dict | None, models: dict | None,
                   engine: str = "local", parent_run: int | None = None) -> int:
@@ -530,6 +552,8 @@ class Table:
         cat.edits.insert(rows)                       # list of dicts or a DataFrame
         cat.candidates.update(df)                    # matched on candidate_id
         cat.candidates.update_from(sql, params, ["auto_status", "filter_run"])
+        cat.candidate_rejects.delete_keys(sql, params)   # the rows whose key the query gives
+        cat.candidate_rejects.insert_from(sql, params, ["candidate_id", "reason"])
     """
 
     def __init__(self, cat: "Catalog", name: str):
@@ -646,6 +670,23 @@ class Table:
         self.cat.con.execute(
             f'UPDATE {self.name} SET {sets} FROM ({sql}) _uc_src '
             f'WHERE {self.name}."{key}" = _uc_src."{key}"', params or None)
+
+
+    def insert_from(self, sql: str, params: dict | None, columns, *, allowed=None) -> None:
+        """Set-based INSERT of a query's `columns`, each cast to its declared type."""
+        self._check(list(columns), allowed)
+        types = self.types
+        cols = ", ".join(f'"{c}"' for c in columns)
+        values = ", ".join(f'CAST(_uc_src."{c}" AS {types[c]})' for c in columns)
+        self.cat.con.execute(f"INSERT INTO {self.name} ({cols}) SELECT {values} "
+                             f"FROM ({sql}) _uc_src", params or None)
+
+    def delete_keys(self, sql: str, params: dict | None, *, key: str | None = None) -> None:
+        """DELETE the rows whose key a query's `key` column gives (a side table's rows of
+        the rows a set stage rewrites)."""
+        key = key or self.key
+        self.cat.con.execute(f'DELETE FROM {self.name} WHERE "{key}" IN '
+                             f'(SELECT "{key}" FROM ({sql}) _uc_src)', params or None)
 
 
 class Captions(Table):

@@ -23,6 +23,7 @@ import numpy as np
 from pycocotools import mask as coco_mask
 
 from .errors import UltracurateError
+from .names import BBOX_COLUMNS
 
 # The released code keeps a mask when 1% < area < 90% and it has at most 500 external
 # contours; the paper names the rejects overly small, overly large and fragmented.
@@ -85,6 +86,11 @@ class MaskFeatures:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def columns(self) -> dict:
+        """The features as the catalog's columns (FEATURE_COLUMNS)."""
+        return {"mask_area": self.area, **dict(zip(BBOX_COLUMNS, self.bbox)),
+                "mask_components": self.components, "mask_contours": self.contours}
 
 
 def count_contours(mask: np.ndarray) -> int:

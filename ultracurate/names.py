@@ -26,6 +26,12 @@ SCORE_COLUMNS = ("clip_sim_source", "clip_sim_target", "clip_sim_dir", "clip_sim
                  "dinov2_sim", "ssim", "l1", "l2")
 PUBLISHED_SCORES = SCORE_COLUMNS[:6]
 
+# A mask's features as columns of edits: the box as four scalars (x, y, w, h in pixels), since
+# updating a list column rewrites the whole row (migration 011); edits_v lists them as
+# `mask_bbox`.
+BBOX_COLUMNS = ("mask_bbox_x", "mask_bbox_y", "mask_bbox_w", "mask_bbox_h")
+FEATURE_COLUMNS = ("mask_area", *BBOX_COLUMNS, "mask_components", "mask_contours")
+
 # Grounding: keep detector boxes scoring above BOX_THRESHOLD; GroundingDINO labels a box with
 # the phrase tokens above TEXT_THRESHOLD (the released code's values).
 BOX_THRESHOLD = 0.3

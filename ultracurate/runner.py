@@ -48,8 +48,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import procs
-from .catalog import (KEYS, VIEWS, Catalog, JobRun, lock_wait, named_queries, now,
-                      readers_waiting)
+from .catalog import (KEYS, VIEWS, Catalog, JobRun, UndeclaredWrite, lock_wait, named_queries,
+                      now, readers_waiting)
 from .errors import UltracurateError, reason_text
 from .progress import JobBar
 from .runs import close_dead
@@ -102,6 +102,13 @@ class BatchResult:
     inserts: dict[str, Any] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # stage-specific, for write()
+    # Work that finishes the batch off the compute thread (waiting for its media writes):
+    # the runner calls it on its commit thread, while the next batch computes, and commits
+    # what it returns.
+    complete: Any = None
+
+    def completed(self) -> "BatchResult":
+        return self.complete() if self.complete is not None else self
 
 
 GROUP = "_uc_group"       # the row key holding a row's group (see RowStage.group_by)
@@ -147,6 +154,15 @@ class Access:
     def registered(self, data, name: str | None = None):
         return self.cat.registered(data, name)
 
+    def materialized(self, sql: str, params: Any = None):
+        return self.cat.materialized(sql, params)
+
+    def temp_table(self, sql: str, params: Any = None) -> str:
+        return self.cat.temp_table(sql, params)
+
+    def drop_temp(self, name: str) -> None:
+        self.cat.drop_temp(name)
+
     def selected(self, selection: Selection, table: str, columns: str = "*",
                  where: str | None = None) -> tuple[str, dict]:
         """SQL (and its parameters) of the rows of table's view that selection picks."""
@@ -186,6 +202,15 @@ class _Declared:
 
     def update_from(self, sql, params, columns, **kw) -> None:
         return self._t.update_from(sql, params, columns, allowed=self._allowed, **kw)
+
+    def insert_from(self, sql, params, columns) -> None:
+        return self._t.insert_from(sql, params, columns, allowed=self._allowed)
+
+    def delete_keys(self, sql, params, **kw) -> None:
+        if not self._allowed:
+            raise UndeclaredWrite(f"deleted from {self._t.name}, which the stage does not "
+                                  "declare")
+        return self._t.delete_keys(sql, params, **kw)
 
     def merge(self, rows, run_id) -> int:  # anchor_captions
         self._t._check({k for r in rows for k in r}, self._allowed)
@@ -247,6 +272,10 @@ class RowStage(Stage):
     # whole groups (a group larger than the batch size is a batch of its own).
     group_by: str | None = None
     order_by: str | None = None       # batch order (default: the key); e.g. "anchor_id, edit_id"
+    # A stage whose work is arithmetic over columns gets each batch as a pyarrow Table
+    # instead of a list of dicts (no Python object per row; no groups, numbering or order
+    # of its own): classify-masks over millions of stored mask features.
+    columnar: bool = False
     # Resumption, all done by the runner. A row is finished once stage_state marks it done...
     resume_on: tuple[str, ...] = ()   # ...by a run with the same values of these options
     run_column: str | None = None     # ...and the row still carries that run in this column
@@ -281,6 +310,12 @@ class RowStage(Stage):
 
     def key_of(self, row: dict) -> int:
         return row[self.row_key]
+
+    def keys_of(self, batch) -> list[int]:
+        """The keys of a batch's rows, in order."""
+        if self.columnar:
+            return batch.column(self.row_key).to_pylist()
+        return [self.key_of(r) for r in batch]
 
     @property
     def row_key(self) -> str:
@@ -766,9 +801,9 @@ class _StageActor:
         if not self._setup:   # a failure here fails the job (every batch would fail)
             self.stage.setup(self.ctx)
             self._setup = True
-        try:
+        try:  # completed here: what travels back to the driver is plain rows
             return batch, self.stage.process(batch, self.stage.prepare(batch, self.ctx),
-                                             self.ctx)
+                                             self.ctx).completed()
         except Exception as e:
             return batch, RuntimeError(f"{type(e).__name__}: {e}")
 
@@ -1095,24 +1130,40 @@ def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selec
     ctx.on_progress = bar
     ctrl_c = _DeferredInterrupt()
     results = batches = None
+    # A batch is committed (on its own short connection) on this thread while the engine
+    # computes the next one, at most one commit in flight: the model never waits for writes
+    # and commits.
+    committer = ThreadPoolExecutor(1, thread_name_prefix="uc-commit")
+    in_flight: list = []
+
+    def commit(batch, result) -> tuple[int, int]:
+        with conns.commit() as cat:
+            w = Access(cat, stage, JobRun(run_id), writable=True, workspace=ws, force=force)
+            return _commit_batch(cat, stage, w, batch, result)
+
+    def settle() -> None:
+        nonlocal done, failed
+        while in_flight:
+            fut, n = in_flight.pop()
+            n_done, n_failed = fut.result()
+            done += n_done
+            failed += n_failed
+            if bar:
+                bar.advance(n)
     try:
         ctrl_c.install()
         if bar:
             bar.start()
-        batches = pending.batches(size)
+        batches = pending.batches(size, stage.columnar)
         results = (engine.map(stage, batches, ctx, stop=lambda: ctrl_c.requested)
                    if n_rows else iter(()))
         for batch, result in results:
-            with conns.commit() as cat:
-                w = Access(cat, stage, JobRun(run_id), writable=True, workspace=ws,
-                           force=force)
-                n_done, n_failed = _commit_batch(cat, stage, w, batch, result)
-            done += n_done
-            failed += n_failed
-            if bar:
-                bar.advance(len(batch))
+            settle()
+            in_flight.append((committer.submit(commit, batch, result), len(batch)))
             if ctrl_c.requested:
+                settle()
                 raise KeyboardInterrupt
+        settle()
         stats = getattr(engine, "stats", None)   # where the replicas ran, what was retried
         with conns.commit() as cat:
             w = Access(cat, stage, JobRun(run_id), writable=True, workspace=ws, force=force)
@@ -1128,6 +1179,7 @@ def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selec
                         "resubmitted to the others")]
             _end(cat, run_id, "completed", "; ".join(extra.get("notes", [])) or None)
     except (KeyboardInterrupt, RuntimeError) as e:
+        _drain(in_flight)  # a commit under way finishes (or fails) before the run ends
         # DuckDB turns a Ctrl-C during a query into RuntimeError('Query interrupted')
         if isinstance(e, RuntimeError) and not ctrl_c.requested:
             _end_after(conns, run_id, "failed", f"{type(e).__name__}: {e}")
@@ -1136,9 +1188,11 @@ def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selec
         raise Interrupted(f"{stage.name} interrupted: {done} rows done, {failed} failed; "
                           "rerun the same command to resume") from None
     except BaseException as e:
+        _drain(in_flight)
         _end_after(conns, run_id, "failed", f"{type(e).__name__}: {e}")
         raise
     finally:
+        committer.shutdown(wait=True)
         conns.release()
         ctrl_c.restore()
         for gen in (results, batches):  # the pending rows' file is read by these
@@ -1368,13 +1422,19 @@ class Pending:
         return cls(path, n)
 
     def rows(self) -> Iterator[dict]:
+        for rb in self.record_batches():
+            yield from rb.to_pylist()
+
+    def batches(self, size: int, columnar: bool = False) -> Iterator:
+        """Lists of row dicts in whole groups, or (a columnar stage) pyarrow Tables."""
+        if columnar:
+            return table_batches(self.record_batches(), size)
+        return whole_groups(self.rows(), size)
+
+    def record_batches(self) -> Iterator:
         import pyarrow.parquet as pq
         with pq.ParquetFile(self.path) as f:
-            for rb in f.iter_batches(batch_size=self.CHUNK):
-                yield from rb.to_pylist()
-
-    def batches(self, size: int) -> Iterator[list[dict]]:
-        return whole_groups(self.rows(), size)
+            yield from f.iter_batches(batch_size=self.CHUNK)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -1388,10 +1448,31 @@ def pending_batches(stage: RowStage, cat: Catalog, selection: Selection, force: 
 
     def batches():
         try:
-            yield from pending.batches(size)
+            yield from pending.batches(size, stage.columnar)
         finally:
             pending.remove()
     return pending.n, batches()
+
+
+def table_batches(record_batches, size: int) -> Iterator:
+    """pyarrow Tables of `size` rows (the last one shorter) from a stream of record batches."""
+    import pyarrow as pa
+    held: list = []
+    n_held = 0
+    try:
+        for rb in record_batches:
+            held.append(rb)
+            n_held += rb.num_rows
+            while n_held >= size:
+                table = pa.Table.from_batches(held)
+                yield table.slice(0, size).combine_chunks()
+                rest = table.slice(size)
+                held, n_held = rest.to_batches(), rest.num_rows
+        if n_held:
+            yield pa.Table.from_batches(held).combine_chunks()
+    finally:
+        if hasattr(record_batches, "close"):
+            record_batches.close()
 
 
 def whole_groups(rows, size: int) -> Iterator[list[dict]]:
@@ -1427,24 +1508,43 @@ def _groups(rows) -> Iterator[list[dict]]:
         yield group
 
 
+def _drain(in_flight: list) -> None:
+    """Wait for a commit under way; its error (if any) is not this one's cause."""
+    while in_flight:
+        fut, _ = in_flight.pop()
+        try:
+            fut.result()
+        except BaseException:
+            pass
+
+
 def _commit_batch(cat: Catalog, stage: RowStage, w: Access, batch: list[dict],
                   result: BatchResult | BaseException) -> tuple[int, int]:
-    """One batch's writes, its rows' marks and its run's counters, in one transaction."""
-    keys = [stage.key_of(r) for r in batch]
+    """One batch's completion (BatchResult.complete), then its writes, its rows' marks and
+    its run's counters, in one transaction."""
+    keys = stage.keys_of(batch)
+    if not isinstance(result, BaseException):
+        try:
+            result = result.completed()
+        except Exception as e:  # e.g. its media could not be written: the batch fails
+            result = e
     if isinstance(result, BaseException):  # the whole batch failed: every row, with the error
         err = reason_text(result, typed=True)
         result = BatchResult(failed={k: err for k in keys})
     with cat.transaction():
         stage.write(w, result)
         n_failed = sum(1 for k in keys if k in result.failed)
-        if stage.tracks_state:
-            at = now()
-            cat.stage_state.insert(
-                [{"stage": stage.name, "key": k, "state": "failed" if k in result.failed
-                  else "done", "error": reason_text(result.failed[k])
-                  if result.failed.get(k) else None, "run_id": w.run_id, "updated_at": at}
-                 for k in keys], replace=True)
-        n_done = len(batch) - n_failed
+        if stage.tracks_state:  # as columns: a batch may hold tens of thousands of rows
+            import pyarrow as pa
+            f = result.failed
+            n = len(keys)
+            cat.stage_state.insert(pa.table({
+                "stage": [stage.name] * n, "key": keys,
+                "state": ["failed" if k in f else "done" for k in keys] if f else ["done"] * n,
+                "error": [reason_text(f[k]) if f.get(k) else None for k in keys] if f
+                else pa.nulls(n, pa.string()),
+                "run_id": [w.run_id] * n, "updated_at": [now()] * n}), replace=True)
+        n_done = len(keys) - n_failed
         cat.con.execute(named_queries("runs")["count_batch"],
                         [n_done, n_failed, now(), w.run_id])
     return n_done, n_failed

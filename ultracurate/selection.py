@@ -332,13 +332,19 @@ def selected_keys_sql(con: duckdb.DuckDBPyConnection, view: str, key: str,
         source = f"(SELECT * FROM {view} SEMI JOIN ({psql}) parent USING ({pkey}))"
         params.update(pparams)
     inner = f"SELECT * FROM {source}" + (f" WHERE ({user}\n)" if user else "")
+    order = None
     if selection.sample is not None:
-        inner += f" ORDER BY hash({key}, ${tag}seed), {key} LIMIT ${tag}sample"
+        order, n = f"hash({key}, ${tag}seed), {key}", int(selection.sample)
         params[f"{tag}seed"] = int(selection.seed)
-        params[f"{tag}sample"] = int(selection.sample)
     elif selection.limit is not None:
-        inner += f" ORDER BY {key} LIMIT ${tag}limit"
-        params[f"{tag}limit"] = int(selection.limit)
+        order, n = key, int(selection.limit)
+    if order is not None:
+        # The keys first (a top-N over the key alone), then their rows: ordering the whole
+        # view's rows to take N of them sorted every column of millions of rows (2.2 GB).
+        params[f"{tag}n"] = n
+        picked = (f"SELECT {key} FROM {source}" + (f" WHERE ({user}\n)" if user else "")
+                  + f" ORDER BY {order} LIMIT ${tag}n")
+        inner = f"SELECT * FROM {source} SEMI JOIN ({picked}) _uc_picked USING ({key})"
     sql = f"SELECT {columns} FROM ({inner}) sel"
     if join:  # trusted, from a stage: e.g. an ANTI JOIN against finished rows
         sql += f" {join}"

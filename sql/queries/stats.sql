@@ -38,9 +38,7 @@ SELECT e.edit_type AS label, count(*) AS n FROM candidates c JOIN edits e USING 
 GROUP BY ALL ORDER BY n DESC;
 
 -- name: reject_reasons
-SELECT reason AS label, count(*) AS n FROM (
-    SELECT unnest(reject_reasons) AS reason FROM candidates WHERE reject_reasons IS NOT NULL
-) GROUP BY ALL ORDER BY n DESC;
+SELECT reason AS label, count(*) AS n FROM candidate_rejects GROUP BY ALL ORDER BY n DESC;
 
 -- name: ingest_reject_reasons
 SELECT regexp_replace(reason, '^.*?: ', '') AS label, count(*) AS n FROM ingest_rejects

@@ -37,7 +37,7 @@ from typing import Any
 from ..catalog import now
 from ..errors import UltracurateError
 from ..images import BadImage, inspect_image
-from ..names import PUBLISHED_SCORES
+from ..names import FEATURE_COLUMNS, PUBLISHED_SCORES
 from ..runner import BatchResult, Context, RowStage
 from ..stages.ingest import known_anchors, record_rejects
 
@@ -219,8 +219,8 @@ class UltraEditImportStage(RowStage):
               "edits": {"anchor_id", "source_caption", "instruction", "target_caption",
                         "edit_object", "edit_type", "mode", "edit_status", "instruct_backend",
                         "instruct_model", "prompt_version", "instruct_run", "external_id",
-                        "mask_rle", "mask_height", "mask_width", "mask_area", "mask_bbox",
-                        "mask_components", "mask_contours", "created_at"},
+                        "mask_rle", "mask_height", "mask_width", *FEATURE_COLUMNS,
+                        "created_at"},
               "candidates": {"edit_id", "candidate_index", "seed", "gen_behaviour",
                              "gen_params", "source_image", "source_is_anchor", "edited_image",
                              "gen_run", *PUBLISHED_SCORES, "score_run", "auto_status",
@@ -288,9 +288,7 @@ class UltraEditImportStage(RowStage):
                     m = np.asarray(mim.convert("L")) > 127
                     f = masks.features(m)
                     rec["mask"] = {"mask_rle": masks.encode(m), "mask_height": m.shape[0],
-                                   "mask_width": m.shape[1], "mask_area": f.area,
-                                   "mask_bbox": f.bbox, "mask_components": f.components,
-                                   "mask_contours": f.contours}
+                                   "mask_width": m.shape[1], **f.columns()}
                 good.append(rec)
             except BadImage as e:
                 bad.append({"item": row["item"], "source_path": where, "reason": str(e),

@@ -135,7 +135,7 @@ def compare_schemes(ws, selection: Selection | None = None, *, until_accepted: i
     with ws.catalog(read_only=True) as cat:
         sql, params, _ = _decision_sql(cat.con, selection or Selection(), t)
         rows = cat.query(f"SELECT d.edit_id, c.candidate_index, d.clip_sim_dir, "
-                         f"len(d.reasons) = 0 AS pass FROM ({sql}) d JOIN candidates c "
+                         f"NOT d.failed AS pass FROM ({sql}) d JOIN candidates c "
                          f"USING (candidate_id) ORDER BY d.edit_id, c.candidate_index", params)
     by_edit: dict[int, list[tuple[bool, float]]] = {}
     for r in rows:

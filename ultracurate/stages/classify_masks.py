@@ -13,18 +13,20 @@ from __future__ import annotations
 from typing import Any
 
 from .. import masks as M
-from ..runner import BatchResult, Context, RowStage
+from ..names import FEATURE_COLUMNS
+from ..runner import Access, BatchResult, Context, RowStage
 
 
 class ClassifyMasksStage(RowStage):
     name = "classify-masks"
     table = "edits"
     default_where = "mask_rle IS NOT NULL"
-    columns = "edit_id, mask_rle, mask_height, mask_width, mask_area, mask_bbox, " \
-              "mask_components, mask_contours"
-    writes = {"edits": {"mask_class", "classify_run", "mask_area", "mask_bbox",
-                        "mask_components", "mask_contours"}}
-    batch_size = 4096
+    columns = "edit_id, mask_rle, mask_height, mask_width, " + ", ".join(FEATURE_COLUMNS)
+    writes = {"edits": {"mask_class", "classify_run", *FEATURE_COLUMNS}}
+    # Classifying stored features is arithmetic: large batches keep the per-batch cost
+    # (transaction, row marks) small against the rows (bench/scale.py).
+    batch_size = 16384
+    columnar = True
     # A row is classified while the run that did it had these thresholds and its
     # classify_run still names that run (grounding again clears it).
     resume_on = ("thresholds",)
@@ -37,23 +39,41 @@ class ClassifyMasksStage(RowStage):
                                        max_contours=max_contours)
         super().__init__(thresholds=self.thresholds)
 
-    def process(self, rows: list[dict], prepared: Any, ctx: Context) -> BatchResult:
-        out, failed = [], {}
-        for r in rows:
-            row = {"edit_id": r["edit_id"], "classify_run": ctx.run_id}
-            area, contours = r["mask_area"], r["mask_contours"]
-            if None in (area, contours, r["mask_bbox"], r["mask_components"]):
-                try:
-                    f = M.rle_features(r["mask_rle"], r["mask_height"], r["mask_width"])
-                except Exception as e:
-                    failed[r["edit_id"]] = f"edit {r['edit_id']}: {e}"
-                    continue
-                area, contours = f.area, f.contours
-                row.update(mask_area=f.area, mask_bbox=f.bbox, mask_components=f.components,
-                           mask_contours=f.contours)
-            else:
-                row.update(mask_area=area, mask_bbox=r["mask_bbox"],
-                           mask_components=r["mask_components"], mask_contours=contours)
-            row["mask_class"] = M.classify(area, contours, self.thresholds)
-            out.append(row)
-        return BatchResult(updates={"edits": out}, failed=failed)
+    def process(self, rows, prepared: Any, ctx: Context) -> BatchResult:
+        """rows: a pyarrow Table (columnar): the classes are numpy over its columns; only
+        masks that came without features are decoded, one by one."""
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        missing = np.zeros(rows.num_rows, dtype=bool)
+        for c in FEATURE_COLUMNS:
+            missing |= rows.column(c).is_null().to_numpy(zero_copy_only=False)
+        ids = rows.column("edit_id").to_numpy()
+        area = pc.fill_null(rows.column("mask_area"), 0.0).to_numpy().copy()
+        contours = pc.fill_null(rows.column("mask_contours"), 0).to_numpy().copy()
+        computed, failed = [], {}
+        keep = np.ones(rows.num_rows, dtype=bool)
+        for i in np.flatnonzero(missing):   # a mask that came without its features
+            r = {c: rows.column(c)[int(i)].as_py()
+                 for c in ("edit_id", "mask_rle", "mask_height", "mask_width")}
+            try:
+                f = M.rle_features(r["mask_rle"], r["mask_height"], r["mask_width"])
+            except Exception as e:
+                failed[r["edit_id"]] = f"edit {r['edit_id']}: {e}"
+                keep[i] = False
+                continue
+            computed.append({"edit_id": r["edit_id"], **f.columns()})
+            area[i], contours[i] = f.area, f.contours
+        classes = M.classify_many(area[keep], contours[keep], self.thresholds)
+        out = pa.table({"edit_id": ids[keep], "mask_class": pa.array(classes, pa.string()),
+                        "classify_run": pa.array(np.full(int(keep.sum()), ctx.run_id))})
+        # the stored features are left as they are; only computed ones are written
+        return BatchResult(updates={"edits": out}, failed=failed,
+                           extra={"features": computed})
+
+    def write(self, w: Access, result: BatchResult) -> None:
+        for table, rows in result.updates.items():
+            w.table(table).update(rows)
+        if result.extra.get("features"):
+            w.edits.update(result.extra["features"])

@@ -234,6 +234,7 @@ class GenerateStage(RowStage):
         self.native_size: int | None = None
         self.planned: PlanReport | None = None
         self.pipe = None
+        self._pool: ThreadPoolExecutor | None = None
 
     def check(self, r, selection) -> None:
         if self.behaviour == COMPAT and self.mode != "free":
@@ -262,7 +263,7 @@ class GenerateStage(RowStage):
 
     def __getstate__(self):  # ship the settings to a worker, never the loaded model
         state = self.__dict__.copy()
-        state["pipe"] = None
+        state["pipe"] = state["_pool"] = None
         return state
 
     def setup(self, ctx: Context) -> None:
@@ -323,44 +324,49 @@ class GenerateStage(RowStage):
 
         ws = ctx.workspace
         updates = []
+        pool = self._writers()
         n_calls_rows, started = sum(len(m) for m in calls.values()), 0
-        with ThreadPoolExecutor(self.write_threads) as pool:
-            for members in calls.values():
-                crows, pairs = [r for r, _ in members], [p for _, p in members]
-                base, started = started, started + len(members)
+        for members in calls.values():
+            crows, pairs = [r for r, _ in members], [p for _, p in members]
+            base, started = started, started + len(members)
 
-                def step(i, n, base=base, k=len(members)):  # the bar moves per step
-                    ctx.progress(base + k * i / n, n_calls_rows)
-                bh = BEHAVIOURS[crows[0]["gen_behaviour"]]
-                mode = json.loads(crows[0]["gen_params"])["mode"]
-                try:
-                    if mode == "region" and bh.region_at_native_size:
-                        self._check_native_size()
-                    bh.draw_call_params(pairs, mode, str(self.pipe.unet.device))
-                    images = run_pairs(self.pipe, pairs, bh, on_step=step)
-                except CallDropped as e:  # the released driver drops the whole call
-                    dropped.update({r["candidate_id"]: (f"dropped: {e}", r["gen_params"])
-                                    for r in crows})
-                    continue
-                except Exception as e:  # one failing call fails its rows, not the batch
-                    msg = f"{type(e).__name__}: {e}".splitlines()[0]
-                    failed.update({r["candidate_id"]: msg for r in crows})
-                    continue
-                for r, pair, img in zip(crows, pairs, images):
-                    src_img = pair.anchor if self.keep_anchor_source else img.source
-                    # JPEG encoding and writes run on threads while the next call runs.
-                    fut_s = pool.submit(_put_jpeg, ws, src_img)
-                    fut_e = pool.submit(_put_jpeg, ws, img.edited)
-                    gp = dict(pair.params)
-                    gp.update(behaviour=r["gen_behaviour"], size=self.size,
-                              real_steps=P.real_steps(gp["total_steps"], gp["strength"]),
-                              source_is_anchor=self.keep_anchor_source,
-                              call_pairs=len(pairs))
-                    if gp["mode"] == "region":
-                        gp["mask"] = soft_mask_settings(
-                            self.soft_variant, gp.get("soft_value"), (self.size,),
-                            rle=r["mask_rle"], height=r["mask_height"], width=r["mask_width"])
-                    updates.append((r["candidate_id"], fut_s, fut_e, gp))
+            def step(i, n, base=base, k=len(members)):  # the bar moves per step
+                ctx.progress(base + k * i / n, n_calls_rows)
+            bh = BEHAVIOURS[crows[0]["gen_behaviour"]]
+            mode = json.loads(crows[0]["gen_params"])["mode"]
+            try:
+                if mode == "region" and bh.region_at_native_size:
+                    self._check_native_size()
+                bh.draw_call_params(pairs, mode, str(self.pipe.unet.device))
+                images = run_pairs(self.pipe, pairs, bh, on_step=step)
+            except CallDropped as e:  # the released driver drops the whole call
+                dropped.update({r["candidate_id"]: (f"dropped: {e}", r["gen_params"])
+                                for r in crows})
+                continue
+            except Exception as e:  # one failing call fails its rows, not the batch
+                msg = f"{type(e).__name__}: {e}".splitlines()[0]
+                failed.update({r["candidate_id"]: msg for r in crows})
+                continue
+            for r, pair, img in zip(crows, pairs, images):
+                src_img = pair.anchor if self.keep_anchor_source else img.source
+                # JPEG encoding and writes run on threads while the next call (and the next
+                # batch: see complete) runs.
+                fut_s = pool.submit(_put_jpeg, ws, src_img)
+                fut_e = pool.submit(_put_jpeg, ws, img.edited)
+                gp = dict(pair.params)
+                gp.update(behaviour=r["gen_behaviour"], size=self.size,
+                          real_steps=P.real_steps(gp["total_steps"], gp["strength"]),
+                          source_is_anchor=self.keep_anchor_source,
+                          call_pairs=len(pairs))
+                if gp["mode"] == "region":
+                    gp["mask"] = soft_mask_settings(
+                        self.soft_variant, gp.get("soft_value"), (self.size,),
+                        rle=r["mask_rle"], height=r["mask_height"], width=r["mask_width"])
+                updates.append((r["candidate_id"], fut_s, fut_e, gp))
+
+        def complete() -> BatchResult:
+            """The batch's rows once its images are written (on the runner's commit thread,
+            while the next batch renders)."""
             rows_out = []
             for cid, fut_s, fut_e, gp in updates:
                 try:
@@ -372,14 +378,28 @@ class GenerateStage(RowStage):
                                      "error": None})
                 except OSError as e:
                     failed[cid] = f"cannot write media: {e}"
-        # A dropped call is final (rerunning it fails the same way): its rows are marked
-        # failed with the reason, and only --force tries them again.
-        rows_out += [{"candidate_id": cid, "source_image": None, "edited_image": None,
-                      "source_is_anchor": None, "gen_params": planned, "gen_run": ctx.run_id,
-                      "auto_status": "failed", "error": why}
-                     for cid, (why, planned) in dropped.items()]
-        failed.update({cid: why for cid, (why, _) in dropped.items()})
-        return BatchResult(updates={"candidates": rows_out}, failed=failed)
+            # A dropped call is final (rerunning it fails the same way): its rows are marked
+            # failed with the reason, and only --force tries them again.
+            rows_out += [{"candidate_id": cid, "source_image": None, "edited_image": None,
+                          "source_is_anchor": None, "gen_params": planned,
+                          "gen_run": ctx.run_id, "auto_status": "failed", "error": why}
+                         for cid, (why, planned) in dropped.items()]
+            failed.update({cid: why for cid, (why, _) in dropped.items()})
+            return BatchResult(updates={"candidates": rows_out}, failed=failed)
+        return BatchResult(complete=complete)
+
+    def _writers(self) -> ThreadPoolExecutor:
+        """The threads that encode and write images, kept for the whole job (a batch's writes
+        finish while the next one renders)."""
+        if getattr(self, "_pool", None) is None:
+            self._pool = ThreadPoolExecutor(self.write_threads,
+                                            thread_name_prefix="uc-generate-write")
+        return self._pool
+
+    def finish(self, w) -> None:
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def _call_key(row: dict, mode: str):

@@ -21,15 +21,15 @@ import numpy as np
 
 from .. import masks as M
 from ..images import BadImage
-from ..names import BOX_THRESHOLD, TEXT_THRESHOLD
+from ..names import BOX_THRESHOLD, FEATURE_COLUMNS, TEXT_THRESHOLD
 from ..runner import BatchResult, Context, RowStage
 
 REGION_WHERE = "mode = 'region' AND edit_object IS NOT NULL AND edit_object <> 'NONE'"
 
 # What grounding writes: the mask and its features, the boxes, the status; a re-grounded edit
 # loses its mask class (classify-masks redoes it).
-MASK_COLUMNS = ("mask_rle", "mask_height", "mask_width", "mask_area", "mask_bbox",
-                "mask_components", "mask_contours", "ground_boxes", "ground_run",
+MASK_COLUMNS = ("mask_rle", "mask_height", "mask_width", *FEATURE_COLUMNS,
+                "ground_boxes", "ground_run",
                 "edit_status", "edit_reasons", "mask_class", "classify_run")
 
 
@@ -114,8 +114,6 @@ class GroundStage(RowStage):
                                   d.boxes).any(axis=0)
                 f = M.features(union)
                 row.update(mask_rle=M.encode(union), mask_height=im.height,
-                           mask_width=im.width, mask_area=f.area, mask_bbox=f.bbox,
-                           mask_components=f.components, mask_contours=f.contours,
-                           edit_status="grounded")
+                           mask_width=im.width, **f.columns(), edit_status="grounded")
             out.append(row)
         return BatchResult(updates={"edits": out}, failed=failed)
