@@ -129,9 +129,9 @@ def test_the_bar_moves_per_diffusion_step(edits_ws, monkeypatch):
         seen.append((self.committed, rows_in_batch))
         original(self, rows_in_batch)
     monkeypatch.setattr(JobBar, "__call__", spy)
-    out = run_generate(ws, Selection(where="edit_type = 'replace'"), candidates=2, size=64,
-                       progress=True)
-    assert out.run.rows_done == 4
+    out = run(ws, "generate", Selection(where="edit_type = 'replace'"), candidates=2, size=64,
+              progress=True)
+    assert out.rows_done == 4
     rows = candidates(ws)
     calls = {}
     for r in rows:   # one pair per call here: a call's steps are its candidate's
