@@ -119,6 +119,14 @@ LimitOpt = Count(None, "--limit", help="At most this many rows (lowest ids first
 SampleOpt = Count(None, "--sample", help="A random sample of N selected rows.")
 SeedOpt = Count(0, "--seed", help="Seed for --sample and for the job's randomness.")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON.")
+
+# The HTTP client's options, shared by every command that talks to a served model
+ConcurrencyOpt = Count(None, "--concurrency", min=1, max=1024,
+                       help="Concurrent HTTP requests (default 8).")
+TimeoutOpt = Number(None, "--timeout", min=0.001, max=86_400,
+                    help="HTTP request timeout (s; default 60).")
+MaxRetriesOpt = Count(None, "--max-retries", max=100,
+                      help="HTTP retries on timeouts, 429 and 5xx (default 4).")
 EngineOpt = typer.Option(None, "--engine", help="local (the default), or ray.")
 AddressOpt = typer.Option(None, "--address", metavar="ADDRESS", help="Ray cluster address (auto, or host:port; "
                                                   "default: a local cluster).")

@@ -42,13 +42,8 @@ def caption(
         max_attempts: Optional[int] = c.Count(None, "--max-attempts", min=1, max=100,
                                               help="Tries per photo when an answer is invalid "
                                                    "(served models, or sampling; default 2)."),
-        concurrency: Optional[int] = c.Count(None, "--concurrency", min=1, max=1024,
-                                             help="Concurrent HTTP requests (default 8)."),
-        timeout: Optional[float] = c.Number(None, "--timeout", min=0.001, max=86_400,
-                                            help="HTTP request timeout (s; default 60)."),
-        max_retries: Optional[int] = c.Count(None, "--max-retries", max=100,
-                                             help="HTTP retries on timeouts, 429 and 5xx "
-                                                  "(default 4)."),
+        concurrency: Optional[int] = c.ConcurrencyOpt, timeout: Optional[float] = c.TimeoutOpt,
+        max_retries: Optional[int] = c.MaxRetriesOpt,
         temperature: Optional[float] = c.Number(None, "--temperature", min=0, max=10,
                                                 help="Sampling temperature (0: greedy, the "
                                                      "default)."),

@@ -41,12 +41,8 @@ def judge(
         max_attempts: Optional[int] = c.Count(None, "--max-attempts", min=1, max=100,
                                     help="Tries per pair when an answer is invalid (served "
                                          "models, or sampling; default 2)."),
-        concurrency: Optional[int] = c.Count(None, "--concurrency", min=1, max=1024,
-                                   help="Concurrent HTTP requests (default 8)."),
-        timeout: Optional[float] = c.Number(None, "--timeout", min=0.001, max=86_400,
-                                  help="HTTP request timeout (s; default 60)."),
-        max_retries: Optional[int] = c.Count(None, "--max-retries", max=100,
-                                   help="HTTP retries on timeouts, 429 and 5xx (default 4)."),
+        concurrency: Optional[int] = c.ConcurrencyOpt, timeout: Optional[float] = c.TimeoutOpt,
+        max_retries: Optional[int] = c.MaxRetriesOpt,
         temperature: Optional[float] = c.Number(None, "--temperature", min=0, max=10,
                                       help="Sampling temperature (default 0: greedy)."),
         max_new_tokens: Optional[int] = c.Count(None, "--max-new-tokens", min=1, max=1_000_000,
@@ -75,7 +71,6 @@ def judge(
     quality (1-5) and a short rationale, with the model and prompt version.
     Prints the expected request count first; invalid answers are asked again, then kept with
     their reason. Gate on the scores with `filter --judge-min instruction=4`."""
-    from ..runner import run
     from ..stages.judge import plan_judge
     ws = c.workspace(workspace)
     sel = c.selection(where, params, limit, sample, seed)
