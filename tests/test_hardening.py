@@ -226,7 +226,8 @@ def _where_cases(ws: Path, out: Path) -> list[tuple[list[str], str]]:
             "random() < 2", "no_such_column = 1"]),
         "score": (["score"], over_candidates[:3]),
         "filter": (["filter"], over_candidates[:3]),
-        "balance": (["balance"], over_candidates[:2]),
+        # (balance's own options are checked first: a valid --cap, so the predicate is met)
+        "balance": (["balance", "--cap", "2"], over_candidates[:2]),
         "dedup": (["dedup"], over_candidates[:2]),
         "report": (["report", str(out / "r.html")], over_candidates[:2]),
         "review": (["review", "--no-launch"], over_candidates[:3]),
@@ -462,7 +463,7 @@ def test_a_damaged_catalog_is_refused_by_every_command_without_a_write(hws, tmp_
     res = run_many([
         ["stats"] + w, ["sql", "SELECT count(*) FROM anchors"] + w,
         ["select", "--count"] + w, ["show", "1"] + w, ["gc", "--dry-run"] + w, ["gc"] + w,
-        ["filter", "--dry-run"] + w, ["filter"] + w, ["balance"] + w,
+        ["filter", "--dry-run"] + w, ["filter"] + w, ["balance", "--cap", "2"] + w,
         ["classify-masks"] + w, ["instruct"] + w, ["score"] + w,
         ["export", str(tmp_path / "e"), "-f", "jsonl"] + w, ["report", str(tmp_path / "r.html")] + w,
         ["review", "--no-launch"] + w, ["ingest", str(empty)] + w,

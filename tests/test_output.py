@@ -405,7 +405,7 @@ def test_show_is_a_readable_summary(ingested_ws, capsys):
     line = {ln.split(":", 1)[0].strip(): ln.split(":", 1)[1].strip()
             for ln in text.splitlines() if ":" in ln and not ln.startswith(" " * 20)}
     with ws.catalog(read_only=True) as cat:
-        area, bbox, cls = cat.query("SELECT mask_area, mask_bbox, mask_class FROM edits "
+        area, bbox, cls = cat.query("SELECT mask_area, mask_bbox, mask_class FROM edits_v "
                                     "WHERE edit_id = ?", [eid])[0].values()
     assert line["mask"].startswith(f"{cls}, {100 * area:.1f}% of {w}x{h}, bbox x {bbox[0]} "
                                    f"y {bbox[1]} w {bbox[2]} h {bbox[3]}"), line["mask"]

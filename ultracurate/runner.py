@@ -921,6 +921,12 @@ def run(ws: Workspace, stage: str | Stage, selection: Selection | None = None, *
     conns = _Catalogs(ws, cat, read_only=dry_run)
     # refusals first, before any run (this one's, or those it requires) is recorded
     with conns.open() as c:
+        # the user's predicate first: a refused --where records and runs nothing, not even
+        # the stages this one requires (dedup's embedding pass)
+        table = getattr(stage, "selects", None) or (
+            None if getattr(stage, "items_relation", False) else stage.table)
+        if table:
+            selection.checked(c.con, VIEWS[table])
         stage.check(Access(c, stage, workspace=ws, force=force), selection)
     # the stages it requires run on the same engine (dedup's embedding pass)
     stage.before = [run(ws, s, engine=engine, address=address, workers=workers,
@@ -1144,12 +1150,10 @@ def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selec
     def settle() -> None:
         nonlocal done, failed
         while in_flight:
-            fut, n = in_flight.pop()
+            fut, _ = in_flight.pop()
             n_done, n_failed = fut.result()
             done += n_done
             failed += n_failed
-            if bar:
-                bar.advance(n)
     try:
         ctrl_c.install()
         if bar:
@@ -1158,6 +1162,8 @@ def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selec
         results = (engine.map(stage, batches, ctx, stop=lambda: ctrl_c.requested)
                    if n_rows else iter(()))
         for batch, result in results:
+            if bar:   # computed rows (their commit at most one batch behind): the next
+                bar.advance(len(batch))   # batch's in-batch progress starts from here
             settle()
             in_flight.append((committer.submit(commit, batch, result), len(batch)))
             if ctrl_c.requested:
