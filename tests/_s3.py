@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
+
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -56,3 +58,13 @@ def _kw() -> dict:
     return {"aws_access_key_id": os.environ.get("AWS_ACCESS_KEY_ID", "testing"),
             "aws_secret_access_key": os.environ.get("AWS_SECRET_ACCESS_KEY", "testing"),
             "region_name": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    """A module's S3 server, stopped after its last test: its endpoint URL."""
+    server, url = s3_server()
+    try:
+        yield url
+    finally:
+        server.stop()

@@ -11,7 +11,7 @@ import re
 import pytest
 
 from _clirun import one_line_error, run_many
-from _s3 import CREDENTIALS, objects, s3_server, use_bucket
+from _s3 import CREDENTIALS, endpoint, objects, use_bucket  # noqa: F401 (a fixture)
 from test_generate_stage import add_edits
 from ultracurate.errors import UltracurateError
 from ultracurate.models import make_tiny
@@ -53,15 +53,6 @@ def cluster(_cluster):
 @pytest.fixture
 def edits_ws(ingested_ws):
     return ingested_ws, add_edits(ingested_ws)
-
-
-@pytest.fixture(scope="module")
-def endpoint():
-    server, url = s3_server()
-    try:
-        yield url
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import hashlib
 import pytest
 
 from _clirun import one_line_error, run_many
-from _s3 import CREDENTIALS, objects, s3_server, use_bucket
+from _s3 import CREDENTIALS, endpoint, objects, use_bucket  # noqa: F401 (a fixture)
 from test_generate_stage import add_edits
 from ultracurate.models import make_tiny
 from ultracurate.runner import run
@@ -18,15 +18,6 @@ from ultracurate.stages.ingest import IngestStage, discover
 from ultracurate.workspace import MediaStore
 
 pytest.importorskip("s3fs")
-
-
-@pytest.fixture(scope="module")
-def endpoint():
-    server, url = s3_server()
-    try:
-        yield url
-    finally:
-        server.stop()
 
 
 @pytest.fixture

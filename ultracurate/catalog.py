@@ -71,16 +71,8 @@ LOCK_WAIT = 60.0  # seconds an open waits for another process's lock on the cata
 def lock_wait(default: float = LOCK_WAIT) -> float:
     """How long opening the catalog waits for another process's lock: $ULTRACURATE_LOCK_WAIT
     seconds, else default."""
-    env = os.environ.get("ULTRACURATE_LOCK_WAIT")
-    if not env:
-        return default
-    try:
-        value = float(env)
-    except ValueError:
-        value = -1.0
-    if not value >= 0 or value == float("inf"):
-        raise UltracurateError(f"ULTRACURATE_LOCK_WAIT: '{env}' is not a number of seconds")
-    return value
+    from .limits import env_seconds
+    return env_seconds("ULTRACURATE_LOCK_WAIT", default, zero=True)
 
 
 def readers_dir(path: Path) -> Path:

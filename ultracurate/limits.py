@@ -70,17 +70,23 @@ def memory_limit() -> str:
     return f"{ram // 2 // 2**20}MiB" if ram else "4GiB"
 
 
-def sql_timeout() -> float:
-    env = os.environ.get("ULTRACURATE_SQL_TIMEOUT")
+def env_seconds(name: str, default: float, zero: bool = False) -> float:
+    """A number of seconds from environment variable name (default when unset); anything
+    else (not a number, negative, infinite, or 0 unless zero) is one clear error."""
+    env = os.environ.get(name)
     if not env:
-        return DEFAULT_SQL_TIMEOUT
+        return default
     try:
         value = float(env)
     except ValueError:
         value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise UltracurateError(f"ULTRACURATE_SQL_TIMEOUT: '{env}' is not a number of seconds")
+    if not (value >= 0 if zero else value > 0) or value == float("inf"):
+        raise UltracurateError(f"{name}: '{env}' is not a number of seconds")
     return value
+
+
+def sql_timeout() -> float:
+    return env_seconds("ULTRACURATE_SQL_TIMEOUT", DEFAULT_SQL_TIMEOUT)
 
 
 def sql_memory() -> int:
