@@ -89,7 +89,7 @@ class FirstBatchEngine:
         self.at = None
         self.rows = 0
 
-    def map(self, stage, batches, ctx):
+    def map(self, stage, batches, ctx, stop=None):
         first = next(iter(batches), [])
         self.at, self.rows = self.clock.read(), len(first)
         raise _FirstBatch
