@@ -338,7 +338,15 @@ def selected_keys_sql(con: duckdb.DuckDBPyConnection, view: str, key: str,
         params[f"{tag}seed"] = int(selection.seed)
     elif selection.limit is not None:
         order, n = key, int(selection.limit)
-    if order is not None:
+    last = (_nth_key(con, source, key, user, params, view, n)
+            if selection.sample is None and order is not None else _NO_BOUND)
+    if last is not _NO_BOUND:
+        # --limit N: the rows up to the selection's N-th key (None: it has fewer rows)
+        if last is not None:
+            params[f"{tag}last"] = last
+            inner = (f"SELECT * FROM {source} WHERE {key} <= ${tag}last"
+                     + (f" AND ({user}\n)" if user else ""))
+    elif order is not None:
         # The keys first (a top-N over the key alone), then their rows: ordering the whole
         # view's rows to take N of them sorted every column of millions of rows (2.2 GB).
         params[f"{tag}n"] = n
@@ -355,6 +363,42 @@ def selected_keys_sql(con: duckdb.DuckDBPyConnection, view: str, key: str,
         sql += " WHERE " + " AND ".join(f"({w})" for w in narrowing)
         params.update(selection.scope_params)
     return sql, params
+
+
+_NO_BOUND = object()   # _nth_key: the key is not an integer of a catalog table: a top-N
+
+
+def _nth_key(con: duckdb.DuckDBPyConnection, source: str, key: str, user: str | None,
+             params: dict, view: str, n: int):
+    """The N-th key (in key order) of the rows of source the user's predicate picks, found a
+    key window at a time from the lowest key (each window's predicate reaches the table's
+    scan, so --limit 100 reads a few thousand rows, not the whole view); None when there are
+    fewer than N rows; _NO_BOUND when the view's key is not an integer column of its table
+    (outside items): then a top-N over the whole selection."""
+    from .catalog import KEYS, VIEWS
+    table = next((t for t, v in VIEWS.items() if v == view and KEYS.get(t) == key), None)
+    if table is None:
+        return _NO_BOUND
+    lo, hi, rows = con.execute(f"SELECT min({key}), max({key}), count({key}) "
+                               f"FROM {table}").fetchall()[0]
+    if not (isinstance(lo, int) and isinstance(hi, int)):
+        return _NO_BOUND if rows else None
+    if n == 0:
+        return lo - 1
+    where = f" AND ({user}\n)" if user else ""
+    sql = (f"SELECT {key} FROM {source} WHERE {key} >= $_uc_from AND {key} < $_uc_to{where} "
+           f"ORDER BY {key} LIMIT $_uc_take")
+    span = max(1, -(-(hi - lo + 1) * 2 * n // max(rows, 1)))   # twice the keys of n rows
+    start, found = lo, 0
+    with bounded(con, "--where"):
+        while start <= hi:
+            got = con.execute(sql, {**params, "_uc_from": start, "_uc_to": start + span,
+                                    "_uc_take": n - found}).fetchall()
+            found += len(got)
+            if found == n:
+                return got[-1][0]
+            start, span = start + span, span * 4
+    return None
 
 
 def referenced_columns(con: duckdb.DuckDBPyConnection, view: str,
