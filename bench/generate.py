@@ -48,14 +48,14 @@ from ultracurate.workspace import MediaStore  # noqa: E402
 SRC, TGT = "a photo of a cat sitting on a sofa", "a photo of a dog sitting on a red sofa"
 
 
-def real_arch_pipe(device, dtype):
+def real_arch_pipe(device, dtype, tmp: Path):
     """SDXL-Turbo's architecture with random weights, built from its configuration (no
     download): UNet 2.6B, VAE, CLIP-L + OpenCLIP-bigG text encoders, Euler Ancestral."""
     from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler,
                            StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel)
     from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                               CLIPTokenizer)
-    tokdir = Path(tempfile.mkdtemp())
+    tokdir = tmp / "tokenizer"
     editor.write_clip_tokenizer(tokdir)
     tok = CLIPTokenizer.from_pretrained(str(tokdir), model_max_length=77)
     unet = UNet2DConditionModel(
@@ -141,13 +141,19 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--out", default=None, help="write the figures here (JSON)")
     args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
+        bench(args, Path(tmp))
+
+
+def bench(args, tmp: Path) -> None:
+    """The run of main's options, with its models and media under tmp."""
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     if args.real_arch:
-        pipe = real_arch_pipe(args.device, dtype)
+        pipe = real_arch_pipe(args.device, dtype, tmp)
     else:
-        ref = editor.make_tiny(Path(tempfile.mkdtemp()) / "editor")
+        ref = editor.make_tiny(tmp / "editor")
         pipe = editor.load(ref, args.device, dtype)
-    store = MediaStore(Path(tempfile.mkdtemp()))
+    store = MediaStore(tmp / "media")
     ims = anchors(args.pairs, args.size)
     bench_ours(pipe, ims[:min(4, len(ims))], min(4, args.batch), store, args.device)  # warm-up
     ours = bench_ours(pipe, ims, args.batch, store, args.device)

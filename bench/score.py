@@ -190,7 +190,12 @@ def main() -> None:
     ap.add_argument("--dino", default=None, help="dino checkpoint ref (overrides)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "out" / "score.json"))
     args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-score-") as tmp:
+        bench(args, Path(tmp))
 
+
+def bench(args, tmp: Path) -> None:
+    """The run of main's options, with its models, media and catalog under tmp."""
     import torch
 
     from ultracurate.models import load, make_tiny
@@ -199,7 +204,6 @@ def main() -> None:
     pairs = args.pairs or (2048 if gpu else 96)
     n_naive = args.naive_pairs or (128 if gpu else 24)
     batch = args.batch_size or (64 if gpu else 32)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-score-"))
     if args.real:
         models = {"profile": "ultraedit", "clip": "ViT-L-14:random",
                   "dino": "random:dinov2-with-registers-large"}
