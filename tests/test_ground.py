@@ -244,12 +244,12 @@ def test_cli_ground_and_classify(ingested_ws, tiny_refs):
                                  "-p", f"n={rows[1]['edit_id']}", "--box-threshold", "0",
                                  "--json"])
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output)
+    out = json.loads(r.stdout)
     assert out["stage"] == "ground" and out["rows_done"] == 2
     r = CliRunner().invoke(app, ["classify-masks", "-w", str(ws.root), "--max-area", "0.95",
                                  "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["rows_done"] == 2
+    assert json.loads(r.stdout)["rows_done"] == 2
     classes = [e["mask_class"] for e in edits(ws) if e["mask_rle"] is not None]
     assert len(classes) == 2 and set(classes) <= set(M.MASK_CLASSES)
 
