@@ -56,9 +56,8 @@ COMMANDS = [
     ("classify-masks", "whole", "row stage, features stored"),
     ("balance", "whole", "set stage, --target edits/20"),
 ]
-# 41M: generate is left out (its planning holds a Python row per planned candidate)
 FIRST_ONLY = {"review --limit 100", "export --limit 100", "instruct --limit 100", "score",
-              "dedup (embed-anchors)", "stats", "select"}
+              "dedup (embed-anchors)", "stats", "select", "generate --where replace"}
 
 
 class _FirstBatch(Exception):
@@ -176,8 +175,7 @@ def measure(ws_root: str, command: str) -> dict:
     elif command == "dedup (embed-anchors)":
         out = _row_first(ws, "embed-anchors")
     elif command == "generate --where replace":
-        # a second candidate per edit (the bench catalog has one): planning is still a
-        # Python loop over edits x candidates
+        # a second candidate per edit (the bench catalog has one), planned in SQL
         out = _row_first(ws, "generate", Selection(where="edit_type = 'replace'"),
                          candidates=2)
     elif command == "filter --clip-min 0.25":

@@ -667,14 +667,16 @@ class Table:
             f'WHERE {self.name}."{key}" = _uc_src."{key}"', params or None)
 
 
-    def insert_from(self, sql: str, params: dict | None, columns, *, allowed=None) -> None:
-        """Set-based INSERT of a query's `columns`, each cast to its declared type."""
+    def insert_from(self, sql: str, params: dict | None, columns, *, allowed=None) -> int:
+        """Set-based INSERT of a query's `columns`, each cast to its declared type; returns
+        how many rows."""
         self._check(list(columns), allowed)
         types = self.types
         cols = ", ".join(f'"{c}"' for c in columns)
         values = ", ".join(f'CAST(_uc_src."{c}" AS {types[c]})' for c in columns)
-        self.cat.con.execute(f"INSERT INTO {self.name} ({cols}) SELECT {values} "
-                             f"FROM ({sql}) _uc_src", params or None)
+        n = self.cat.con.execute(f"INSERT INTO {self.name} ({cols}) SELECT {values} "
+                                 f"FROM ({sql}) _uc_src", params or None).fetchall()
+        return int(n[0][0]) if n else 0
 
     def delete_keys(self, sql: str, params: dict | None, *, key: str | None = None) -> None:
         """DELETE the rows whose key a query's `key` column gives (a side table's rows of

@@ -204,7 +204,7 @@ class _Declared:
     def update_from(self, sql, params, columns, **kw) -> None:
         return self._t.update_from(sql, params, columns, allowed=self._allowed, **kw)
 
-    def insert_from(self, sql, params, columns) -> None:
+    def insert_from(self, sql, params, columns) -> int:
         return self._t.insert_from(sql, params, columns, allowed=self._allowed)
 
     def delete_keys(self, sql, params, **kw) -> None:

@@ -1,12 +1,12 @@
 """Candidate generation: the loop (`loop.py`), the two behaviours (`behaviour.py`),
-Prompt-to-Prompt attention processors (`attention.py`) and the sampled parameters, seeds and
-schedules (`params.py`)."""
+Prompt-to-Prompt attention processors (`attention.py`) and the sampled parameters and
+schedules (`params.py`). Seeds are planned in SQL (sql/queries/generate.sql)."""
 
 from .behaviour import BEHAVIOURS, COMPAT, CallDropped
 from .loop import (Pair, PairImages, Trace, euler_ancestral_step, generate_compat,
                    generate_method, run_pairs)
-from .params import candidate_seed, sample_compat, sample_method, schedule
+from .params import sample_compat, sample_method, schedule
 
 __all__ = ["COMPAT", "BEHAVIOURS", "CallDropped", "Pair", "PairImages", "Trace",
            "euler_ancestral_step", "generate_compat", "generate_method", "run_pairs",
-           "candidate_seed", "sample_compat", "sample_method", "schedule"]
+           "sample_compat", "sample_method", "schedule"]

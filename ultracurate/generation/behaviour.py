@@ -2,7 +2,8 @@
 loop (loop.py) reads straight down and calls the behaviour where the two part ways.
 
 A behaviour says:
-- seed planning: the seed of a candidate, and the parameters drawn from it;
+- seed planning: whether a seed belongs to a candidate or to a call, its bits (the plan derives
+  it in SQL: sql/queries/generate.sql), and the parameters drawn from it;
 - the noise source: per-candidate generators, or the device's global generator in the released
   draw order (with the draws the released region call makes and never uses);
 - the anchor latents: how the anchors are VAE-encoded (once per pair, or once per prompt in the
@@ -62,9 +63,9 @@ class Method:
     pairs_per_call = {"free": 16, "region": 16}  # the default; a plan may choose another
     region_at_native_size = False     # region calls run at any size
 
-    # seed planning: one seed per candidate, from (run seed, edit, index)
-    def seed(self, run_seed: int, edit_id: int, index: int, mode: str, group: int) -> int:
-        return P.candidate_seed(run_seed, edit_id, index)
+    # seed planning: one 63-bit seed per candidate, from (run seed, edit, index)
+    seed_per_call = False
+    seed_bits = 63
 
     def sample_params(self, seed: int, mode: str, device: str = "cpu") -> dict:
         return P.sample_method(seed, mode)
@@ -122,9 +123,9 @@ class Compat:
     region_at_native_size = True      # the inpaint pipeline works at unet.sample_size * 8
 
     # seed planning: one 32-bit seed per released call (the edits of a mode, taken
-    # PAIRS_PER_CALL at a time, per candidate index)
-    def seed(self, run_seed: int, edit_id: int, index: int, mode: str, group: int) -> int:
-        return P.candidate_seed(run_seed, "compat", mode, group, index, bits=32)
+    # pairs_per_call at a time, per candidate index), from (run seed, mode, call, index)
+    seed_per_call = True
+    seed_bits = 32
 
     def sample_params(self, seed: int, mode: str, device: str = "cpu") -> dict:
         return P.sample_compat(seed, mode, device)

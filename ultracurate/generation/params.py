@@ -1,4 +1,4 @@
-"""The sampled parameters of a candidate, its seed, and the timesteps it runs.
+"""The sampled parameters of a candidate (from its seed), and the timesteps it runs.
 
 Defaults are the released generator's (docs/method.md): free-form img2img at strength 0.6
 with 3, 5 or 8 total steps and guidance in U(0.4, 0.8); region-based at strength 0.3 with 10 or
@@ -8,7 +8,6 @@ the time; one attention replacement fraction in U(0.1, 0.9) for self- and cross-
 
 from __future__ import annotations
 
-import hashlib
 import random
 
 import numpy as np
@@ -21,12 +20,6 @@ REGION = {"steps": (10, 14), "strength": 0.3, "guidance": (0.0, 0.2, 0.4, 0.6),
           "soft_values": SOFT_VALUES}
 REPLACE_FRAC = (0.1, 0.9)
 CFG_RANGE = (7.5, 15.0)       # the released code draws (and ignores) a value in this range
-
-
-def candidate_seed(run_seed: int, *key, bits: int = 63) -> int:
-    """A deterministic seed for (run seed, key...): the same plan gives the same images."""
-    h = hashlib.blake2b(repr((int(run_seed),) + tuple(key)).encode(), digest_size=8)
-    return int.from_bytes(h.digest(), "big") % (1 << bits)
 
 
 def sample_method(seed: int, mode: str) -> dict:

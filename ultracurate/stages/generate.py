@@ -2,15 +2,15 @@
 
 `plan_candidates` inserts the missing (edit_id, candidate_index) rows for the selected edits, up
 to n_total per edit, each with a deterministic seed and its generator call (`gen_call`), status
-'planned' (one idempotent insert: planning again adds nothing, planning more adds only the new
-indices). A call is the candidates rendered together in one model call: for `ultraedit-compat`
-one released call (7 free-form or 6 region pairs sharing a seed), for `method` up to
-`pairs_per_call` pairs. `GenerateStage` renders planned rows call by call (ultracurate.generation);
-the runner never splits a call across batches, so a candidate's pixels depend on its call (fixed
-when planned), never on --batch-size or on where a killed run stopped. It writes both images to
-the media store (JPEG quality 100, content-addressed, tmp + rename) from wherever it runs, and
-returns the names; the driver records them. A run killed at any point and rerun finishes the
-remaining calls.
+'planned' (one idempotent, set-based insert in SQL: planning again adds nothing, planning more
+adds only the new indices). A call is the candidates rendered together in one model call: for
+`ultraedit-compat` one released call (7 free-form or 6 region pairs sharing a seed), for
+`method` up to `pairs_per_call` pairs. `GenerateStage` renders planned rows call by call
+(ultracurate.generation); the runner never splits a call across batches, so a candidate's
+pixels depend on its call (fixed when planned), never on --batch-size or on where a killed run
+stopped. It writes both images to the media store (JPEG quality 100, content-addressed, tmp +
+rename) from wherever it runs, and returns the names; the driver records them. A run killed at
+any point and rerun finishes the remaining calls.
 """
 
 from __future__ import annotations
@@ -31,24 +31,27 @@ from ..runner import BatchResult, Context, RowStage
 from ..selection import Selection, referenced_columns, selected_keys_sql
 from ..workspace import Workspace
 
-DEFAULT_MASK_CLASSES = ("fine",)      # region generation skips other masks unless asked
+DEFAULT_MASK_CLASSES = ("fine",)      # region generation takes other masks only when asked
+# The seed formula of sql/queries/generate.sql (plan_candidates), recorded in each run's plan
+# (params.plan.seeds): a new formula gets a new name. Runs without it planned with BLAKE2b.
+SEED_FORMULA = "md5-v1"
+PLAN_COLUMNS = ("candidate_id", "edit_id", "candidate_index", "seed", "gen_behaviour",
+                "gen_params", "auto_status", "created_at", "gen_call")
 
 
 @dataclass
 class PlanReport:
     planned: int = 0                               # new candidate rows
     edits: int = 0                                 # edits with candidates to generate
-    skipped: dict[int, str] = field(default_factory=dict)  # edit_id -> reason
+    # reason -> skipped edits, reasons in the order of their first edit
+    skipped_counts: dict[str, int] = field(default_factory=dict)
+    # edit_id -> reason: plan_candidates' report; a stage's plan reports the counts only (a
+    # plan may skip millions of edits)
+    skipped: dict[int, str] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        reasons: dict[str, int] = {}
-        for r in self.skipped.values():
-            reasons[r] = reasons.get(r, 0) + 1
-        return {"planned": self.planned, "edits": self.edits, "skipped": reasons}
-
-
-def _words(text: str) -> int:
-    return len(str(text).split(" "))
+        return {"planned": self.planned, "edits": self.edits,
+                "skipped": dict(self.skipped_counts), "seeds": SEED_FORMULA}
 
 
 def mask_classes(value: str | None) -> tuple[str, ...] | None:
@@ -66,32 +69,28 @@ def mask_classes(value: str | None) -> tuple[str, ...] | None:
     return names
 
 
-def _mask_class(edit: dict) -> str:
-    """The edit's stored class, or the one its stored features give (not yet classified)."""
-    if edit["mask_class"] is not None:
-        return edit["mask_class"]
-    if edit["mask_area"] is None or edit["mask_contours"] is None:
-        f = M.rle_features(edit["mask_rle"], edit["mask_height"], edit["mask_width"])
-        return M.classify(f.area, f.contours)
-    return M.classify(edit["mask_area"], edit["mask_contours"])
-
-
-def generation_mode(edit: dict, mode: str, classes: tuple[str, ...] | None = DEFAULT_MASK_CLASSES
-                    ) -> tuple[str | None, str | None]:
-    """(mode to generate the edit in, or None with the reason it is skipped)."""
-    if mode not in EDIT_MODES:
-        raise UltracurateError(f"unknown --mode '{mode}' (auto, free or region)")
-    if max(_words(edit["source_caption"]), _words(edit["target_caption"])) > CAPTION_MAX_WORDS:
-        return None, f"caption over {CAPTION_MAX_WORDS} words"
-    m = edit["mode"] if mode == "auto" else mode
-    if m == "region" and (edit["edit_status"] != "grounded" or edit["mask_rle"] is None):
-        return None, "region edit without a mask (not grounded)"
-    if m == "region" and classes is not None:
-        cls = _mask_class(edit)
-        if cls not in classes:
-            return None, (f"mask class {cls} (region generation takes "
-                          f"--mask-class {','.join(classes)})")
-    return m, None
+def _unclassified_classes(w, plan: str, needed: bool = True):
+    """The mask class of each region edit of the plan (temp table) still planned without a
+    stored class, as an Arrow table (edit_id, mask_class): from its stored features, or from
+    its mask when it has none (none when not needed: no class filter)."""
+    import numpy as np
+    import pyarrow as pa
+    rows = (w.query(named_queries("generate")["plan_unclassified"].replace("{plan}", plan))
+            if needed else [])
+    area = np.zeros(len(rows))
+    contours = np.zeros(len(rows), dtype=np.int64)
+    for i, e in enumerate(rows):
+        if e["mask_area"] is None or e["mask_contours"] is None:
+            try:
+                f = M.rle_features(e["mask_rle"], e["mask_height"], e["mask_width"])
+            except Exception as err:   # pycocotools' and numpy's errors alike
+                raise UltracurateError(f"edit {e['edit_id']}: cannot read its mask to "
+                                       f"classify it: {err}") from None
+            area[i], contours[i] = f.area, f.contours
+        else:
+            area[i], contours[i] = e["mask_area"], e["mask_contours"]
+    return pa.table({"edit_id": pa.array([e["edit_id"] for e in rows], pa.int64()),
+                     "mask_class": pa.array(M.classify_many(area, contours), pa.string())})
 
 
 def plan_candidates(cat: Catalog, selection: Selection | None, n_total: int, seed: int = 0,
@@ -103,27 +102,34 @@ def plan_candidates(cat: Catalog, selection: Selection | None, n_total: int, see
     sql, params = selected_keys_sql(cat.con, "edits_v", "edit_id", selection, None, "edit_id")
     with cat.transaction():
         return plan_sql(Access(cat, GenerateStage, writable=True), selection, sql, params,
-                        n_total, seed, **options)
+                        n_total, seed, per_edit=True, **options)
 
 
 def plan_sql(w, selection: Selection, edits_sql: str, params: dict, n_total: int,
              seed: int = 0, *, behaviour: str = "method", mode: str = "auto",
              mask_class: str | None = None, pairs_per_call: int | None = None,
-             size: int | None = None, native_size: int | None = None) -> PlanReport:
+             size: int | None = None, native_size: int | None = None,
+             per_edit: bool = False) -> PlanReport:
     """Add the missing candidates 0..n_total-1 of each edit edits_sql selects (its edit_id;
     selection: the user's, to see whether its --where reads mask_class), status 'planned'.
-    Call inside the caller's transaction (w: the stage's catalog handle).
+    Call inside the caller's transaction (w: the stage's catalog handle). Set-based: the
+    queries of sql/queries/generate.sql over temp tables, one INSERT ... SELECT of the new
+    rows; no Python object per edit or candidate (but a region edit whose mask class must
+    be computed: one without a stored class).
 
     Calls and seeds: the edits of one mode, in edit_id order, are taken the behaviour's pairs
     per call at a time (`method`: pairs_per_call, 16 by default; `ultraedit-compat`: the
     released 7 free-form / 6 region), one call per candidate index. `method` seeds each
-    candidate from (seed, edit_id, index); `ultraedit-compat` gives a call one 32-bit seed.
+    candidate from (seed, edit_id, index); `ultraedit-compat` gives a call one 32-bit seed
+    (the formula: sql/queries/generate.sql, plan_candidates; docs/generation.md).
 
-    Region edits are planned only when their mask class is in mask_class (default 'fine';
-    'any', or a --where that reads mask_class, takes every class); skipped edits are
-    reported with the reason. `ultraedit-compat` renders region edits at the editor's native
-    size only (native_size: the released inpaint pipeline's unet.sample_size * 8), so another
-    size is refused before anything is written."""
+    An edit whose caption is over CAPTION_MAX_WORDS words, or a region edit without a
+    grounded mask, is skipped; region edits are planned only when their mask class is in
+    mask_class (default 'fine'; 'any', or a --where that reads mask_class, takes every class).
+    Skipped edits are counted per reason (per_edit: and listed with it, report.skipped).
+    `ultraedit-compat` renders region edits at the editor's native size only (native_size:
+    the released inpaint pipeline's unet.sample_size * 8), so another size is refused before
+    anything is written."""
     if behaviour not in BEHAVIOURS:
         raise UltracurateError(f"unknown behaviour '{behaviour}' (method or ultraedit-compat)")
     bh = BEHAVIOURS[behaviour]
@@ -143,45 +149,43 @@ def plan_sql(w, selection: Selection, edits_sql: str, params: dict, n_total: int
     if mask_class is None and "mask_class" in referenced_columns(w.cat.con, "edits_v",
                                                                  selection):
         classes = None            # the user's --where picks the mask classes
-    # the selected edits, each with the candidate indices it has (one query, in SQL)
-    edits = w.query(named_queries("generate")["edits_to_plan"].replace("{edits}", edits_sql),
-                    params)
-    report = PlanReport()
-    rows = []
-    ordinal = {"free": 0, "region": 0}
-    for e in edits:
-        m, why = generation_mode(e, mode, classes)
-        if m is None:
-            report.skipped[e["edit_id"]] = why
-            continue
-        if m == "region" and behaviour == COMPAT and native_size and size != native_size:
+    q = named_queries("generate")
+    with w.materialized(q["plan_edits"].replace("{edits}", edits_sql),
+                        {**params, "_ucp_mode": mode,
+                         "_ucp_max_words": CAPTION_MAX_WORDS}) as plan, \
+            w.registered(_unclassified_classes(w, plan, classes is not None)) as computed, \
+            w.materialized(q["plan_decided"].replace("{plan}", plan)
+                           .replace("{classes}", computed),
+                           {"_ucp_by_class": classes is not None,
+                            "_ucp_classes": list(classes or M.MASK_CLASSES)}) as decided:
+        report = PlanReport()
+        planned_modes = set()
+        for r in w.query(q["plan_summary"].replace("{decided}", decided)):
+            if r["reason"] is None:
+                report.edits += r["n"]
+                planned_modes.add(r["m"])
+            else:
+                report.skipped_counts[r["reason"]] = (report.skipped_counts.get(r["reason"], 0)
+                                                      + r["n"])
+        if per_edit:
+            report.skipped = {e: r for r in report.skipped_counts for e in w.cat.con.execute(
+                q["plan_skipped_edits"].replace("{decided}", decided),
+                {"_ucp_reason": r}).fetchnumpy()["edit_id"].tolist()}
+        if (bh.region_at_native_size and native_size and size != native_size
+                and "region" in planned_modes):
             raise UltracurateError(
                 f"ultraedit-compat renders region edits at the editor's native size, "
                 f"{native_size} px (the released inpaint pipeline works at unet.sample_size "
                 f"* 8), not --size {size}: use --size {native_size}, --mode free, or "
                 "--behaviour method")
-        report.edits += 1
-        group = ordinal[m] // per_call[m]
-        ordinal[m] += 1
-        have = set(e["have"])
-        for k in range(n_total):
-            if k in have:
-                continue
-            call = (k, 0 if m == "free" else 1, group)
-            rows.append((call + (e["edit_id"],), {
-                "edit_id": e["edit_id"], "candidate_index": k,
-                "seed": bh.seed(seed, e["edit_id"], k, m, group), "gen_behaviour": behaviour,
-                "gen_params": json.dumps({"mode": m}), "auto_status": "planned"}))
-    if not rows:
-        return report
-    rows.sort(key=lambda r: r[0])  # a call's rows are contiguous
-    first = w.candidates.next_id()
-    at = now()
-    calls: dict[tuple, int] = {}       # a call is named by its first row's candidate_id
-    w.candidates.insert([{"candidate_id": first + i, **r, "created_at": at,
-                        "gen_call": calls.setdefault(order[:3], first + i)}
-                       for i, (order, r) in enumerate(rows)])
-    report.planned = len(rows)
+        if report.edits:
+            report.planned = w.candidates.insert_from(
+                q["plan_candidates"].replace("{decided}", decided),
+                {"_ucp_n": int(n_total), "_ucp_per_free": per_call["free"],
+                 "_ucp_per_region": per_call["region"], "_ucp_first": w.candidates.next_id(),
+                 "_ucp_seed": int(seed), "_ucp_seed_per_call": bh.seed_per_call,
+                 "_ucp_seed_bits": bh.seed_bits, "_ucp_behaviour": behaviour,
+                 "_ucp_at": now()}, PLAN_COLUMNS)
     return report
 
 
