@@ -135,12 +135,15 @@ def _decision_sql(con, selection: Selection, t: Thresholds) -> tuple[str, dict, 
     r AS (SELECT *, ({any_fail}) AS failed, {k} AS k, {drop} AS drop_rule FROM f),
     p AS (SELECT *, ((NOT failed AND human_decision IS DISTINCT FROM 'reject')
                      OR human_decision = 'accept') AS pool FROM r),
+    -- One window (one partitioning and sort of the rows) for both: the pool's rows come
+    -- first in each edit, so a pool row's place is its rank among them.
     ranked AS (
       SELECT *,
-        CASE WHEN pool THEN row_number() OVER (
-          PARTITION BY edit_id, pool ORDER BY {RANK_ORDER}) END AS rank,
-        sum(pool::INTEGER) OVER (PARTITION BY edit_id) AS n_pass
-      FROM p),
+        row_number() OVER edit AS rank,
+        count(*) FILTER (WHERE pool) OVER (
+          edit ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING) AS n_pass
+      FROM p
+      WINDOW edit AS (PARTITION BY edit_id ORDER BY pool DESC NULLS LAST, {RANK_ORDER})),
     decided AS (
       SELECT candidate_id, edit_id, clip_sim_dir, {fail_cols}failed, human_decision, k, n_pass,
         coalesce(drop_rule AND n_pass < k, false) AS dropped_by_region,
@@ -153,16 +156,20 @@ def _decision_sql(con, selection: Selection, t: Thresholds) -> tuple[str, dict, 
 
 def _reasons_sql(decided: str, rules: list[Rule]) -> str:
     """The reasons of the rejected rows of a decision table, one row each, numbered in the
-    order filter gives them: the rules', the region rule's, top-k's."""
-    parts = [f"SELECT candidate_id, {i} AS o, {_reason(rule, f'missing_{i}')} AS reason "
-             f"FROM {decided} WHERE fail_{i}" for i, rule in enumerate(rules)]
+    order filter gives them: the rules', the region rule's, top-k's. A reason's number is
+    how many come before it (the failed rules before it), so no window sorts the reasons."""
+    def before(i: int) -> str:
+        return " + ".join(f"fail_{j}::INTEGER" for j in range(i)) or "0"
+    parts = [f"SELECT candidate_id, {before(i)} AS reason_index, "
+             f"{_reason(rule, f'missing_{i}')} AS reason FROM {decided} WHERE fail_{i}"
+             for i, rule in enumerate(rules)]
     n = len(rules)
-    parts.append(f"SELECT candidate_id, {n} AS o, 'edit has ' || n_pass || ' < ' || k || "
+    # a row the region rule drops takes no top-k place: at most one of the two
+    parts.append(f"SELECT candidate_id, {before(n)}, 'edit has ' || n_pass || ' < ' || k || "
                  f"' passing candidates' FROM {decided} WHERE dropped_by_region")
-    parts.append(f"SELECT candidate_id, {n + 1} AS o, 'not in top ' || k || "
+    parts.append(f"SELECT candidate_id, {before(n)}, 'not in top ' || k || "
                  f"' by clip_sim_dir' FROM {decided} WHERE cut_by_topk")
-    return ("SELECT candidate_id, (row_number() OVER (PARTITION BY candidate_id ORDER BY o) "
-            "- 1) AS reason_index, reason FROM (" + " UNION ALL ".join(parts) + ") r")
+    return " UNION ALL ".join(parts)
 
 
 def _funnel(cat, sql: str, params: dict, rules: list[Rule],
