@@ -338,3 +338,100 @@ def test_a_batch_is_completed_and_committed_while_the_next_one_computes(ingested
     # a rerun completes only the failed batch
     again = Overlapped(last=4)
     assert run(ws, again, progress=False).rows_done == 1 and again.completed == [4]
+
+
+class KeyOrder(RowStage):
+    """Test stage over anchors in key order: records every row it is given, in order."""
+
+    name = "test_keys"
+    table = "anchors"
+    columns = "anchor_id"
+    batch_size = 2
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self.seen: list[int] = []
+
+    def process(self, rows, prepared, ctx):
+        self.seen += [r["anchor_id"] for r in rows]
+        return BatchResult()
+
+
+@pytest.fixture
+def small_windows(monkeypatch):
+    """Windows of a couple of rows: the 9 anchors take several, sized from the last."""
+    from ultracurate.runner import Pending
+    monkeypatch.setattr(Pending, "FIRST", 2)
+    monkeypatch.setattr(Pending, "MAX", 4)
+
+
+@pytest.mark.parametrize("case", ["fresh", "some done", "force", "sparse where", "limit",
+                                  "groups"])
+def test_pending_rows_read_a_key_window_at_a_time_are_the_sorted_rows(ingested_ws,
+                                                                     small_windows, case):
+    """Read window by window (each its own query, later ones on another connection), the
+    pending rows are exactly the single sorted query's rows, in the same order; a --limit
+    and a stage with groups get one sorted read at the start."""
+    import contextlib
+
+    from ultracurate.runner import Pending, order_sql, pending_sql
+    ws = ingested_ws
+    stage, sel, force = KeyOrder(), Selection(), False
+    if case == "some done":
+        run(ws, KeyOrder(), Selection(where="anchor_id IN (2, 3, 4, 8)"), progress=False)
+    elif case == "force":
+        run(ws, KeyOrder(), progress=False)
+        force = True
+    elif case == "sparse where":
+        sel = Selection(where="anchor_id IN (1, 8, 9)")   # a run of keys with none between
+    elif case == "limit":
+        sel = Selection(limit=3)
+    elif case == "groups":
+        stage = BatchRecorder()
+    with ws.catalog() as cat:
+        sql, params = pending_sql(stage, cat, sel, force)
+        want = [r[0] for r in cat.con.execute(sql + order_sql(stage), params).fetchall()]
+        pending = Pending.write(stage, cat, sel, force, ws.scratch)
+        pending.fill(lambda: contextlib.closing(cat.con.cursor()))
+        got = [r["anchor_id"] for b in pending.batches(2) for r in b]
+        pending.remove()
+    assert got == want and want, case
+    assert pending.n == len(want)
+    windowed = case not in ("limit", "groups")
+    assert (len(pending.counts) > 1) == windowed, (case, pending.counts)
+    assert list(ws.scratch.glob("*pending*")) == []   # read files go
+
+
+def test_a_job_over_windows_gets_each_row_once_in_key_order_and_records_the_total(
+        ingested_ws, small_windows):
+    ws = ingested_ws
+    run(ws, KeyOrder(), Selection(where="anchor_id IN (4, 5)"), progress=False)
+    stage = KeyOrder()
+    s = run(ws, stage, progress=False)
+    assert stage.seen == [1, 2, 3, 6, 7, 8, 9] and s.rows_in == s.rows_done == 7
+    with ws.catalog(read_only=True) as cat:
+        rows_in = cat.scalar("SELECT rows_in FROM runs WHERE run_id = ?", [s.run_id])
+    assert rows_in == 7
+
+
+def test_a_window_that_cannot_be_read_fails_the_batches_that_need_it(ingested_ws,
+                                                                   small_windows):
+    """The first window is read at the start; a later one that fails (the catalog gone, a
+    full disk) raises its error where the batches reach it, not a silent short job."""
+    import contextlib
+
+    from ultracurate.runner import Pending
+    ws = ingested_ws
+    with ws.catalog() as cat:
+        pending = Pending.write(KeyOrder(), cat, Selection(), False, ws.scratch)
+    assert not pending.complete and pending.known >= 2
+
+    @contextlib.contextmanager
+    def broken():
+        raise OSError("No space left on device")
+        yield
+    pending.fill(broken)
+    with pytest.raises(OSError, match="No space left"):
+        [r["anchor_id"] for b in pending.batches(2) for r in b]
+    pending.remove()
+    assert list(ws.scratch.glob("*pending*")) == []

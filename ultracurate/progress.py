@@ -67,7 +67,7 @@ class JobBar:
     computed (`Context.progress`, called per diffusion step or sub-batch), so a long batch
     moves the bar before it commits. Callable with rows of the batch in hand done."""
 
-    def __init__(self, total: int, description: str, **kw):
+    def __init__(self, total: int | None, description: str, **kw):
         self.progress = bar(total, description, **kw)
         self.task = self.progress.add_task(description, total=total)
         self.committed = 0.0
@@ -77,6 +77,10 @@ class JobBar:
 
     def stop(self) -> None:
         self.progress.stop()
+
+    def set_total(self, total: int) -> None:
+        """The total, once known (a job's pending rows are counted as they are read)."""
+        self.progress.update(self.task, total=total)
 
     def __call__(self, rows_in_batch: float) -> None:
         self.progress.update(self.task, completed=self.committed + rows_in_batch)

@@ -24,9 +24,10 @@ as it was.
 
 Jobs share the catalog with readers and with each other. DuckDB lets one process write a file
 or several read it, so a row stage holds the catalog only while it must: one connection to plan,
-materialise its pending rows (`Pending`) and record its run; none while batches compute; one
-for each batch's commit (its writes, its rows' marks, its run's counters and heartbeat), which
-waits its turn behind readers and other jobs' commits. A set stage is one transaction. The run
+materialise its pending rows (`Pending`: a stage in key order, their first key window) and
+record its run; none while batches compute; one for each batch's commit (its writes, its rows'
+marks, its run's counters and heartbeat) or each further window of its pending rows, which waits
+its turn behind readers and other jobs' commits. A set stage is one transaction. The run
 records its process (host, pid, start time), so a run marked running is closed as killed only
 once its process is gone (`ultracurate.runs`).
 """
@@ -1039,6 +1040,18 @@ class _Catalogs:
                     or readers_waiting(path)):
                 self._close()
 
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[Any]:
+        """A DuckDB connection for the job's own reads while batches compute (its pending
+        rows' later windows): the commits' (see commit), or a cursor of the caller's
+        catalog, which the commit thread uses meanwhile."""
+        if self.held is not None:
+            with contextlib.closing(self.held.con.cursor()) as cur:
+                yield cur
+            return
+        with self.commit() as cat:
+            yield cat.con
+
     def _close(self) -> None:  # with self._lock held
         if self._cat is not None:
             self._cat.close()
@@ -1135,8 +1148,10 @@ def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selec
                                 getattr(engine, "name", "local"), parent_run)
                 settled = (_apply_set(cat, stage, scoped, force, run_id, ws)
                            if stage.set_where else 0)
-                cat.runs.update([{"run_id": run_id, "rows_in": pending.n + settled,
-                                  "rows_done": settled}])
+                counts = {"rows_done": settled}
+                if pending.complete:   # else once its last window is in
+                    counts["rows_in"] = pending.n + settled
+                cat.runs.update([{"run_id": run_id, **counts}])
         except BaseException as e:
             if pending is not None:
                 pending.remove()
@@ -1144,17 +1159,20 @@ def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selec
                 # the set-based rows' transaction rolled back with the run: the run is
                 # recorded on its own, as a set stage's failure is
                 _OPEN_RUNS.discard(run_id)
-                _record_failure(cat, stage, selection, models, parent_run, e)
-                if isinstance(e, KeyboardInterrupt):
+                stopped = _ctrl_c(e)
+                _record_failure(cat, stage, selection, models, parent_run,
+                                KeyboardInterrupt() if stopped else e)
+                if stopped:
                     raise Interrupted(f"{stage.name} interrupted: nothing changed") from None
             raise
         finally:
             if items is not None:
                 cat.con.unregister(ITEMS)
     ctx.run_id = run_id
-    n_rows = pending.n
+    pending.fill(conns.reader)   # the rest of its windows, ahead of the batches
+    counted = pending.complete   # the run (and the bar) have the total
     done, failed = settled, 0
-    bar = JobBar(n_rows, stage.name) if progress else None
+    bar = JobBar(pending.n, stage.name) if progress else None
     ctx.on_progress = bar
     ctrl_c = _DeferredInterrupt()
     results = batches = None
@@ -1164,10 +1182,13 @@ def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selec
     committer = ThreadPoolExecutor(1, thread_name_prefix="uc-commit")
     in_flight: list = []
 
-    def commit(batch, result) -> tuple[int, int]:
+    def commit(batch, result, rows_in: int | None) -> tuple[int, int]:
         with conns.commit() as cat:
             w = Access(cat, stage, JobRun(run_id), writable=True, workspace=ws, force=force)
-            return _commit_batch(cat, stage, w, batch, result)
+            out = _commit_batch(cat, stage, w, batch, result)
+            if rows_in is not None:   # the total, known since the last batch
+                cat.runs.update([{"run_id": run_id, "rows_in": rows_in}])
+            return out
 
     def settle() -> None:
         nonlocal done, failed
@@ -1182,12 +1203,19 @@ def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selec
             bar.start()
         batches = pending.batches(size, stage.columnar)
         results = (engine.map(stage, batches, ctx, stop=lambda: ctrl_c.requested)
-                   if n_rows else iter(()))
+                   if not pending.empty else iter(()))
         for batch, result in results:
+            total = None
+            if not counted and pending.complete:
+                total, counted = pending.n, True
+                if bar:
+                    bar.set_total(total)
             if bar:   # computed rows (their commit at most one batch behind): the next
                 bar.advance(len(batch))   # batch's in-batch progress starts from here
             settle()
-            in_flight.append((committer.submit(commit, batch, result), len(batch)))
+            in_flight.append((committer.submit(
+                commit, batch, result, None if total is None else total + settled),
+                len(batch)))
             if ctrl_c.requested:
                 settle()
                 raise KeyboardInterrupt
@@ -1205,7 +1233,8 @@ def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selec
                     extra["notes"] = [*extra.get("notes", []), (
                         f"{stats['lost']} Ray replica(s) lost; {stats['retried']} batch(es) "
                         "resubmitted to the others")]
-            _end(cat, run_id, "completed", "; ".join(extra.get("notes", [])) or None)
+            _end(cat, run_id, "completed", "; ".join(extra.get("notes", [])) or None,
+                 rows_in=pending.n + settled)
     except (KeyboardInterrupt, RuntimeError) as e:
         _drain(in_flight)  # a commit under way finishes (or fails) before the run ends
         # DuckDB turns a Ctrl-C during a query into RuntimeError('Query interrupted')
@@ -1221,15 +1250,16 @@ def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selec
         raise
     finally:
         committer.shutdown(wait=True)
-        conns.release()
-        ctrl_c.restore()
-        for gen in (results, batches):  # the pending rows' file is read by these
+        for gen in (results, batches):  # the pending rows' files are read by these
             if hasattr(gen, "close"):
                 gen.close()
-        pending.remove()
+        pending.remove()   # its filling stops before the connection it borrows goes
+        conns.release()
+        ctrl_c.restore()
         if bar:
             bar.stop()
-    return RunSummary(run_id, stage.name, n_rows + settled, done, failed, "completed", extra)
+    return RunSummary(run_id, stage.name, pending.n + settled, done, failed, "completed",
+                      extra)
 
 
 def _apply_set(cat: Catalog, stage: RowStage, selection: Selection, force: bool,
@@ -1334,6 +1364,13 @@ def _run_steps(ws: Workspace, stage: StepsStage, selection: Selection,
                       result=result)
 
 
+def _ctrl_c(e: BaseException) -> bool:
+    """Whether e is a Ctrl-C: Python's, or DuckDB's during a query (it turns SIGINT into
+    RuntimeError('Query interrupted'))."""
+    return isinstance(e, KeyboardInterrupt) or (isinstance(e, RuntimeError)
+                                                and str(e) == "Query interrupted")
+
+
 def _failure_state(e: BaseException) -> tuple[str, str]:
     if isinstance(e, KeyboardInterrupt):
         return "interrupted", "interrupted by the user"
@@ -1390,21 +1427,27 @@ class _DeferredInterrupt:
 
 
 # -- selection and resumption: the pending rows -----------------------------------------------
-def pending_sql(stage: RowStage, cat: Catalog, selection: Selection, force: bool
-                ) -> tuple[str, dict]:
+def pending_sql(stage: RowStage, cat: Catalog, selection: Selection, force: bool,
+                window: bool = False) -> tuple[str, dict]:
     """SQL for the rows a row stage still has to do, unordered (see `order_sql`): the
     selection (the user's, scoped), numbered when the stage deals over it, without the rows
-    the stage finished (unless force), narrowed by the stage's trusted predicate."""
+    the stage finished (unless force), narrowed by the stage's trusted predicate. window:
+    only keys in [$_uc_lo, $_uc_hi) (bound by the caller), on both sides of the anti-join."""
     key = stage.row_key
     view = ITEMS if stage.items_relation else VIEWS[stage.table]
     params = dict(stage.sql_params())
     columns = stage.columns + (f", ({stage.group_by}) AS {GROUP}" if stage.group_by else "")
     where = stage.force_where if force and stage.force_where else stage.default_where
+    in_window = "{0} >= $_uc_lo AND {0} < $_uc_hi"
+    if window:
+        where = in_window.format(key) + (f" AND ({where})" if where else "")
     join = None
     if not force and stage.tracks_state:
         # An explicit ANTI JOIN: DuckDB plans it as a hash anti-join before the view's joins
         # (NOT EXISTS became a mark join after them, 3-5x slower at 4M rows).
         done = "SELECT key, run_id FROM stage_state WHERE stage = $_uc_stage AND state = 'done'"
+        if window:  # the finished rows of the window alone (not every mark, every window)
+            done += " AND " + in_window.format("key")
         rk = resume_key(stage)
         if rk:
             done = (f"SELECT s.key, s.run_id FROM ({done}) s JOIN runs r ON r.run_id = s.run_id "
@@ -1447,24 +1490,75 @@ def order_sql(stage: RowStage) -> str:
 
 
 class Pending:
-    """A job's pending rows, materialised when it starts: in batch order, with the columns the
-    stage needs, in a Parquet file under the workspace's tmp/ (named by the job's process, so
-    that a killed job's file is removed by the next job). The job then holds no catalog
-    cursor while it runs, and one over 41M rows never holds them all in memory."""
+    """A job's pending rows, materialised as Parquet files under the workspace's tmp/ (named
+    by the job's process, so that a killed job's files are removed by the next job), in batch
+    order, with the columns the stage needs. The job then holds no catalog cursor while it
+    runs, and one over 41M rows never holds them all in memory.
 
-    CHUNK = 8192  # rows read from DuckDB (and from the file) at a time
+    A stage in key order (no groups, numbering or order of its own, over catalog rows, no
+    --limit/--sample) gets them a key window at a time: a window is the pending rows whose
+    key lies in a range, sorted on their own, and windows follow each other up the keys, so
+    together they are in key order. The first windows are small (FIRST rows), so that the
+    first batch starts within a second however large the selection; the rest are materialised
+    ahead on a thread while batches compute (`fill`), each on the job's short connection
+    between commits, their ranges sized from the rows the last window found (up to MAX rows,
+    a fraction of a second's hold at 4.1M). The total is known once the last window is in
+    (`n`; None before). Rows a batch finishes lie in windows already read, so no row comes
+    twice; rows added after the job started have keys above its last window (sequences).
+    Other stages get one sorted file at the start, as do outside items."""
 
-    def __init__(self, path: Path, n: int):
-        self.path, self.n = path, n
+    CHUNK = 8192        # rows read from DuckDB (and from a file) at a time
+    FIRST = 16_384      # rows the first window(s) aim at
+    MAX = 1_048_576     # rows a window aims at, at most
 
+    def __init__(self, folder: Path, sql: str = "", params: dict | None = None,
+                 key: str = "", bounds: tuple[int, int] | None = None, span: int = 1):
+        self.folder, self.sql, self.params, self.key = folder, sql, params or {}, key
+        self.files: list[Path] = []
+        self.counts: list[int] = []
+        self.next, self.hi = (bounds or (0, -1))
+        self.span, self.target = span, self.FIRST
+        self.error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # -- making it
     @classmethod
     def write(cls, stage: RowStage, cat: Catalog, selection: Selection, force: bool,
               folder: Path) -> "Pending":
-        import pyarrow.parquet as pq
-        sql, params = pending_sql(stage, cat, selection, force)
+        """The pending rows: all of them, or (windows) at least the first FIRST or all."""
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{procs.tag()}~pending-{uuid.uuid4().hex[:12]}.parquet"
-        reader = cat.con.sql(sql + order_sql(stage), params=params).to_arrow_reader(cls.CHUNK)
+        key = stage.row_key
+        windowed = (not stage.items_relation and not stage.group_by
+                    and not stage.ordinal_where and not stage.identity
+                    and stage.order_by in (None, key) and not _top_n(selection))
+        bounds = None
+        if windowed:  # the key's range and density in the stage's table (its columns alone)
+            lo, hi, n = cat.con.execute(f"SELECT min({key}), max({key}), count({key}) "
+                                        f"FROM {stage.table}").fetchall()[0]
+            windowed = isinstance(lo, int) and isinstance(hi, int)
+            bounds = (lo, hi) if windowed else None
+        sql, params = pending_sql(stage, cat, selection, force, window=windowed)
+        if not windowed:
+            pending = cls(folder)
+            pending._write(cat.con, sql + order_sql(stage), params)
+            pending.next = 1   # nothing left to read
+            return pending
+        span = max(1, -(-(hi - lo + 1) * cls.FIRST // max(n, 1)))
+        pending = cls(folder, sql + f" ORDER BY {key}", params, key, bounds, span)
+        try:
+            while not pending.complete and pending.known < cls.FIRST:
+                pending._window(cat.con)
+        except BaseException:
+            pending.remove()
+            raise
+        return pending
+
+    def _write(self, con, sql: str, params: dict) -> int:
+        import pyarrow.parquet as pq
+        path = self.folder / f"{procs.tag()}~pending-{uuid.uuid4().hex[:12]}.parquet"
+        reader = con.sql(sql, params=params).to_arrow_reader(self.CHUNK)
         n = 0
         try:
             with pq.ParquetWriter(path, reader.schema) as out:
@@ -1474,8 +1568,66 @@ class Pending:
         except BaseException:
             path.unlink(missing_ok=True)
             raise
-        return cls(path, n)
+        with self._cond:
+            if n:
+                self.files.append(path)
+                self.counts.append(n)
+            else:
+                path.unlink(missing_ok=True)
+            self._cond.notify_all()
+        return n
 
+    def _window(self, con) -> None:
+        """Read the next key window; size the one after it from the rows this one found."""
+        lo, hi = self.next, min(self.next + self.span, self.hi + 1)
+        n = self._write(con, self.sql, {**self.params, "_uc_lo": lo, "_uc_hi": hi})
+        self.target = min(self.target * 2, self.MAX)
+        # as many keys as should hold `target` rows at this window's density: at most 4x
+        # the last (a stretch of finished rows), at least half
+        want = self.span * 4 if not n else self.span * self.target // n
+        self.span = max(1, min(self.span * 4, max(self.span // 2, want)))
+        with self._cond:
+            self.next = hi
+            self._cond.notify_all()
+
+    def fill(self, reader: Callable[[], Any]) -> None:
+        """Materialise the rest on a thread, each window on a connection `reader()` lends (a
+        context manager giving a DuckDB connection)."""
+        if self.complete:
+            return
+
+        def loop():
+            try:
+                while not self.complete and not self._stop:
+                    with reader() as con:
+                        self._window(con)
+            except BaseException as e:  # the batches reaching the missing window raise it
+                with self._cond:
+                    self.error = e
+                    self._cond.notify_all()
+        self._thread = threading.Thread(target=loop, name="uc-pending", daemon=True)
+        self._thread.start()
+
+    # -- what it holds
+    @property
+    def complete(self) -> bool:
+        return self.next > self.hi
+
+    @property
+    def known(self) -> int:
+        """Rows materialised so far."""
+        return sum(self.counts)
+
+    @property
+    def n(self) -> int | None:
+        """How many rows are pending (None until the last window is in)."""
+        return self.known if self.complete else None
+
+    @property
+    def empty(self) -> bool:
+        return self.complete and not self.known
+
+    # -- reading it
     def rows(self) -> Iterator[dict]:
         for rb in self.record_batches():
             yield from rb.to_pylist()
@@ -1488,18 +1640,49 @@ class Pending:
 
     def record_batches(self) -> Iterator:
         import pyarrow.parquet as pq
-        with pq.ParquetFile(self.path) as f:
-            yield from f.iter_batches(batch_size=self.CHUNK)
+        i = 0
+        while True:
+            with self._cond:
+                while i >= len(self.files) and not self.complete and self.error is None:
+                    if self._thread is None:   # nobody fills it: a caller's mistake
+                        raise RuntimeError("pending rows beyond the first window need fill()")
+                    self._cond.wait(1.0)
+                if i >= len(self.files):
+                    if self.error is not None and not self.complete:
+                        raise self.error
+                    return
+                path = self.files[i]
+            with pq.ParquetFile(path) as f:
+                yield from f.iter_batches(batch_size=self.CHUNK)
+            path.unlink(missing_ok=True)   # read: its disk goes now
+            i += 1
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+        """Stop the filling (after the window in hand) and remove the files."""
+        self._stop = True
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        for path in self.files:
+            path.unlink(missing_ok=True)
+
+
+def _top_n(selection: Selection | None) -> bool:
+    """Whether the selection (or a parent of it) takes --limit or --sample rows: its rows are
+    picked over the whole selection at once."""
+    while selection is not None:
+        if selection.limit is not None or selection.sample is not None:
+            return True
+        selection = selection.parent
+    return False
 
 
 def pending_batches(stage: RowStage, cat: Catalog, selection: Selection, force: bool,
-                    size: int, folder: Path) -> tuple[int, Iterator[list[dict]]]:
-    """How many rows are pending, and their batches (see Pending; the file goes when the
-    batches are exhausted or closed)."""
+                    size: int, folder: Path) -> tuple[int | None, Iterator[list[dict]]]:
+    """How many rows are pending (None: not known yet), and their batches (see Pending; the
+    files go as they are read, and when the batches are exhausted or closed). Later windows
+    are read on a cursor of cat's connection."""
     pending = Pending.write(stage, cat, selection, force, folder)
+    pending.fill(lambda: contextlib.closing(cat.con.cursor()))
 
     def batches():
         try:

@@ -103,7 +103,9 @@ def _list_sql(cat: Catalog) -> str:
 
 
 def _view(r: dict, at: _dt.datetime) -> dict:
-    done, failed, total = (int(r[k] or 0) for k in ("rows_done", "rows_failed", "rows_in"))
+    done, failed = (int(r[k] or 0) for k in ("rows_done", "rows_failed"))
+    # a running job's total is known once its pending rows are all read (runner.Pending)
+    total = None if r["rows_in"] is None else int(r["rows_in"])
     start = r["started_at"]
     end = r["ended_at"] if r["state"] != "running" else at
     elapsed = max((end - start).total_seconds(), 0.0) if start and end else None
@@ -112,7 +114,7 @@ def _view(r: dict, at: _dt.datetime) -> dict:
     span = (last - start).total_seconds() if last and start else 0.0
     rate = (done + failed) / span if span > 0 and done + failed else None
     eta = None
-    if r["state"] == "running" and rate:
+    if r["state"] == "running" and rate and total is not None:
         eta = max(total - done - failed, 0) / rate
     return {
         "run_id": r["run_id"], "stage": r["stage"], "state": r["state"],
@@ -193,7 +195,8 @@ def runs_table(rows: list[dict], title: str | None = None):
     for r in rows:
         t.add_row(str(r["run_id"]), r["stage"],
                   f"[{colour.get(r['state'], 'white')}]{r['state']}[/]",
-                  f"{r['rows_done']}/{r['rows_total']}", str(r["rows_failed"] or ""),
+                  f"{r['rows_done']}/{'?' if r['rows_total'] is None else r['rows_total']}",
+                  str(r["rows_failed"] or ""),
                   f"{r['rate']:.1f}/s" if r["rate"] else "--",
                   _duration(r["elapsed_s"]),
                   _duration(r["eta_s"]) if r["state"] == "running" else "")
