@@ -138,27 +138,34 @@ def _decision_sql(con, selection: Selection, t: Thresholds) -> tuple[str, dict, 
         missing.append(f"(({rule.column} IS NULL)::BIGINT << {i})")
     k = _per_mode({m: str(t[m].top_k) for m in MODES if t[m].top_k})
     drop = _per_mode({m: "true" for m in MODES if t[m].drop_if_fewer and t[m].top_k}, "false")
-    # Each step is read once, so none is materialised (DuckDB would write each to memory
-    # first: a second or more at 3M rows); one window ranks and counts an edit's rows.
+    # A step read once is not materialised (DuckDB would write it to memory first: a second
+    # or more at 3M rows). The pool: rows that pass the thresholds and no person rejected, or
+    # that a person accepted; NULL for a failing row no person decided, which counts nothing.
     sql = f"""
     WITH sel AS NOT MATERIALIZED ({inner}),
     r AS NOT MATERIALIZED (
       SELECT *, ({" | ".join(fails) or "0"})::BIGINT AS fails,
         ({" | ".join(missing) or "0"})::BIGINT AS missing, {k} AS k, {drop} AS drop_rule
       FROM sel),
-    p AS NOT MATERIALIZED (
-      SELECT *, fails <> 0 AS failed,
+    p AS MATERIALIZED (
+      SELECT candidate_id, edit_id, human_decision, clip_sim_dir, fails, missing, k,
+        drop_rule, fails <> 0 AS failed,
         ((fails = 0 AND human_decision IS DISTINCT FROM 'reject')
          OR human_decision = 'accept') AS pool FROM r),
-    -- The pool's rows come first in each edit, so a pool row's place is its rank among
-    -- them; n_pass is NULL when no row of the edit counts (all pool values NULL).
+    -- Per edit, how many rows are in the pool, from the rows whose place is known (NULL for
+    -- an edit without any, as a sum over none): a window over every row cost a sort of
+    -- them all.
+    passing AS (
+      SELECT edit_id, sum(pool::INTEGER)::INTEGER AS n_pass FROM p WHERE pool IS NOT NULL
+      GROUP BY edit_id),
+    -- Top-k ranks the pool of the edits with more than k in it (the others keep theirs).
+    ranks AS (
+      SELECT candidate_id, row_number() OVER (PARTITION BY edit_id ORDER BY {RANK_ORDER})
+        AS rank
+      FROM p JOIN passing USING (edit_id) WHERE pool AND n_pass > k),
     ranked AS NOT MATERIALIZED (
-      SELECT *,
-        row_number() OVER edit AS rank,
-        sum(pool::INTEGER) OVER (
-          edit ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)::INTEGER AS n_pass
-      FROM p
-      WINDOW edit AS (PARTITION BY edit_id ORDER BY pool DESC NULLS LAST, {RANK_ORDER})),
+      SELECT p.*, n_pass, rank
+      FROM p LEFT JOIN passing USING (edit_id) LEFT JOIN ranks USING (candidate_id)),
     decided AS NOT MATERIALIZED (
       SELECT candidate_id, edit_id, clip_sim_dir, fails, missing, failed, human_decision, k,
         n_pass, coalesce(drop_rule AND n_pass < k, false) AS dropped_by_region,
