@@ -73,17 +73,23 @@ def test_sample_is_deterministic_and_limit_takes_lowest_ids(ingested_ws):
 @pytest.mark.parametrize("sel, order", [
     (Selection(limit=3), "anchor_id"),
     (Selection(where="width > $w", params={"w": 600}, limit=2), "anchor_id"),
+    (Selection(limit=0), "anchor_id"),
+    (Selection(limit=50), "anchor_id"),                      # more than the selection holds
+    (Selection(where="anchor_id >= $a", params={"a": 8}, limit=1), "anchor_id"),  # far keys
+    (Selection(where="anchor_id IN (2, 9)", limit=2), "anchor_id"),
     (Selection(sample=4, seed=7), "hash(anchor_id, 7), anchor_id"),
     (Selection(where="format = 'JPEG'", sample=2, seed=1), "hash(anchor_id, 1), anchor_id"),
 ])
 def test_limit_and_sample_pick_the_rows_of_the_sorted_query(ingested_ws, sel, order):
-    """--limit/--sample take the keys first, then their rows (no sort of the whole view):
-    the rows, and every column of them, are those of ordering the view and taking N."""
+    """--limit/--sample take the keys first, then their rows (no sort of the whole view;
+    --limit: up to the N-th key, found a key window at a time): the rows, and every column
+    of them, are those of ordering the view and taking N."""
     with ingested_ws.catalog(read_only=True) as cat:
         sql, params = selected_keys_sql(cat.con, "anchors_v", "anchor_id", sel)
         got = cat.query(sql + " ORDER BY anchor_id", params)
-        where = sel.where.replace("$w", "600") if sel.where else "true"
-        n = sel.limit or sel.sample
+        where = sel.where.replace("$w", "600").replace("$a", "8") if sel.where else "true"
+        n = sel.limit if sel.limit is not None else sel.sample
         want = cat.query(f"SELECT * FROM (SELECT * FROM anchors_v WHERE {where} "
                          f"ORDER BY {order} LIMIT {n}) ORDER BY anchor_id")
-    assert got == want and len(got) == n
+        total = cat.scalar(f"SELECT count(*) FROM anchors_v WHERE {where}")
+    assert got == want and len(got) == min(n, total)

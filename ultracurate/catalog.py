@@ -30,6 +30,9 @@ VIEWS = {"anchors": "anchors_v", "edits": "edits_v", "candidates": "candidates_v
          "sessions": "sessions_v"}
 KEYS = {"anchors": "anchor_id", "edits": "edit_id", "candidates": "candidate_id",
         "sessions": "session_id"}
+# The parent each table's view joins on the parent's key (an inner join, the key never
+# changes): a window of a table's keys implies a range of its parent's (selection.key_window).
+PARENTS = {"candidates": "edits", "edits": "anchors"}
 # Every table of the catalog (cat.<name> is its table API) and its key, where it has one.
 TABLE_KEYS = {**KEYS, "runs": "run_id", "stage_state": "key", "anchor_captions": "anchor_id",
               "candidate_rejects": "candidate_id", "ingest_rejects": "source_path",

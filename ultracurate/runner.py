@@ -54,7 +54,7 @@ from .catalog import (KEYS, VIEWS, Catalog, JobRun, UndeclaredWrite, lock_wait, 
 from .errors import UltracurateError, reason_text
 from .progress import JobBar
 from .runs import close_dead
-from .selection import Selection, selected_keys_sql
+from .selection import Selection, key_window, key_window_params, selected_keys_sql
 from .workspace import Workspace, remove_dead_files
 
 
@@ -1432,22 +1432,22 @@ def pending_sql(stage: RowStage, cat: Catalog, selection: Selection, force: bool
     """SQL for the rows a row stage still has to do, unordered (see `order_sql`): the
     selection (the user's, scoped), numbered when the stage deals over it, without the rows
     the stage finished (unless force), narrowed by the stage's trusted predicate. window:
-    only keys in [$_uc_lo, $_uc_hi) (bound by the caller), on both sides of the anti-join."""
+    only the rows of a key window (selection.key_window, its parameters bound by the
+    caller), on both sides of the anti-join."""
     key = stage.row_key
     view = ITEMS if stage.items_relation else VIEWS[stage.table]
     params = dict(stage.sql_params())
     columns = stage.columns + (f", ({stage.group_by}) AS {GROUP}" if stage.group_by else "")
     where = stage.force_where if force and stage.force_where else stage.default_where
-    in_window = "{0} >= $_uc_lo AND {0} < $_uc_hi"
     if window:
-        where = in_window.format(key) + (f" AND ({where})" if where else "")
+        where = key_window(stage.table, key) + (f" AND ({where})" if where else "")
     join = None
     if not force and stage.tracks_state:
         # An explicit ANTI JOIN: DuckDB plans it as a hash anti-join before the view's joins
         # (NOT EXISTS became a mark join after them, 3-5x slower at 4M rows).
         done = "SELECT key, run_id FROM stage_state WHERE stage = $_uc_stage AND state = 'done'"
         if window:  # the finished rows of the window alone (not every mark, every window)
-            done += " AND " + in_window.format("key")
+            done += " AND key >= $_uc_wlo AND key < $_uc_whi"
         rk = resume_key(stage)
         if rk:
             done = (f"SELECT s.key, s.run_id FROM ({done}) s JOIN runs r ON r.run_id = s.run_id "
@@ -1512,8 +1512,10 @@ class Pending:
     MAX = 1_048_576     # rows a window aims at, at most
 
     def __init__(self, folder: Path, sql: str = "", params: dict | None = None,
-                 key: str = "", bounds: tuple[int, int] | None = None, span: int = 1):
-        self.folder, self.sql, self.params, self.key = folder, sql, params or {}, key
+                 key: str = "", table: str = "", bounds: tuple[int, int] | None = None,
+                 span: int = 1):
+        self.folder, self.sql, self.params = folder, sql, params or {}
+        self.key, self.table = key, table
         self.files: list[Path] = []
         self.counts: list[int] = []
         self.next, self.hi = (bounds or (0, -1))
@@ -1546,7 +1548,8 @@ class Pending:
             pending.next = 1   # nothing left to read
             return pending
         span = max(1, -(-(hi - lo + 1) * cls.FIRST // max(n, 1)))
-        pending = cls(folder, sql + f" ORDER BY {key}", params, key, bounds, span)
+        pending = cls(folder, sql + f" ORDER BY {key}", params, key, stage.table, bounds,
+                      span)
         try:
             while not pending.complete and pending.known < cls.FIRST:
                 pending._window(cat.con)
@@ -1580,7 +1583,8 @@ class Pending:
     def _window(self, con) -> None:
         """Read the next key window; size the one after it from the rows this one found."""
         lo, hi = self.next, min(self.next + self.span, self.hi + 1)
-        n = self._write(con, self.sql, {**self.params, "_uc_lo": lo, "_uc_hi": hi})
+        window = key_window_params(con, self.table, self.key, lo, hi)
+        n = self._write(con, self.sql, {**self.params, **window})
         self.target = min(self.target * 2, self.MAX)
         # as many keys as should hold `target` rows at this window's density: at most 4x
         # the last (a stretch of finished rows), at least half
