@@ -1505,7 +1505,12 @@ class Pending:
     a fraction of a second's hold at 4.1M). The total is known once the last window is in
     (`n`; None before). Rows a batch finishes lie in windows already read, so no row comes
     twice; rows added after the job started have keys above its last window (sequences).
-    Other stages get one sorted file at the start, as do outside items."""
+    A stage whose groups are a whole-number column of its table (generate's model calls,
+    `gen_call`) gets windows over that column instead, each sorted by group then key (a group
+    never straddles two windows), after the rows without a group. Every window also narrows
+    the keys (and the keys of the tables the view joins) to those of its rows, so no scan
+    reads the whole table (`selection.key_window`). Other stages (numbering, an order of
+    their own, --limit/--sample) get one sorted file at the start, as do outside items."""
 
     CHUNK = 8192        # rows read from DuckDB (and from a file) at a time
     FIRST = 16_384      # rows the first window(s) aim at
@@ -1513,9 +1518,12 @@ class Pending:
 
     def __init__(self, folder: Path, sql: str = "", params: dict | None = None,
                  key: str = "", table: str = "", bounds: tuple[int, int] | None = None,
-                 span: int = 1):
+                 span: int = 1, group: str | None = None):
         self.folder, self.sql, self.params = folder, sql, params or {}
         self.key, self.table = key, table
+        # windows over the key, or over a group column of the table (the batch order is the
+        # group's, then the key): rows without a group first, then the groups in windows
+        self.group = group
         self.files: list[Path] = []
         self.counts: list[int] = []
         self.next, self.hi = (bounds or (0, -1))
@@ -1532,12 +1540,17 @@ class Pending:
         """The pending rows: all of them, or (windows) at least the first FIRST or all."""
         folder.mkdir(parents=True, exist_ok=True)
         key = stage.row_key
-        windowed = (not stage.items_relation and not stage.group_by
-                    and not stage.ordinal_where and not stage.identity
-                    and stage.order_by in (None, key) and not _top_n(selection))
+        group = (stage.group_by if stage.group_by and stage.order_by is None
+                 and not stage.items_relation
+                 and _integer_column(cat, stage.table, stage.group_by) else None)
+        windowed = (not stage.items_relation and not stage.ordinal_where
+                    and not stage.identity and not _top_n(selection)
+                    and (group is not None or (not stage.group_by
+                                               and stage.order_by in (None, key))))
         bounds = None
-        if windowed:  # the key's range and density in the stage's table (its columns alone)
-            lo, hi, n = cat.con.execute(f"SELECT min({key}), max({key}), count({key}) "
+        col = group or key
+        if windowed:  # the column's range and density in the stage's table (it alone)
+            lo, hi, n = cat.con.execute(f"SELECT min({col}), max({col}), count({col}) "
                                         f"FROM {stage.table}").fetchall()[0]
             windowed = isinstance(lo, int) and isinstance(hi, int)
             bounds = (lo, hi) if windowed else None
@@ -1548,9 +1561,10 @@ class Pending:
             pending.next = 1   # nothing left to read
             return pending
         span = max(1, -(-(hi - lo + 1) * cls.FIRST // max(n, 1)))
-        pending = cls(folder, sql + f" ORDER BY {key}", params, key, stage.table, bounds,
-                      span)
+        pending = cls(folder, sql, params, key, stage.table, bounds, span, group)
         try:
+            if group is not None:
+                pending._window(cat.con, ungrouped=True)
             while not pending.complete and pending.known < cls.FIRST:
                 pending._window(cat.con)
         except BaseException:
@@ -1580,11 +1594,26 @@ class Pending:
             self._cond.notify_all()
         return n
 
-    def _window(self, con) -> None:
-        """Read the next key window; size the one after it from the rows this one found."""
+    def _window(self, con, ungrouped: bool = False) -> None:
+        """Read the next window (ungrouped: the rows without a group); size the one after it
+        from the rows this one found."""
         lo, hi = self.next, min(self.next + self.span, self.hi + 1)
-        window = key_window_params(con, self.table, self.key, lo, hi)
-        n = self._write(con, self.sql, {**self.params, **window})
+        sql, keys = self.sql, (lo, hi)
+        if self.group is not None:   # the keys of the window's rows, from its groups'
+            inside = (f"{self.group} IS NULL" if ungrouped
+                      else f"{self.group} >= {lo} AND {self.group} < {hi}")
+            sql = f"SELECT * FROM ({sql}) pending WHERE {GROUP} " + (
+                "IS NULL" if ungrouped else f">= {lo} AND {GROUP} < {hi}")
+            first, last = con.execute(f"SELECT min({self.key}), max({self.key}) "
+                                      f"FROM {self.table} WHERE {inside}").fetchall()[0]
+            keys = (first, last + 1) if first is not None else None
+        n = 0
+        if keys is not None:
+            window = key_window_params(con, self.table, self.key, *keys)
+            order = f"{GROUP}, {self.key}" if self.group and not ungrouped else self.key
+            n = self._write(con, f"{sql} ORDER BY {order}", {**self.params, **window})
+        if ungrouped:
+            return
         self.target = min(self.target * 2, self.MAX)
         # as many keys as should hold `target` rows at this window's density: at most 4x
         # the last (a stretch of finished rows), at least half
@@ -1668,6 +1697,16 @@ class Pending:
             self._thread.join()
         for path in self.files:
             path.unlink(missing_ok=True)
+
+
+def _integer_column(cat: Catalog, table: str, expr: str) -> bool:
+    """Whether expr is a whole-number column of table (a group to read in windows)."""
+    types = {c.lower(): t for c, t in cat.con.execute(
+        "SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = ?",
+        [table]).fetchall()}
+    return types.get(expr.strip().lower(), "") in ("TINYINT", "SMALLINT", "INTEGER", "BIGINT",
+                                                   "UTINYINT", "USMALLINT", "UINTEGER",
+                                                   "UBIGINT", "HUGEINT")
 
 
 def _top_n(selection: Selection | None) -> bool:
