@@ -1486,7 +1486,7 @@ def pending_sql(stage: RowStage, cat: Catalog, selection: Selection, force: bool
 def order_sql(stage: RowStage) -> str:
     """The batch order: the stage's (or the key), with a group's rows kept together."""
     order = stage.order_by or stage.row_key
-    return f" ORDER BY {GROUP} NULLS FIRST, {order}" if stage.group_by else f" ORDER BY {order}"
+    return f" ORDER BY {GROUP} NULLS LAST, {order}" if stage.group_by else f" ORDER BY {order}"
 
 
 class Pending:
@@ -1507,7 +1507,7 @@ class Pending:
     twice; rows added after the job started have keys above its last window (sequences).
     A stage whose groups are a whole-number column of its table (generate's model calls,
     `gen_call`) gets windows over that column instead, each sorted by group then key (a group
-    never straddles two windows), after the rows without a group. Every window also narrows
+    never straddles two windows), then the rows without a group. Every window also narrows
     the keys (and the keys of the tables the view joins) to those of its rows, so no scan
     reads the whole table (`selection.key_window`). Other stages (numbering, an order of
     their own, --limit/--sample) get one sorted file at the start, as do outside items."""
@@ -1522,8 +1522,10 @@ class Pending:
         self.folder, self.sql, self.params = folder, sql, params or {}
         self.key, self.table = key, table
         # windows over the key, or over a group column of the table (the batch order is the
-        # group's, then the key): rows without a group first, then the groups in windows
+        # group's, then the key): the groups in windows, then the rows without a group (last:
+        # at the start, they would cost a pass over every row that never had a group)
         self.group = group
+        self.ungrouped_left = group is not None
         self.files: list[Path] = []
         self.counts: list[int] = []
         self.next, self.hi = (bounds or (0, -1))
@@ -1563,8 +1565,6 @@ class Pending:
         span = max(1, -(-(hi - lo + 1) * cls.FIRST // max(n, 1)))
         pending = cls(folder, sql, params, key, stage.table, bounds, span, group)
         try:
-            if group is not None:
-                pending._window(cat.con, ungrouped=True)
             while not pending.complete and pending.known < cls.FIRST:
                 pending._window(cat.con)
         except BaseException:
@@ -1594,9 +1594,10 @@ class Pending:
             self._cond.notify_all()
         return n
 
-    def _window(self, con, ungrouped: bool = False) -> None:
-        """Read the next window (ungrouped: the rows without a group); size the one after it
-        from the rows this one found."""
+    def _window(self, con) -> None:
+        """Read the next window (after the last group's: the rows without a group); size the
+        one after it from the rows this one found."""
+        ungrouped = self.next > self.hi
         lo, hi = self.next, min(self.next + self.span, self.hi + 1)
         sql, keys = self.sql, (lo, hi)
         if self.group is not None:   # the keys of the window's rows, from its groups'
@@ -1613,6 +1614,9 @@ class Pending:
             order = f"{GROUP}, {self.key}" if self.group and not ungrouped else self.key
             n = self._write(con, f"{sql} ORDER BY {order}", {**self.params, **window})
         if ungrouped:
+            with self._cond:
+                self.ungrouped_left = False
+                self._cond.notify_all()
             return
         self.target = min(self.target * 2, self.MAX)
         # as many keys as should hold `target` rows at this window's density: at most 4x
@@ -1644,7 +1648,7 @@ class Pending:
     # -- what it holds
     @property
     def complete(self) -> bool:
-        return self.next > self.hi
+        return self.next > self.hi and not self.ungrouped_left
 
     @property
     def known(self) -> int:
