@@ -16,11 +16,16 @@ A third line runs ours one pair per model call: what making every candidate's pi
 independent of its call would cost (the VAE and UNet give results that depend on the batch at
 the float-rounding level, so only one pair per call is batch-invariant); generate instead
 fixes each call's pairs when it plans them (gen_call), see docs/generation.md.
+
+Ours is the generate stage's compute (`ultracurate.generation`, which the stage calls per model
+call) with the stage's writes to a media store, and no catalog: it imports no DuckDB, polars or
+LanceDB, so bench/gpu.sh runs it on the device machine. --out writes the figures as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -43,14 +48,14 @@ from ultracurate.workspace import MediaStore  # noqa: E402
 SRC, TGT = "a photo of a cat sitting on a sofa", "a photo of a dog sitting on a red sofa"
 
 
-def real_arch_pipe(device, dtype):
+def real_arch_pipe(device, dtype, tmp: Path):
     """SDXL-Turbo's architecture with random weights, built from its configuration (no
     download): UNet 2.6B, VAE, CLIP-L + OpenCLIP-bigG text encoders, Euler Ancestral."""
     from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler,
                            StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel)
     from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                               CLIPTokenizer)
-    tokdir = Path(tempfile.mkdtemp())
+    tokdir = tmp / "tokenizer"
     editor.write_clip_tokenizer(tokdir)
     tok = CLIPTokenizer.from_pretrained(str(tokdir), model_max_length=77)
     unet = UNet2DConditionModel(
@@ -134,14 +139,21 @@ def main():
     ap.add_argument("--pairs", type=int, default=32)
     ap.add_argument("--stock-pairs", type=int, default=None)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--out", default=None, help="write the figures here (JSON)")
     args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
+        bench(args, Path(tmp))
+
+
+def bench(args, tmp: Path) -> None:
+    """The run of main's options, with its models and media under tmp."""
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     if args.real_arch:
-        pipe = real_arch_pipe(args.device, dtype)
+        pipe = real_arch_pipe(args.device, dtype, tmp)
     else:
-        ref = editor.make_tiny(Path(tempfile.mkdtemp()) / "editor")
+        ref = editor.make_tiny(tmp / "editor")
         pipe = editor.load(ref, args.device, dtype)
-    store = MediaStore(Path(tempfile.mkdtemp()))
+    store = MediaStore(tmp / "media")
     ims = anchors(args.pairs, args.size)
     bench_ours(pipe, ims[:min(4, len(ims))], min(4, args.batch), store, args.device)  # warm-up
     ours = bench_ours(pipe, ims, args.batch, store, args.device)
@@ -150,7 +162,7 @@ def main():
     from diffusers.models.attention_processor import AttnProcessor2_0
     pipe.unet.set_attn_processor(AttnProcessor2_0())
     n_stock = args.stock_pairs or max(4, args.pairs // 4)
-    bench_stock(pipe, ims[:2], store, args.device)  # warm-up
+    bench_stock(pipe, ims[:1], store, args.device)  # warm-up
     stock = bench_stock(pipe, ims[:n_stock], store, args.device)
     r_ours, r_stock, r_single = args.pairs / ours, n_stock / stock, n_single / single
     card = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
@@ -163,6 +175,17 @@ def main():
     print(f"stock StableDiffusionXLImg2ImgPipeline, 1 image/call: {n_stock} pairs in "
           f"{stock:.2f} s = {r_stock:.2f} pairs/s ({1000 / r_stock:.1f} ms/pair)")
     print(f"speed-up: {r_ours / r_stock:.2f}x")
+    if args.out:
+        res = {"date": time.strftime("%Y-%m-%d"), "device": card,
+               "arch": "sdxl" if args.real_arch else "tiny", "size": args.size,
+               "dtype": str(dtype).split(".")[-1], "real_steps": 3, "batch": args.batch,
+               "pairs": args.pairs, "pairs_per_s": round(r_ours, 3),
+               "one_pair_per_call_pairs": n_single, "one_pair_per_call_pairs_per_s":
+               round(r_single, 3), "stock_pairs": n_stock, "stock_pairs_per_s":
+               round(r_stock, 3), "speedup_vs_stock": round(r_ours / r_stock, 2)}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=2))
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

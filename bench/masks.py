@@ -5,8 +5,11 @@ decode-to-numpy loop, in one run; and (--real, for a GPU machine) ground through
     .venv/bin/python bench/masks.py --n 200000 --naive-sample 2000 --shape-sample 20000
     .venv/bin/python bench/masks.py --real --device cuda # GroundingDINO Swin-B + SAM ViT-H,
                                                          # random weights: anchors/s batched
-                                                         # vs one image at a time
+                                                         # vs one edit per call
     .venv/bin/python bench/masks.py --real --tiny DIR    # the same code path with tiny models
+
+--real runs the ground stage's compute (ultracurate.grounding.ground_batch) without a catalog:
+it imports no DuckDB, polars or LanceDB, so bench/gpu.sh runs it on the device machine.
 
 Masks are synthetic but realistic: a pool of masks at photo sizes (ellipses and blobs of all
 sizes, multi-part objects, speckled SAM-like fragments, whole-image and few-pixel masks),
@@ -130,59 +133,83 @@ def bench_features(n: int, naive_sample: int, shape_sample: int | None, workers:
     print(f"  classes: {counts}; fast == naive on the {k:,} sampled rows")
 
 
+class FixedBoxes:
+    """The detector, run in full on every item, with its boxes replaced by one fixed box per
+    item. Random weights find arbitrary boxes (none, or hundreds), where a real photo's edit
+    object gives one or a few: one box keeps SAM's share of the cost that of a typical
+    detection, and the same on both sides."""
+
+    def __init__(self, det, box):
+        self.det, self.box, self.backend = det, box, det.backend
+
+    def detect(self, images, phrases):
+        from ultracurate.models.grounding import Detections
+        self.det.detect(images, phrases)
+        return [Detections([list(self.box)], [1.0], [p]) for p in phrases]
+
+
 def bench_real(device: str, n_anchors: int, edits_per_anchor: int, batch: int,
-               tiny: str | None) -> None:
-    """Ground throughput: detector + SAM, batched as the ground stage batches (detector over
-    the batch's edits, SAM image encoder once per anchor for a batch of anchors), against
-    one image at a time (detector, then SAM, per edit, as the released code does)."""
+               tiny: str | None, out: str | None = None) -> None:
+    """Ground throughput through the ground stage's compute (`ultracurate.grounding.
+    ground_batch`: one detector call per batch, SAM's image encoder once per anchor, masks,
+    RLE and features), batched as the stage batches against one edit per call (detector,
+    SAM, mask per edit, as the released code does). No catalog."""
+    import json
+
     import torch
     from PIL import Image
 
+    from ultracurate.grounding import ground_batch
     from ultracurate.models import grounding, make_tiny, sam
     if tiny:
         refs = make_tiny(tiny, ("grounding", "sam"))
         g_ref, s_ref = refs["grounding"], refs["sam"]
     else:
         g_ref, s_ref = "random:grounding-dino-base", "random:vit_h"
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    det = grounding.load(g_ref, device)
-    seg = sam.load(s_ref, device, dtype=dtype)
+    det = FixedBoxes(grounding.load(g_ref, device), [100.0, 80.0, 400.0, 360.0])
+    seg = sam.load(s_ref, device)  # the stage's loads: default dtypes
     rng = np.random.default_rng(0)
     anchors = [Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8))
                for _ in range(n_anchors)]
     phrases = ["the red car", "a dog"] * edits_per_anchor
     edits = [(i, phrases[j]) for i in range(n_anchors) for j in range(edits_per_anchor)]
-    box = [[100.0, 80.0, 400.0, 360.0]]
 
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    def one_at_a_time(items):
-        for i, p in items:
-            det.detect([anchors[i]], [p])
-            e = seg.embed([np.asarray(anchors[i])])
-            seg.masks(e[0], (480, 640), box)
+    def run(items, per_call):
+        found = []
+        for s in range(0, len(items), per_call):
+            chunk = items[s:s + per_call]
+            found += ground_batch(det, seg, [anchors[i] for i, _ in chunk],
+                                  [p for _, p in chunk], [i for i, _ in chunk],
+                                  sam_batch_size=batch)
+        return found
 
-    def batched(items):
-        for s in range(0, len(items), batch):
-            chunk = items[s:s + batch]
-            det.detect([anchors[i] for i, _ in chunk], [p for _, p in chunk])
-            ids = list(dict.fromkeys(i for i, _ in chunk))
-            e = seg.embed([np.asarray(anchors[i]) for i in ids], batch_size=batch)
-            for i, _ in chunk:
-                seg.masks(e[ids.index(i)], (480, 640), box)
-
-    one_at_a_time(edits[:2]); batched(edits[:batch]); sync()          # warm up
-    t = time.perf_counter(); one_at_a_time(edits); sync(); t1 = time.perf_counter() - t
-    t = time.perf_counter(); batched(edits); sync(); t2 = time.perf_counter() - t
+    run(edits[:2], 1); run(edits[:batch], batch); sync()              # warm up
+    t = time.perf_counter(); one = run(edits, 1); sync(); t1 = time.perf_counter() - t
+    t = time.perf_counter(); many = run(edits, batch); sync(); t2 = time.perf_counter() - t
+    assert all(g.rle is not None for g in one + many)
+    area = max(abs(a.features.area - b.features.area) for a, b in zip(one, many))
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
-    print(f"ground throughput on {name} ({g_ref} + {s_ref}, {dtype}), {n_anchors} anchors x "
-          f"{edits_per_anchor} edits, 640x480:")
-    print(f"  one image at a time: {n_anchors / t1:.2f} anchors/s ({len(edits) / t1:.2f} "
+    res = {"date": time.strftime("%Y-%m-%d"), "device": name, "grounding": g_ref, "sam": s_ref,
+           "sam_dtype": str(seg.dtype), "anchors": n_anchors,
+           "edits_per_anchor": edits_per_anchor, "batch": batch,
+           "one_at_a_time_anchors_per_s": round(n_anchors / t1, 3),
+           "batched_anchors_per_s": round(n_anchors / t2, 3), "speedup": round(t1 / t2, 2),
+           "max_abs_mask_area_diff": float(f"{area:.2e}")}
+    print(f"ground throughput on {name} ({g_ref} + {s_ref}, SAM {seg.dtype}), {n_anchors} "
+          f"anchors x {edits_per_anchor} edits, 640x480, one fixed box per edit:")
+    print(f"  one edit per call: {n_anchors / t1:.2f} anchors/s ({len(edits) / t1:.2f} "
           f"edits/s)")
     print(f"  batched (batch {batch}, one SAM embedding per anchor): {n_anchors / t2:.2f} "
-          f"anchors/s ({len(edits) / t2:.2f} edits/s), {t1 / t2:.1f}x")
+          f"anchors/s ({len(edits) / t2:.2f} edits/s), {t1 / t2:.1f}x; max |mask area "
+          f"difference| {area:.1e}")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(res, indent=2))
+        print(f"wrote {out}")
 
 
 def main() -> None:
@@ -198,9 +225,10 @@ def main() -> None:
     ap.add_argument("--anchors", type=int, default=16)
     ap.add_argument("--edits-per-anchor", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--out", default=None, help="with --real: write the figures here (JSON)")
     a = ap.parse_args()
     if a.real:
-        bench_real(a.device, a.anchors, a.edits_per_anchor, a.batch, a.tiny)
+        bench_real(a.device, a.anchors, a.edits_per_anchor, a.batch, a.tiny, a.out)
     else:
         bench_features(a.n, a.naive_sample, a.shape_sample, a.workers)
 

@@ -430,7 +430,7 @@ def test_cli_export(cand_ws, tmp_path):
         "-p", "m", "free",
         "--format", "hf", "--shard-size", "4", "--json", str(out)]))
     assert r.exit_code == 0, r.output
-    data = json.loads(r.output)
+    data = json.loads(r.stdout)
     assert data["rows"] == 8 and data["splits"] == {"train": 8}
     assert len(list((out / "data" / "free_form").glob("train-*.parquet"))) == 2
     with ws.catalog(read_only=True) as cat:

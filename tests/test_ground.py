@@ -244,12 +244,12 @@ def test_cli_ground_and_classify(ingested_ws, tiny_refs):
                                  "-p", f"n={rows[1]['edit_id']}", "--box-threshold", "0",
                                  "--json"])
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output)
+    out = json.loads(r.stdout)
     assert out["stage"] == "ground" and out["rows_done"] == 2
     r = CliRunner().invoke(app, ["classify-masks", "-w", str(ws.root), "--max-area", "0.95",
                                  "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["rows_done"] == 2
+    assert json.loads(r.stdout)["rows_done"] == 2
     classes = [e["mask_class"] for e in edits(ws) if e["mask_rle"] is not None]
     assert len(classes) == 2 and set(classes) <= set(M.MASK_CLASSES)
 
@@ -269,3 +269,106 @@ def test_sam_loading_forms(tiny_refs, tmp_path):
         sam.load(str(bad))
     with pytest.raises(UltracurateError, match="grounding-dino or owlv2"):
         grounding.load(tiny_refs["sam"], backend="yolo")
+
+
+# -- classify-masks: stored features in SQL, the others decoded in batches -----------------------
+def _classify_state(ws) -> dict:
+    with ws.catalog(read_only=True) as cat:
+        rows = cat.query("SELECT e.edit_id, e.mask_class, e.classify_run, e.mask_area, "
+                         "e.mask_contours, s.state, s.run_id AS mark_run, s.error "
+                         "FROM edits e LEFT JOIN stage_state s ON s.key = e.edit_id "
+                         "AND s.stage = 'classify-masks' ORDER BY e.edit_id")
+    return {r["edit_id"]: r for r in rows}
+
+
+def _run_row(ws, run_id) -> dict:
+    with ws.catalog(read_only=True) as cat:
+        return cat.query("SELECT state, rows_in, rows_done, rows_failed FROM runs "
+                         "WHERE run_id = ?", [run_id])[0]
+
+
+def test_classify_masks_one_run_over_stored_and_decoded_masks(ws):
+    """Stored features are classified in SQL, masks without them decoded in batches: one run,
+    one set of counts and marks, classes as masks.classify gives them; a rerun retries only
+    the failed row, --force and new thresholds redo every row, --limit its first rows."""
+    from _masks import add_masks, stored
+    disc = np.zeros((40, 40), bool)
+    disc[10:30, 10:30] = True
+    ids = add_masks(ws, [stored(0.5, 3), stored(0.95, 1), stored(0.5, 900), stored(0.0, 0),
+                         {"mask": disc}, {"mask": np.ones((40, 40), bool)},
+                         {"rle": "not an rle", "mask": disc}])
+    s = run(ws, "classify-masks", progress=False)
+    assert (s.rows_in, s.rows_done, s.rows_failed) == (7, 6, 1)
+    assert _run_row(ws, s.run_id) == {"state": "completed", "rows_in": 7, "rows_done": 6,
+                                      "rows_failed": 1}
+    got = _classify_state(ws)
+    want = ["fine", "too_large", "fragmented", "too_small", "fine", "too_large"]
+    for eid, cls in zip(ids, want):
+        r = got[eid]   # decoded masks' features are stored now, and give the class
+        assert r["mask_class"] == cls == M.classify(r["mask_area"], r["mask_contours"])
+        assert (r["classify_run"], r["state"], r["mark_run"]) == (s.run_id, "done", s.run_id)
+    bad = got[ids[-1]]
+    assert (bad["mask_class"], bad["classify_run"], bad["state"]) == (None, None, "failed")
+    assert f"edit {ids[-1]}" in bad["error"]
+    # the same thresholds: only the failed row is pending, and nothing else is touched
+    s2 = run(ws, "classify-masks", progress=False)
+    assert (s2.rows_in, s2.rows_done, s2.rows_failed) == (1, 0, 1)
+    assert {k: v for k, v in _classify_state(ws).items() if k != ids[-1]} == {
+        k: v for k, v in got.items() if k != ids[-1]}
+    # --force redoes every row; marks it had are updated in place, by the new run
+    s3 = run(ws, "classify-masks", force=True, progress=False)
+    assert (s3.rows_in, s3.rows_done) == (7, 6)
+    assert {r["mark_run"] for r in _classify_state(ws).values()} == {s3.run_id}
+    # new thresholds redo the rows classified under others, from the stored features
+    s4 = run(ws, "classify-masks", max_contours=5000, progress=False)
+    assert (s4.rows_in, s4.rows_done) == (7, 6)
+    assert _classify_state(ws)[ids[2]]["mask_class"] == "fine"
+    # --limit: the first rows of the selection, whichever way they are classified
+    s5 = run(ws, "classify-masks", Selection(limit=2), progress=False)
+    assert (s5.rows_in, s5.rows_done) == (2, 2)
+    assert [_classify_state(ws)[i]["classify_run"] for i in ids[:3]] == [s5.run_id] * 2 + [
+        s4.run_id]
+
+
+@pytest.mark.parametrize("how", ["python", "duckdb"])
+def test_ctrl_c_while_classifying_in_sql_leaves_the_catalog_as_it_was(ws, monkeypatch, how):
+    """A Ctrl-C during the SQL classification (after its UPDATE ran: Python's
+    KeyboardInterrupt, or a SIGINT that DuckDB turns into 'Query interrupted' mid-statement)
+    rolls back the classes, the marks and the run; the run is recorded as interrupted, and
+    a rerun classifies every row."""
+    import os
+    import signal
+    import threading
+    from _masks import add_masks, stored
+    from ultracurate.runner import Interrupted
+    from ultracurate.stages.classify_masks import ClassifyMasksStage
+    ids = add_masks(ws, [stored(0.5, 3), stored(0.95, 1), {}])
+    before = _classify_state(ws)
+    real = ClassifyMasksStage.apply_set
+
+    def interrupted(self, w, rows):
+        real(self, w, rows)   # the classes are written: the rollback must undo them
+        if how == "python":
+            raise KeyboardInterrupt
+        con = w.cat.con
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+        safety = threading.Timer(30, con.interrupt)   # never hang if DuckDB missed it
+        safety.start()
+        try:
+            con.execute("SELECT count(*) FROM range(1000000000000) t(x) WHERE x % 7 = 3")
+        finally:
+            safety.cancel()
+    monkeypatch.setattr(ClassifyMasksStage, "apply_set", interrupted)
+    with pytest.raises(Interrupted, match="classify-masks interrupted"):
+        run(ws, "classify-masks", progress=False)
+    assert _classify_state(ws) == before
+    with ws.catalog(read_only=True) as cat:
+        assert cat.query("SELECT stage, state FROM runs") == [
+            {"stage": "classify-masks", "state": "interrupted"}]
+        assert cat.scalar("SELECT count(*) FROM stage_state") == 0
+    assert not list(ws.scratch.glob("*pending*"))
+    monkeypatch.undo()
+    s = run(ws, "classify-masks", progress=False)
+    assert (s.rows_in, s.rows_done) == (3, 3)
+    assert [_classify_state(ws)[i]["mask_class"] for i in ids] == ["fine", "too_large",
+                                                                     "fine"]

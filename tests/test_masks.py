@@ -3,6 +3,8 @@ against hand-computed cases."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -102,6 +104,51 @@ def test_class_boundaries_follow_the_released_code():
     assert M.classify(0.5, 501) == "fragmented"
     # size is checked before fragmentation
     assert M.classify(0.95, 10_000) == "too_large"
+
+
+def _boundary_cases(th: dict) -> list[tuple]:
+    """(area, contours) just below, at and just above every threshold, with the other
+    feature on either side of its own; an empty mask; NULLs."""
+    def below(v):
+        return math.nextafter(v, -math.inf)
+
+    def above(v):
+        return math.nextafter(v, math.inf)
+    mid = (th["min_area"] + th["max_area"]) / 2
+    many, few = th["max_contours"] + 1, max(th["max_contours"] - 1, 0)
+    cases = []
+    for v in (th["min_area"], th["max_area"]):
+        for area in (below(v), v, above(v)):
+            cases += [(max(area, 0.0), few), (max(area, 0.0), many)]
+    for contours in (th["max_contours"] - 1, th["max_contours"], th["max_contours"] + 1):
+        cases.append((mid, max(contours, 0)))
+    cases += [(0.0, 0), (1.0, 10 ** 6), (mid, 10 ** 6), (None, 3), (mid, None), (None, None)]
+    return cases
+
+
+@pytest.mark.parametrize("overrides", [
+    {},                                                  # the released code's
+    {"min_area": 0.2, "max_area": 0.5, "max_contours": 3},
+    {"min_area": 0, "max_area": 1, "max_contours": 0},   # the ends of the ranges
+    {"min_area": 0.1, "max_area": 0.3000000000000001},   # a threshold a float32 would round
+])
+def test_sql_and_python_classes_agree_at_every_boundary(ws, overrides):
+    """masks.classify_sql over the catalog's own columns gives what masks.classify and
+    classify_many give on the same features, at each class boundary, for NULLs and for empty
+    and fragmented masks (thresholds bound as parameters, never pasted)."""
+    from _masks import add_masks, stored
+    th = M.thresholds(**overrides)
+    cases = _boundary_cases(th)
+    ids = add_masks(ws, [stored(a, c) for a, c in cases])
+    sql, params = M.classify_sql("mask_area", "mask_contours", th)
+    assert all(str(v) not in sql for v in th.values() if v not in (0, 1))
+    with ws.catalog(read_only=True) as cat:
+        got = dict(cat.con.execute(f"SELECT edit_id, {sql} FROM edits", params).fetchall())
+    want = [M.classify(a, c, th) for a, c in cases]
+    assert [got[i] for i in ids] == want
+    present = [(a, c) for a, c in cases if a is not None and c is not None]
+    assert list(M.classify_many(*zip(*present), th)) == [M.classify(a, c, th) for a, c in present]
+    assert set(want) == {*M.MASK_CLASSES, None}   # the table reaches every class
 
 
 def test_thresholds_are_configurable_and_checked():

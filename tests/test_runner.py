@@ -365,8 +365,15 @@ def small_windows(monkeypatch):
     monkeypatch.setattr(Pending, "MAX", 4)
 
 
+class TurnGroups(KeyOrder):
+    """Groups on a whole-number column of the table: read in windows over the column."""
+
+    name = "test_turns"
+    group_by = "turn"
+
+
 @pytest.mark.parametrize("case", ["fresh", "some done", "force", "sparse where", "limit",
-                                  "groups"])
+                                  "groups", "group column"])
 def test_pending_rows_read_a_key_window_at_a_time_are_the_sorted_rows(ingested_ws,
                                                                      small_windows, case):
     """Read window by window (each its own query, later ones on another connection), the
@@ -388,6 +395,10 @@ def test_pending_rows_read_a_key_window_at_a_time_are_the_sorted_rows(ingested_w
         sel = Selection(limit=3)
     elif case == "groups":
         stage = BatchRecorder()
+    elif case == "group column":   # 1-3 without a group; {6, 9}, {4, 7}, {5, 8}
+        with ws.catalog() as cat:
+            cat.con.execute("UPDATE anchors SET turn = anchor_id % 3 WHERE anchor_id > 3")
+        stage = TurnGroups()
     with ws.catalog() as cat:
         sql, params = pending_sql(stage, cat, sel, force)
         want = [r[0] for r in cat.con.execute(sql + order_sql(stage), params).fetchall()]

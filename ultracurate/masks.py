@@ -7,7 +7,9 @@ height and width. Everything else is derived from it on demand:
 - `features`: area fraction, bounding box, connected components, external contours (OpenCV's
   findContours with RETR_EXTERNAL, as the released UltraEdit code counts them);
 - `classify`: too_large | too_small | fragmented | fine, with the released code's thresholds
-  as defaults (`DEFAULT_THRESHOLDS`, the one place they are defined);
+  as defaults (`DEFAULT_THRESHOLDS`, the one place they are defined) and one table of rules
+  (`CLASS_RULES`) that the Python, numpy (`classify_many`) and SQL (`classify_sql`) forms all
+  read;
 - `soft_mask`: the mask at latent resolution that region-based generation uses, either
   UltraEdit's construction (edit mask, an outer mask around it, a constant soft value in the
   band between them) or a feathered variant (dilate, then Gaussian blur).
@@ -15,6 +17,7 @@ height and width. Everything else is derived from it on demand:
 
 from __future__ import annotations
 
+import operator
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Sequence
 
@@ -33,6 +36,15 @@ DEFAULT_THRESHOLDS = {
     "max_contours": 500,    # more external contours than this: fragmented
 }
 MASK_CLASSES = ("too_large", "too_small", "fragmented", "fine")
+# How a mask's class follows from its area fraction and external contours: the first rule it
+# meets, in this order (size before fragmentation, as in the released code, so an empty mask
+# is too_small); a mask meeting none is fine. (class, feature, comparison, threshold name).
+CLASS_RULES = (
+    ("too_large", "area", ">=", "max_area"),
+    ("too_small", "area", "<=", "min_area"),
+    ("fragmented", "contours", ">", "max_contours"),
+)
+_COMPARE = {">=": operator.ge, "<=": operator.le, ">": operator.gt}
 
 # The released soft-mask branch: with fewer than `hull_below` external contours the outer mask
 # is the convex hulls of the object's contours; from there up to `box_below` the edit mask
@@ -139,27 +151,44 @@ def thresholds(**overrides) -> dict:
     return out
 
 
-def classify(area: float, contours: int, th: dict | None = None) -> str:
-    """too_large | too_small | fragmented | fine. Size is checked first, as in the released
-    code (an empty mask is too_small)."""
+def classify(area: float | None, contours: int | None, th: dict | None = None) -> str | None:
+    """too_large | too_small | fragmented | fine by CLASS_RULES (an empty mask is too_small);
+    None when a feature is missing (NULL), as classify_sql gives."""
+    if area is None or contours is None:
+        return None
     th = th or DEFAULT_THRESHOLDS
-    if area >= th["max_area"]:
-        return "too_large"
-    if area <= th["min_area"]:
-        return "too_small"
-    if contours > th["max_contours"]:
-        return "fragmented"
+    value = {"area": float(area), "contours": float(contours)}
+    for name, feature, op, threshold in CLASS_RULES:
+        if _COMPARE[op](value[feature], float(th[threshold])):
+            return name
     return "fine"
 
 
 def classify_many(areas: Sequence[float], contours: Sequence[int],
                   th: dict | None = None) -> np.ndarray:
-    """Vectorised `classify` (object array of class names)."""
+    """Vectorised `classify` over present features (object array of class names)."""
     th = th or DEFAULT_THRESHOLDS
-    a = np.asarray(areas, dtype=np.float64)
-    c = np.asarray(contours, dtype=np.int64)
-    return np.select([a >= th["max_area"], a <= th["min_area"], c > th["max_contours"]],
-                     ["too_large", "too_small", "fragmented"], "fine").astype(object)
+    value = {"area": np.asarray(areas, dtype=np.float64),
+             "contours": np.asarray(contours, dtype=np.int64).astype(np.float64)}
+    return np.select([_COMPARE[op](value[feature], float(th[threshold]))
+                      for _, feature, op, threshold in CLASS_RULES],
+                     [name for name, *_ in CLASS_RULES], "fine").astype(object)
+
+
+def classify_sql(area: str, contours: str, th: dict | None = None) -> tuple[str, dict]:
+    """`classify` as an SQL expression over two trusted column expressions, and the
+    thresholds as its parameters (never pasted in): NULL when a feature is NULL. Every
+    comparison is in DOUBLE, as Python and numpy compare (a threshold bound as an integer or
+    a column of another type cannot round differently)."""
+    th = th or DEFAULT_THRESHOLDS
+    value = {"area": f"CAST({area} AS DOUBLE)", "contours": f"CAST({contours} AS DOUBLE)"}
+    whens = " ".join(f"WHEN {value[feature]} {op} CAST($_uc_mask_{threshold} AS DOUBLE) "
+                     f"THEN '{name}'" for name, feature, op, threshold in CLASS_RULES)
+    sql = (f"(CASE WHEN {area} IS NULL OR {contours} IS NULL THEN NULL {whens} "
+           f"ELSE 'fine' END)")
+    params = {f"_uc_mask_{threshold}": float(th[threshold])
+              for _, _, _, threshold in CLASS_RULES}
+    return sql, params
 
 
 def boxes_mask(boxes: Iterable[Sequence[float]], height: int, width: int) -> np.ndarray:

@@ -275,8 +275,14 @@ class RowStage(Stage):
     order_by: str | None = None       # batch order (default: the key); e.g. "anchor_id, edit_id"
     # A stage whose work is arithmetic over columns gets each batch as a pyarrow Table
     # instead of a list of dicts (no Python object per row; no groups, numbering or order
-    # of its own): classify-masks over millions of stored mask features.
+    # of its own): classify-masks over masks whose features it computes.
     columnar: bool = False
+    # Rows the stage finishes in SQL, without a batch: a trusted predicate over its view
+    # (classify-masks: masks whose features are stored). The runner applies its pending rows
+    # where this holds with `apply_set`, in the transaction that records the run (as a set
+    # stage applies its plan), marks them done and counts them; batches take the others.
+    set_where: str | None = None
+    set_columns: str | None = None    # what apply_set reads of each row (default: the key)
     # Resumption, all done by the runner. A row is finished once stage_state marks it done...
     resume_on: tuple[str, ...] = ()   # ...by a run with the same values of these options
     run_column: str | None = None     # ...and the row still carries that run in this column
@@ -334,6 +340,11 @@ class RowStage(Stage):
         return self.recorded is None and self.key is None
 
     # -- on the driver, inside the runner's transactions -----------------------------------
+    def apply_set(self, w: Access, rows: str) -> None:
+        """Write the rows finished in SQL (`set_where`): `rows` names a relation of their
+        `set_columns`, one row each. Runs in the runner's transaction, before any batch."""
+        raise NotImplementedError
+
     def write(self, w: Access, result: BatchResult) -> None:
         """Apply a batch's results (default: inserts, then updates)."""
         for table, rows in result.inserts.items():
@@ -1130,15 +1141,29 @@ def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selec
                 scoped = Selection(parent=selection, parent_table=stage.selects)
             elif stage.table and not stage.items_relation:
                 selection.checked(cat.con, VIEWS[stage.table])
-            pending = Pending.write(stage, cat, scoped, force, ws.scratch)
+            batched = scoped.narrowed(f"NOT ({stage.set_where})") if stage.set_where else scoped
+            pending = Pending.write(stage, cat, batched, force, ws.scratch)
             with cat.transaction():
                 run_id = _start(cat, stage, selection, models,
                                 getattr(engine, "name", "local"), parent_run)
+                settled = (_apply_set(cat, stage, scoped, force, run_id, ws)
+                           if stage.set_where else 0)
+                counts = {"rows_done": settled}
                 if pending.complete:   # else once its last window is in
-                    cat.runs.update([{"run_id": run_id, "rows_in": pending.n}])
-        except BaseException:
+                    counts["rows_in"] = pending.n + settled
+                cat.runs.update([{"run_id": run_id, **counts}])
+        except BaseException as e:
             if pending is not None:
                 pending.remove()
+            if stage.set_where and locals().get("run_id") is not None:
+                # the set-based rows' transaction rolled back with the run: the run is
+                # recorded on its own, as a set stage's failure is
+                _OPEN_RUNS.discard(run_id)
+                stopped = _ctrl_c(e)
+                _record_failure(cat, stage, selection, models, parent_run,
+                                KeyboardInterrupt() if stopped else e)
+                if stopped:
+                    raise Interrupted(f"{stage.name} interrupted: nothing changed") from None
             raise
         finally:
             if items is not None:
@@ -1146,7 +1171,7 @@ def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selec
     ctx.run_id = run_id
     pending.fill(conns.reader)   # the rest of its windows, ahead of the batches
     counted = pending.complete   # the run (and the bar) have the total
-    done = failed = 0
+    done, failed = settled, 0
     bar = JobBar(pending.n, stage.name) if progress else None
     ctx.on_progress = bar
     ctrl_c = _DeferredInterrupt()
@@ -1188,7 +1213,9 @@ def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selec
             if bar:   # computed rows (their commit at most one batch behind): the next
                 bar.advance(len(batch))   # batch's in-batch progress starts from here
             settle()
-            in_flight.append((committer.submit(commit, batch, result, total), len(batch)))
+            in_flight.append((committer.submit(
+                commit, batch, result, None if total is None else total + settled),
+                len(batch)))
             if ctrl_c.requested:
                 settle()
                 raise KeyboardInterrupt
@@ -1207,7 +1234,7 @@ def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selec
                         f"{stats['lost']} Ray replica(s) lost; {stats['retried']} batch(es) "
                         "resubmitted to the others")]
             _end(cat, run_id, "completed", "; ".join(extra.get("notes", [])) or None,
-                 rows_in=pending.n)
+                 rows_in=pending.n + settled)
     except (KeyboardInterrupt, RuntimeError) as e:
         _drain(in_flight)  # a commit under way finishes (or fails) before the run ends
         # DuckDB turns a Ctrl-C during a query into RuntimeError('Query interrupted')
@@ -1231,7 +1258,35 @@ def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selec
         ctrl_c.restore()
         if bar:
             bar.stop()
-    return RunSummary(run_id, stage.name, pending.n, done, failed, "completed", extra)
+    return RunSummary(run_id, stage.name, pending.n + settled, done, failed, "completed",
+                      extra)
+
+
+def _apply_set(cat: Catalog, stage: RowStage, selection: Selection, force: bool,
+               run_id: int, ws: Workspace) -> int:
+    """The stage's pending rows where its `set_where` holds (the same resumption as its
+    batches': pending_sql), applied by `stage.apply_set` and marked done by run_id, in the
+    caller's transaction; how many."""
+    key = stage.row_key
+    sql, params = pending_sql(stage, cat, selection.narrowed(stage.set_where), force)
+    columns = stage.set_columns or key
+    with cat.materialized(f"SELECT {columns} FROM ({sql}) p", params) as rows:
+        n = int(cat.scalar(f"SELECT count(*) FROM {rows}"))
+        if n:
+            stage.apply_set(Access(cat, stage, JobRun(run_id), writable=True, workspace=ws,
+                                   force=force), rows)
+            _mark_done(cat, stage.name, f"SELECT {key} AS key FROM {rows}", run_id)
+    return n
+
+
+def _mark_done(cat: Catalog, stage: str, keys: str, run_id: int) -> None:
+    """Mark the rows whose keys a query gives done by run_id: the stage's marks they have
+    are updated in place, the others inserted (INSERT OR REPLACE through the key's index cost
+    twice as much at millions of rows)."""
+    at = now()
+    q = named_queries("runs")
+    cat.con.execute(q["mark_done_update"].format(keys=keys), [run_id, at, stage])
+    cat.con.execute(q["mark_done_insert"].format(keys=keys), [stage, run_id, at, stage])
 
 
 def _end_after(conns: _Catalogs, run_id: int, state: str, message: str) -> None:
@@ -1307,6 +1362,13 @@ def _run_steps(ws: Workspace, stage: StepsStage, selection: Selection,
         result = stage.steps(ws, selection, parent, progress)
     return RunSummary(parent.run_id, stage.name, parent.done, parent.done, 0, "completed",
                       result=result)
+
+
+def _ctrl_c(e: BaseException) -> bool:
+    """Whether e is a Ctrl-C: Python's, or DuckDB's during a query (it turns SIGINT into
+    RuntimeError('Query interrupted'))."""
+    return isinstance(e, KeyboardInterrupt) or (isinstance(e, RuntimeError)
+                                                and str(e) == "Query interrupted")
 
 
 def _failure_state(e: BaseException) -> tuple[str, str]:
@@ -1424,7 +1486,7 @@ def pending_sql(stage: RowStage, cat: Catalog, selection: Selection, force: bool
 def order_sql(stage: RowStage) -> str:
     """The batch order: the stage's (or the key), with a group's rows kept together."""
     order = stage.order_by or stage.row_key
-    return f" ORDER BY {GROUP} NULLS FIRST, {order}" if stage.group_by else f" ORDER BY {order}"
+    return f" ORDER BY {GROUP} NULLS LAST, {order}" if stage.group_by else f" ORDER BY {order}"
 
 
 class Pending:
@@ -1443,7 +1505,12 @@ class Pending:
     a fraction of a second's hold at 4.1M). The total is known once the last window is in
     (`n`; None before). Rows a batch finishes lie in windows already read, so no row comes
     twice; rows added after the job started have keys above its last window (sequences).
-    Other stages get one sorted file at the start, as do outside items."""
+    A stage whose groups are a whole-number column of its table (generate's model calls,
+    `gen_call`) gets windows over that column instead, each sorted by group then key (a group
+    never straddles two windows), then the rows without a group. Every window also narrows
+    the keys (and the keys of the tables the view joins) to those of its rows, so no scan
+    reads the whole table (`selection.key_window`). Other stages (numbering, an order of
+    their own, --limit/--sample) get one sorted file at the start, as do outside items."""
 
     CHUNK = 8192        # rows read from DuckDB (and from a file) at a time
     FIRST = 16_384      # rows the first window(s) aim at
@@ -1451,9 +1518,14 @@ class Pending:
 
     def __init__(self, folder: Path, sql: str = "", params: dict | None = None,
                  key: str = "", table: str = "", bounds: tuple[int, int] | None = None,
-                 span: int = 1):
+                 span: int = 1, group: str | None = None):
         self.folder, self.sql, self.params = folder, sql, params or {}
         self.key, self.table = key, table
+        # windows over the key, or over a group column of the table (the batch order is the
+        # group's, then the key): the groups in windows, then the rows without a group (last:
+        # at the start, they would cost a pass over every row that never had a group)
+        self.group = group
+        self.ungrouped_left = group is not None
         self.files: list[Path] = []
         self.counts: list[int] = []
         self.next, self.hi = (bounds or (0, -1))
@@ -1470,12 +1542,17 @@ class Pending:
         """The pending rows: all of them, or (windows) at least the first FIRST or all."""
         folder.mkdir(parents=True, exist_ok=True)
         key = stage.row_key
-        windowed = (not stage.items_relation and not stage.group_by
-                    and not stage.ordinal_where and not stage.identity
-                    and stage.order_by in (None, key) and not _top_n(selection))
+        group = (stage.group_by if stage.group_by and stage.order_by is None
+                 and not stage.items_relation
+                 and _integer_column(cat, stage.table, stage.group_by) else None)
+        windowed = (not stage.items_relation and not stage.ordinal_where
+                    and not stage.identity and not _top_n(selection)
+                    and (group is not None or (not stage.group_by
+                                               and stage.order_by in (None, key))))
         bounds = None
-        if windowed:  # the key's range and density in the stage's table (its columns alone)
-            lo, hi, n = cat.con.execute(f"SELECT min({key}), max({key}), count({key}) "
+        col = group or key
+        if windowed:  # the column's range and density in the stage's table (it alone)
+            lo, hi, n = cat.con.execute(f"SELECT min({col}), max({col}), count({col}) "
                                         f"FROM {stage.table}").fetchall()[0]
             windowed = isinstance(lo, int) and isinstance(hi, int)
             bounds = (lo, hi) if windowed else None
@@ -1486,8 +1563,7 @@ class Pending:
             pending.next = 1   # nothing left to read
             return pending
         span = max(1, -(-(hi - lo + 1) * cls.FIRST // max(n, 1)))
-        pending = cls(folder, sql + f" ORDER BY {key}", params, key, stage.table, bounds,
-                      span)
+        pending = cls(folder, sql, params, key, stage.table, bounds, span, group)
         try:
             while not pending.complete and pending.known < cls.FIRST:
                 pending._window(cat.con)
@@ -1519,10 +1595,29 @@ class Pending:
         return n
 
     def _window(self, con) -> None:
-        """Read the next key window; size the one after it from the rows this one found."""
+        """Read the next window (after the last group's: the rows without a group); size the
+        one after it from the rows this one found."""
+        ungrouped = self.next > self.hi
         lo, hi = self.next, min(self.next + self.span, self.hi + 1)
-        window = key_window_params(con, self.table, self.key, lo, hi)
-        n = self._write(con, self.sql, {**self.params, **window})
+        sql, keys = self.sql, (lo, hi)
+        if self.group is not None:   # the keys of the window's rows, from its groups'
+            inside = (f"{self.group} IS NULL" if ungrouped
+                      else f"{self.group} >= {lo} AND {self.group} < {hi}")
+            sql = f"SELECT * FROM ({sql}) pending WHERE {GROUP} " + (
+                "IS NULL" if ungrouped else f">= {lo} AND {GROUP} < {hi}")
+            first, last = con.execute(f"SELECT min({self.key}), max({self.key}) "
+                                      f"FROM {self.table} WHERE {inside}").fetchall()[0]
+            keys = (first, last + 1) if first is not None else None
+        n = 0
+        if keys is not None:
+            window = key_window_params(con, self.table, self.key, *keys)
+            order = f"{GROUP}, {self.key}" if self.group and not ungrouped else self.key
+            n = self._write(con, f"{sql} ORDER BY {order}", {**self.params, **window})
+        if ungrouped:
+            with self._cond:
+                self.ungrouped_left = False
+                self._cond.notify_all()
+            return
         self.target = min(self.target * 2, self.MAX)
         # as many keys as should hold `target` rows at this window's density: at most 4x
         # the last (a stretch of finished rows), at least half
@@ -1553,7 +1648,7 @@ class Pending:
     # -- what it holds
     @property
     def complete(self) -> bool:
-        return self.next > self.hi
+        return self.next > self.hi and not self.ungrouped_left
 
     @property
     def known(self) -> int:
@@ -1606,6 +1701,16 @@ class Pending:
             self._thread.join()
         for path in self.files:
             path.unlink(missing_ok=True)
+
+
+def _integer_column(cat: Catalog, table: str, expr: str) -> bool:
+    """Whether expr is a whole-number column of table (a group to read in windows)."""
+    types = {c.lower(): t for c, t in cat.con.execute(
+        "SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = ?",
+        [table]).fetchall()}
+    return types.get(expr.strip().lower(), "") in ("TINYINT", "SMALLINT", "INTEGER", "BIGINT",
+                                                   "UTINYINT", "USMALLINT", "UINTEGER",
+                                                   "UBIGINT", "HUGEINT")
 
 
 def _top_n(selection: Selection | None) -> bool:

@@ -152,7 +152,7 @@ def format_row(row: dict, full: bool = False) -> str:
     """`show`'s text: one field a line, those without a value left out. The mask is its
     class, area and bbox (not its RLE), the scores a small table, dicts such as gen_params
     compact key=value pairs, long values cut. full: every field, every value whole (JSON)."""
-    from .stages.score import SCORE_COLUMNS
+    from .names import SCORE_COLUMNS
     if full:
         width = max(map(len, row))
         return "\n".join(f"{k:>{width}}: " + (json.dumps(v, default=str)

@@ -32,3 +32,16 @@ ORDER BY run_id DESC;
 SELECT run_id, state, rows_done FROM runs
 WHERE stage = ? AND json_extract_string(params, '$.digest') = ?
 ORDER BY run_id DESC LIMIT 1;
+
+-- name: mark_done_update
+-- Rows a stage finished set-based (their keys: the query {keys}) that it had marked before:
+-- marked done by run ?, at ?, for stage ? (in place: the key's index is not touched).
+UPDATE stage_state SET state = 'done', error = NULL, run_id = ?, updated_at = ?
+FROM ({keys}) k
+WHERE stage_state.stage = ? AND stage_state.key = k.key;
+
+-- name: mark_done_insert
+-- ... and those it had not: marks of stage ?, done by run ?, at ? (stage ? again).
+INSERT INTO stage_state (stage, key, state, error, run_id, updated_at)
+SELECT ?, k.key, 'done', NULL, ?, ?
+FROM ({keys}) k ANTI JOIN (SELECT key FROM stage_state WHERE stage = ?) s ON s.key = k.key;

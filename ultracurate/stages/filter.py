@@ -107,43 +107,68 @@ def verdict_sql(t: Thresholds) -> tuple[str, str]:
 JUDGED = " AND ".join(f"{c} IS NOT NULL" for c in JUDGE_COLUMNS)
 
 
+def _bit(i: int) -> int:
+    """Rule i's bit in a row's `fails` and `missing` masks."""
+    return 1 << i
+
+
+def _has(mask: str, i: int) -> str:
+    return f"(({mask} & {_bit(i)}) <> 0)"
+
+
 def _decision_sql(con, selection: Selection, t: Thresholds) -> tuple[str, dict, list]:
-    """SQL giving, per selected row: candidate_id, edit_id, clip_sim_dir, fail_<i> per
-    distinct rule, `failed` (any of them), human_decision, k, n_pass, dropped_by_region,
-    cut_by_topk and `rejected`.
-    Flags, not lists of reasons: building a list per row cost most of the decision at 3M
-    rows; the reasons are made from the flags for the rejected rows only (`_reasons_sql`).
-    Also the distinct rules."""
+    """SQL giving, per selected row: candidate_id, edit_id, clip_sim_dir, `fails` (bit i:
+    the row fails distinct rule i; `_has`), `missing` (bit i: it lacks rule i's score),
+    `failed` (any rule), human_decision, k, n_pass, dropped_by_region, cut_by_topk and
+    `rejected`. Also the distinct rules.
+    Bits, not a list of reasons nor a column per rule: building a list per row cost most of
+    the decision at 3M rows, and each column of the decision table a tenth of a second or
+    more to write; the reasons are made from the bits for the rejected rows only
+    (`_reasons_sql`)."""
     inner, params = selected_keys_sql(
         con, "candidates_v", "candidate_id", selection, DEFAULT_WHERE,
         f"candidate_id, edit_id, mode, human_decision, {_SCORE_COLS}")
     rules = t.all_rules()
-    flags = []
+    if len(rules) > 62:
+        raise UltracurateError(f"filter takes at most 62 distinct rules, got {len(rules)}")
+    fails, missing = [], []
     for i, rule in enumerate(rules):
-        modes_with = {m: "true" for m in MODES if rule in t.rules(m)}
-        applies = _per_mode(modes_with, "false")
-        flags.append(f"({applies} AND {_cond(rule)}) AS fail_{i}")
-    flags_sql = (", " + ", ".join(flags)) if flags else ""
-    any_fail = " OR ".join(f"fail_{i}" for i in range(len(rules))) or "false"
-    fail_cols = "".join(f"fail_{i}, ({rule.column} IS NULL) AS missing_{i}, "
-                        for i, rule in enumerate(rules))
+        applies = _per_mode({m: "true" for m in MODES if rule in t.rules(m)}, "false")
+        fails.append(f"(({applies} AND {_cond(rule)})::BIGINT << {i})")
+        missing.append(f"(({rule.column} IS NULL)::BIGINT << {i})")
     k = _per_mode({m: str(t[m].top_k) for m in MODES if t[m].top_k})
     drop = _per_mode({m: "true" for m in MODES if t[m].drop_if_fewer and t[m].top_k}, "false")
+    # A step read once is not materialised (DuckDB would write it to memory first: a second
+    # or more at 3M rows). The pool: rows that pass the thresholds and no person rejected, or
+    # that a person accepted; NULL for a failing row no person decided, which counts nothing.
     sql = f"""
-    WITH sel AS ({inner}),
-    f AS (SELECT *{flags_sql} FROM sel),
-    r AS (SELECT *, ({any_fail}) AS failed, {k} AS k, {drop} AS drop_rule FROM f),
-    p AS (SELECT *, ((NOT failed AND human_decision IS DISTINCT FROM 'reject')
-                     OR human_decision = 'accept') AS pool FROM r),
-    ranked AS (
-      SELECT *,
-        CASE WHEN pool THEN row_number() OVER (
-          PARTITION BY edit_id, pool ORDER BY {RANK_ORDER}) END AS rank,
-        sum(pool::INTEGER) OVER (PARTITION BY edit_id) AS n_pass
-      FROM p),
-    decided AS (
-      SELECT candidate_id, edit_id, clip_sim_dir, {fail_cols}failed, human_decision, k, n_pass,
-        coalesce(drop_rule AND n_pass < k, false) AS dropped_by_region,
+    WITH sel AS NOT MATERIALIZED ({inner}),
+    r AS NOT MATERIALIZED (
+      SELECT *, ({" | ".join(fails) or "0"})::BIGINT AS fails,
+        ({" | ".join(missing) or "0"})::BIGINT AS missing, {k} AS k, {drop} AS drop_rule
+      FROM sel),
+    p AS MATERIALIZED (
+      SELECT candidate_id, edit_id, human_decision, clip_sim_dir, fails, missing, k,
+        drop_rule, fails <> 0 AS failed,
+        ((fails = 0 AND human_decision IS DISTINCT FROM 'reject')
+         OR human_decision = 'accept') AS pool FROM r),
+    -- Per edit, how many rows are in the pool, from the rows whose place is known (NULL for
+    -- an edit without any, as a sum over none): a window over every row cost a sort of
+    -- them all.
+    passing AS (
+      SELECT edit_id, sum(pool::INTEGER)::INTEGER AS n_pass FROM p WHERE pool IS NOT NULL
+      GROUP BY edit_id),
+    -- Top-k ranks the pool of the edits with more than k in it (the others keep theirs).
+    ranks AS (
+      SELECT candidate_id, row_number() OVER (PARTITION BY edit_id ORDER BY {RANK_ORDER})
+        AS rank
+      FROM p JOIN passing USING (edit_id) WHERE pool AND n_pass > k),
+    ranked AS NOT MATERIALIZED (
+      SELECT p.*, n_pass, rank
+      FROM p LEFT JOIN passing USING (edit_id) LEFT JOIN ranks USING (candidate_id)),
+    decided AS NOT MATERIALIZED (
+      SELECT candidate_id, edit_id, clip_sim_dir, fails, missing, failed, human_decision, k,
+        n_pass, coalesce(drop_rule AND n_pass < k, false) AS dropped_by_region,
         coalesce(pool AND NOT coalesce(drop_rule AND n_pass < k, false) AND rank > k, false)
           AS cut_by_topk
       FROM ranked)
@@ -151,18 +176,27 @@ def _decision_sql(con, selection: Selection, t: Thresholds) -> tuple[str, dict, 
     return sql, params, rules
 
 
+# What the decision table keeps of each row: what the funnel, the reasons and the update read.
+DECIDED = ("candidate_id, fails, missing, human_decision, k, n_pass, dropped_by_region, "
+           "cut_by_topk, rejected")
+
+
 def _reasons_sql(decided: str, rules: list[Rule]) -> str:
     """The reasons of the rejected rows of a decision table, one row each, numbered in the
-    order filter gives them: the rules', the region rule's, top-k's."""
-    parts = [f"SELECT candidate_id, {i} AS o, {_reason(rule, f'missing_{i}')} AS reason "
-             f"FROM {decided} WHERE fail_{i}" for i, rule in enumerate(rules)]
+    order filter gives them: the rules', the region rule's, top-k's. A reason's number is
+    how many come before it (the failed rules before it), so no window sorts the reasons."""
+    def before(i: int) -> str:
+        return f"bit_count(fails & {_bit(i) - 1})::INTEGER"
+    parts = [f"SELECT candidate_id, {before(i)} AS reason_index, "
+             f"{_reason(rule, _has('missing', i))} AS reason FROM {decided} "
+             f"WHERE {_has('fails', i)}" for i, rule in enumerate(rules)]
     n = len(rules)
-    parts.append(f"SELECT candidate_id, {n} AS o, 'edit has ' || n_pass || ' < ' || k || "
+    # a row the region rule drops takes no top-k place: at most one of the two
+    parts.append(f"SELECT candidate_id, {before(n)}, 'edit has ' || n_pass || ' < ' || k || "
                  f"' passing candidates' FROM {decided} WHERE dropped_by_region")
-    parts.append(f"SELECT candidate_id, {n + 1} AS o, 'not in top ' || k || "
+    parts.append(f"SELECT candidate_id, {before(n)}, 'not in top ' || k || "
                  f"' by clip_sim_dir' FROM {decided} WHERE cut_by_topk")
-    return ("SELECT candidate_id, (row_number() OVER (PARTITION BY candidate_id ORDER BY o) "
-            "- 1) AS reason_index, reason FROM (" + " UNION ALL ".join(parts) + ") r")
+    return " UNION ALL ".join(parts)
 
 
 def _funnel(cat, sql: str, params: dict, rules: list[Rule],
@@ -170,14 +204,13 @@ def _funnel(cat, sql: str, params: dict, rules: list[Rule],
     n = len(rules)
     parts = ["count(*) AS total"]
     for i in range(n):
-        parts.append(f"count(*) FILTER (WHERE fail_{i}) AS alone_{i}")
-        upto = " OR ".join(f"fail_{j}" for j in range(i + 1))
-        parts.append(f"count(*) FILTER (WHERE NOT ({upto})) AS left_{i}")
+        parts.append(f"count(*) FILTER (WHERE {_has('fails', i)}) AS alone_{i}")
+        parts.append(f"count(*) FILTER (WHERE (fails & {_bit(i + 1) - 1}) = 0) AS left_{i}")
     parts += [
-        "count(*) FILTER (WHERE NOT failed) AS pass_thresholds",
-        "count(*) FILTER (WHERE NOT failed AND dropped_by_region) AS region_removed",
-        "count(*) FILTER (WHERE NOT failed AND dropped_by_region) AS region_alone",
-        "count(*) FILTER (WHERE NOT failed AND cut_by_topk) AS topk",
+        "count(*) FILTER (WHERE fails = 0) AS pass_thresholds",
+        "count(*) FILTER (WHERE fails = 0 AND dropped_by_region) AS region_removed",
+        "count(*) FILTER (WHERE fails = 0 AND dropped_by_region) AS region_alone",
+        "count(*) FILTER (WHERE fails = 0 AND cut_by_topk) AS topk",
         "count(*) FILTER (WHERE NOT rejected) AS accepted",
         "count(*) FILTER (WHERE human_decision = 'accept') AS h_acc",
         "count(*) FILTER (WHERE human_decision = 'reject') AS h_rej",
@@ -227,7 +260,7 @@ class FilterStage(SetStage):
         sql, params, rules = _decision_sql(r.cat.con, selection, t)
         # Every selected row's decision, computed once (window functions over millions of
         # rows): the funnel counts it and apply writes it.
-        decided = r.temp_table(sql, params)
+        decided = r.temp_table(f"SELECT {DECIDED} FROM ({sql}) d", params)
         self._conn = r
         steps, counts = _funnel(r, f"SELECT * FROM {decided}", None, rules,
                                 {m: t.rules(m) for m in MODES})

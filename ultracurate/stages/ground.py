@@ -9,7 +9,9 @@ external contours). No box found: edit_status 'no_region' with the reason, no ma
 generator skips it.
 
 Batches are ordered by anchor, and SAM's image embedding (its costly part) is computed once per
-anchor in a batch and shared by all of that anchor's edits.
+anchor in a batch and shared by all of that anchor's edits. The compute is
+`ultracurate.grounding.ground_batch`, which imports no catalog package; this stage runs it on its
+batches and writes the results.
 """
 
 from __future__ import annotations
@@ -17,9 +19,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import numpy as np
-
-from .. import masks as M
+from ..grounding import ground_batch
 from ..images import BadImage
 from ..names import BOX_THRESHOLD, FEATURE_COLUMNS, TEXT_THRESHOLD
 from ..runner import BatchResult, Context, RowStage
@@ -92,28 +92,20 @@ class GroundStage(RowStage):
         failed = {r["edit_id"]: str(prepared[r["anchor_id"]]) for r in rows
                   if isinstance(prepared[r["anchor_id"]], Exception)}
         todo = [r for r in rows if r["edit_id"] not in failed]
-        dets = det.detect([prepared[r["anchor_id"]] for r in todo],
-                          [r["edit_object"] for r in todo])
-        with_boxes = [(r, d) for r, d in zip(todo, dets) if d.boxes]
-        # One SAM image-encoder pass per anchor, for all its edits in this batch.
-        anchors = list(dict.fromkeys(r["anchor_id"] for r, _ in with_boxes))
-        emb = sam.embed([np.asarray(prepared[a]) for a in anchors],
-                        batch_size=self.sam_batch_size) if anchors else None
-        index = {a: i for i, a in enumerate(anchors)}
+        found = ground_batch(det, sam, [prepared[r["anchor_id"]] for r in todo],
+                             [r["edit_object"] for r in todo], [r["anchor_id"] for r in todo],
+                             sam_batch_size=self.sam_batch_size)
         out = []
-        for r, d in zip(todo, dets):
-            im = prepared[r["anchor_id"]]
+        for r, g in zip(todo, found):
             row = {k: None for k in MASK_COLUMNS}
             row.update(edit_id=r["edit_id"], ground_run=ctx.run_id,
-                       ground_boxes=json.dumps({**d.to_json(), "detector": det.backend}))
-            if not d.boxes:
+                       ground_boxes=json.dumps({**g.detections.to_json(),
+                                                "detector": det.backend}))
+            if g.rle is None:
                 row.update(edit_status="no_region",
                            edit_reasons=[no_box_reason(r["edit_object"])])
             else:
-                union = sam.masks(emb[index[r["anchor_id"]]], (im.height, im.width),
-                                  d.boxes).any(axis=0)
-                f = M.features(union)
-                row.update(mask_rle=M.encode(union), mask_height=im.height,
-                           mask_width=im.width, **f.columns(), edit_status="grounded")
+                row.update(mask_rle=g.rle, mask_height=g.height, mask_width=g.width,
+                           **g.features.columns(), edit_status="grounded")
             out.append(row)
         return BatchResult(updates={"edits": out}, failed=failed)
