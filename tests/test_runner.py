@@ -446,3 +446,35 @@ def test_a_window_that_cannot_be_read_fails_the_batches_that_need_it(ingested_ws
         [r["anchor_id"] for b in pending.batches(2) for r in b]
     pending.remove()
     assert list(ws.scratch.glob("*pending*")) == []
+
+
+class CandidateKeys(RowStage):
+    """Test stage over candidates, reading a column of their anchors (the view's joins)."""
+
+    name = "test_candidate_keys"
+    table = "candidates"
+    columns = "candidate_id, anchor_id, anchor_media"
+
+
+def test_windows_over_a_joined_view_narrow_its_parents_without_losing_rows(ingested_ws,
+                                                                           small_windows):
+    """A window of candidates binds the ranges of edit and anchor ids its rows imply
+    (selection.key_window); with edits cycling over the anchors (a window's anchors are not
+    contiguous), the windowed rows are still exactly the view's rows, in key order."""
+    import contextlib
+
+    from _scoring import add_candidates
+
+    from ultracurate.runner import Pending, order_sql, pending_sql
+    ws = ingested_ws
+    add_candidates(ws, n_edits=12, per_edit=1, size=16)   # edits 10-12 go back to anchors 1-3
+    stage = CandidateKeys()
+    with ws.catalog() as cat:
+        sql, params = pending_sql(stage, cat, Selection(), False)
+        want = cat.con.execute(sql + order_sql(stage), params).fetchall()
+        pending = Pending.write(stage, cat, Selection(), False, ws.scratch)
+        pending.fill(lambda: contextlib.closing(cat.con.cursor()))
+        got = [(r["candidate_id"], r["anchor_id"], r["anchor_media"])
+               for b in pending.batches(2) for r in b]
+        pending.remove()
+    assert got == want and len(want) == 12 and len(pending.counts) > 1
