@@ -54,7 +54,8 @@ from .catalog import (KEYS, VIEWS, Catalog, JobRun, UndeclaredWrite, lock_wait, 
 from .errors import UltracurateError, reason_text
 from .progress import JobBar
 from .runs import close_dead
-from .selection import Selection, key_window, key_window_params, selected_keys_sql
+from .selection import (Selection, key_bounds, key_window, key_window_params,
+                        selected_keys_sql)
 from .workspace import Workspace, remove_dead_files
 
 
@@ -1552,10 +1553,11 @@ class Pending:
         bounds = None
         col = group or key
         if windowed:  # the column's range and density in the stage's table (it alone)
-            lo, hi, n = cat.con.execute(f"SELECT min({col}), max({col}), count({col}) "
-                                        f"FROM {stage.table}").fetchall()[0]
-            windowed = isinstance(lo, int) and isinstance(hi, int)
-            bounds = (lo, hi) if windowed else None
+            found = key_bounds(cat.con, stage.table, col)
+            windowed = found is not None
+            if windowed:
+                lo, hi, n = found
+                bounds = (lo, hi)
         sql, params = pending_sql(stage, cat, selection, force, window=windowed)
         if not windowed:
             pending = cls(folder)
@@ -1705,9 +1707,7 @@ class Pending:
 
 def _integer_column(cat: Catalog, table: str, expr: str) -> bool:
     """Whether expr is a whole-number column of table (a group to read in windows)."""
-    types = {c.lower(): t for c, t in cat.con.execute(
-        "SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = ?",
-        [table]).fetchall()}
+    types = {c.lower(): t for c, t in cat.declared_types(table).items()}
     return types.get(expr.strip().lower(), "") in ("TINYINT", "SMALLINT", "INTEGER", "BIGINT",
                                                    "UTINYINT", "USMALLINT", "UINTEGER",
                                                    "UBIGINT", "HUGEINT")

@@ -338,14 +338,13 @@ def selected_keys_sql(con: duckdb.DuckDBPyConnection, view: str, key: str,
         params[f"{tag}seed"] = int(selection.seed)
     elif selection.limit is not None:
         order, n = key, int(selection.limit)
-    last = (_nth_key(con, source, key, user, params, view, n)
-            if selection.sample is None and order is not None else _NO_BOUND)
-    if last is not _NO_BOUND:
-        # --limit N: the rows up to the selection's N-th key (None: it has fewer rows)
+    bound = (_nth_key(con, source, key, user, params, view, n)
+             if selection.sample is None and order is not None else None)
+    if bound is not None:
+        # --limit N: the rows up to the selection's N-th key (none: it has fewer rows)
+        table, lo, last = bound
         if last is not None:
-            table = next(t for t, v in VIEWS.items() if v == view)
-            params.update(key_window_params(con, table, key, _lowest(con, table, key),
-                                            last + 1, f"{tag}w"))
+            params.update(key_window_params(con, table, key, lo, last + 1, f"{tag}w"))
             inner = (f"SELECT * FROM {source} WHERE {key_window(table, key, f'{tag}w')}"
                      + (f" AND ({user}\n)" if user else ""))
     elif order is not None:
@@ -401,30 +400,35 @@ def key_window_params(con: duckdb.DuckDBPyConnection, table: str, key: str, lo: 
     return params
 
 
-_NO_BOUND = object()   # _nth_key: the key is not an integer of a catalog table: a top-N
-
-
-def _lowest(con: duckdb.DuckDBPyConnection, table: str, key: str) -> int:
-    return con.execute(f"SELECT coalesce(min({key}), 0) FROM {table}").fetchall()[0][0]
+def key_bounds(con: duckdb.DuckDBPyConnection, table: str, column: str
+               ) -> tuple[int, int, int] | None:
+    """The lowest and highest value of a whole-number column of table and how many rows hold
+    one (the span and density key windows are sized from); None when it has none or is not
+    whole numbers."""
+    lo, hi, n = con.execute(f"SELECT min({column}), max({column}), count({column}) "
+                            f"FROM {table}").fetchall()[0]
+    return (lo, hi, n) if isinstance(lo, int) and isinstance(hi, int) else None
 
 
 def _nth_key(con: duckdb.DuckDBPyConnection, source: str, key: str, user: str | None,
-             params: dict, view: str, n: int):
-    """The N-th key (in key order) of the rows of source the user's predicate picks, found a
-    key window at a time from the lowest key (each window's predicate reaches the table's
-    scan, so --limit 100 reads a few thousand rows, not the whole view); None when there are
-    fewer than N rows; _NO_BOUND when the view's key is not an integer column of its table
-    (outside items): then a top-N over the whole selection."""
+             params: dict, view: str, n: int) -> tuple[str, int, int | None] | None:
+    """(table, its lowest key, the N-th key in key order of the rows of source the user's
+    predicate picks), the N-th found a key window at a time from the lowest key (each
+    window's predicate reaches the table's scan, so --limit 100 reads a few thousand rows,
+    not the whole view); the N-th is None when there are fewer than N rows. None when the
+    view's key is not a whole-number key of a catalog table (outside items): then a top-N
+    over the whole selection."""
     from .catalog import KEYS, VIEWS
     table = next((t for t, v in VIEWS.items() if v == view and KEYS.get(t) == key), None)
     if table is None:
-        return _NO_BOUND
-    lo, hi, rows = con.execute(f"SELECT min({key}), max({key}), count({key}) "
-                               f"FROM {table}").fetchall()[0]
-    if not (isinstance(lo, int) and isinstance(hi, int)):
-        return _NO_BOUND if rows else None
+        return None
+    bounds = key_bounds(con, table, key)
+    if bounds is None:   # an empty table selects nothing; any other key: a top-N
+        empty = not con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
+        return (table, 0, None) if empty else None
+    lo, hi, rows = bounds
     if n == 0:
-        return lo - 1
+        return table, lo, lo - 1
     where = f" AND ({user}\n)" if user else ""
     sql = (f"SELECT {key} FROM {source} WHERE {key_window(table, key)}{where} "
            f"ORDER BY {key} LIMIT $_uc_take")
@@ -436,9 +440,9 @@ def _nth_key(con: duckdb.DuckDBPyConnection, source: str, key: str, user: str | 
             got = con.execute(sql, {**params, **window, "_uc_take": n - found}).fetchall()
             found += len(got)
             if found == n:
-                return got[-1][0]
+                return table, lo, got[-1][0]
             start, span = start + span, span * 4
-    return None
+    return table, lo, None
 
 
 def referenced_columns(con: duckdb.DuckDBPyConnection, view: str,
