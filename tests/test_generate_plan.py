@@ -17,7 +17,8 @@ from ultracurate.catalog import now
 from ultracurate.errors import UltracurateError
 from ultracurate.names import CAPTION_MAX_WORDS
 from ultracurate.selection import Selection
-from ultracurate.stages.generate import plan_candidates
+from ultracurate.stages.generate import (GenerateStage, PlanReport, PlanRules,
+                                         PlanWindows, plan_candidates)
 
 PLANNED = ("candidate_id", "edit_id", "candidate_index", "seed", "gen_behaviour",
            "gen_params", "auto_status", "gen_call", "source_image", "edited_image", "error")
@@ -175,45 +176,110 @@ CASES = {   # name: (where, options); the reference takes the same options
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_plan_equals_the_rules_and_planning_again_adds_nothing(plan_ws, case):
+def _case(cat, case: str):
+    """A case's selection, options (those of plan_candidates) and the reference's plan
+    (rows, skipped edits) over the catalog as it is."""
     where, opts = CASES[case]
     opts = dict(opts)
-    n = opts.pop("n")
-    sel = Selection(where=where)
+    n, seed = opts.pop("n"), opts.pop("seed", 0)
+    edits, have, first = _state(cat)
+    if where:
+        picked = {r[0] for r in cat.con.execute(
+            f"SELECT edit_id FROM edits_v WHERE {where}").fetchall()}
+        edits = [e for e in edits if e["edit_id"] in picked]
+    mask_class = opts.pop("mask_class", None)
+    classes = (("fine",) if mask_class is None else
+               None if mask_class == "any" else tuple(mask_class.split(",")))
+    if where and "mask_class" in where:
+        classes = None
+    want, want_skipped = reference_plan(edits, have, n, seed=seed, classes=classes,
+                                        first=first, **opts)
+    return (Selection(where=where), n, seed, {**opts, "mask_class": mask_class}, first, want,
+            want_skipped, len(edits))
+
+
+def _counts(skipped: dict[int, str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for why in skipped.values():
+        counts[why] = counts.get(why, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_plan_equals_the_rules_and_planning_again_adds_nothing(plan_ws, case):
     with plan_ws.catalog() as cat:
-        edits, have, first = _state(cat)
-        if where:
-            picked = {r[0] for r in cat.con.execute(
-                f"SELECT edit_id FROM edits_v WHERE {where}").fetchall()}
-            edits = [e for e in edits if e["edit_id"] in picked]
-        mask_class = opts.pop("mask_class", None)
-        classes = (("fine",) if mask_class is None else
-                   None if mask_class == "any" else tuple(mask_class.split(",")))
-        if where and "mask_class" in where:
-            classes = None
-        want, want_skipped = reference_plan(edits, have, n, classes=classes, first=first,
-                                            **opts)
-        rep = plan_candidates(cat, sel, n, opts.pop("seed", 0), mask_class=mask_class,
-                              **opts)
+        sel, n, seed, opts, first, want, want_skipped, n_edits = _case(cat, case)
+        rep = plan_candidates(cat, sel, n, seed, **opts)
         got = _rows(cat, first)
         assert got == want
         assert rep.planned == len(want)
         assert rep.skipped == want_skipped
-        assert rep.edits == len(edits) - len(want_skipped)
-        counts = {}
-        for why in want_skipped.values():
-            counts[why] = counts.get(why, 0) + 1
-        assert rep.to_json() == {"planned": len(want), "edits": rep.edits, "skipped": counts,
-                                 "seeds": "md5-v1"}
+        assert rep.edits == n_edits - len(want_skipped)
+        assert rep.to_json() == {"planned": len(want), "edits": rep.edits,
+                                 "skipped": _counts(want_skipped), "seeds": "md5-v1"}
         before = cat.query("SELECT * FROM candidates ORDER BY candidate_id")
-        again = plan_candidates(cat, sel, n, CASES[case][1].get("seed", 0),
-                                mask_class=mask_class, **opts)
+        again = plan_candidates(cat, sel, n, seed, **opts)
         assert again.planned == 0 and again.skipped == want_skipped
         assert cat.query("SELECT * FROM candidates ORDER BY candidate_id") == before
     if case == "defaults":
         assert {r["edit_id"] for r in want} >= {3, 5, 27}   # the gaps are filled
         assert len({r["gen_call"] for r in want}) > 2
+
+
+def _plan_in_windows(cat, sel, n, seed, opts, stop: int | None = None
+                     ) -> tuple[PlanReport, int]:
+    """Plan through PlanWindows, a window per transaction (stop: after that many, as a
+    killed job does); the report and the windows planned."""
+    from ultracurate.runner import Access
+    w = Access(cat, GenerateStage, writable=True)
+    windows = PlanWindows(w, PlanRules.of(w, sel, n, seed, **opts), sel)
+    steps = 0
+    while not windows.done and steps != stop:
+        with cat.transaction():
+            windows.step(w)
+        steps += 1
+    return windows.report, steps
+
+
+def _calls(rows: list[dict]) -> set[frozenset]:
+    """The calls of planned rows, each the set of its (edit, candidate index)."""
+    calls: dict[int, set] = {}
+    for r in rows:
+        calls.setdefault(r["gen_call"], set()).add((r["edit_id"], r["candidate_index"]))
+    return {frozenset(c) for c in calls.values()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_plan_in_windows_of_edits_has_the_calls_and_seeds_of_a_plan_in_one_go(
+        plan_ws, case, monkeypatch):
+    """Planned two edit ids at a time, then four (so a call of 16, 7, 6 or 3 edits spans
+    several windows and waits for the last of them), stopped after three windows and
+    planned again from the start, the plan has the rows, calls and seeds the rules give a
+    plan in one go: each call planned whole (its candidate ids contiguous, gen_call the
+    first), only the ids differ. Planning again adds nothing."""
+    monkeypatch.setattr(PlanWindows, "FIRST", 2)
+    monkeypatch.setattr(PlanWindows, "MAX", 4)
+    with plan_ws.catalog() as cat:
+        sel, n, seed, opts, first, want, want_skipped, n_edits = _case(cat, case)
+        stopped, _ = _plan_in_windows(cat, sel, n, seed, opts, stop=3)
+        rep, steps = _plan_in_windows(cat, sel, n, seed, opts)
+        assert steps >= 10
+        got = _rows(cat, first)
+        ids = {"candidate_id", "gen_call"}
+        by_key = lambda rows: {(r["edit_id"], r["candidate_index"]):  # noqa: E731
+                               {k: v for k, v in r.items() if k not in ids} for r in rows}
+        assert by_key(got) == by_key(want)
+        assert _calls(got) == _calls(want)
+        for call in {r["gen_call"] for r in got}:
+            members = sorted(r["candidate_id"] for r in got if r["gen_call"] == call)
+            assert members == list(range(call, call + len(members)))
+        assert stopped.planned + rep.planned == len(want)
+        assert rep.to_json() == {"planned": rep.planned, "edits": n_edits - len(want_skipped),
+                                 "skipped": _counts(want_skipped), "seeds": "md5-v1"}
+        before = cat.query("SELECT * FROM candidates ORDER BY candidate_id")
+        again, _ = _plan_in_windows(cat, sel, n, seed, opts)
+        assert again.planned == 0
+        assert cat.query("SELECT * FROM candidates ORDER BY candidate_id") == before
 
 
 def test_replanning_more_adds_the_new_indices_with_the_seeds_a_fresh_plan_gives(plan_ws):

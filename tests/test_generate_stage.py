@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -401,3 +402,40 @@ def test_cli_mask_class_is_checked(edits_ws, capsys):
     err = capsys.readouterr().err
     assert "unknown --mask-class 'fine,blobby'" in err and "Traceback" not in err
     assert candidates(ws) == []
+
+
+def test_a_job_plans_a_window_of_edits_at_a_time_and_renders_every_call_whole(edits_ws,
+                                                                            monkeypatch):
+    """Planned one edit id at a time with calls of two pairs: edits 1 and 2 share a call
+    (planned with window 2), region edit 3's call waits for the last window, planned while
+    the first batches render. Every candidate renders once, in its call; the run records
+    the whole plan and its total."""
+    from ultracurate.stages.generate import PlanWindows
+    monkeypatch.setattr(PlanWindows, "FIRST", 1)
+    monkeypatch.setattr(PlanWindows, "MAX", 1)
+    threads = []
+    step = PlanWindows.step
+
+    def recorded(self, w):
+        threads.append(threading.current_thread().name)
+        return step(self, w)
+    monkeypatch.setattr(PlanWindows, "step", recorded)
+    ws, ids = edits_ws
+    out = run(ws, "generate", Selection(where="edit_id <= 3"), candidates=2, size=64,
+              pairs_per_call=2, batch_size=2, progress=False)
+    assert len(threads) == 5 and "uc-pending" in threads[2:]   # 1-2 before the first batch
+    assert out.rows_in == out.rows_done == 6 and out.rows_failed == 0
+    rows = candidates(ws)
+    assert all(r["auto_status"] == "generated" for r in rows) and len(rows) == 6
+    calls: dict[int, set] = {}
+    for r in rows:
+        calls.setdefault(r["gen_call"], set()).add(r["edit_id"])
+        assert json.loads(r["gen_params"])["call_pairs"] == len(
+            [x for x in rows if x["gen_call"] == r["gen_call"]])
+    assert sorted(map(sorted, calls.values())) == [[1, 2], [1, 2], [3], [3]]
+    with ws.catalog(read_only=True) as cat:
+        params = json.loads(cat.scalar("SELECT params FROM runs WHERE run_id = ?",
+                                       [out.run_id]))
+        rows_in = cat.scalar("SELECT rows_in FROM runs WHERE run_id = ?", [out.run_id])
+    assert params["plan"] == {"planned": 6, "edits": 3, "skipped": {}, "seeds": "md5-v1"}
+    assert rows_in == 6

@@ -379,8 +379,6 @@ def test_pending_rows_read_a_key_window_at_a_time_are_the_sorted_rows(ingested_w
     """Read window by window (each its own query, later ones on another connection), the
     pending rows are exactly the single sorted query's rows, in the same order; a --limit
     and a stage with groups get one sorted read at the start."""
-    import contextlib
-
     from ultracurate.runner import Pending, order_sql, pending_sql
     ws = ingested_ws
     stage, sel, force = KeyOrder(), Selection(), False
@@ -403,7 +401,7 @@ def test_pending_rows_read_a_key_window_at_a_time_are_the_sorted_rows(ingested_w
         sql, params = pending_sql(stage, cat, sel, force)
         want = [r[0] for r in cat.con.execute(sql + order_sql(stage), params).fetchall()]
         pending = Pending.write(stage, cat, sel, force, ws.scratch)
-        pending.fill(lambda: contextlib.closing(cat.con.cursor()))
+        pending.fill(cat.cursor)
         got = [r["anchor_id"] for b in pending.batches(2) for r in b]
         pending.remove()
     assert got == want and want, case
@@ -461,8 +459,6 @@ def test_windows_over_a_joined_view_narrow_its_parents_without_losing_rows(inges
     """A window of candidates binds the ranges of edit and anchor ids its rows imply
     (selection.key_window); with edits cycling over the anchors (a window's anchors are not
     contiguous), the windowed rows are still exactly the view's rows, in key order."""
-    import contextlib
-
     from _scoring import add_candidates
 
     from ultracurate.runner import Pending, order_sql, pending_sql
@@ -473,7 +469,7 @@ def test_windows_over_a_joined_view_narrow_its_parents_without_losing_rows(inges
         sql, params = pending_sql(stage, cat, Selection(), False)
         want = cat.con.execute(sql + order_sql(stage), params).fetchall()
         pending = Pending.write(stage, cat, Selection(), False, ws.scratch)
-        pending.fill(lambda: contextlib.closing(cat.con.cursor()))
+        pending.fill(cat.cursor)
         got = [(r["candidate_id"], r["anchor_id"], r["anchor_media"])
                for b in pending.batches(2) for r in b]
         pending.remove()

@@ -17,7 +17,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import duckdb
 
@@ -313,6 +313,20 @@ class Catalog:
 
     def close(self) -> None:
         self.con.close()
+
+    @contextlib.contextmanager
+    def cursor(self) -> Iterator["Catalog"]:
+        """This catalog on a second connection to the same database (DuckDB's cursor), for
+        another thread's reads and transactions while this one is in use; closed after the
+        block."""
+        other = object.__new__(type(self))
+        other.path, other.read_only = self.path, self.read_only
+        other._tables, other._types, other._n_registered = {}, {}, 0
+        other.con = self.con.cursor()
+        try:
+            yield other
+        finally:
+            other.con.close()
 
     def __enter__(self) -> "Catalog":
         return self

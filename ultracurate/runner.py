@@ -55,7 +55,7 @@ from .errors import UltracurateError, reason_text
 from .progress import JobBar
 from .runs import close_dead
 from .selection import (Selection, key_bounds, key_window, key_window_params,
-                        selected_keys_sql)
+                        selected_keys_sql, top_n)
 from .workspace import Workspace, remove_dead_files
 
 
@@ -313,8 +313,20 @@ class RowStage(Stage):
              ) -> dict | None:
         """Set-based preparation in one transaction before the run (generate plans its
         candidate rows): parent_sql selects the user's rows (selection) of `selects`. Returns
-        what runs.params records as `plan`."""
+        what runs.params records as `plan`. It may plan the first of several windows: then
+        plan_left holds until plan_next planned the last (the runner plans them as its pending
+        rows need them)."""
         return None
+
+    @property
+    def plan_left(self) -> bool:
+        """Whether the plan has windows left to plan (plan_next)."""
+        return False
+
+    def plan_next(self, w: Access) -> tuple[int, int]:
+        """Plan the next window in the caller's transaction: the first key of the rows it
+        added (keys above every earlier row's) and how many."""
+        raise NotImplementedError(f"{self.name} plans in one go")
 
     def key_of(self, row: dict) -> int:
         return row[self.row_key]
@@ -1042,16 +1054,16 @@ class _Catalogs:
                 self._close()
 
     @contextlib.contextmanager
-    def reader(self) -> Iterator[Any]:
-        """A DuckDB connection for the job's own reads while batches compute (its pending
-        rows' later windows): the commits' (see commit), or a cursor of the caller's
+    def reader(self) -> Iterator[Catalog]:
+        """The catalog for the job's own work while batches compute (its pending rows' later
+        windows, and the plan's): the commits' (see commit), or a cursor of the caller's
         catalog, which the commit thread uses meanwhile."""
         if self.held is not None:
-            with contextlib.closing(self.held.con.cursor()) as cur:
+            with self.held.cursor() as cur:
                 yield cur
             return
         with self.commit() as cat:
-            yield cat.con
+            yield cat
 
     def _close(self) -> None:  # with self._lock held
         if self._cat is not None:
@@ -1143,7 +1155,8 @@ def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selec
             elif stage.table and not stage.items_relation:
                 selection.checked(cat.con, VIEWS[stage.table])
             batched = scoped.narrowed(f"NOT ({stage.set_where})") if stage.set_where else scoped
-            pending = Pending.write(stage, cat, batched, force, ws.scratch)
+            pending = Pending.write(stage, cat, batched, force, ws.scratch,
+                                    Planner(stage, ws) if stage.plan_left else None)
             with cat.transaction():
                 run_id = _start(cat, stage, selection, models,
                                 getattr(engine, "name", "local"), parent_run)
@@ -1227,6 +1240,11 @@ def _run_rows(ws: Workspace, conns: _Catalogs, stage: RowStage, selection: Selec
             with cat.transaction():
                 stage.finish(w)
             extra = stage.report(w)
+            if "plan" in stage.params and extra.get("plan") not in (None, stage.params["plan"]):
+                # planned a window at a time: the run records the whole plan
+                stage.params["plan"] = extra["plan"]
+                cat.runs.update([{"run_id": run_id,
+                                  "params": json.dumps(stage.params, default=str)}])
             if stats:
                 cat.runs.update([{"run_id": run_id, "workers": json.dumps(stats)}])
                 extra = {**extra, "workers": stats}
@@ -1511,7 +1529,11 @@ class Pending:
     never straddles two windows), then the rows without a group. Every window also narrows
     the keys (and the keys of the tables the view joins) to those of its rows, so no scan
     reads the whole table (`selection.key_window`). Other stages (numbering, an order of
-    their own, --limit/--sample) get one sorted file at the start, as do outside items."""
+    their own, --limit/--sample) get one sorted file at the start, as do outside items.
+
+    A stage whose plan is planned a window at a time (a Planner: generate's candidates)
+    plans its next window whenever the windows read so far hold every group planned: the new
+    rows' groups lie above them. The rows without a group come once the plan is done."""
 
     CHUNK = 8192        # rows read from DuckDB (and from a file) at a time
     FIRST = 16_384      # rows the first window(s) aim at
@@ -1519,8 +1541,9 @@ class Pending:
 
     def __init__(self, folder: Path, sql: str = "", params: dict | None = None,
                  key: str = "", table: str = "", bounds: tuple[int, int] | None = None,
-                 span: int = 1, group: str | None = None):
+                 span: int = 1, group: str | None = None, planner: "Planner | None" = None):
         self.folder, self.sql, self.params = folder, sql, params or {}
+        self.planner = planner
         self.key, self.table = key, table
         # windows over the key, or over a group column of the table (the batch order is the
         # group's, then the key): the groups in windows, then the rows without a group (last:
@@ -1539,25 +1562,32 @@ class Pending:
     # -- making it
     @classmethod
     def write(cls, stage: RowStage, cat: Catalog, selection: Selection, force: bool,
-              folder: Path) -> "Pending":
-        """The pending rows: all of them, or (windows) at least the first FIRST or all."""
+              folder: Path, planner: "Planner | None" = None) -> "Pending":
+        """The pending rows: all of them, or (windows) at least the first FIRST or all.
+        planner: the rest of the stage's plan, planned as the windows need it (in windows
+        over its groups; otherwise all of it now)."""
         folder.mkdir(parents=True, exist_ok=True)
         key = stage.row_key
         group = (stage.group_by if stage.group_by and stage.order_by is None
                  and not stage.items_relation
                  and _integer_column(cat, stage.table, stage.group_by) else None)
         windowed = (not stage.items_relation and not stage.ordinal_where
-                    and not stage.identity and not _top_n(selection)
+                    and not stage.identity and not top_n(selection)
                     and (group is not None or (not stage.group_by
                                                and stage.order_by in (None, key))))
         bounds = None
         col = group or key
+        planned = windowed and group is not None and planner is not None
         if windowed:  # the column's range and density in the stage's table (it alone)
             found = key_bounds(cat.con, stage.table, col)
+            if found is None and planned:   # nothing planned yet: the planner's windows will
+                found = (1, 0, 0)
             windowed = found is not None
             if windowed:
                 lo, hi, n = found
                 bounds = (lo, hi)
+        while planner is not None and not planned and planner.left:
+            planner.step(cat)   # rows in one sorted read: the whole plan first
         sql, params = pending_sql(stage, cat, selection, force, window=windowed)
         if not windowed:
             pending = cls(folder)
@@ -1565,10 +1595,11 @@ class Pending:
             pending.next = 1   # nothing left to read
             return pending
         span = max(1, -(-(hi - lo + 1) * cls.FIRST // max(n, 1)))
-        pending = cls(folder, sql, params, key, stage.table, bounds, span, group)
-        try:
-            while not pending.complete and pending.known < cls.FIRST:
-                pending._window(cat.con)
+        pending = cls(folder, sql, params, key, stage.table, bounds, span, group,
+                      planner if planned else None)
+        try:   # a planned stage starts with its first rows: the rest are planned meanwhile
+            while not pending.complete and pending.known < (1 if planned else cls.FIRST):
+                pending._window(cat)
         except BaseException:
             pending.remove()
             raise
@@ -1596,9 +1627,19 @@ class Pending:
             self._cond.notify_all()
         return n
 
-    def _window(self, con) -> None:
-        """Read the next window (after the last group's: the rows without a group); size the
-        one after it from the rows this one found."""
+    def _window(self, cat: Catalog) -> None:
+        """Read the next window (past the groups read: the planner's next window, then the
+        rows without a group); size the one after it from the rows this one found."""
+        if self.next > self.hi and self.planner is not None and self.planner.left:
+            first, added = self.planner.step(cat)
+            with self._cond:
+                if added:   # its groups: from the first row it added on (a group per row
+                    # at most: windows of up to `added` keys)
+                    self.next, self.hi = max(self.next, first), first + added - 1
+                    self.span = max(self.span, min(added, self.target))
+                self._cond.notify_all()
+            return
+        con = cat.con
         ungrouped = self.next > self.hi
         lo, hi = self.next, min(self.next + self.span, self.hi + 1)
         sql, keys = self.sql, (lo, hi)
@@ -1630,16 +1671,16 @@ class Pending:
             self._cond.notify_all()
 
     def fill(self, reader: Callable[[], Any]) -> None:
-        """Materialise the rest on a thread, each window on a connection `reader()` lends (a
-        context manager giving a DuckDB connection)."""
+        """Materialise the rest on a thread, each window on the catalog `reader()` lends (a
+        context manager giving a Catalog)."""
         if self.complete:
             return
 
         def loop():
             try:
                 while not self.complete and not self._stop:
-                    with reader() as con:
-                        self._window(con)
+                    with reader() as cat:
+                        self._window(cat)
             except BaseException as e:  # the batches reaching the missing window raise it
                 with self._cond:
                     self.error = e
@@ -1650,7 +1691,8 @@ class Pending:
     # -- what it holds
     @property
     def complete(self) -> bool:
-        return self.next > self.hi and not self.ungrouped_left
+        return (self.next > self.hi and not self.ungrouped_left
+                and (self.planner is None or not self.planner.left))
 
     @property
     def known(self) -> int:
@@ -1705,6 +1747,23 @@ class Pending:
             path.unlink(missing_ok=True)
 
 
+class Planner:
+    """The rest of a stage's plan (RowStage.plan_left / plan_next), each window planned in a
+    transaction of its own on the catalog it is given."""
+
+    def __init__(self, stage: RowStage, ws: Workspace | None = None):
+        self.stage, self.ws = stage, ws
+
+    @property
+    def left(self) -> bool:
+        return self.stage.plan_left
+
+    def step(self, cat: Catalog) -> tuple[int, int]:
+        with cat.transaction():
+            return self.stage.plan_next(Access(cat, self.stage, writable=True,
+                                               workspace=self.ws))
+
+
 def _integer_column(cat: Catalog, table: str, expr: str) -> bool:
     """Whether expr is a whole-number column of table (a group to read in windows)."""
     types = {c.lower(): t for c, t in cat.declared_types(table).items()}
@@ -1713,23 +1772,14 @@ def _integer_column(cat: Catalog, table: str, expr: str) -> bool:
                                                    "UBIGINT", "HUGEINT")
 
 
-def _top_n(selection: Selection | None) -> bool:
-    """Whether the selection (or a parent of it) takes --limit or --sample rows: its rows are
-    picked over the whole selection at once."""
-    while selection is not None:
-        if selection.limit is not None or selection.sample is not None:
-            return True
-        selection = selection.parent
-    return False
-
-
 def pending_batches(stage: RowStage, cat: Catalog, selection: Selection, force: bool,
                     size: int, folder: Path) -> tuple[int | None, Iterator[list[dict]]]:
     """How many rows are pending (None: not known yet), and their batches (see Pending; the
     files go as they are read, and when the batches are exhausted or closed). Later windows
     are read on a cursor of cat's connection."""
-    pending = Pending.write(stage, cat, selection, force, folder)
-    pending.fill(lambda: contextlib.closing(cat.con.cursor()))
+    pending = Pending.write(stage, cat, selection, force, folder,
+                            Planner(stage) if stage.plan_left else None)
+    pending.fill(cat.cursor)
 
     def batches():
         try:

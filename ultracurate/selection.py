@@ -366,6 +366,16 @@ def selected_keys_sql(con: duckdb.DuckDBPyConnection, view: str, key: str,
     return sql, params
 
 
+def top_n(selection: Selection | None) -> bool:
+    """Whether the selection (or a parent of it) takes --limit or --sample rows: its rows are
+    picked over the whole selection at once."""
+    while selection is not None:
+        if selection.limit is not None or selection.sample is not None:
+            return True
+        selection = selection.parent
+    return False
+
+
 def key_window(table: str, key: str, tag: str = "_uc_w") -> str:
     """A predicate over the table's view for the rows whose key lies in [${tag}lo, ${tag}hi),
     with the ranges that window implies on the keys of the tables the view joins (a candidate

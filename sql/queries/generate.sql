@@ -54,21 +54,31 @@ SELECT edit_id FROM {decided} WHERE skip = $_ucp_reason ORDER BY edit_id;
 -- Step 3: the missing candidates 0..$_ucp_n-1 of every edit not skipped, as rows of
 -- `candidates`.
 -- Calls: the edits of one mode, in edit_id order, taken $_ucp_per_free (free-form) or
--- $_ucp_per_region (region) at a time (call_group), one call per candidate index. Rows are
--- numbered from $_ucp_first in the order (candidate index, mode: free first, call_group,
--- edit_id), so a call's rows are contiguous; gen_call is the candidate_id of its first row.
+-- $_ucp_per_region (region) at a time (call_group), one call per candidate index. A plan
+-- over windows of edits (ultracurate.stages.generate.PlanWindows) numbers a mode's edits on
+-- from those of the windows before ($_ucp_from_free, $_ucp_from_region: their count) and takes
+-- only the edits numbered below $_ucp_upto_free / $_ucp_upto_region (the rest, a call not
+-- yet full, wait for the next window), so that a call is planned whole, in one INSERT, and
+-- is the same call a plan in one go gives. Rows are numbered from $_ucp_first in the order
+-- (candidate index, mode: free first, call_group, edit_id), so a call's rows are contiguous;
+-- gen_call is the candidate_id of its first row.
 -- Seeds (the one place they are derived): the first 16 hex digits (64 bits, big-endian) of
 -- the MD5 of a key string, modulo 2^$_ucp_seed_bits. The key joins decimal integers and
 -- words with ':': a seed per candidate (method): '<run seed>:<edit_id>:<candidate index>';
 -- a seed per call ($_ucp_seed_per_call, ultraedit-compat):
 -- '<run seed>:call:<mode>:<call_group>:<candidate index>'. Python:
 -- int(hashlib.md5(key.encode()).hexdigest()[:16], 16) % 2 ** bits.
-WITH planned AS (
+WITH numbered_edits AS (
     SELECT edit_id, m, (m = 'region')::INTEGER AS mode_order,
-           (row_number() OVER (PARTITION BY m ORDER BY edit_id) - 1)
-               // CASE m WHEN 'free' THEN $_ucp_per_free ELSE $_ucp_per_region END
-               AS call_group
+           CASE m WHEN 'free' THEN $_ucp_from_free ELSE $_ucp_from_region END
+               + row_number() OVER (PARTITION BY m ORDER BY edit_id) - 1 AS ordinal
     FROM {decided} WHERE skip IS NULL),
+planned AS (
+    SELECT edit_id, m, mode_order,
+           ordinal // CASE m WHEN 'free' THEN $_ucp_per_free ELSE $_ucp_per_region END
+               AS call_group
+    FROM numbered_edits
+    WHERE ordinal < CASE m WHEN 'free' THEN $_ucp_upto_free ELSE $_ucp_upto_region END),
 missing AS (
     SELECT p.*, k.range AS candidate_index
     FROM planned p CROSS JOIN range($_ucp_n) k
@@ -88,3 +98,10 @@ SELECT candidate_id, edit_id, candidate_index,
        $_ucp_at AS created_at,
        min(candidate_id) OVER (PARTITION BY candidate_index, mode_order, call_group) AS gen_call
 FROM numbered;
+
+-- name: plan_waiting
+-- The edits of one mode the window decided to plan (and those waiting from before) past the
+-- first $_ucp_skip of them: a call not yet full, which waits for the next window.
+SELECT edit_id FROM {decided}
+WHERE skip IS NULL AND m = $_ucp_m
+ORDER BY edit_id OFFSET $_ucp_skip;

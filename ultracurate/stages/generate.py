@@ -28,7 +28,7 @@ from ..generation.behaviour import BEHAVIOURS, COMPAT, CallDropped
 from ..images import resize_center_crop, to_jpeg_bytes
 from ..names import CAPTION_MAX_WORDS, EDIT_MODES
 from ..runner import BatchResult, Context, RowStage
-from ..selection import Selection, referenced_columns, selected_keys_sql
+from ..selection import Selection, referenced_columns, selected_keys_sql, top_n
 from ..workspace import Workspace
 
 DEFAULT_MASK_CLASSES = ("fine",)      # region generation takes other masks only when asked
@@ -130,63 +130,167 @@ def plan_sql(w, selection: Selection, edits_sql: str, params: dict, n_total: int
     `ultraedit-compat` renders region edits at the editor's native size only (native_size:
     the released inpaint pipeline's unet.sample_size * 8), so another size is refused before
     anything is written."""
-    if behaviour not in BEHAVIOURS:
-        raise UltracurateError(f"unknown behaviour '{behaviour}' (method or ultraedit-compat)")
-    bh = BEHAVIOURS[behaviour]
-    if n_total < 1:
-        raise UltracurateError("--candidates must be at least 1")
-    if mode not in EDIT_MODES:
-        raise UltracurateError(f"unknown --mode '{mode}' (auto, free or region)")
-    per_call = dict(bh.pairs_per_call)
-    if pairs_per_call is not None:
-        if behaviour == COMPAT:
-            raise UltracurateError("--pairs-per-call is for --behaviour method (a released "
-                                   "call holds 7 free-form or 6 region pairs)")
-        if pairs_per_call < 1:
-            raise UltracurateError("--pairs-per-call must be at least 1")
-        per_call = {m: int(pairs_per_call) for m in per_call}
-    classes = mask_classes(mask_class)
-    if mask_class is None and "mask_class" in referenced_columns(w.cat.con, "edits_v",
-                                                                 selection):
-        classes = None            # the user's --where picks the mask classes
-    q = named_queries("generate")
-    with w.materialized(q["plan_edits"].replace("{edits}", edits_sql),
-                        {**params, "_ucp_mode": mode,
-                         "_ucp_max_words": CAPTION_MAX_WORDS}) as plan, \
-            w.registered(_unclassified_classes(w, plan, classes is not None)) as computed, \
-            w.materialized(q["plan_decided"].replace("{plan}", plan)
-                           .replace("{classes}", computed),
-                           {"_ucp_by_class": classes is not None,
-                            "_ucp_classes": list(classes or M.MASK_CLASSES)}) as decided:
-        report = PlanReport()
-        planned_modes = set()
-        for r in w.query(q["plan_summary"].replace("{decided}", decided)):
-            if r["reason"] is None:
-                report.edits += r["n"]
-                planned_modes.add(r["m"])
-            else:
-                report.skipped_counts[r["reason"]] = (report.skipped_counts.get(r["reason"], 0)
-                                                      + r["n"])
-        if per_edit:
-            report.skipped = {e: r for r in report.skipped_counts for e in w.cat.con.execute(
-                q["plan_skipped_edits"].replace("{decided}", decided),
-                {"_ucp_reason": r}).fetchnumpy()["edit_id"].tolist()}
-        if (bh.region_at_native_size and native_size and size != native_size
-                and "region" in planned_modes):
-            raise UltracurateError(
-                f"ultraedit-compat renders region edits at the editor's native size, "
-                f"{native_size} px (the released inpaint pipeline works at unet.sample_size "
-                f"* 8), not --size {size}: use --size {native_size}, --mode free, or "
-                "--behaviour method")
-        if report.edits:
-            report.planned = w.candidates.insert_from(
-                q["plan_candidates"].replace("{decided}", decided),
-                {"_ucp_n": int(n_total), "_ucp_per_free": per_call["free"],
-                 "_ucp_per_region": per_call["region"], "_ucp_first": w.candidates.next_id(),
-                 "_ucp_seed": int(seed), "_ucp_seed_per_call": bh.seed_per_call,
-                 "_ucp_seed_bits": bh.seed_bits, "_ucp_behaviour": behaviour,
-                 "_ucp_at": now()}, PLAN_COLUMNS)
+    rules = PlanRules.of(w, selection, n_total, seed, behaviour=behaviour, mode=mode,
+                         mask_class=mask_class, pairs_per_call=pairs_per_call)
+    report = PlanReport()
+    rules.plan(w, edits_sql, params, report, per_edit=per_edit,
+               refuse_size=(size, native_size))
     return report
+
+
+@dataclass
+class PlanRules:
+    """A plan's settings, checked (plan_sql's options), and the planning of one set of
+    edits with them (`plan`)."""
+    behaviour: str
+    mode: str
+    n_total: int
+    seed: int
+    per_call: dict[str, int]
+    classes: tuple[str, ...] | None     # None: every mask class
+
+    @classmethod
+    def of(cls, w, selection: Selection, n_total: int, seed: int = 0, *,
+           behaviour: str = "method", mode: str = "auto", mask_class: str | None = None,
+           pairs_per_call: int | None = None) -> "PlanRules":
+        if behaviour not in BEHAVIOURS:
+            raise UltracurateError(f"unknown behaviour '{behaviour}' (method or "
+                                   "ultraedit-compat)")
+        if n_total < 1:
+            raise UltracurateError("--candidates must be at least 1")
+        if mode not in EDIT_MODES:
+            raise UltracurateError(f"unknown --mode '{mode}' (auto, free or region)")
+        per_call = dict(BEHAVIOURS[behaviour].pairs_per_call)
+        if pairs_per_call is not None:
+            if behaviour == COMPAT:
+                raise UltracurateError("--pairs-per-call is for --behaviour method (a released "
+                                       "call holds 7 free-form or 6 region pairs)")
+            if pairs_per_call < 1:
+                raise UltracurateError("--pairs-per-call must be at least 1")
+            per_call = {m: int(pairs_per_call) for m in per_call}
+        classes = mask_classes(mask_class)
+        if mask_class is None and "mask_class" in referenced_columns(w.cat.con, "edits_v",
+                                                                     selection):
+            classes = None            # the user's --where picks the mask classes
+        return cls(behaviour, mode, int(n_total), int(seed), per_call, classes)
+
+    def plan(self, w, edits_sql: str, params: dict, report: PlanReport, *,
+             numbered: dict[str, int] | None = None,
+             waiting: dict[str, list[int]] | None = None, last: bool = True,
+             per_edit: bool = False, refuse_size: tuple = (None, None)) -> tuple[int, int]:
+        """Decide and plan the edits edits_sql selects (see plan_sql), adding to report;
+        returns the first candidate_id it gave and how many rows it added. A plan over
+        windows of edits (PlanWindows) passes its state: numbered (mode -> edits numbered
+        into calls so far: the first edits of this one's), waiting (mode -> edits decided
+        before whose call was not full: this one's calls start with them; updated) and
+        last (False: a call this window leaves not full waits for the next one)."""
+        bh = BEHAVIOURS[self.behaviour]
+        classes = self.classes
+        numbered = numbered if numbered is not None else {"free": 0, "region": 0}
+        waiting = waiting if waiting is not None else {"free": [], "region": []}
+        q = named_queries("generate")
+        with w.materialized(q["plan_edits"].replace("{edits}", edits_sql),
+                            {**params, "_ucp_mode": self.mode,
+                             "_ucp_max_words": CAPTION_MAX_WORDS}) as plan, \
+                w.registered(_unclassified_classes(w, plan, classes is not None)) as computed, \
+                w.materialized(q["plan_decided"].replace("{plan}", plan)
+                               .replace("{classes}", computed),
+                               {"_ucp_by_class": classes is not None,
+                                "_ucp_classes": list(classes or M.MASK_CLASSES)}) as decided:
+            planned = dict.fromkeys(self.per_call, 0)     # mode -> edits to plan (new ones)
+            for r in w.query(q["plan_summary"].replace("{decided}", decided)):
+                if r["reason"] is None:
+                    report.edits += r["n"]
+                    planned[r["m"]] += r["n"]
+                else:
+                    report.skipped_counts[r["reason"]] = (
+                        report.skipped_counts.get(r["reason"], 0) + r["n"])
+            if per_edit:
+                report.skipped = {e: r for r in report.skipped_counts for e in w.cat.con.execute(
+                    q["plan_skipped_edits"].replace("{decided}", decided),
+                    {"_ucp_reason": r}).fetchnumpy()["edit_id"].tolist()}
+            size, native_size = refuse_size
+            if (bh.region_at_native_size and native_size and size != native_size
+                    and planned["region"]):
+                raise UltracurateError(
+                    f"ultraedit-compat renders region edits at the editor's native size, "
+                    f"{native_size} px (the released inpaint pipeline works at "
+                    f"unet.sample_size * 8), not --size {size}: use --size {native_size}, "
+                    "--mode free, or --behaviour method")
+            for m, ids in waiting.items():     # decided before: planned, not skipped
+                if ids:
+                    w.cat.con.execute(f"INSERT INTO {decided} SELECT unnest($ids), $m, NULL",
+                                      {"ids": ids, "m": m})
+            # mode -> edits numbered into calls by this window: all, or whole calls only
+            taken = {m: planned[m] + len(waiting[m]) for m in planned}
+            if not last:
+                taken = {m: n - n % self.per_call[m] for m, n in taken.items()}
+            first, added = w.candidates.next_id(), 0
+            if any(taken.values()):
+                added = w.candidates.insert_from(
+                    q["plan_candidates"].replace("{decided}", decided),
+                    {"_ucp_n": self.n_total, "_ucp_per_free": self.per_call["free"],
+                     "_ucp_per_region": self.per_call["region"],
+                     "_ucp_from_free": numbered["free"],
+                     "_ucp_from_region": numbered["region"],
+                     "_ucp_upto_free": numbered["free"] + taken["free"],
+                     "_ucp_upto_region": numbered["region"] + taken["region"],
+                     "_ucp_first": first, "_ucp_seed": self.seed,
+                     "_ucp_seed_per_call": bh.seed_per_call, "_ucp_seed_bits": bh.seed_bits,
+                     "_ucp_behaviour": self.behaviour, "_ucp_at": now()}, PLAN_COLUMNS)
+                report.planned += added
+            for m in waiting:
+                if taken[m] < planned[m] + len(waiting[m]):
+                    waiting[m] = w.cat.con.execute(
+                        q["plan_waiting"].replace("{decided}", decided),
+                        {"_ucp_m": m, "_ucp_skip": taken[m]}).fetchnumpy()["edit_id"].tolist()
+                else:
+                    waiting[m] = []
+                numbered[m] += taken[m]
+        return first, added
+
+
+class PlanWindows:
+    """generate's plan a window of edit ids at a time, so that a job over millions of edits
+    starts its first batch after planning a few thousand (the runner plans the next window
+    when its pending rows need more: RowStage.plan_next). Windows follow each other up the
+    edit ids; a mode's edits are numbered into calls across windows, and a call a window
+    leaves not full waits for the next (its edits are carried, decided, into it), so every
+    call is planned whole and is the call a plan in one go gives, with the same seeds: only
+    the candidate ids differ. The first window spans FIRST edit ids; each next one four
+    times the last, up to MAX."""
+
+    FIRST = 16_384
+    MAX = 1_048_576
+
+    def __init__(self, w, rules: PlanRules, selection: Selection):
+        from ..selection import key_bounds, key_window
+        self.rules, self.report = rules, PlanReport()
+        # the selection's SQL once (its --where checked on this connection), windows bound
+        # as parameters: a window's predicate reaches the scans of edits and anchors
+        self.sql, self.params = w.selected(selection, "edits", "edit_id",
+                                           key_window("edits", "edit_id", "_ucp_w"))
+        found = key_bounds(w.cat.con, "edits", "edit_id")
+        self.next, self.hi = (found[0], found[1]) if found else (1, 0)
+        self.span = self.FIRST
+        self.numbered = {"free": 0, "region": 0}
+        self.waiting: dict[str, list[int]] = {"free": [], "region": []}
+
+    @property
+    def done(self) -> bool:
+        return self.next > self.hi
+
+    def step(self, w) -> tuple[int, int]:
+        """Plan the next window in the caller's transaction: (first candidate_id, rows)."""
+        from ..selection import key_window_params
+        lo = self.next
+        hi = min(lo + self.span, self.hi + 1)
+        window = key_window_params(w.cat.con, "edits", "edit_id", lo, hi, "_ucp_w")
+        got = self.rules.plan(w, self.sql, {**self.params, **window}, self.report,
+                              numbered=self.numbered, waiting=self.waiting,
+                              last=hi > self.hi)
+        self.next, self.span = hi, min(self.span * 4, self.MAX)
+        return got
 
 
 # -- the stage ------------------------------------------------------------------------------------
@@ -237,6 +341,7 @@ class GenerateStage(RowStage):
         self.soft_variant, self.dtype, self.write_threads = soft_variant, dtype, write_threads
         self.native_size: int | None = None
         self.planned: PlanReport | None = None
+        self._windows: PlanWindows | None = None
         self.pipe = None
         self._pool: ThreadPoolExecutor | None = None
 
@@ -249,12 +354,32 @@ class GenerateStage(RowStage):
         return {"_uc_n": self.candidates}
 
     def plan(self, w, selection, parent_sql, params) -> dict:
-        self.planned = plan_sql(w, selection, parent_sql, params, self.candidates, self.seed,
-                                behaviour=self.behaviour, mode=self.mode,
-                                mask_class=self.mask_class,
-                                pairs_per_call=self.pairs_per_call, size=self.size,
-                                native_size=self.native_size)
+        """Plan the first window of edits (PlanWindows; the runner asks for the rest as its
+        pending rows need them), or every edit at once: under --limit/--sample (picked over
+        the whole selection), and when ultraedit-compat may be refused a size (before
+        anything is written)."""
+        rules = PlanRules.of(w, selection, self.candidates, self.seed,
+                             behaviour=self.behaviour, mode=self.mode,
+                             mask_class=self.mask_class, pairs_per_call=self.pairs_per_call)
+        self._windows = None
+        refusable = (BEHAVIOURS[self.behaviour].region_at_native_size and self.native_size
+                     and self.size != self.native_size)
+        if refusable or top_n(selection):
+            self.planned = PlanReport()
+            rules.plan(w, parent_sql, params, self.planned,
+                       refuse_size=(self.size, self.native_size))
+        else:
+            self._windows = PlanWindows(w, rules, selection)
+            self.planned = self._windows.report
+            self._windows.step(w)
         return self.planned.to_json()
+
+    @property
+    def plan_left(self) -> bool:
+        return self._windows is not None and not self._windows.done
+
+    def plan_next(self, w) -> tuple[int, int]:
+        return self._windows.step(w)
 
     def report(self, w) -> dict:
         plan = self.planned.to_json() if self.planned else None
@@ -267,7 +392,7 @@ class GenerateStage(RowStage):
 
     def __getstate__(self):  # ship the settings to a worker, never the loaded model
         state = self.__dict__.copy()
-        state["pipe"] = state["_pool"] = None
+        state["pipe"] = state["_pool"] = state["_windows"] = None
         return state
 
     def setup(self, ctx: Context) -> None:
