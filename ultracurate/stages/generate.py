@@ -258,10 +258,11 @@ class PlanWindows:
     leaves not full waits for the next (its edits are carried, decided, into it), so every
     call is planned whole and is the call a plan in one go gives, with the same seeds: only
     the candidate ids differ. The first window spans FIRST edit ids; each next one four
-    times the last, up to MAX."""
+    times the last, up to MAX (a window holds the commits' connection while it plans: at
+    4.1M edits, 262k ids plan about 14k candidates in a few tenths of a second)."""
 
     FIRST = 16_384
-    MAX = 1_048_576
+    MAX = 262_144
 
     def __init__(self, w, rules: PlanRules, selection: Selection):
         from ..selection import key_bounds, key_window
