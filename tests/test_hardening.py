@@ -474,6 +474,75 @@ def test_a_damaged_catalog_is_refused_by_every_command_without_a_write(hws, tmp_
     assert not (tmp_path / "e").exists() and not (tmp_path / "r.html").exists()
 
 
+# -- what a killed job leaves: a partial tail, a WAL, a torn WAL --------------------------------
+_BLOCKS = 3 * 4096       # DuckDB's headers, before its blocks
+
+
+def _kill_state(catalog: Path, wal: str, cut: str) -> None:
+    """Leave catalog as a SIGKILL (or a cut copy) would. wal: '' none; 'whole' a committed
+    write not yet checkpointed (the probe row); 'torn' the same with its last bytes unwritten.
+    cut: '' none; 'tail' a new block torn part-way past the end (what a kill during a
+    checkpoint or a large insert leaves); 'half' the file cut in half; 'last' cut inside the
+    last block the catalog uses."""
+    if wal:
+        con = duckdb.connect(str(catalog))
+        con.execute("PRAGMA disable_checkpoint_on_shutdown")
+        con.execute("INSERT INTO schema_meta VALUES ('probe', 'in the WAL')")
+        con.close()
+        if wal == "torn":
+            log = catalog.with_name(catalog.name + ".wal")
+            log.write_bytes(log.read_bytes()[:-10])
+    if cut == "last":
+        from ultracurate.catalog import Catalog
+        with Catalog(catalog, read_only=True) as cat:
+            last = cat._last_used_block()
+            block = cat.con.execute("SELECT block_size FROM pragma_database_size()").fetchone()[0]
+    data = catalog.read_bytes()
+    if cut == "tail":
+        catalog.write_bytes(data + os.urandom(5 * 4096 + 100))
+    elif cut == "half":
+        catalog.write_bytes(data[:len(data) // 2])
+    elif cut == "last":
+        catalog.write_bytes(data[:_BLOCKS + (last + 1) * block - 4096])
+
+
+@pytest.mark.parametrize("wal, cut, opens", [
+    ("", "tail", True), ("whole", "tail", True), ("torn", "tail", True),
+    ("whole", "", True), ("torn", "", True),
+    ("", "half", False), ("whole", "half", False), ("", "last", False), ("whole", "last", False),
+])
+def test_what_a_killed_job_leaves_opens_and_a_truncated_catalog_does_not(hws, tmp_path, wal,
+                                                                          cut, opens):
+    """A job killed while DuckDB writes a new block leaves a partial last block (a WAL with it
+    when a checkpoint was cut short, a torn WAL when a commit was): DuckDB opens that file
+    and replays its WAL, so ultracurate opens it too, read-only and for writing, with every
+    committed row (the probe row is there exactly when its WAL entry is whole), and the
+    partial tail goes on being accepted after the WAL is checkpointed. A file cut before the
+    end of a block it uses is refused with the one-line damaged error, WAL or not."""
+    root = tmp_path / "ws"
+    shutil.copytree(hws.root, root)
+    catalog = root / "catalog.duckdb"
+    before = contents(Workspace(root))
+    _kill_state(catalog, wal, cut)
+    damaged = file_sha(catalog)
+    cli = run_many([["stats", "-w", str(root)]])[0]
+    if not opens:
+        for read_only in (True, False):
+            with pytest.raises(UltracurateError, match="is damaged: restore from a copy.*"
+                               "truncated"):
+                Workspace(root).catalog(read_only=read_only)
+        one_line_error(cli, "is damaged: restore from a copy", "truncated", code=1)
+        assert file_sha(catalog) == damaged
+        return
+    assert cli["rc"] == 0, cli
+    probe = [{"key": "probe", "value": "in the WAL"}] if wal == "whole" else []
+    rest = lambda c: {t: v for t, v in c.items() if t != "schema_meta"}  # noqa: E731
+    for read_only in (True, False, True):   # the writer's open and close checkpoint the WAL
+        with Workspace(root).catalog(read_only=read_only) as cat:
+            assert cat.query("SELECT key, value FROM schema_meta WHERE key = 'probe'") == probe
+        assert rest(contents(Workspace(root))) == rest(before)
+
+
 # -- options are checked at the CLI boundary --------------------------------------------------
 def _commands():
     import typer

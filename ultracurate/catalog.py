@@ -188,6 +188,11 @@ class Catalog:
             raise UltracurateError(f"no catalog at {self.path}")
         if allow_files and not read_only:
             raise UltracurateError("a catalog opened for writing never reads outside files")
+        if verify and not read_only and self.path.with_name(self.path.name + ".wal").exists():
+            # a writer's connection checkpoints the WAL it replayed into the file when it
+            # closes, refused or not: check the file read-only first, so that a refused
+            # catalog is left as it was
+            Catalog(self.path, read_only=True, wait=wait).close()
         self.con = self._connect(read_only, duckdb_config(allow_files),
                                  lock_wait() if wait is None else wait)
         if not verify:
@@ -278,14 +283,33 @@ class Catalog:
     def _check_length(self) -> None:
         """A truncated file may still open and answer the queries that need only its first
         blocks (a count), so its length is checked: DuckDB writes whole blocks after its three
-        4 KiB headers, and a copy or a disk that stopped part-way leaves a length that is
-        not. (A cut exactly at a block boundary shows up when a missing block is read.)"""
+        4 KiB headers, and a copy or a disk that stopped part-way leaves a length that is not.
+        A partial last block is not proof of a cut, though: a job killed while DuckDB wrote a
+        new block (a checkpoint, a large insert) leaves one past every block the catalog uses,
+        and DuckDB opens that file, replays its WAL and loses nothing. So a partial tail is
+        refused only when it ends before the last block that holds metadata or a table's rows
+        (looked up only then: DuckDB's storage info reads every row group's metadata). A cut
+        exactly at a block boundary shows up when a missing block is read."""
         block_size = self.con.execute(named_queries("catalog")["block_size"]).fetchone()
+        block = int(block_size[0]) if block_size and block_size[0] else 0
         size = self.path.stat().st_size
-        if block_size and block_size[0] and (size - _FILE_HEADERS) % int(block_size[0]):
+        if not block or not (size - _FILE_HEADERS) % block:
+            return
+        last = self._last_used_block()
+        if last is not None and size < _FILE_HEADERS + (last + 1) * block:
             raise CatalogDamagedError(damaged_message(
-                f"its length, {size} bytes, is not whole {block_size[0]}-byte blocks: it was "
-                "truncated", self.path))
+                f"its length, {size} bytes, is not whole {block}-byte blocks and ends before "
+                f"the end of block {last}, which it uses: it was truncated", self.path))
+
+    def _last_used_block(self) -> int | None:
+        """The last block that holds DuckDB's metadata or any table's stored rows (None: no
+        block yet)."""
+        q = named_queries("catalog")
+        lasts = [self.con.execute(q["last_metadata_block"]).fetchone()[0]]
+        lasts += [self.con.execute(q["last_data_block"].format(
+                      table="'" + name.replace("'", "''") + "'")).fetchone()[0]
+                  for (name,) in self.con.execute(q["tables"]).fetchall()]
+        return max((int(b) for b in lasts if b is not None), default=None)
 
     def migrate(self) -> None:
         current = self.schema_version()
