@@ -474,3 +474,43 @@ def test_windows_over_a_joined_view_narrow_its_parents_without_losing_rows(inges
                for b in pending.batches(2) for r in b]
         pending.remove()
     assert got == want and len(want) == 12 and len(pending.counts) > 1
+
+
+class Numbered(KeyOrder):
+    """Numbers the anchors whose turn is above 2 (NULL: not numbered) over the whole
+    selection, done ones included."""
+
+    name = "test_numbered"
+    columns = "anchor_id, turn"
+    ordinal_where = "turn > $_uc_t"
+
+    def sql_params(self):
+        return {"_uc_t": 2}
+
+
+@pytest.mark.parametrize("case", ["all", "where", "some done", "nulls"])
+def test_numbering_counts_the_whole_selection_in_key_order(ingested_ws, case):
+    """A stage's ordinal (ORDINAL: its number among the rows of the selection its predicate
+    holds for, in key order, done rows included; None where it does not hold) and their
+    count (ORDINALS) are those a plain count gives, for every case."""
+    from ultracurate.runner import ORDINAL, ORDINALS, order_sql, pending_sql
+    ws = ingested_ws
+    sel = Selection(where="anchor_id <> 4") if case == "where" else Selection()
+    with ws.catalog() as cat:
+        cat.con.execute("UPDATE anchors SET turn = anchor_id")
+        if case == "nulls":
+            cat.con.execute("UPDATE anchors SET turn = NULL WHERE anchor_id IN (3, 6)")
+        rows = cat.query("SELECT anchor_id, turn FROM anchors ORDER BY anchor_id")
+    if case == "some done":
+        run(ws, Numbered(), Selection(where="anchor_id IN (2, 5, 7)"), progress=False)
+    picked = [r for r in rows if case != "where" or r["anchor_id"] != 4]
+    numbered = [r["anchor_id"] for r in picked if r["turn"] is not None and r["turn"] > 2]
+    done = {2, 5, 7} if case == "some done" else set()
+    want = [(r["anchor_id"], numbered.index(r["anchor_id"]) if r["anchor_id"] in numbered
+             else None, len(numbered)) for r in picked if r["anchor_id"] not in done]
+    stage = Numbered()
+    with ws.catalog() as cat:
+        sql, params = pending_sql(stage, cat, sel, False)
+        got = [(r["anchor_id"], r[ORDINAL], r[ORDINALS])
+               for r in cat.query(sql + order_sql(stage), params)]
+    assert got == want and len(numbered) > 2

@@ -1482,11 +1482,15 @@ def pending_sql(stage: RowStage, cat: Catalog, selection: Selection, force: bool
         join = (f"ANTI JOIN ({named_queries(queries)[name]}) done "
                 f"ON done.key = sel.{key}")
     if stage.ordinal_where:  # numbered over the whole selection, before done rows go
-        numbered = (f"*, CASE WHEN ({stage.ordinal_where}) THEN count(*) FILTER "
-                    f"(WHERE {stage.ordinal_where}) OVER (ORDER BY {key} ROWS UNBOUNDED "
-                    f"PRECEDING) - 1 END AS {ORDINAL}, count(*) FILTER "
-                    f"(WHERE {stage.ordinal_where}) OVER () AS {ORDINALS}")
-        inner, p = selected_keys_sql(cat.con, view, key, selection, None, numbered)
+        # The predicate once per row into a 0/1 column, then running and total sums of it: a
+        # window aggregate's FILTER clause cost DuckDB time quadratic in the rows (160k
+        # anchors: 13 s, 1.6M: tens of minutes), the sums are linear (0.6 s at 160k).
+        flagged, p = selected_keys_sql(
+            cat.con, view, key, selection, None,
+            f"*, coalesce(({stage.ordinal_where})::INTEGER, 0) AS _uc_numbered")
+        inner = (f"SELECT *, CASE WHEN _uc_numbered = 1 THEN (sum(_uc_numbered) OVER (ORDER BY "
+                 f"{key} ROWS UNBOUNDED PRECEDING))::BIGINT - 1 END AS {ORDINAL}, "
+                 f"(sum(_uc_numbered) OVER ())::BIGINT AS {ORDINALS} FROM ({flagged}) flagged")
         columns += f", {ORDINAL}, {ORDINALS}"
         sql = f"SELECT {columns} FROM ({inner}) sel"
         if join:
