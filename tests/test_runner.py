@@ -514,3 +514,40 @@ def test_numbering_counts_the_whole_selection_in_key_order(ingested_ws, case):
         got = [(r["anchor_id"], r[ORDINAL], r[ORDINALS])
                for r in cat.query(sql + order_sql(stage), params)]
     assert got == want and len(numbered) > 2
+
+
+class LocalOrder(KeyOrder):
+    """An order that only gathers a batch's rows (turn, here the reverse of the key)."""
+
+    name = "test_local_order"
+    columns = "anchor_id, turn"
+    order_by = "turn, anchor_id"
+    order_in_windows = True
+
+
+@pytest.mark.parametrize("in_windows", [True, False])
+def test_an_order_of_a_stages_own_holds_within_each_window_or_over_all(ingested_ws,
+                                                                       small_windows,
+                                                                       in_windows):
+    """order_in_windows: the rows come a key window at a time (ascending, disjoint key
+    ranges), each window in the stage's order; without it, one read in that order."""
+    from ultracurate.runner import Pending
+    ws = ingested_ws
+    stage = LocalOrder()
+    stage.order_in_windows = in_windows
+    with ws.catalog() as cat:
+        cat.con.execute("UPDATE anchors SET turn = 100 - anchor_id")
+        pending = Pending.write(stage, cat, Selection(), False, ws.scratch)
+        pending.fill(cat.cursor)
+        rows = [(r["anchor_id"], r["turn"]) for b in pending.batches(2) for r in b]
+        pending.remove()
+    assert sorted(rows) == [(a, 100 - a) for a in range(1, 10)]
+    chunks, at = [], 0
+    for n in pending.counts:
+        chunks.append(rows[at:at + n])
+        at += n
+    assert (len(chunks) > 2) == in_windows
+    for chunk in chunks:
+        assert chunk == sorted(chunk, key=lambda r: (r[1], r[0]))
+    for a, b in zip(chunks, chunks[1:]):
+        assert max(r[0] for r in a) < min(r[0] for r in b)

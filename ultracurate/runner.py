@@ -274,6 +274,10 @@ class RowStage(Stage):
     # whole groups (a group larger than the batch size is a batch of its own).
     group_by: str | None = None
     order_by: str | None = None       # batch order (default: the key); e.g. "anchor_id, edit_id"
+    # order_by only gathers rows for a batch's sake (ground: an anchor's edits share its
+    # image embedding), so the rows may come a key window at a time, each in that order
+    # (Pending); otherwise the order holds over the whole selection (one sorted read).
+    order_in_windows: bool = False
     # A stage whose work is arithmetic over columns gets each batch as a pyarrow Table
     # instead of a list of dicts (no Python object per row; no groups, numbering or order
     # of its own): classify-masks over masks whose features it computes.
@@ -1521,7 +1525,8 @@ class Pending:
     A stage in key order (no groups, numbering or order of its own, over catalog rows, no
     --limit/--sample) gets them a key window at a time: a window is the pending rows whose
     key lies in a range, sorted on their own, and windows follow each other up the keys, so
-    together they are in key order. The first windows are small (FIRST rows), so that the
+    together they are in key order (a stage whose order only gathers a batch's rows,
+    `order_in_windows`: each window in its order). The first windows are small (FIRST rows), so that the
     first batch starts within a second however large the selection; the rest are materialised
     ahead on a thread while batches compute (`fill`), each on the job's short connection
     between commits, their ranges sized from the rows the last window found (up to MAX rows,
@@ -1545,9 +1550,11 @@ class Pending:
 
     def __init__(self, folder: Path, sql: str = "", params: dict | None = None,
                  key: str = "", table: str = "", bounds: tuple[int, int] | None = None,
-                 span: int = 1, group: str | None = None, planner: "Planner | None" = None):
+                 span: int = 1, group: str | None = None, planner: "Planner | None" = None,
+                 order: str | None = None):
         self.folder, self.sql, self.params = folder, sql, params or {}
         self.planner = planner
+        self.order = order or key     # a window's order (without groups)
         self.key, self.table = key, table
         # windows over the key, or over a group column of the table (the batch order is the
         # group's, then the key): the groups in windows, then the rows without a group (last:
@@ -1577,8 +1584,8 @@ class Pending:
                  and _integer_column(cat, stage.table, stage.group_by) else None)
         windowed = (not stage.items_relation and not stage.ordinal_where
                     and not stage.identity and not top_n(selection)
-                    and (group is not None or (not stage.group_by
-                                               and stage.order_by in (None, key))))
+                    and (group is not None or (not stage.group_by and (
+                        stage.order_by in (None, key) or stage.order_in_windows))))
         bounds = None
         col = group or key
         planned = windowed and group is not None and planner is not None
@@ -1600,7 +1607,7 @@ class Pending:
             return pending
         span = max(1, -(-(hi - lo + 1) * cls.FIRST // max(n, 1)))
         pending = cls(folder, sql, params, key, stage.table, bounds, span, group,
-                      planner if planned else None)
+                      planner if planned else None, stage.order_by)
         try:   # a planned stage starts with its first rows: the rest are planned meanwhile
             while not pending.complete and pending.known < (1 if planned else cls.FIRST):
                 pending._window(cat)
@@ -1658,7 +1665,7 @@ class Pending:
         n = 0
         if keys is not None:
             window = key_window_params(con, self.table, self.key, *keys)
-            order = f"{GROUP}, {self.key}" if self.group and not ungrouped else self.key
+            order = f"{GROUP}, {self.key}" if self.group and not ungrouped else self.order
             n = self._write(con, f"{sql} ORDER BY {order}", {**self.params, **window})
         if ungrouped:
             with self._cond:

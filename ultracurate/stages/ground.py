@@ -45,8 +45,11 @@ class GroundStage(RowStage):
     writes = {"edits": set(MASK_COLUMNS)}
     batch_size = 16
     roles = ("grounding", "sam")
-    # Consecutive rows of an anchor land in the same batch, so its embedding is shared.
+    # Consecutive rows of an anchor land in the same batch, so its embedding is shared
+    # (within each key window of pending rows: an anchor's edits are read together but where
+    # a window ends).
     order_by = "anchor_id, edit_id"
+    order_in_windows = True
 
     def __init__(self, box_threshold: float = BOX_THRESHOLD,
                  text_threshold: float = TEXT_THRESHOLD, backend: str | None = None,
