@@ -20,8 +20,10 @@ bench/out/scale-<sizes>.json).
     python bench/scale.py --keep /tmp/uc-scale           # keep (and reuse) the catalogs
 
 Before/after: run the same file with PYTHONPATH pointing at another checkout of the package
-(`git archive <commit> ultracurate sql | tar -x -C /tmp/old`); the build adapts to the schema
-it finds, and every figure goes through APIs both have.
+(`git archive <commit> ultracurate sql | tar -x -C /tmp/old && cp -r /tmp/old/sql
+/tmp/old/ultracurate/sql`: the SQL is the package `ultracurate.sql`, which the editable
+install would otherwise take from this checkout); the build adapts to the schema it finds,
+and every figure goes through APIs both have.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ COMMANDS = [
     ("review --limit 100", "first", "check + plan (the rows the dataset gets)"),
     ("export --limit 100", "first", "check + plan"),
     ("instruct --limit 100", "first", "row stage over anchors"),
+    ("instruct (every anchor)", "first", "row stage, numbered over every anchor"),
+    ("ground", "first", "row stage, in anchor order within windows"),
     ("score", "first", "row stage: pending selection"),
     ("dedup (embed-anchors)", "first", "row stage over every anchor"),
     ("generate --where replace", "first", "plan (a 2nd candidate/edit) + pending"),
@@ -57,7 +61,8 @@ COMMANDS = [
     ("balance", "whole", "set stage, --target edits/20"),
 ]
 FIRST_ONLY = {"review --limit 100", "export --limit 100", "instruct --limit 100", "score",
-              "dedup (embed-anchors)", "stats", "select", "generate --where replace"}
+              "dedup (embed-anchors)", "stats", "select", "generate --where replace",
+              "instruct (every anchor)", "ground"}
 
 
 class _FirstBatch(Exception):
@@ -170,6 +175,10 @@ def measure(ws_root: str, command: str) -> dict:
                          out=str(Path(ws_root).parent / "export"))
     elif command == "instruct --limit 100":
         out = _row_first(ws, "instruct", Selection(limit=100))
+    elif command == "instruct (every anchor)":
+        out = _row_first(ws, "instruct")
+    elif command == "ground":
+        out = _row_first(ws, "ground")
     elif command == "score":
         out = _row_first(ws, "score")
     elif command == "dedup (embed-anchors)":
