@@ -489,11 +489,13 @@ class Numbered(KeyOrder):
 
 
 @pytest.mark.parametrize("case", ["all", "where", "some done", "nulls"])
-def test_numbering_counts_the_whole_selection_in_key_order(ingested_ws, case):
+def test_numbering_counts_the_whole_selection_in_key_order(ingested_ws, small_windows, case):
     """A stage's ordinal (ORDINAL: its number among the rows of the selection its predicate
     holds for, in key order, done rows included; None where it does not hold) and their
-    count (ORDINALS) are those a plain count gives, for every case."""
-    from ultracurate.runner import ORDINAL, ORDINALS, order_sql, pending_sql
+    count (ORDINALS) are those a plain count gives, for every case: read in one query, and
+    a key window at a time (each window numbered on from those before; the count only where
+    the stage reads it)."""
+    from ultracurate.runner import ORDINAL, ORDINALS, Pending, order_sql, pending_sql
     ws = ingested_ws
     sel = Selection(where="anchor_id <> 4") if case == "where" else Selection()
     with ws.catalog() as cat:
@@ -513,7 +515,16 @@ def test_numbering_counts_the_whole_selection_in_key_order(ingested_ws, case):
         sql, params = pending_sql(stage, cat, sel, False)
         got = [(r["anchor_id"], r[ORDINAL], r[ORDINALS])
                for r in cat.query(sql + order_sql(stage), params)]
-    assert got == want and len(numbered) > 2
+        assert got == want and len(numbered) > 2
+        for total in (True, False):
+            stage.numbered_total = total
+            pending = Pending.write(stage, cat, sel, False, ws.scratch)
+            pending.fill(cat.cursor)
+            windowed = [(r["anchor_id"], r[ORDINAL], r[ORDINALS])
+                        for b in pending.batches(2) for r in b]
+            pending.remove()
+            assert len(pending.counts) > 1
+            assert windowed == [(a, k, n if total else None) for a, k, n in want]
 
 
 class LocalOrder(KeyOrder):

@@ -278,6 +278,10 @@ class RowStage(Stage):
     # image embedding), so the rows may come a key window at a time, each in that order
     # (Pending); otherwise the order holds over the whole selection (one sorted read).
     order_in_windows: bool = False
+    # Whether process reads ORDINALS (the count of the selection's numbered rows): counting
+    # them is a pass over the whole selection before the first batch (instruct: only to
+    # spread a --quota).
+    numbered_total: bool = True
     # A stage whose work is arithmetic over columns gets each batch as a pyarrow Table
     # instead of a list of dicts (no Python object per row; no groups, numbering or order
     # of its own): classify-masks over masks whose features it computes.
@@ -1486,15 +1490,17 @@ def pending_sql(stage: RowStage, cat: Catalog, selection: Selection, force: bool
         join = (f"ANTI JOIN ({named_queries(queries)[name]}) done "
                 f"ON done.key = sel.{key}")
     if stage.ordinal_where:  # numbered over the whole selection, before done rows go
-        # The predicate once per row into a 0/1 column, then running and total sums of it: a
-        # window aggregate's FILTER clause cost DuckDB time quadratic in the rows (160k
-        # anchors: 13 s, 1.6M: tens of minutes), the sums are linear (0.6 s at 160k).
-        flagged, p = selected_keys_sql(
-            cat.con, view, key, selection, None,
-            f"*, coalesce(({stage.ordinal_where})::INTEGER, 0) AS _uc_numbered")
+        # Running and total sums of a 0/1 column (numbered_sql): a window aggregate's FILTER
+        # clause cost DuckDB time quadratic in the rows (160k anchors: 13 s, 1.6M: tens of
+        # minutes), the sums are linear (0.6 s at 160k). A key window's rows are numbered on
+        # from the selection's numbered rows below it ($_uc_numbered_before), and the total
+        # is counted once ($_uc_ordinals; Pending).
+        flagged, p = numbered_sql(stage, cat, selection, window)
+        before, total = (("$_uc_numbered_before", "$_uc_ordinals") if window
+                         else ("0", "sum(_uc_numbered) OVER ()"))
         inner = (f"SELECT *, CASE WHEN _uc_numbered = 1 THEN (sum(_uc_numbered) OVER (ORDER BY "
-                 f"{key} ROWS UNBOUNDED PRECEDING))::BIGINT - 1 END AS {ORDINAL}, "
-                 f"(sum(_uc_numbered) OVER ())::BIGINT AS {ORDINALS} FROM ({flagged}) flagged")
+                 f"{key} ROWS UNBOUNDED PRECEDING))::BIGINT - 1 + {before} END AS {ORDINAL}, "
+                 f"({total})::BIGINT AS {ORDINALS} FROM ({flagged}) flagged")
         columns += f", {ORDINAL}, {ORDINALS}"
         sql = f"SELECT {columns} FROM ({inner}) sel"
         if join:
@@ -1510,6 +1516,24 @@ def pending_sql(stage: RowStage, cat: Catalog, selection: Selection, force: bool
     return sql, params
 
 
+def numbered_sql(stage: RowStage, cat: Catalog, selection: Selection, window: bool = False
+                 ) -> tuple[str, dict]:
+    """The selection's rows (window: those of a key window) with `_uc_numbered`: 1 where the
+    stage's ordinal_where holds, else 0; and the parameters of the selection."""
+    view = ITEMS if stage.items_relation else VIEWS[stage.table]
+    return selected_keys_sql(
+        cat.con, view, stage.row_key, selection,
+        key_window(stage.table, stage.row_key) if window else None,
+        f"*, coalesce(({stage.ordinal_where})::INTEGER, 0) AS _uc_numbered")
+
+
+def _used(sql: str, params: dict) -> dict:
+    """The parameters a statement names (DuckDB refuses any other)."""
+    import duckdb
+    names = set(duckdb.extract_statements(sql)[0].named_parameters)
+    return {k: v for k, v in params.items() if k in names}
+
+
 def order_sql(stage: RowStage) -> str:
     """The batch order: the stage's (or the key), with a group's rows kept together."""
     order = stage.order_by or stage.row_key
@@ -1522,11 +1546,13 @@ class Pending:
     order, with the columns the stage needs. The job then holds no catalog cursor while it
     runs, and one over 41M rows never holds them all in memory.
 
-    A stage in key order (no groups, numbering or order of its own, over catalog rows, no
+    A stage in key order (no groups or order of its own, over catalog rows, no
     --limit/--sample) gets them a key window at a time: a window is the pending rows whose
     key lies in a range, sorted on their own, and windows follow each other up the keys, so
     together they are in key order (a stage whose order only gathers a batch's rows,
-    `order_in_windows`: each window in its order). The first windows are small (FIRST rows), so that the
+    `order_in_windows`: each window in its order). A stage that numbers the selection's rows
+    (`ordinal_where`) has each window numbered on from the count of the windows before it
+    (the whole selection's count, ORDINALS, once at the start where it reads it). The first windows are small (FIRST rows), so that the
     first batch starts within a second however large the selection; the rest are materialised
     ahead on a thread while batches compute (`fill`), each on the job's short connection
     between commits, their ranges sized from the rows the last window found (up to MAX rows,
@@ -1555,6 +1581,8 @@ class Pending:
         self.folder, self.sql, self.params = folder, sql, params or {}
         self.planner = planner
         self.order = order or key     # a window's order (without groups)
+        # numbering: the SQL counting a window's numbered rows of the selection, its params
+        self.numbered: tuple[str, dict] | None = None
         self.key, self.table = key, table
         # windows over the key, or over a group column of the table (the batch order is the
         # group's, then the key): the groups in windows, then the rows without a group (last:
@@ -1582,7 +1610,7 @@ class Pending:
         group = (stage.group_by if stage.group_by and stage.order_by is None
                  and not stage.items_relation
                  and _integer_column(cat, stage.table, stage.group_by) else None)
-        windowed = (not stage.items_relation and not stage.ordinal_where
+        windowed = (not stage.items_relation
                     and not stage.identity and not top_n(selection)
                     and (group is not None or (not stage.group_by and (
                         stage.order_by in (None, key) or stage.order_in_windows))))
@@ -1608,6 +1636,18 @@ class Pending:
         span = max(1, -(-(hi - lo + 1) * cls.FIRST // max(n, 1)))
         pending = cls(folder, sql, params, key, stage.table, bounds, span, group,
                       planner if planned else None, stage.order_by)
+        if stage.ordinal_where:   # numbered a window at a time, on from the windows before
+            nsql, nparams = numbered_sql(stage, cat, selection, window=True)
+            pending.numbered = (f"SELECT coalesce(sum(_uc_numbered), 0) FROM ({nsql}) n",
+                                _used(nsql, {**stage.sql_params(), **nparams}))
+            total = None
+            if stage.numbered_total:   # the whole selection's count, once
+                whole, wparams = numbered_sql(stage, cat, selection)
+                total = cat.con.execute(
+                    f"SELECT coalesce(sum(_uc_numbered), 0) FROM ({whole}) n",
+                    _used(whole, {**stage.sql_params(), **wparams})).fetchall()[0][0]
+            pending.params = {**pending.params, "_uc_ordinals": total,
+                              "_uc_numbered_before": 0}
         try:   # a planned stage starts with its first rows: the rest are planned meanwhile
             while not pending.complete and pending.known < (1 if planned else cls.FIRST):
                 pending._window(cat)
@@ -1667,6 +1707,10 @@ class Pending:
             window = key_window_params(con, self.table, self.key, *keys)
             order = f"{GROUP}, {self.key}" if self.group and not ungrouped else self.order
             n = self._write(con, f"{sql} ORDER BY {order}", {**self.params, **window})
+            if self.numbered is not None:   # the next window numbers on from this one's
+                count_sql, count_params = self.numbered
+                self.params["_uc_numbered_before"] += con.execute(
+                    count_sql, {**count_params, **window}).fetchall()[0][0]
         if ungrouped:
             with self._cond:
                 self.ungrouped_left = False

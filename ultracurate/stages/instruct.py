@@ -101,6 +101,7 @@ class InstructStage(RowStage):
             raise UltracurateError("--per-anchor must be at least 1")
         self.types = parse_types(types)
         self.quota = parse_quota(quota)
+        self.numbered_total = self.quota is not None   # ORDINALS spread a quota only
         if mode not in EDIT_MODES:
             raise UltracurateError(f"unknown mode '{mode}' ({', '.join(EDIT_MODES)})")
         if max_attempts < 1:
