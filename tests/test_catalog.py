@@ -213,3 +213,25 @@ def test_migration_011_moves_reject_reasons_and_boxes_out_of_list_columns(tmp_pa
         (1, 0, 7), (1, 1, 7), (3, 0, 8)]
     assert boxes == [{"edit_id": 1, "mask_bbox": [1, 2, 3, 4], "mask_bbox_x": 1, "mask_bbox_h": 4},
                      {"edit_id": 2, "mask_bbox": None, "mask_bbox_x": None, "mask_bbox_h": None}]
+
+
+@pytest.mark.parametrize("scope", ["materialized", "registered", "both"])
+def test_a_statement_that_fails_in_a_transaction_raises_its_own_error(ws, scope):
+    """A failed statement aborts its transaction; the temp tables and registrations the
+    block made are cleaned up quietly, so the error raised is the statement's (not DuckDB's
+    refusal of the cleanup in an aborted transaction), the rollback leaves no temp table,
+    and the catalog takes the next transaction."""
+    import contextlib
+
+    import pyarrow as pa
+    with ws.catalog() as cat:
+        with pytest.raises(duckdb.ConversionException):
+            with cat.transaction(), contextlib.ExitStack() as blocks:
+                if scope in ("materialized", "both"):
+                    blocks.enter_context(cat.materialized("SELECT 1 AS x"))
+                if scope in ("registered", "both"):
+                    blocks.enter_context(cat.registered(pa.table({"a": [1]})))
+                cat.con.execute("SELECT 'x'::INTEGER")
+        assert cat.scalar("SELECT count(*) FROM duckdb_tables() WHERE temporary") == 0
+        with cat.transaction(), cat.materialized("SELECT 2 AS x") as t:
+            assert cat.scalar(f"SELECT x FROM {t}") == 2

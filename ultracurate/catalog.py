@@ -472,8 +472,10 @@ class Catalog:
         self.con.register(name, data)
         try:
             yield name
-        finally:
-            self.con.unregister(name)
+        except BaseException:
+            _after_failure(self.con.unregister, name)
+            raise
+        self.con.unregister(name)
 
     def temp_table(self, sql: str, params: Any = None) -> str:
         """A query's result computed once into a temporary table of this connection (DuckDB
@@ -493,8 +495,10 @@ class Catalog:
         name = self.temp_table(sql, params)
         try:
             yield name
-        finally:
-            self.drop_temp(name)
+        except BaseException:
+            _after_failure(self.drop_temp, name)
+            raise
+        self.drop_temp(name)
 
     # -- the run ledger's rows (written by ultracurate.runner) -----------------------------
     def start_run(self, stage: str, params: dict, selection: dict | None, models: dict | None,
@@ -722,6 +726,16 @@ class Table:
         key = key or self.key
         self.cat.con.execute(f'DELETE FROM {self.name} WHERE "{key}" IN '
                              f'(SELECT "{key}" FROM ({sql}) _uc_src)', params or None)
+
+
+def _after_failure(cleanup, name: str) -> None:
+    """A block's cleanup while its error propagates: in a transaction the error aborted,
+    DuckDB refuses every statement until the rollback (which drops a temp table made in it),
+    and the error to see is the block's, not that refusal."""
+    try:
+        cleanup(name)
+    except duckdb.TransactionException:
+        pass
 
 
 class Captions(Table):
