@@ -13,10 +13,11 @@ The guard, in order:
 3. takes the parameter names from the tree: `$name` (DuckDB's form) or `:name` (sqlite-utils'),
    matched exactly; `?` and `$1` are refused. A value from the command line is text that DuckDB
    casts to the type its place needs (the column's type), as it casts a quoted literal;
-4. binds, plans and runs the predicate once over the whole view (`SELECT count(*)`), under
+4. binds, plans and runs the predicate once over every row of the view, under
    `limits.bounded` (a time and a memory bound), so that any error DuckDB would raise later
    (a failed cast, an extension it would need, error()) is raised here, before anything is
-   written, as one line. Every catalog connection already has no file or network access and
+   written, as one line. A top-level AND term over one table's columns runs over that table
+   alone, not the view's joins (`_passes`, `view_lineage`). Every catalog connection already has no file or network access and
    no extension autoload (`limits.duckdb_config`).
 """
 
