@@ -109,17 +109,21 @@ def joined_ws(tmp_path_factory):
     with ws.catalog() as cat:
         cat.con.execute("""
             INSERT INTO anchors (anchor_id, sha256, media, source_path, dataset, width, height)
-            VALUES (1, 'a1', 'a1.jpg', 'p1', '1', 800, 600), (2, 'a2', 'a2.jpg', 'p2', 'x', 500, 400);
+            VALUES (1, 'a1', 'a1.jpg', 'p1', '1', 800, 600),
+                   (2, 'a2', 'a2.jpg', 'p2', 'x', 500, 400);
             INSERT INTO edits (edit_id, anchor_id, source_caption, instruction, target_caption,
                                edit_object, edit_type, mode, edit_status,
                                mask_bbox_x, mask_bbox_y, mask_bbox_w, mask_bbox_h)
             VALUES (1, 1, 's', 'i', 't', '1', 'replace', 'region', 'grounded', 1, 2, 30, 40),
                    (2, 2, 's', 'i', 't', NULL, 'add', 'free', 'ready', NULL, NULL, NULL, NULL),
-                   (3, 1, 's', 'i', 't', 'cat', 'replace', 'free', 'ready', NULL, NULL, NULL, NULL);
+                   (3, 1, 's', 'i', 't', 'cat', 'replace', 'free', 'ready',
+                    NULL, NULL, NULL, NULL);
             INSERT INTO candidates (candidate_id, edit_id, candidate_index, seed, auto_status,
                                     clip_sim_dir, gen_behaviour, human_decision)
-            VALUES (1, 1, 0, 0, 'scored', 0.5, '1', NULL), (2, 1, 1, 0, 'accepted', 0.5, NULL, NULL),
-                   (3, 1, 2, 0, 'scored', 0.5, NULL, 'accept'), (4, 2, 0, 0, 'scored', 0.1, 'x', NULL),
+            VALUES (1, 1, 0, 0, 'scored', 0.5, '1', NULL),
+                   (2, 1, 1, 0, 'accepted', 0.5, NULL, NULL),
+                   (3, 1, 2, 0, 'scored', 0.5, NULL, 'accept'),
+                   (4, 2, 0, 0, 'scored', 0.1, 'x', NULL),
                    (5, 3, 0, 0, 'rejected', 0.6, NULL, NULL);""")
     return ws
 
@@ -136,6 +140,7 @@ GUARD_CASES = [
     # one term over two tables: only the view's pairs of rows (anchor 2 only meets 0.1)
     ("CASE WHEN clip_sim_dir > 0.3 THEN dataset::INTEGER ELSE 0 END >= 0", {}, None),
     ("coalesce(turn, 0) >= 0", {}, None),                                # LEFT JOIN's right side
+    ("candidates_v.clip_sim_dir > 0.3 AND main.candidates_v.anchor_width > 0", {}, None),
     ("reject_reasons IS NULL OR len(reject_reasons) > 0", {}, None),
     # a value DuckDB cannot cast, on one row of one table the view joins
     ("gen_behaviour::INTEGER > 0", {}, "Conversion"),                   # candidates

@@ -17,8 +17,8 @@ The guard, in order:
    `limits.bounded` (a time and a memory bound), so that any error DuckDB would raise later
    (a failed cast, an extension it would need, error()) is raised here, before anything is
    written, as one line. A top-level AND term over one table's columns runs over that table
-   alone, not the view's joins (`_passes`, `view_lineage`). Every catalog connection already has no file or network access and
-   no extension autoload (`limits.duckdb_config`).
+   alone, not the view's joins (`_passes`, `view_lineage`). Every catalog connection already
+   has no file or network access and no extension autoload (`limits.duckdb_config`).
 """
 
 from __future__ import annotations
@@ -319,6 +319,9 @@ def _passes(con: duckdb.DuckDBPyConnection, view: str, predicate: str, where_nod
     constant: list[dict] = []
     for term in _conjuncts(where_node):
         tables = {(lineage.get(c) or (None,))[0] for c in _term_columns(term, lineage)}
+        if any(len(n["column_names"]) > 1 for n in _walk(term)
+               if n.get("class") == "COLUMN_REF"):
+            tables.add(None)   # a qualified name (candidates_v.x) binds as written: the view
         if not tables:
             constant.append(term)
         else:
@@ -329,7 +332,7 @@ def _passes(con: duckdb.DuckDBPyConnection, view: str, predicate: str, where_nod
     groups[next(iter(groups))].extend(constant)   # a term without columns: any one pass
     out = []
     for table, terms in groups.items():
-        source = view if table is None else f"(SELECT 1 FROM {table}) AS {view}"
+        source = view if table is None else f"(SELECT 1 FROM {_quote(table)}) AS {view}"
         stmt = _parse(con, f"SELECT count(*) FROM {source} WHERE true AND true")
         node = stmt["statements"][0]["node"]
         if table is not None:  # the view's columns the terms read, as the view computes them
