@@ -1,6 +1,7 @@
 """The --where guard: only single read-only predicates over the view's columns pass; values are
 bound; a rejected selection leaves the catalog as it was."""
 
+import duckdb
 import pytest
 
 from ultracurate.errors import SelectionError
@@ -93,3 +94,117 @@ def test_limit_and_sample_pick_the_rows_of_the_sorted_query(ingested_ws, sel, or
                          f"ORDER BY {order} LIMIT {n}) ORDER BY anchor_id")
         total = cat.scalar(f"SELECT count(*) FROM anchors_v WHERE {where}")
     assert got == want and len(got) == min(n, total)
+
+
+# -- the guard's pass, narrowed to the tables a predicate's terms read ----------------------
+
+@pytest.fixture(scope="module")
+def joined_ws(tmp_path_factory):
+    """Candidates over edits over anchors, written straight into the catalog: edit 1 (3
+    candidates, clip 0.5) on anchor 1 (dataset '1'); edit 2 (1 candidate, clip 0.1, the
+    only gen_behaviour 'x') on anchor 2 (dataset 'x', the only one not a number); edit 3
+    ('cat', the only edit_object not a number) on anchor 1 with one candidate (clip 0.6)."""
+    from ultracurate.workspace import Workspace
+    ws = Workspace.init(tmp_path_factory.mktemp("guard") / "ws")
+    with ws.catalog() as cat:
+        cat.con.execute("""
+            INSERT INTO anchors (anchor_id, sha256, media, source_path, dataset, width, height)
+            VALUES (1, 'a1', 'a1.jpg', 'p1', '1', 800, 600),
+                   (2, 'a2', 'a2.jpg', 'p2', 'x', 500, 400);
+            INSERT INTO edits (edit_id, anchor_id, source_caption, instruction, target_caption,
+                               edit_object, edit_type, mode, edit_status,
+                               mask_bbox_x, mask_bbox_y, mask_bbox_w, mask_bbox_h)
+            VALUES (1, 1, 's', 'i', 't', '1', 'replace', 'region', 'grounded', 1, 2, 30, 40),
+                   (2, 2, 's', 'i', 't', NULL, 'add', 'free', 'ready', NULL, NULL, NULL, NULL),
+                   (3, 1, 's', 'i', 't', 'cat', 'replace', 'free', 'ready',
+                    NULL, NULL, NULL, NULL);
+            INSERT INTO candidates (candidate_id, edit_id, candidate_index, seed, auto_status,
+                                    clip_sim_dir, gen_behaviour, human_decision)
+            VALUES (1, 1, 0, 0, 'scored', 0.5, '1', NULL),
+                   (2, 1, 1, 0, 'accepted', 0.5, NULL, NULL),
+                   (3, 1, 2, 0, 'scored', 0.5, NULL, 'accept'),
+                   (4, 2, 0, 0, 'scored', 0.1, 'x', NULL),
+                   (5, 3, 0, 0, 'rejected', 0.6, NULL, NULL);""")
+    return ws
+
+
+GUARD_CASES = [
+    # (predicate, params, None: passes | the error it fails with)
+    ("clip_sim_dir > 0.3", {}, None),                                   # candidates
+    ("status = 'accepted'", {}, None),                                  # computed over candidates
+    ("edit_type = 'replace' AND mode = 'region'", {}, None),             # edits
+    ("mask_bbox[3] > 5", {}, None),                                     # computed over edits
+    ("anchor_width > 600 AND dataset = '1'", {}, None),                  # anchors (renamed)
+    ("edit_type = 'replace' AND clip_sim_dir > $d AND mode = 'region'", {"d": "0.25"}, None),
+    ("status = 'accepted' AND anchor_duplicate_of IS NULL", {}, None),
+    # one term over two tables: only the view's pairs of rows (anchor 2 only meets 0.1)
+    ("CASE WHEN clip_sim_dir > 0.3 THEN dataset::INTEGER ELSE 0 END >= 0", {}, None),
+    ("coalesce(turn, 0) >= 0", {}, None),                                # LEFT JOIN's right side
+    ("candidates_v.clip_sim_dir > 0.3 AND main.candidates_v.anchor_width > 0", {}, None),
+    ("reject_reasons IS NULL OR len(reject_reasons) > 0", {}, None),
+    # a value DuckDB cannot cast, on one row of one table the view joins
+    ("gen_behaviour::INTEGER > 0", {}, "Conversion"),                   # candidates
+    ("edit_object::INTEGER > 0", {}, "Conversion"),                     # edits
+    ("dataset::INTEGER > 0", {}, "Conversion"),                         # anchors
+    ("edit_type = 'replace' AND anchor_width > $w", {"w": "wide"}, "Conversion"),
+    ("clip_sim_dir > 0 AND status::INTEGER > 0", {}, "Conversion"),     # computed column
+    # reachable only through the join: anchor 2's dataset meets clip 0.1 on candidate 4
+    ("CASE WHEN clip_sim_dir < 0.3 THEN dataset::INTEGER ELSE 0 END >= 0", {}, "Conversion"),
+    ("clip_sim_dir > 0 AND CASE WHEN edit_object = 'cat' THEN anchor_path::INTEGER END > 0",
+     {}, "Conversion"),
+    # the NULLs a LEFT JOIN adds are values too
+    ("coalesce(turn, -1)::UTINYINT >= 0", {}, "Conversion"),
+    ("coalesce(reject_reasons[1], 'none')::INTEGER > 0", {}, "Conversion"),
+]
+
+
+@pytest.mark.parametrize("where, params, error", GUARD_CASES,
+                         ids=[f"{i:02d}" for i in range(len(GUARD_CASES))])
+def test_the_guard_evaluates_every_row_of_the_view_over_the_tables_it_reads(
+        joined_ws, where, params, error):
+    """The guard's pass over the tables a predicate's terms read fails exactly where the
+    predicate fails over the whole view (one line, before the job reads a row), and a
+    predicate it passes selects the view's own rows."""
+    with joined_ws.catalog(read_only=True) as cat:
+        try:
+            want = sorted(r[0] for r in cat.con.execute(
+                f"SELECT candidate_id FROM candidates_v WHERE ({where})", params).fetchall())
+        except duckdb.Error as e:
+            want = e
+        assert isinstance(want, duckdb.Error) == (error is not None)  # the case is what it says
+        if error:
+            with pytest.raises(SelectionError, match=f"fails in DuckDB: {error}") as info:
+                Selection(where, params).checked(cat.con, "candidates_v")
+            assert "\n" not in str(info.value)
+            return
+        sql, p = selected_keys_sql(cat.con, "candidates_v", "candidate_id",
+                                   Selection(where, params), columns="candidate_id")
+        got = sorted(r[0] for r in cat.con.execute(sql, p).fetchall())
+    assert got == want
+
+
+@pytest.mark.parametrize("where", [w for w, _, e in GUARD_CASES if e and "$" not in w][:5])
+def test_a_predicate_failing_on_one_row_stops_the_job_before_it_writes(joined_ws, where):
+    from test_hardening import contents
+    from ultracurate.runner import run
+    before = contents(joined_ws)
+    with pytest.raises(SelectionError, match="fails in DuckDB"):
+        run(joined_ws, "filter", Selection(where), clip_min=0.25, progress=False)
+    assert contents(joined_ws) == before
+
+
+def test_view_lineage_follows_the_view_definitions(joined_ws):
+    """Each column of candidates_v maps to the table whose row computes it (views of views
+    followed, renamed columns and expressions kept); a LEFT JOIN's right side to None."""
+    from ultracurate.selection import view_lineage
+    with joined_ws.catalog(read_only=True) as cat:
+        lineage = view_lineage(cat.con, "candidates_v")
+        columns = [r[0] for r in cat.con.execute("DESCRIBE candidates_v").fetchall()]
+    assert list(lineage) == columns
+    table = {c: (v[0] if v else None) for c, v in lineage.items()}
+    assert {c: table[c] for c in ("clip_sim_dir", "status", "edit_id", "edit_type",
+                                  "mask_bbox", "anchor_width", "dataset", "reject_reasons",
+                                  "session_id")} == {
+        "clip_sim_dir": "candidates", "status": "candidates", "edit_id": "candidates",
+        "edit_type": "edits", "mask_bbox": "edits", "anchor_width": "anchors",
+        "dataset": "anchors", "reject_reasons": None, "session_id": None}
