@@ -1527,6 +1527,15 @@ def numbered_sql(stage: RowStage, cat: Catalog, selection: Selection, window: bo
         f"*, coalesce(({stage.ordinal_where})::INTEGER, 0) AS _uc_numbered")
 
 
+def numbered_count_sql(stage: RowStage, cat: Catalog, selection: Selection,
+                       window: bool = False) -> tuple[str, dict]:
+    """How many of the selection's rows (window: a key window's, its parameters bound by the
+    caller) the stage numbers, and the parameters it names."""
+    sql, params = numbered_sql(stage, cat, selection, window)
+    sql = f"SELECT coalesce(sum(_uc_numbered), 0) FROM ({sql}) n"
+    return sql, _used(sql, {**stage.sql_params(), **params})
+
+
 def _used(sql: str, params: dict) -> dict:
     """The parameters a statement names (DuckDB refuses any other)."""
     import duckdb
@@ -1546,25 +1555,25 @@ class Pending:
     order, with the columns the stage needs. The job then holds no catalog cursor while it
     runs, and one over 41M rows never holds them all in memory.
 
-    A stage in key order (no groups or order of its own, over catalog rows, no
-    --limit/--sample) gets them a key window at a time: a window is the pending rows whose
-    key lies in a range, sorted on their own, and windows follow each other up the keys, so
-    together they are in key order (a stage whose order only gathers a batch's rows,
-    `order_in_windows`: each window in its order). A stage that numbers the selection's rows
-    (`ordinal_where`) has each window numbered on from the count of the windows before it
-    (the whole selection's count, ORDINALS, once at the start where it reads it). The first windows are small (FIRST rows), so that the
+    A stage in key order (no groups or order of its own, over catalog rows, no --limit/--sample)
+    gets them a key window at a time: a window is the pending rows whose key lies in a range,
+    sorted on their own, and windows follow each other up the keys, so together they are in key
+    order (a stage whose order only gathers a batch's rows, `order_in_windows`: each window in
+    its order). A stage that numbers the selection's rows (`ordinal_where`) has each window
+    numbered on from the count of the windows before it (the whole selection's count, ORDINALS,
+    once at the start where it reads it). The first windows are small (FIRST rows), so that the
     first batch starts within a second however large the selection; the rest are materialised
-    ahead on a thread while batches compute (`fill`), each on the job's short connection
-    between commits, their ranges sized from the rows the last window found (up to MAX rows,
-    a fraction of a second's hold at 4.1M). The total is known once the last window is in
-    (`n`; None before). Rows a batch finishes lie in windows already read, so no row comes
-    twice; rows added after the job started have keys above its last window (sequences).
-    A stage whose groups are a whole-number column of its table (generate's model calls,
-    `gen_call`) gets windows over that column instead, each sorted by group then key (a group
-    never straddles two windows), then the rows without a group. Every window also narrows
-    the keys (and the keys of the tables the view joins) to those of its rows, so no scan
-    reads the whole table (`selection.key_window`). Other stages (numbering, an order of
-    their own, --limit/--sample) get one sorted file at the start, as do outside items.
+    ahead on a thread while batches compute (`fill`), each on the job's short connection between
+    commits, their ranges sized from the rows the last window found (up to MAX rows, a fraction
+    of a second's hold at 4.1M). The total is known once the last window is in (`n`; None
+    before). Rows a batch finishes lie in windows already read, so no row comes twice; rows
+    added after the job started have keys above its last window (sequences). A stage whose
+    groups are a whole-number column of its table (generate's model calls, `gen_call`) gets
+    windows over that column instead, each sorted by group then key (a group never straddles two
+    windows), then the rows without a group. Every window also narrows the keys (and the keys of
+    the tables the view joins) to those of its rows, so no scan reads the whole table
+    (`selection.key_window`). Other stages (an order of their own over the whole selection,
+    --limit/--sample) get one sorted file at the start, as do outside items.
 
     A stage whose plan is planned a window at a time (a Planner: generate's candidates)
     plans its next window whenever the windows read so far hold every group planned: the new
@@ -1637,15 +1646,11 @@ class Pending:
         pending = cls(folder, sql, params, key, stage.table, bounds, span, group,
                       planner if planned else None, stage.order_by)
         if stage.ordinal_where:   # numbered a window at a time, on from the windows before
-            nsql, nparams = numbered_sql(stage, cat, selection, window=True)
-            pending.numbered = (f"SELECT coalesce(sum(_uc_numbered), 0) FROM ({nsql}) n",
-                                _used(nsql, {**stage.sql_params(), **nparams}))
+            pending.numbered = numbered_count_sql(stage, cat, selection, window=True)
             total = None
             if stage.numbered_total:   # the whole selection's count, once
-                whole, wparams = numbered_sql(stage, cat, selection)
-                total = cat.con.execute(
-                    f"SELECT coalesce(sum(_uc_numbered), 0) FROM ({whole}) n",
-                    _used(whole, {**stage.sql_params(), **wparams})).fetchall()[0][0]
+                total = cat.con.execute(*numbered_count_sql(stage, cat, selection)
+                                        ).fetchall()[0][0]
             pending.params = {**pending.params, "_uc_ordinals": total,
                               "_uc_numbered_before": 0}
         try:   # a planned stage starts with its first rows: the rest are planned meanwhile
