@@ -96,6 +96,33 @@ def _free_edits(ws, n: int) -> None:
             "edit_status": "proposed", "created_at": now()} for i, a in enumerate(an)]))
 
 
+def _hold_when(ws, ready, proc: subprocess.Popen):
+    """A read-only connection of the test's own, returned open once ready(ledger) holds on
+    what it reads. While it is open no job commits (a writer waits for readers), so what it
+    saw stays true, whatever the machine's speed. Meanwhile the test says it is a reader
+    waiting (catalog.readers_dir), so that the jobs make way after each commit and the test
+    sees every step of their progress."""
+    from ultracurate.catalog import readers_dir
+    marker = readers_dir(ws.catalog_path) / f"{procs.tag()}~test"
+    marker.parent.mkdir(exist_ok=True)
+    marker.touch()
+    try:
+        deadline = time.monotonic() + MINUTES
+        while time.monotonic() < deadline:
+            con = _connect_read_only(ws)
+            rows = con.execute("SELECT run_id, state, rows_done, pid FROM runs").fetchall()
+            ledger = {r[0]: {"state": r[1], "rows_done": r[2], "pid": r[3]} for r in rows}
+            if ready(ledger):
+                return con, ledger
+            con.close()
+            if proc.poll() is not None:
+                raise AssertionError(f"the job ended first (rc {proc.returncode})")
+            time.sleep(0.02)
+        raise AssertionError("timed out")
+    finally:
+        marker.unlink()
+
+
 @pytest.mark.slow
 def test_readers_and_a_second_job_work_beside_a_generate_job(ingested_ws):
     ws = ingested_ws
@@ -103,40 +130,43 @@ def test_readers_and_a_second_job_work_beside_a_generate_job(ingested_ws):
     gen = _start(ws, "generate", "--mode", "free", "--candidates", "3", "--size", "64",
                  "--pairs-per-call", "1", "--batch-size", "1")
 
-    def first_commit():  # a plain read-only connection, polled while the job runs
-        runs = [r for r in _ledger(ws).values() if r["stage"] == "generate"]
-        return runs[0] if runs and runs[0]["rows_done"] >= 1 else None
-    g = _wait_for(first_commit, gen)
-    assert g["state"] == "running" and g["rows_in"] == 9 and g["rows_done"] < 9
-    # A reader of our own keeps the job's next commit waiting (readers share the file; a
-    # writer waits for them), so every reader below sees the job mid-run, however fast.
-    held = _connect_read_only(ws)
+    def first_commit(ledger):
+        return any(r["pid"] == gen.pid and r["state"] == "running" and r["rows_done"] >= 1
+                   for r in ledger.values())
+    # generate, caught mid-run, is stopped: alive, and holding no connection (our reader is
+    # open, and a job's connections are read-write), so nothing below waits on it, and what
+    # the readers and the second job see cannot depend on the machine's speed
+    held, ledger = _hold_when(ws, first_commit, gen)
+    os.kill(gen.pid, signal.SIGSTOP)
+    held.close()
     try:
-        # a second job on disjoint rows: score takes the candidates generate has finished
-        score = _start(ws, "score", "--json")
+        g = next(dict(r, run_id=k) for k, r in _ledger(ws).items() if r["pid"] == gen.pid)
+        assert g["state"] == "running" and g["rows_in"] == 9 and 1 <= g["rows_done"] < 9
         got = run_many([["runs", "--json"], ["stats", "--json"],
                         ["select", "--from", "candidates", "-f", "json",
                          "--where", "auto_status = 'generated'"],
                         ["show", "1", "--json"], ["sql", "SELECT count(*) AS n FROM runs",
                                                   "-f", "json"]], env=_env(ws))
-        assert held.execute("SELECT state FROM runs WHERE run_id = ?",
-                            [g["run_id"]]).fetchall() == [("running",)]
+        # a second job on disjoint rows: score takes the candidates generate has finished
+        first_score = json.loads(_finish(_start(ws, "score", "--json")))
     finally:
-        held.close()
+        os.kill(gen.pid, signal.SIGCONT)
+    _finish(gen)
     assert all(r["rc"] == 0 for r in got), [r["stderr"][-500:] for r in got]
     live = {r["run_id"]: r for r in json.loads(got[0]["stdout"])}[g["run_id"]]
     assert (live["stage"], live["state"], live["rows_total"]) == ("generate", "running", 9)
-    assert 1 <= live["rows_done"] < 9
+    assert live["rows_done"] == g["rows_done"]
     generated = json.loads(got[2]["stdout"])
-    assert len(generated) == live["rows_done"]          # up to the last committed batch
+    assert len(generated) == g["rows_done"]          # up to the last committed batch
     assert json.loads(got[1]["stdout"])["candidates_by_status"]["generated"] == len(generated)
     assert json.loads(got[3]["stdout"])["candidate_id"] == 1
-    first_score = json.loads(_finish(score))
-    _finish(gen)
+    assert json.loads(got[4]["stdout"]) == [{"n": len(json.loads(got[0]["stdout"]))}]
 
     runs = _ledger(ws)
-    assert runs[first_score["run_id"]]["started_at"] < runs[g["run_id"]]["ended_at"]
-    assert 1 <= first_score["rows_done"] < 9
+    score_run = runs[first_score["run_id"]]
+    assert g["started_at"] < score_run["started_at"] < score_run["ended_at"] \
+        < runs[g["run_id"]]["ended_at"]
+    assert first_score["rows_done"] == g["rows_done"]
     # then the rest is scored, and filter (one transaction) runs after both
     assert run(ws, "score", progress=False).rows_done == 9 - first_score["rows_done"]
     assert run(ws, "filter", progress=False).state == "completed"
@@ -166,33 +196,6 @@ def _images(folder, n: int, seed: int) -> None:
     for i in range(n):
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
             folder / f"img_{i:04d}.png")
-
-
-def _hold_when(ws, ready, proc: subprocess.Popen):
-    """A read-only connection of the test's own, returned open once ready(ledger) holds on
-    what it reads. While it is open no job commits (a writer waits for readers), so what it
-    saw stays true, whatever the machine's speed. Meanwhile the test says it is a reader
-    waiting (catalog.readers_dir), so that the jobs make way after each commit and the test
-    sees every step of their progress."""
-    from ultracurate.catalog import readers_dir
-    marker = readers_dir(ws.catalog_path) / f"{procs.tag()}~test"
-    marker.parent.mkdir(exist_ok=True)
-    marker.touch()
-    try:
-        deadline = time.monotonic() + MINUTES
-        while time.monotonic() < deadline:
-            con = _connect_read_only(ws)
-            rows = con.execute("SELECT run_id, state, rows_done, pid FROM runs").fetchall()
-            ledger = {r[0]: {"state": r[1], "rows_done": r[2], "pid": r[3]} for r in rows}
-            if ready(ledger):
-                return con, ledger
-            con.close()
-            if proc.poll() is not None:
-                raise AssertionError(f"the job ended first (rc {proc.returncode})")
-            time.sleep(0.02)
-        raise AssertionError("timed out")
-    finally:
-        marker.unlink()
 
 
 @pytest.mark.slow
