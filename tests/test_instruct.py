@@ -196,6 +196,38 @@ def test_instruct_selection_quota_mode_and_bad_captions(ingested_ws):
     assert all(r["mode"] == "free" for r in rows)
 
 
+@pytest.mark.parametrize("sources", [None, ["coco"], ["caption:*"], ["ingest", "coco"]])
+def test_usable_caption_over_the_view_and_over_the_tables_agree(ingested_ws, sources):
+    """The anchors with a usable caption, as the rows see them (the view's caption lists:
+    USABLE_CAPTIONS) and as the count over a whole selection does (an anchor_captions
+    semi-join: HAS_USABLE_CAPTION), for a table of cases: words over the limit, an invalid
+    caption, none, each source kind and a prefix."""
+    from ultracurate.stages.instruct import HAS_USABLE_CAPTION, USABLE_CAPTIONS
+    short, long_ = "a red car", "a red car parked outside"     # 3 words; 5 (limit: 3)
+    cases = {1: [(short, "ingest", None)], 2: [(long_, "ingest", None)],
+             3: [(short, "ingest", "not english")], 4: [],
+             5: [(short, "caption:blip", None)],
+             6: [(long_, "coco", None), (short, "caption:blip", "repeats itself")],
+             7: [(short, "coco", None), (long_, "ingest", None)]}
+    with ingested_ws.catalog() as cat:
+        cat.con.execute("DELETE FROM anchor_captions")
+        cat.con.executemany(
+            "INSERT INTO anchor_captions (anchor_id, caption_index, caption, source, "
+            "invalid_reason) VALUES (?, ?, ?, ?, ?)",
+            [[a, i, *c] for a, caps in cases.items() for i, c in enumerate(caps)])
+        params = {"_uc_max_words": 3, "_uc_sources": sources}
+        over_view = {r[0] for r in cat.con.execute(
+            f"SELECT anchor_id FROM anchors_v WHERE len({USABLE_CAPTIONS}) > 0",
+            params).fetchall()}
+        over_tables = {r[0] for r in cat.con.execute(
+            f"SELECT anchor_id FROM anchors WHERE {HAS_USABLE_CAPTION}", params).fetchall()}
+    want = {a for a, caps in cases.items() for text, source, invalid in caps
+            if invalid is None and text == short
+            and (sources is None or source in sources or "caption:*" in sources
+                 and source.startswith("caption:"))}
+    assert over_view == over_tables == want and want
+
+
 def test_unknown_type_is_one_clear_error(ingested_ws):
     with pytest.raises(UltracurateError, match="unknown edit type 'zoom'"):
         run(ingested_ws, "instruct", types="add,zoom", progress=False)

@@ -516,8 +516,11 @@ def test_numbering_counts_the_whole_selection_in_key_order(ingested_ws, small_wi
         got = [(r["anchor_id"], r[ORDINAL], r[ORDINALS])
                for r in cat.query(sql + order_sql(stage), params)]
         assert got == want and len(numbered) > 2
-        for total in (True, False):
-            stage.numbered_total = total
+        # the count: from ordinal_where, or its form over the tables (ordinal_count_where);
+        # or not at all
+        for total, count_where in ((True, None), (True, "anchor_id IN (SELECT anchor_id "
+                                   "FROM anchors WHERE turn > $_uc_t)"), (False, None)):
+            stage.numbered_total, stage.ordinal_count_where = total, count_where
             pending = Pending.write(stage, cat, sel, False, ws.scratch)
             pending.fill(cat.cursor)
             windowed = [(r["anchor_id"], r[ORDINAL], r[ORDINALS])

@@ -300,6 +300,11 @@ class RowStage(Stage):
     # number (row[ORDINAL]) and the count (row[ORDINALS]); a stage that deals work out over
     # the selection (instruct's edit types) deals the same on a rerun.
     ordinal_where: str | None = None
+    # The same predicate as ordinal_where, written over the catalog's tables instead of the
+    # row's computed columns (instruct: an anchor_captions semi-join rather than the view's
+    # caption lists), for the count over the whole selection (ORDINALS), where the view's
+    # aggregates would cost most of the pass. None: ordinal_where.
+    ordinal_count_where: str | None = None
     # Outside items (files, parquet rows) instead of catalog rows: `items()` gives them, keyed
     # by `key`; `recorded` names the query (sql/queries/<file>.sql: "file.name") that finds
     # the ones the catalog already records, which the runner leaves out unless --force;
@@ -1516,22 +1521,26 @@ def pending_sql(stage: RowStage, cat: Catalog, selection: Selection, force: bool
     return sql, params
 
 
-def numbered_sql(stage: RowStage, cat: Catalog, selection: Selection, window: bool = False
-                 ) -> tuple[str, dict]:
+def numbered_sql(stage: RowStage, cat: Catalog, selection: Selection, window: bool = False,
+                 predicate: str | None = None) -> tuple[str, dict]:
     """The selection's rows (window: those of a key window) with `_uc_numbered`: 1 where the
-    stage's ordinal_where holds, else 0; and the parameters of the selection."""
+    stage's ordinal_where (or `predicate`) holds, else 0; and the parameters of the
+    selection."""
     view = ITEMS if stage.items_relation else VIEWS[stage.table]
     return selected_keys_sql(
         cat.con, view, stage.row_key, selection,
         key_window(stage.table, stage.row_key) if window else None,
-        f"*, coalesce(({stage.ordinal_where})::INTEGER, 0) AS _uc_numbered")
+        f"*, coalesce(({predicate or stage.ordinal_where})::INTEGER, 0) AS _uc_numbered")
 
 
 def numbered_count_sql(stage: RowStage, cat: Catalog, selection: Selection,
                        window: bool = False) -> tuple[str, dict]:
     """How many of the selection's rows (window: a key window's, its parameters bound by the
-    caller) the stage numbers, and the parameters it names."""
-    sql, params = numbered_sql(stage, cat, selection, window)
+    caller) the stage numbers, and the parameters it names. The whole selection's count reads
+    the stage's ordinal_count_where (a window's stays with ordinal_where: narrowed to the
+    window's keys, the view costs little)."""
+    sql, params = numbered_sql(stage, cat, selection, window,
+                               None if window else stage.ordinal_count_where)
     sql = f"SELECT coalesce(sum(_uc_numbered), 0) FROM ({sql}) n"
     return sql, _used(sql, {**stage.sql_params(), **params})
 
@@ -1561,8 +1570,9 @@ class Pending:
     order (a stage whose order only gathers a batch's rows, `order_in_windows`: each window in
     its order). A stage that numbers the selection's rows (`ordinal_where`) has each window
     numbered on from the count of the windows before it (the whole selection's count, ORDINALS,
-    once at the start where it reads it). The first windows are small (FIRST rows), so that the
-    first batch starts within a second however large the selection; the rest are materialised
+    once at the start where it reads it). The first window is small (FIRST rows), and the job
+    starts as soon as a window holds a row, so that the first batch starts within a second
+    however large the selection; the rest are materialised
     ahead on a thread while batches compute (`fill`), each on the job's short connection between
     commits, their ranges sized from the rows the last window found (up to MAX rows, a fraction
     of a second's hold at 4.1M). The total is known once the last window is in (`n`; None
@@ -1611,7 +1621,8 @@ class Pending:
     @classmethod
     def write(cls, stage: RowStage, cat: Catalog, selection: Selection, force: bool,
               folder: Path, planner: "Planner | None" = None) -> "Pending":
-        """The pending rows: all of them, or (windows) at least the first FIRST or all.
+        """The pending rows: all of them, or (windows) those up to the first window holding
+        any (or all, if none does).
         planner: the rest of the stage's plan, planned as the windows need it (in windows
         over its groups; otherwise all of it now)."""
         folder.mkdir(parents=True, exist_ok=True)
@@ -1653,8 +1664,8 @@ class Pending:
                                         ).fetchall()[0][0]
             pending.params = {**pending.params, "_uc_ordinals": total,
                               "_uc_numbered_before": 0}
-        try:   # a planned stage starts with its first rows: the rest are planned meanwhile
-            while not pending.complete and pending.known < (1 if planned else cls.FIRST):
+        try:   # the job starts with the first window holding rows: the rest are read meanwhile
+            while not pending.complete and not pending.known:
                 pending._window(cat)
         except BaseException:
             pending.remove()
