@@ -52,6 +52,7 @@ COMMANDS = [
     ("export --limit 100", "first", "check + plan"),
     ("instruct --limit 100", "first", "row stage over anchors"),
     ("instruct (every anchor)", "first", "row stage, numbered over every anchor"),
+    ("instruct --quota", "first", "row stage, numbered; the selection's count first"),
     ("ground", "first", "row stage, in anchor order within windows"),
     ("score", "first", "row stage: pending selection"),
     ("dedup (embed-anchors)", "first", "row stage over every anchor"),
@@ -62,7 +63,7 @@ COMMANDS = [
 ]
 FIRST_ONLY = {"review --limit 100", "export --limit 100", "instruct --limit 100", "score",
               "dedup (embed-anchors)", "stats", "select", "generate --where replace",
-              "instruct (every anchor)", "ground"}
+              "instruct (every anchor)", "instruct --quota", "ground"}
 
 
 class _FirstBatch(Exception):
@@ -177,6 +178,8 @@ def measure(ws_root: str, command: str) -> dict:
         out = _row_first(ws, "instruct", Selection(limit=100))
     elif command == "instruct (every anchor)":
         out = _row_first(ws, "instruct")
+    elif command == "instruct --quota":
+        out = _row_first(ws, "instruct", quota="replace=2000000,add=2000000,turn=1000000")
     elif command == "ground":
         out = _row_first(ws, "ground")
     elif command == "score":

@@ -131,6 +131,52 @@ def test_plan_balances_types_and_quotas():
         parse_quota("bogus=1")
 
 
+@pytest.mark.parametrize("quota, n_anchors, per_anchor", [
+    ("add=3,replace=5,turn=2", 3, 1), ("add=3,replace=5,turn=2", 4, 2),
+    ("replace=1000,add=10", 7, 3), ("change_color=7,add=7,turn=7", 10, 1),
+    ("others=1,replace=99", 12, 2), ("add=5", 2, 1)])
+def test_a_quota_over_capacity_is_cut_in_proportion_and_each_deal_ignores_the_count(
+        quota, n_anchors, per_anchor):
+    """Where the anchors run out before the quota, each type keeps its share of the
+    capacity to within one; and the first anchors' types are the same whatever the number
+    of anchors (a job deals them without counting its selection)."""
+    q = parse_quota(quota)
+    capacity, total = n_anchors * per_anchor, sum(q.values())
+    assert capacity < total     # the case is what it says
+    plan = plan_types(n_anchors, per_anchor, list(EDIT_TYPES), q)
+    flat = [t for p in plan for t in p]
+    assert len(flat) == capacity
+    for t, n in q.items():
+        assert abs(flat.count(t) - n * capacity / total) <= 1, (t, flat)
+    more = plan_types(n_anchors + 5, per_anchor, list(EDIT_TYPES), q)
+    assert more[:n_anchors] == plan
+
+
+@pytest.mark.parametrize("quota", [
+    {"add": 3, "replace": 5, "turn": 2}, {"change_color": 7, "add": 7, "turn": 7},
+    {"others": 1, "replace": 99}, {"add": 5, "replace": 0}, {t: 3 ** i for i, t in
+                                                            enumerate(EDIT_TYPES)},
+    {"add": 45_555, "replace": 45_556, "turn": 100_003, "others": 17}])
+def test_a_slice_of_the_quota_sequence_is_the_whole_sorted_sequence_cut(quota):
+    """quota_slice computes places of the sequence from the slots near them: equal to the
+    sequence's definition (every type's slots at (i + 0.5) / n, sorted by position then type,
+    ties included), at every place of a small quota and at the ends and random places of a
+    large one."""
+    import random
+    from ultracurate.instruct.plan import quota_slice
+    order = {t: i for i, t in enumerate(EDIT_TYPES)}
+    whole = [t for _, _, t in sorted(((i + 0.5) / n, order[t], t)
+                                     for t, n in quota.items() for i in range(n))]
+    q = tuple(sorted(quota.items()))
+    n = len(whole)
+    rng = random.Random(0)
+    starts = range(n) if n < 2000 else [0, 1, n - 3, n - 1] + rng.sample(range(n), 200)
+    for start in starts:
+        width = rng.randint(1, 4)
+        assert quota_slice(q, start, start + width) == whole[start:start + width], start
+    assert quota_slice(q, n, n + 2) == []
+
+
 # -- the stage -----------------------------------------------------------------------------
 def _edits(ws):
     with ws.catalog(read_only=True) as cat:
@@ -194,38 +240,6 @@ def test_instruct_selection_quota_mode_and_bad_captions(ingested_ws):
     assert {r["anchor_id"] for r in rows} == {3, 4, 5, 6}
     assert sorted(r["edit_type"] for r in rows) == ["change_color"] * 4 + ["replace"] * 4
     assert all(r["mode"] == "free" for r in rows)
-
-
-@pytest.mark.parametrize("sources", [None, ["coco"], ["caption:*"], ["ingest", "coco"]])
-def test_usable_caption_over_the_view_and_over_the_tables_agree(ingested_ws, sources):
-    """The anchors with a usable caption, as the rows see them (the view's caption lists:
-    USABLE_CAPTIONS) and as the count over a whole selection does (an anchor_captions
-    semi-join: HAS_USABLE_CAPTION), for a table of cases: words over the limit, an invalid
-    caption, none, each source kind and a prefix."""
-    from ultracurate.stages.instruct import HAS_USABLE_CAPTION, USABLE_CAPTIONS
-    short, long_ = "a red car", "a red car parked outside"     # 3 words; 5 (limit: 3)
-    cases = {1: [(short, "ingest", None)], 2: [(long_, "ingest", None)],
-             3: [(short, "ingest", "not english")], 4: [],
-             5: [(short, "caption:blip", None)],
-             6: [(long_, "coco", None), (short, "caption:blip", "repeats itself")],
-             7: [(short, "coco", None), (long_, "ingest", None)]}
-    with ingested_ws.catalog() as cat:
-        cat.con.execute("DELETE FROM anchor_captions")
-        cat.con.executemany(
-            "INSERT INTO anchor_captions (anchor_id, caption_index, caption, source, "
-            "invalid_reason) VALUES (?, ?, ?, ?, ?)",
-            [[a, i, *c] for a, caps in cases.items() for i, c in enumerate(caps)])
-        params = {"_uc_max_words": 3, "_uc_sources": sources}
-        over_view = {r[0] for r in cat.con.execute(
-            f"SELECT anchor_id FROM anchors_v WHERE len({USABLE_CAPTIONS}) > 0",
-            params).fetchall()}
-        over_tables = {r[0] for r in cat.con.execute(
-            f"SELECT anchor_id FROM anchors WHERE {HAS_USABLE_CAPTION}", params).fetchall()}
-    want = {a for a, caps in cases.items() for text, source, invalid in caps
-            if invalid is None and text == short
-            and (sources is None or source in sources or "caption:*" in sources
-                 and source.startswith("caption:"))}
-    assert over_view == over_tables == want and want
 
 
 def test_unknown_type_is_one_clear_error(ingested_ws):

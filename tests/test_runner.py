@@ -491,11 +491,10 @@ class Numbered(KeyOrder):
 @pytest.mark.parametrize("case", ["all", "where", "some done", "nulls"])
 def test_numbering_counts_the_whole_selection_in_key_order(ingested_ws, small_windows, case):
     """A stage's ordinal (ORDINAL: its number among the rows of the selection its predicate
-    holds for, in key order, done rows included; None where it does not hold) and their
-    count (ORDINALS) are those a plain count gives, for every case: read in one query, and
-    a key window at a time (each window numbered on from those before; the count only where
-    the stage reads it)."""
-    from ultracurate.runner import ORDINAL, ORDINALS, Pending, order_sql, pending_sql
+    holds for, in key order, done rows included; None where it does not hold) is the one a
+    plain count gives, for every case: read in one query, and a key window at a time (each
+    window numbered on from those before)."""
+    from ultracurate.runner import ORDINAL, Pending, order_sql, pending_sql
     ws = ingested_ws
     sel = Selection(where="anchor_id <> 4") if case == "where" else Selection()
     with ws.catalog() as cat:
@@ -509,25 +508,17 @@ def test_numbering_counts_the_whole_selection_in_key_order(ingested_ws, small_wi
     numbered = [r["anchor_id"] for r in picked if r["turn"] is not None and r["turn"] > 2]
     done = {2, 5, 7} if case == "some done" else set()
     want = [(r["anchor_id"], numbered.index(r["anchor_id"]) if r["anchor_id"] in numbered
-             else None, len(numbered)) for r in picked if r["anchor_id"] not in done]
+             else None) for r in picked if r["anchor_id"] not in done]
     stage = Numbered()
     with ws.catalog() as cat:
         sql, params = pending_sql(stage, cat, sel, False)
-        got = [(r["anchor_id"], r[ORDINAL], r[ORDINALS])
-               for r in cat.query(sql + order_sql(stage), params)]
+        got = [(r["anchor_id"], r[ORDINAL]) for r in cat.query(sql + order_sql(stage), params)]
         assert got == want and len(numbered) > 2
-        # the count: from ordinal_where, or its form over the tables (ordinal_count_where);
-        # or not at all
-        for total, count_where in ((True, None), (True, "anchor_id IN (SELECT anchor_id "
-                                   "FROM anchors WHERE turn > $_uc_t)"), (False, None)):
-            stage.numbered_total, stage.ordinal_count_where = total, count_where
-            pending = Pending.write(stage, cat, sel, False, ws.scratch)
-            pending.fill(cat.cursor)
-            windowed = [(r["anchor_id"], r[ORDINAL], r[ORDINALS])
-                        for b in pending.batches(2) for r in b]
-            pending.remove()
-            assert len(pending.counts) > 1
-            assert windowed == [(a, k, n if total else None) for a, k, n in want]
+        pending = Pending.write(stage, cat, sel, False, ws.scratch)
+        pending.fill(cat.cursor)
+        windowed = [(r["anchor_id"], r[ORDINAL]) for b in pending.batches(2) for r in b]
+        pending.remove()
+    assert len(pending.counts) > 1 and windowed == want
 
 
 class LocalOrder(KeyOrder):

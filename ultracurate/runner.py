@@ -115,7 +115,6 @@ class BatchResult:
 
 GROUP = "_uc_group"       # the row key holding a row's group (see RowStage.group_by)
 ORDINAL = "_uc_ordinal"   # a row's number in the whole selection (see RowStage.ordinal_where)
-ORDINALS = "_uc_ordinals"  # how many rows of the selection are numbered
 ITEMS = "_uc_items"       # the relation a stage's outside items are registered as
 
 
@@ -278,10 +277,6 @@ class RowStage(Stage):
     # image embedding), so the rows may come a key window at a time, each in that order
     # (Pending); otherwise the order holds over the whole selection (one sorted read).
     order_in_windows: bool = False
-    # Whether process reads ORDINALS (the count of the selection's numbered rows): counting
-    # them is a pass over the whole selection before the first batch (instruct: only to
-    # spread a --quota).
-    numbered_total: bool = True
     # A stage whose work is arithmetic over columns gets each batch as a pyarrow Table
     # instead of a list of dicts (no Python object per row; no groups, numbering or order
     # of its own): classify-masks over masks whose features it computes.
@@ -297,14 +292,10 @@ class RowStage(Stage):
     run_column: str | None = None     # ...and the row still carries that run in this column
     # A trusted predicate: the runner numbers the selected rows where it holds, in key order,
     # over the whole selection before finished rows are left out, and hands each row its
-    # number (row[ORDINAL]) and the count (row[ORDINALS]); a stage that deals work out over
-    # the selection (instruct's edit types) deals the same on a rerun.
+    # number (row[ORDINAL]); a stage that deals work out over the selection (instruct's edit
+    # types) deals the same on a rerun. (No count of them: it would be a pass over the whole
+    # selection before the first batch.)
     ordinal_where: str | None = None
-    # The same predicate as ordinal_where, written over the catalog's tables instead of the
-    # row's computed columns (instruct: an anchor_captions semi-join rather than the view's
-    # caption lists), for the count over the whole selection (ORDINALS), where the view's
-    # aggregates would cost most of the pass. None: ordinal_where.
-    ordinal_count_where: str | None = None
     # Outside items (files, parquet rows) instead of catalog rows: `items()` gives them, keyed
     # by `key`; `recorded` names the query (sql/queries/<file>.sql: "file.name") that finds
     # the ones the catalog already records, which the runner leaves out unless --force;
@@ -1498,15 +1489,13 @@ def pending_sql(stage: RowStage, cat: Catalog, selection: Selection, force: bool
         # Running and total sums of a 0/1 column (numbered_sql): a window aggregate's FILTER
         # clause cost DuckDB time quadratic in the rows (160k anchors: 13 s, 1.6M: tens of
         # minutes), the sums are linear (0.6 s at 160k). A key window's rows are numbered on
-        # from the selection's numbered rows below it ($_uc_numbered_before), and the total
-        # is counted once ($_uc_ordinals; Pending).
+        # from the selection's numbered rows below it ($_uc_numbered_before; Pending).
         flagged, p = numbered_sql(stage, cat, selection, window)
-        before, total = (("$_uc_numbered_before", "$_uc_ordinals") if window
-                         else ("0", "sum(_uc_numbered) OVER ()"))
+        before = "$_uc_numbered_before" if window else "0"
         inner = (f"SELECT *, CASE WHEN _uc_numbered = 1 THEN (sum(_uc_numbered) OVER (ORDER BY "
-                 f"{key} ROWS UNBOUNDED PRECEDING))::BIGINT - 1 + {before} END AS {ORDINAL}, "
-                 f"({total})::BIGINT AS {ORDINALS} FROM ({flagged}) flagged")
-        columns += f", {ORDINAL}, {ORDINALS}"
+                 f"{key} ROWS UNBOUNDED PRECEDING))::BIGINT - 1 + {before} END AS {ORDINAL} "
+                 f"FROM ({flagged}) flagged")
+        columns += f", {ORDINAL}"
         sql = f"SELECT {columns} FROM ({inner}) sel"
         if join:
             sql += f" {join}"
@@ -1521,26 +1510,22 @@ def pending_sql(stage: RowStage, cat: Catalog, selection: Selection, force: bool
     return sql, params
 
 
-def numbered_sql(stage: RowStage, cat: Catalog, selection: Selection, window: bool = False,
-                 predicate: str | None = None) -> tuple[str, dict]:
+def numbered_sql(stage: RowStage, cat: Catalog, selection: Selection, window: bool = False
+                 ) -> tuple[str, dict]:
     """The selection's rows (window: those of a key window) with `_uc_numbered`: 1 where the
-    stage's ordinal_where (or `predicate`) holds, else 0; and the parameters of the
-    selection."""
+    stage's ordinal_where holds, else 0; and the parameters of the selection."""
     view = ITEMS if stage.items_relation else VIEWS[stage.table]
     return selected_keys_sql(
         cat.con, view, stage.row_key, selection,
         key_window(stage.table, stage.row_key) if window else None,
-        f"*, coalesce(({predicate or stage.ordinal_where})::INTEGER, 0) AS _uc_numbered")
+        f"*, coalesce(({stage.ordinal_where})::INTEGER, 0) AS _uc_numbered")
 
 
-def numbered_count_sql(stage: RowStage, cat: Catalog, selection: Selection,
-                       window: bool = False) -> tuple[str, dict]:
-    """How many of the selection's rows (window: a key window's, its parameters bound by the
-    caller) the stage numbers, and the parameters it names. The whole selection's count reads
-    the stage's ordinal_count_where (a window's stays with ordinal_where: narrowed to the
-    window's keys, the view costs little)."""
-    sql, params = numbered_sql(stage, cat, selection, window,
-                               None if window else stage.ordinal_count_where)
+def numbered_count_sql(stage: RowStage, cat: Catalog, selection: Selection
+                       ) -> tuple[str, dict]:
+    """How many of a key window's rows of the selection (its parameters bound by the caller)
+    the stage numbers, and the parameters it names."""
+    sql, params = numbered_sql(stage, cat, selection, window=True)
     sql = f"SELECT coalesce(sum(_uc_numbered), 0) FROM ({sql}) n"
     return sql, _used(sql, {**stage.sql_params(), **params})
 
@@ -1569,21 +1554,20 @@ class Pending:
     sorted on their own, and windows follow each other up the keys, so together they are in key
     order (a stage whose order only gathers a batch's rows, `order_in_windows`: each window in
     its order). A stage that numbers the selection's rows (`ordinal_where`) has each window
-    numbered on from the count of the windows before it (the whole selection's count, ORDINALS,
-    once at the start where it reads it). The first window is small (FIRST rows), and the job
-    starts as soon as a window holds a row, so that the first batch starts within a second
-    however large the selection; the rest are materialised
-    ahead on a thread while batches compute (`fill`), each on the job's short connection between
-    commits, their ranges sized from the rows the last window found (up to MAX rows, a fraction
-    of a second's hold at 4.1M). The total is known once the last window is in (`n`; None
-    before). Rows a batch finishes lie in windows already read, so no row comes twice; rows
-    added after the job started have keys above its last window (sequences). A stage whose
-    groups are a whole-number column of its table (generate's model calls, `gen_call`) gets
-    windows over that column instead, each sorted by group then key (a group never straddles two
-    windows), then the rows without a group. Every window also narrows the keys (and the keys of
-    the tables the view joins) to those of its rows, so no scan reads the whole table
-    (`selection.key_window`). Other stages (an order of their own over the whole selection,
-    --limit/--sample) get one sorted file at the start, as do outside items.
+    numbered on from the count of the windows before it. The first window is small (FIRST rows),
+    and the job starts as soon as a window holds a row, so that the first batch starts within a
+    second however large the selection; the rest are materialised ahead on a thread while
+    batches compute (`fill`), each on the job's short connection between commits, their ranges
+    sized from the rows the last window found (up to MAX rows, a fraction of a second's hold at
+    4.1M). The total is known once the last window is in (`n`; None before). Rows a batch
+    finishes lie in windows already read, so no row comes twice; rows added after the job
+    started have keys above its last window (sequences). A stage whose groups are a whole-number
+    column of its table (generate's model calls, `gen_call`) gets windows over that column
+    instead, each sorted by group then key (a group never straddles two windows), then the rows
+    without a group. Every window also narrows the keys (and the keys of the tables the view
+    joins) to those of its rows, so no scan reads the whole table (`selection.key_window`).
+    Other stages (an order of their own over the whole selection, --limit/--sample) get one
+    sorted file at the start, as do outside items.
 
     A stage whose plan is planned a window at a time (a Planner: generate's candidates)
     plans its next window whenever the windows read so far hold every group planned: the new
@@ -1657,13 +1641,8 @@ class Pending:
         pending = cls(folder, sql, params, key, stage.table, bounds, span, group,
                       planner if planned else None, stage.order_by)
         if stage.ordinal_where:   # numbered a window at a time, on from the windows before
-            pending.numbered = numbered_count_sql(stage, cat, selection, window=True)
-            total = None
-            if stage.numbered_total:   # the whole selection's count, once
-                total = cat.con.execute(*numbered_count_sql(stage, cat, selection)
-                                        ).fetchall()[0][0]
-            pending.params = {**pending.params, "_uc_ordinals": total,
-                              "_uc_numbered_before": 0}
+            pending.numbered = numbered_count_sql(stage, cat, selection)
+            pending.params = {**pending.params, "_uc_numbered_before": 0}
         try:   # the job starts with the first window holding rows: the rest are read meanwhile
             while not pending.complete and not pending.known:
                 pending._window(cat)

@@ -23,7 +23,7 @@ from ..instruct.captions import parse_sources, source_matches
 from ..instruct.plan import derive_seed, parse_quota, parse_types, plan_types_at
 from ..instruct.validation import Proposal, validate
 from ..names import CAPTION_MAX_WORDS, EDIT_MODES
-from ..runner import ORDINAL, ORDINALS, BatchResult, Context, RowStage
+from ..runner import ORDINAL, BatchResult, Context, RowStage
 
 
 EDIT_COLUMNS = {"edit_id", "anchor_id", "source_caption", "instruction", "target_caption",
@@ -32,22 +32,14 @@ EDIT_COLUMNS = {"edit_id", "anchor_id", "source_caption", "instruction", "target
                 "instruct_seed", "instruct_run", "created_at"}
 
 
-def _usable(caption: str, source: str) -> str:
-    """Whether a caption instruct may use (SQL over its text and source): from the chosen
-    sources ($_uc_sources, NULL: every source; 'caption:*' a prefix), 1 to $_uc_max_words
-    words (stored captions are whitespace-normalised: one space between words)."""
-    return (f"len(string_split({caption}, ' ')) <= $_uc_max_words AND ($_uc_sources IS NULL "
-            f"OR len([p FOR p IN $_uc_sources IF CASE WHEN suffix(p, '*') THEN starts_with("
-            f"{source}, left(p, length(p) - 1)) ELSE {source} = p END]) > 0)")
-
-
-# The anchor's captions instruct may use (over anchors_v, whose lists hold the valid ones)
-USABLE_CAPTIONS = (f"[captions[i] FOR i IN range(1, len(captions) + 1) "
-                   f"IF {_usable('captions[i]', 'caption_sources[i]')}]")
-# Whether an anchor has one, from anchor_captions (no caption lists built: counted over
-# every anchor of a selection, it costs a quarter of the view's)
-HAS_USABLE_CAPTION = (f"anchor_id IN (SELECT anchor_id FROM anchor_captions WHERE "
-                      f"invalid_reason IS NULL AND {_usable('caption', 'source')})")
+# The anchor's captions instruct may use (over anchors_v): from the chosen sources
+# ($_uc_sources, NULL: every source; 'caption:*' a prefix), 1 to $_uc_max_words words (stored
+# captions are whitespace-normalised: one space between words).
+USABLE_CAPTIONS = (
+    "[captions[i] FOR i IN range(1, len(captions) + 1) IF "
+    "len(string_split(captions[i], ' ')) <= $_uc_max_words AND ($_uc_sources IS NULL OR "
+    "len([p FOR p IN $_uc_sources IF CASE WHEN suffix(p, '*') THEN starts_with("
+    "caption_sources[i], left(p, length(p) - 1)) ELSE caption_sources[i] = p END]) > 0)]")
 
 
 @dataclass
@@ -72,7 +64,6 @@ class InstructStage(RowStage):
     # without one stays in to be failed with the reason; one the quota leaves nothing to is
     # not work.
     ordinal_where = f"len({USABLE_CAPTIONS}) > 0"
-    ordinal_count_where = HAS_USABLE_CAPTION
     default_where = f"{ORDINAL} IS NULL OR {ORDINAL} * $_uc_per_anchor < $_uc_slots"
     writes = {"edits": {"anchor_id", "source_caption", "instruction", "target_caption",
                         "edit_object", "edit_type", "mode", "edit_status", "edit_reasons",
@@ -110,7 +101,6 @@ class InstructStage(RowStage):
             raise UltracurateError("--per-anchor must be at least 1")
         self.types = parse_types(types)
         self.quota = parse_quota(quota)
-        self.numbered_total = self.quota is not None   # ORDINALS spread a quota only
         if mode not in EDIT_MODES:
             raise UltracurateError(f"unknown mode '{mode}' ({', '.join(EDIT_MODES)})")
         if max_attempts < 1:
@@ -195,8 +185,7 @@ class InstructStage(RowStage):
                 failed[aid] = self._no_caption(aid, row["captions"], row["caption_sources"])
                 continue
             offset = random.Random(derive_seed(self.seed, aid)).randrange(len(caps))
-            plan = plan_types_at(row[ORDINAL], row[ORDINALS], self.per_anchor, self.types,
-                                 self.quota)
+            plan = plan_types_at(row[ORDINAL], self.per_anchor, self.types, self.quota)
             for j, t in enumerate(plan):
                 slots.append(_Slot(aid, j, t, caps, offset))
 
