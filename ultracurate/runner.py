@@ -1486,7 +1486,7 @@ def pending_sql(stage: RowStage, cat: Catalog, selection: Selection, force: bool
         join = (f"ANTI JOIN ({named_queries(queries)[name]}) done "
                 f"ON done.key = sel.{key}")
     if stage.ordinal_where:  # numbered over the whole selection, before done rows go
-        # Running and total sums of a 0/1 column (numbered_sql): a window aggregate's FILTER
+        # A running sum of a 0/1 column (numbered_sql): a window aggregate's FILTER
         # clause cost DuckDB time quadratic in the rows (160k anchors: 13 s, 1.6M: tens of
         # minutes), the sums are linear (0.6 s at 160k). A key window's rows are numbered on
         # from the selection's numbered rows below it ($_uc_numbered_before; Pending).
