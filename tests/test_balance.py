@@ -95,3 +95,30 @@ def test_balance_target_and_by_two_columns(accepted_ws, capsys):
     rows = _selected(ws)
     assert sum(r["selected"] for r in rows if r["edit_type"] == "add") == 2
     assert sum(r["selected"] for r in rows if r["edit_type"] != "add") == 6
+
+
+@pytest.mark.parametrize("selection", [
+    {}, {"where": "edit_type = 'add'"}, {"where": "  "}, {"limit": 5}, {"sample": 7}])
+def test_balance_marks_exactly_the_rows_of_its_selection(accepted_ws, selection):
+    """Every row of the selection gets this run's mark (selected or not), every other row
+    keeps the last run's: whole selections are updated in place, others through their ids."""
+    from ultracurate.selection import Selection
+    from ultracurate.selection import selected_keys_sql
+    ws, ids = accepted_ws
+    first = run(ws, "balance", cap=1, seed=3, plot=False).result
+    before = {r["candidate_id"]: r for r in _selected(ws)}
+    sel = Selection(**selection)
+    with ws.catalog(read_only=True) as cat:
+        sql, params = selected_keys_sql(cat.con, "candidates_v", "candidate_id", sel,
+                                        columns="candidate_id")
+        inside = {r[0] for r in cat.con.execute(sql, params).fetchall()}
+    assert sel.everything == (inside == set(before))   # the case is what it says
+    res = run(ws, "balance", sel, cap=2, seed=3, plot=False).result
+    after = {r["candidate_id"]: r for r in _selected(ws)}
+    for cid, r in after.items():
+        if cid in inside:
+            assert r["balance_run"] == res.run_id
+        else:
+            assert (r["balance_run"], r["selected"]) == (first.run_id, before[cid]["selected"])
+    assert sum(after[c]["selected"] for c in inside) == res.selected
+    assert 0 < res.selected <= 2 * len(res.before)

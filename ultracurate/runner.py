@@ -204,6 +204,9 @@ class _Declared:
     def update_from(self, sql, params, columns, **kw) -> None:
         return self._t.update_from(sql, params, columns, allowed=self._allowed, **kw)
 
+    def update_set(self, values, params, **kw) -> None:
+        return self._t.update_set(values, params, allowed=self._allowed, **kw)
+
     def insert_from(self, sql, params, columns) -> int:
         return self._t.insert_from(sql, params, columns, allowed=self._allowed)
 

@@ -83,6 +83,13 @@ class Selection:
             out["scope"] = list(self.scope)
         return out
 
+    @property
+    def everything(self) -> bool:
+        """Whether it picks every row of its view (and so of the view's table: each view
+        holds every row of its table once)."""
+        return (not (self.where and self.where.strip()) and self.limit is None
+                and self.sample is None and not self.scope and self.parent is None)
+
     def within(self, table: str, *scope: str, **scope_params) -> "Selection":
         """A child selection over another view: its rows whose parent row (of `table`, this
         selection's view) this selection picks, narrowed by trusted predicates."""

@@ -17,6 +17,7 @@ user's selection `selected = false`, all with `balance_run`; one transaction, re
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,25 +111,35 @@ class BalanceStage(SetStage):
         before = {row["grp"]: row["n"] for row in r.query(
             f"SELECT grp, count(*) AS n FROM ({pool_sql}) p GROUP BY grp ORDER BY grp",
             params)}
-        return grp, inner, params, pool_sql, before, quotas(before, self.target, self.cap)
+        everything = selection is None or selection.everything
+        return (grp, inner, params, pool_sql, before, quotas(before, self.target, self.cap),
+                everything)
 
     def apply(self, w, plan, produced):
-        grp, inner, params, pool_sql, before, q = plan
+        grp, inner, params, pool_sql, before, q, everything = plan
         qt = pa.table({"grp": pa.array(list(q), pa.string()),
                        "quota": pa.array(list(q.values()), pa.int64())})
-        with w.registered(qt, "_uc_quota"):
-            chosen = f"""
-                SELECT p.candidate_id FROM (
-                  SELECT candidate_id, grp, row_number() OVER (
-                    PARTITION BY grp ORDER BY hash(candidate_id, $_uc_bseed),
-                                              candidate_id) AS rn
-                  FROM ({pool_sql}) p0) p JOIN _uc_quota USING (grp) WHERE rn <= quota"""
-            w.candidates.update_from(
-                f"""SELECT s.candidate_id, c.candidate_id IS NOT NULL AS selected,
-                           $_uc_run AS balance_run
-                    FROM ({inner}) s LEFT JOIN ({chosen}) c USING (candidate_id)""",
-                {**params, "_uc_bseed": self.seed, "_uc_run": w.run_id},
-                ["selected", "balance_run"])
+        chosen = f"""
+            SELECT p.candidate_id FROM (
+              SELECT candidate_id, grp, row_number() OVER (
+                PARTITION BY grp ORDER BY hash(candidate_id, $_uc_bseed),
+                                          candidate_id) AS rn
+              FROM ({pool_sql}) p0) p JOIN _uc_quota USING (grp) WHERE rn <= quota"""
+        # The chosen ids, and the selection's (unless it is every row), each computed once;
+        # then the rows updated in place (a join of the selection with them took 27 of 40 s
+        # at 41M candidates)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(w.registered(qt, "_uc_quota"))
+            kept = stack.enter_context(w.materialized(chosen, {**params,
+                                                               "_uc_bseed": self.seed}))
+            rows = None
+            if not everything:
+                picked = stack.enter_context(w.materialized(
+                    f"SELECT candidate_id FROM ({inner}) s", params))
+                rows = f"candidate_id IN (SELECT candidate_id FROM {picked})"
+            w.candidates.update_set(
+                {"selected": f"candidate_id IN (SELECT candidate_id FROM {kept})",
+                 "balance_run": "$_uc_run"}, {"_uc_run": w.run_id}, where=rows)
         after = {row["grp"]: row["n"] for row in w.query(
             f"SELECT {grp} AS grp, count(*) AS n FROM candidates_v "
             f"WHERE balance_run = $r AND selected GROUP BY grp ORDER BY grp",
