@@ -193,6 +193,27 @@ def test_a_predicate_failing_on_one_row_stops_the_job_before_it_writes(joined_ws
     assert contents(joined_ws) == before
 
 
+def test_the_guard_runs_once_per_catalog_file_and_view(joined_ws, monkeypatch):
+    """A job opens several connections to its catalog (its plan, its pending rows): its
+    --where is checked, and its pass over the rows run, once per view, not once per
+    connection; a rejected predicate is rejected on every call."""
+    from ultracurate import selection
+    passes = []
+    real = selection._run_once
+    monkeypatch.setattr(selection, "_run_once",
+                        lambda con, view, *a: passes.append(view) or real(con, view, *a))
+    ok, bad = Selection("clip_sim_dir > 0.3"), Selection("dataset::INTEGER > 0")
+    with joined_ws.catalog(read_only=True) as one, joined_ws.catalog(read_only=True) as two:
+        for cat in (one, two, one):
+            assert ok.checked(cat.con, "candidates_v") is not None
+            with pytest.raises(SelectionError, match="Conversion"):
+                bad.checked(cat.con, "candidates_v")
+    assert passes.count("candidates_v") == 1 + 3
+    with joined_ws.catalog(read_only=True) as cat:   # another view: a check of its own
+        Selection("edit_type = 'add'").checked(cat.con, "edits_v")
+    assert passes.count("edits_v") == 1
+
+
 def test_view_lineage_follows_the_view_definitions(joined_ws):
     """Each column of candidates_v maps to the table whose row computes it (views of views
     followed, renamed columns and expressions kept); a LEFT JOIN's right side to None."""

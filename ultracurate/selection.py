@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,10 +98,11 @@ class Selection:
 
     def checked(self, con: duckdb.DuckDBPyConnection, view: str) -> "Checked | None":
         """The validated predicate and its bound parameters (None without a --where). The
-        check runs once per connection and view."""
+        check runs once per catalog file and view (a job's connections share it), once per
+        connection for an in-memory database."""
         if self.where is None or not self.where.strip():
             return None
-        key = (id(con), view, self.where, repr(sorted(self.params.items())))
+        key = (_database(con), view, self.where, repr(sorted(self.params.items())))
         if key not in self._checked:
             self._checked[key] = check_predicate(con, view, self.where, self.params)
         return self._checked[key]
@@ -219,6 +221,13 @@ def check_trusted(con: duckdb.DuckDBPyConnection, predicate: str) -> None:
                                  "it volatile, and a selection must give the same rows every "
                                  "time it is read")
     _TRUSTED_OK.add(predicate)
+
+
+def _database(con: duckdb.DuckDBPyConnection) -> str | int:
+    """The file a connection reads (its id for an in-memory database)."""
+    path = con.execute("SELECT path FROM duckdb_databases() "
+                       "WHERE database_name = current_database()").fetchall()[0][0]
+    return os.path.realpath(path) if path else id(con)
 
 
 def check_predicate(con: duckdb.DuckDBPyConnection, view: str, predicate: str,
