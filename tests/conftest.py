@@ -18,7 +18,8 @@ if not os.environ.get("FIFTYONE_DATABASE_URI") and "FIFTYONE_DATABASE_DIR" not i
     import shutil
     import tempfile
     os.environ["FIFTYONE_DATABASE_DIR"] = tempfile.mkdtemp(prefix="uc-fodb-")
-    # registered before FiftyOne is imported, so it runs after FiftyOne stops its mongod
+    # registered before FiftyOne is imported, so it runs after FiftyOne's own exit handlers;
+    # only this session's processes use this folder's mongod (review.connect_database)
     atexit.register(shutil.rmtree, os.environ["FIFTYONE_DATABASE_DIR"], True)
 
 from ultracurate.workspace import Workspace  # noqa: E402

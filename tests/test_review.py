@@ -388,3 +388,84 @@ def test_bad_selection_changes_nothing(review_ws):
     assert review.open_review_dataset(review_ws) is None
     with review_ws.catalog(read_only=True) as cat:
         assert cat.scalar("SELECT count(*) FROM runs WHERE stage LIKE 'review%'") == 0
+
+
+# A process that uses FiftyOne's database, driven over stdin: each line names a dataset to
+# create ('' for none); it answers with the folder its mongod serves (mongod's own word),
+# the address it talks to and the datasets it sees.
+_DB_CLIENT = r"""
+import json, os, sys
+from ultracurate import review
+fo = review._fo()
+import fiftyone.core.odm.database as fod
+for line in sys.stdin:
+    if line.strip():
+        fo.Dataset(line.strip())  # a new collection: its mongod must still have its files
+    client = fod.get_db_conn().client
+    served = client.admin.command("getCmdLineOpts")["parsed"]["storage"]["dbPath"]
+    print("@@" + json.dumps({"dir": os.path.realpath(served), "port": client.address[1],
+                             "datasets": fo.list_datasets()}), flush=True)
+"""
+
+
+class _DbClient:
+    def __init__(self, folder, tmp_path, name: str, port: int | None = None):
+        import subprocess
+        import sys
+        env = dict(os.environ, FIFTYONE_DATABASE_DIR=str(folder), FIFTYONE_DO_NOT_TRACK="true")
+        env.pop("FIFTYONE_PRIVATE_DATABASE_PORT", None)
+        if port is not None:  # as a FiftyOne-using parent passes it to its children
+            env["FIFTYONE_PRIVATE_DATABASE_PORT"] = str(port)
+        self.err = tmp_path / f"{name}.err"
+        self.proc = subprocess.Popen([sys.executable, "-c", _DB_CLIENT], env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=open(self.err, "w"))
+
+    def ask(self, create: str = "") -> dict:
+        import json
+        self.proc.stdin.write(create + "\n")
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith("@@"):
+                return json.loads(line[2:])
+        raise AssertionError(f"the client ended: {self.err.read_text()[-1500:]}")
+
+    def end(self) -> None:
+        if self.proc.stdin and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        self.proc.wait(120)
+
+
+@pytest.mark.skipif("FIFTYONE_DATABASE_URI" in os.environ,
+                    reason="about the mongod FiftyOne starts itself")
+@pytest.mark.parametrize("case", ["other folder", "same folder", "other folder, parent's port"])
+def test_a_process_keeps_the_database_of_its_own_folder(tmp_path, case):
+    """FiftyOne joins the first database service it finds on the machine, whatever its folder:
+    a second process (another workspace's review, another test session) kept its data in the
+    first one's folder, and lost its database when the first ended and its folder was removed
+    (its mongod aborted: 14 review tests failed on 'connection refused'). Each process's
+    database now serves its own folder, joined by processes of that folder only, and outlives
+    the end of any other process."""
+    import shutil
+    first_dir = tmp_path / "first"
+    second_dir = first_dir if case == "same folder" else tmp_path / "second"
+    first = _DbClient(first_dir, tmp_path, "first")
+    second = None
+    try:
+        a = first.ask("first-ds")
+        assert a["dir"] == os.path.realpath(first_dir)
+        second = _DbClient(second_dir, tmp_path, "second",
+                           port=a["port"] if case.endswith("parent's port") else None)
+        b = second.ask()
+        assert b["dir"] == os.path.realpath(second_dir)
+        assert (b["port"] == a["port"]) == (case == "same folder")  # one mongod per folder
+        assert ("first-ds" in b["datasets"]) == (case == "same folder")
+        first.end()
+        if second_dir != first_dir:  # as a test session removes its folder when it ends
+            shutil.rmtree(first_dir)
+        b = second.ask("second-ds")
+        assert b["dir"] == os.path.realpath(second_dir) and "second-ds" in b["datasets"]
+    finally:
+        for client in (first, second):
+            if client is not None:
+                client.end()

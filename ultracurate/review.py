@@ -35,6 +35,7 @@ the user's own FIFTYONE_* variables already say otherwise.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import getpass
 import hashlib
 import io
@@ -115,8 +116,9 @@ def connect_database(fo, timeout: float = DB_START_TIMEOUT) -> None:
     """Connect to FiftyOne's database, starting it if needed. Two processes that start it at
     once each launch a mongod on the same folder and one fails (ServiceListenTimeout), so the
     start is serialised by a lock file in the database folder: the second process waits and
-    then joins the first one's database. A start that still fails is retried until timeout,
-    then ends in one UltracurateError line."""
+    then joins the first one's database. Only a database of this process's own folder is
+    joined (`_folder_service_class`). A start that still fails is retried until timeout, then
+    ends in one UltracurateError line."""
     global _connected
     if _connected:
         return
@@ -127,7 +129,8 @@ def connect_database(fo, timeout: float = DB_START_TIMEOUT) -> None:
     from pymongo.errors import ConnectionFailure
     deadline = time.monotonic() + timeout
     lock = None
-    if not fo.config.database_uri:  # FiftyOne starts its own mongod in database_dir
+    own = not fo.config.database_uri and not os.environ.get("FIFTYONE_DISABLE_SERVICES")
+    if own:  # FiftyOne starts its own mongod in database_dir
         try:
             import fcntl
             folder = Path(fo.config.database_dir)
@@ -149,6 +152,11 @@ def connect_database(fo, timeout: float = DB_START_TIMEOUT) -> None:
     try:
         while True:
             try:
+                if own and fod._db_service is None:
+                    # a port inherited from a FiftyOne-using parent may serve another folder
+                    os.environ.pop("FIFTYONE_PRIVATE_DATABASE_PORT", None)
+                    fod._db_service = _folder_service_class()()
+                    os.environ["FIFTYONE_PRIVATE_DATABASE_PORT"] = str(fod._db_service.port)
                 fod.ensure_connection()
                 _connected = True
                 return
@@ -168,12 +176,57 @@ def connect_database(fo, timeout: float = DB_START_TIMEOUT) -> None:
             lock.close()  # releases the flock
 
 
+def _served_folder(process) -> str | None:
+    """The folder (resolved) of the mongod that a FiftyOne database service runs: the service's
+    command line ends with mongod's. None if it cannot be read."""
+    try:
+        args = process.cmdline()
+    except Exception:  # psutil.Error: it ended, or is not ours to read
+        return None
+    for flag, value in zip(args, args[1:]):
+        if flag == "--dbpath":
+            return os.path.realpath(value)
+    return None
+
+
+@functools.cache
+def _folder_service_class():
+    """FiftyOne's DatabaseService, joining only a running service whose mongod serves this
+    process's database folder. FiftyOne's own joins the first database service it finds on
+    the machine, whatever its folder (MultiClientService.start searches processes by name):
+    a process then kept its data in another's folder, and lost its database when that
+    process ended and its folder was removed (mongod aborts without its files)."""
+    import fiftyone.core.config as focn
+    import fiftyone.core.service as fos
+    import fiftyone.service.util as fosu
+
+    class FolderDatabaseService(fos.DatabaseService):
+        def start(self):
+            folder = os.path.realpath(focn.load_config().database_dir)
+            for process in fosu.find_processes_by_args(self._service_args):
+                if _served_folder(process) != folder:
+                    continue
+                try:
+                    reply = fosu.send_ipc_message(process, ("register", os.getpid()))
+                except OSError:  # not listening yet, or gone
+                    continue
+                if reply is True:  # an exiting service answers with an exception
+                    self.attached, self.child = True, process
+                    return
+            fos.Service.start(self)  # a new service (skips MultiClientService's search)
+
+    return FolderDatabaseService
+
+
 _HEALTH_SCRIPT = r"""
 import json, sys
 out = {}
 try:
     import fiftyone as fo
     import fiftyone.core.odm.database as fod
+    from ultracurate.review import connect_database
+    # a user's MongoDB is asked once; our own may be starting in another process meanwhile
+    connect_database(fo, 0 if fo.config.database_uri else 60)
     out["fiftyone_version"] = fo.__version__
     out["database_uri"] = fo.config.database_uri
     out["database_dir"] = fo.config.database_dir
