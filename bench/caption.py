@@ -14,7 +14,8 @@
 Usage: python bench/caption.py [--photos 32] [--batch 8] [--requests 64] [--latency 0.05]
        [--concurrency 8] [--anchors 1000000] [--skip local,http,catalog]
        [--model REF] [--device cpu|cuda]
-Prints a table and writes bench/out/caption.json.
+       [--out DIR]
+Prints a table and writes bench/out/caption.json (--out: another folder).
 """
 
 from __future__ import annotations
@@ -235,6 +236,8 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="captioner checkpoint (default: tiny)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out",
+                    help="folder for caption.json")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     photos = _photos(max(args.photos, 9)) if {"local", "http"} - skip else []
@@ -268,9 +271,8 @@ def main() -> None:
         for label, dt in r["where"].items():
             print(f"  {label}: {dt:.2f} s")
         print(f"  old list column, len(captions) = 0: {r['where_old']['len(captions) = 0']:.2f} s")
-    out = ROOT / "bench" / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "caption.json").write_text(json.dumps(res, indent=2))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "caption.json").write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

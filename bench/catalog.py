@@ -15,8 +15,9 @@ on the same data, in the same run:
   open          opening the catalog read-only with its checks (file length in whole blocks,
                 schema version and checksum), against a bare duckdb.connect
 
-Usage: python bench/catalog.py [--rows N] [--no-pandas] [--keep DIR]
-Prints a table and writes bench/out/catalog.json. Peak RSS is reported (41M must fit 24 GiB).
+Usage: python bench/catalog.py [--rows N] [--no-pandas] [--keep DIR] [--out DIR]
+Prints a table and writes bench/out/catalog-N.json (--out: another folder). Peak RSS is reported
+(41M must fit 24 GiB).
 """
 
 from __future__ import annotations
@@ -241,6 +242,8 @@ def main():
     ap.add_argument("--rows", type=int, default=4_100_000)
     ap.add_argument("--no-pandas", action="store_true", help="skip the pandas baseline")
     ap.add_argument("--keep", help="build the catalog in this folder and keep it")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out",
+                    help="folder for catalog-ROWS.json")
     args = ap.parse_args()
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="uc-bench-"))
     if (root / "ws").exists():
@@ -278,9 +281,8 @@ def main():
         print(f"(pandas also spent {out['pandas']['load_seconds']:.1f} s loading the tables)")
     print(f"rows selected: where {uc['where_rows']:,}, pending {uc['pending_rows']:,}; "
           f"peak RSS {out['peak_rss_gb']:.2f} GB")
-    dest = Path(__file__).parent / "out"
-    dest.mkdir(exist_ok=True)
-    (dest / f"catalog-{args.rows}.json").write_text(json.dumps(out, indent=2, default=str))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"catalog-{args.rows}.json").write_text(json.dumps(out, indent=2, default=str))
     if not args.keep:
         shutil.rmtree(root)
 

@@ -8,8 +8,8 @@ loses a node against the same job on two healthy nodes, each pair in the same ru
            both nodes, and with the worker node removed after the first batch (its batches
            resubmitted to the head's replica); rows done, replicas lost, batches resubmitted
 
-Usage: python bench/cluster.py [--files 200] [--kb 64] [--rows 16] [--skip-loss]
-Prints a table and writes bench/out/cluster.json.
+Usage: python bench/cluster.py [--files 200] [--kb 64] [--rows 16] [--skip-loss] [--out DIR]
+Prints a table and writes bench/out/cluster.json (--out: another folder).
 """
 
 from __future__ import annotations
@@ -113,6 +113,8 @@ def main() -> None:
     ap.add_argument("--kb", type=int, default=64)
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--skip-loss", action="store_true")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out",
+                    help="folder for cluster.json")
     a = ap.parse_args()
     result = {"load": os.getloadavg()[0], "media": media(a.files, a.kb)}
     print(f"load average {result['load']:.1f}")
@@ -127,9 +129,8 @@ def main() -> None:
             print(f"  {label:32} {r['wall_s']:6.1f} s  done {r['rows_done']} failed "
                   f"{r['rows_failed']}  replicas on {r['nodes']} nodes, lost {r['lost']}, "
                   f"resubmitted {r['retried']}")
-    out = ROOT / "bench" / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cluster.json").write_text(json.dumps(result, indent=2))
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "cluster.json").write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ catalog to files on disk:
 
 Export does no model work, so the figures depend on the disk and CPU, not on a GPU.
 Usage: python bench/export.py [--rows 1000] [--size 512] [--repeat 2] [--no-pil] [--keep DIR]
-Prints a table and writes bench/out/export.json.
+       [--out DIR]
+Prints a table and writes bench/out/export.json (--out: another folder).
 """
 
 from __future__ import annotations
@@ -137,6 +138,8 @@ def main() -> None:
     ap.add_argument("--no-pil", action="store_true", help="skip the decoded-PIL baseline")
     ap.add_argument("--repeat", type=int, default=2, help="best of this many runs each")
     ap.add_argument("--keep", type=Path, help="build the workspace here and keep it")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out",
+                    help="folder for export.json")
     args = ap.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench-export-"))
     try:
@@ -184,9 +187,8 @@ def main() -> None:
             print(f"{r['method']:<38} {r['seconds']:>8.2f} {r['rows_per_s']:>9.1f} "
                   f"{r['mb_per_s']:>8.1f} {r['output_mb']:>8.1f} "
                   f"{r['speedup_vs_datasets_bytes']:>10.2f}x")
-        out = Path(__file__).resolve().parent / "out"
-        out.mkdir(exist_ok=True)
-        (out / "export.json").write_text(json.dumps(
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "export.json").write_text(json.dumps(
             {"rows": args.rows, "size": args.size, "media_mb": media_mb, "results": results},
             indent=2))
     finally:

@@ -11,7 +11,8 @@
 Usage: python bench/instruct.py [--n 2000] [--requests 64] [--latency 0.05]
        [--concurrency 8] [--llm REF] [--device cpu|cuda] [--llm-batch 8] [--llm-prompts 16]
        [--max-new-tokens 32]
-Prints a table and writes bench/out/instruct.json.
+       [--out DIR]
+Prints a table and writes bench/out/instruct.json (--out: another folder).
 """
 
 from __future__ import annotations
@@ -148,6 +149,8 @@ def main() -> None:
     ap.add_argument("--n-instructions", type=int, default=50)
     ap.add_argument("--n-full", type=int, default=10)
     ap.add_argument("--skip", default="", help="comma-separated parts to skip")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out",
+                    help="folder for instruct.json")
     a = ap.parse_args()
     skip = set(a.skip.split(","))
     res = {}
@@ -170,9 +173,8 @@ def main() -> None:
               f"{a.device}, {a.max_new_tokens} new tokens)")
         print(f"llm batch={a.llm_batch:<4}{t[f'batch_{a.llm_batch}']['prompts_per_s']:10.2f} "
               f"prompts/s  speedup {t['speedup']:.1f}x")
-    out = Path(__file__).resolve().parent / "out"
-    out.mkdir(exist_ok=True)
-    (out / "instruct.json").write_text(json.dumps(res, indent=2))
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "instruct.json").write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

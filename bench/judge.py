@@ -15,7 +15,8 @@
 
 Usage: python bench/judge.py [--pairs 32] [--batch 8] [--requests 64] [--latency 0.05]
        [--concurrency 8] [--skip local,http,stage] [--model REF] [--device cpu|cuda]
-Prints a table and writes bench/out/judge.json.
+       [--out DIR]
+Prints a table and writes bench/out/judge.json (--out: another folder).
 """
 
 from __future__ import annotations
@@ -178,6 +179,8 @@ def main() -> None:
     ap.add_argument("--skip", default="")
     ap.add_argument("--model")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out",
+                    help="folder for judge.json")
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
     pairs = _pairs(a.pairs)
@@ -201,10 +204,9 @@ def main() -> None:
               f"concurrent: {r['stage_rows_per_s']:.1f} rows/s ({r['stage_s']:.2f} s) against "
               f"the back-end alone {r['backend_rows_per_s']:.1f} rows/s; judged "
               f"{r['judged']}")
-    dest = ROOT / "bench" / "out"
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "judge.json").write_text(json.dumps(out, indent=2))
-    print(f"wrote {dest / 'judge.json'}")
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "judge.json").write_text(json.dumps(out, indent=2))
+    print(f"wrote {a.out / 'judge.json'}")
 
 
 if __name__ == "__main__":

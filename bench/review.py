@@ -11,10 +11,10 @@ store) is built through the real catalog, then:
                     incremental updates does after any change)
   pull 5% tagged    tags on 5% of the groups pulled into the catalog
 
-Usage: python bench/review.py [--rows N] [--size PX]
-Prints a table and writes bench/out/review.json. FiftyOne's database lives in a temporary folder
-unless FIFTYONE_DATABASE_URI / FIFTYONE_DATABASE_DIR say otherwise. No model runs, so a GPU does
-not change these figures.
+Usage: python bench/review.py [--rows N] [--size PX] [--out DIR]
+Prints a table and writes bench/out/review.json (--out: another folder). FiftyOne's database
+lives in a temporary folder unless FIFTYONE_DATABASE_URI / FIFTYONE_DATABASE_DIR say
+otherwise. No model runs, so a GPU does not change these figures.
 """
 
 from __future__ import annotations
@@ -102,6 +102,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=400)
     ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out",
+                    help="folder for review.json")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="uc-bench-review-"))
@@ -155,9 +157,8 @@ def main() -> None:
             print(f"{name:<26} {secs:>8.2f} {written:>15} {base / secs:>15.1f}x")
             out.append({"step": name, "seconds": round(secs, 3), "groups_written": written,
                         "speedup_vs_full_rebuild": round(base / secs, 2)})
-        dest = Path(__file__).resolve().parent / "out"
-        dest.mkdir(exist_ok=True)
-        (dest / "review.json").write_text(json.dumps({"rows": n, "size": args.size,
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "review.json").write_text(json.dumps({"rows": n, "size": args.size,
                                                       "results": out}, indent=2))
         fo.delete_dataset(review.dataset_name(ws))
     finally:

@@ -11,8 +11,9 @@ for every command, in a child process of its own (so that its peak memory is its
 
 Models are not loaded (a row stage is stopped as its first batch arrives, before `setup`),
 so the figures are the catalog's and the runner's share of a job. Compared across sizes:
-growth per 10x rows. Writes a table per size and the growth to bench/results/scale.md (and
-bench/out/scale-<sizes>.json).
+growth per 10x rows. Prints a table per size and the growth, and writes the figures to
+bench/out/scale-<sizes>.json (or --out DIR); --markdown makes bench/results/scale.md's tables
+from such files. Exits 1 when a command failed (one that ran past --timeout is a figure).
 
     python bench/scale.py --sizes 40000                  # a quick smoke
     python bench/scale.py                                # 40k, 400k, 4.1M
@@ -212,7 +213,7 @@ def child(ws_root: Path, command: str, timeout: float) -> dict:
                            capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"seconds": None, "rows": None, "rss_gb": None,
-                "error": f"over {timeout:.0f} s"}
+                "error": f"over {timeout:.0f} s", "timed_out": True}
     if p.returncode:
         err = (p.stderr.strip().splitlines() or ["?"])[-1]
         return {"seconds": None, "rows": None, "rss_gb": None, "error": err[:200]}
@@ -242,6 +243,8 @@ def main():
     ap.add_argument("--only", help="comma list of command names (default: all)")
     ap.add_argument("--timeout", type=float, default=900.0, help="per command, seconds")
     ap.add_argument("--label", default="", help="a name for this run in the results")
+    ap.add_argument("--out", type=Path, default=HERE / "out",
+                    help="folder for scale-SIZES.json")
     ap.add_argument("--markdown", nargs="+", metavar="JSON",
                     help="write bench/results/scale.md's tables from runs' JSON files "
                          "(bench/out/scale-*.json) and stop")
@@ -263,8 +266,8 @@ def main():
               and (not args.first_only or c[0] in FIRST_ONLY)]
     results = {"label": args.label, "package": str(Path(ultracurate.__file__).parent),
                "sizes": {}}
-    out = HERE / "out"
-    out.mkdir(exist_ok=True)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
     tag = "-".join(str(s) for s in sizes) + (f"-{args.label}" if args.label else "")
     dest = out / f"scale-{tag}.json"
     for n in sizes:
@@ -290,6 +293,11 @@ def main():
     report(results, sizes, wanted)
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
+    # a command that fails is the benchmark's rot, not a figure: say so in the exit status
+    failed = [f"{n:,} edits, {name}: {r['error']}" for n, size in results["sizes"].items()
+              for name, r in size["commands"].items() if "error" in r and not r.get("timed_out")]
+    if failed:
+        sys.exit("error: " + "\nerror: ".join(failed))
 
 
 def report(results: dict, sizes: list[int], wanted) -> None:
