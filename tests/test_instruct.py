@@ -248,6 +248,32 @@ def test_unknown_type_is_one_clear_error(ingested_ws):
     assert _edits(ingested_ws) == []
 
 
+
+BAD_QUOTAS = [   # (--quota, what the one-line error names)
+    ("add=1,add=2", "add more than once"),
+    ("add=1,ADD=2", "add more than once"),
+    ("change-color=1,change_color=2", "change_color more than once"),
+    ("add=-1", "add is negative"),
+    ("add=1.5", "'1.5' is not a whole number"),
+    ("add=", "'' is not a whole number"),
+    ("add=1,", "expects TYPE=N"),
+    ("=3", "unknown edit type ''"),
+    ("zoom=3", "unknown edit type 'zoom'"),
+]
+
+
+def test_a_bad_quota_is_one_line_and_writes_nothing(ingested_ws):
+    """Every bad --quota is refused with one line before the job starts (one process for
+    the table: tests/_clirun.py); the catalog keeps no edit and no run."""
+    from _clirun import one_line_error, run_many
+    from test_hardening import contents
+    before = contents(ingested_ws)
+    ws = str(ingested_ws.root)
+    results = run_many([["instruct", "-w", ws, "--quota", q] for q, _ in BAD_QUOTAS])
+    for (quota, message), res in zip(BAD_QUOTAS, results):
+        one_line_error(res, message, code=1)
+    assert contents(ingested_ws) == before
+
 # -- CLI -----------------------------------------------------------------------------------
 def _cli(*args, env=None):
     e = dict(os.environ, ULTRACURATE_PROGRESS="0", **(env or {}))

@@ -229,3 +229,32 @@ def test_view_lineage_follows_the_view_definitions(joined_ws):
         "clip_sim_dir": "candidates", "status": "candidates", "edit_id": "candidates",
         "edit_type": "edits", "mask_bbox": "edits", "anchor_width": "anchors",
         "dataset": "anchors", "reject_reasons": None, "session_id": None}
+
+
+UNNAMED_COLUMNS = [
+    # (view, predicate): each passed the guard and meant other columns in the job's query
+    # than in the guard's pass over one table (there, #2 was height; in anchors_v, sha256)
+    ("anchors_v", "anchor_id > 0 AND height > 0 AND CAST(#2 AS INTEGER) > 0"),
+    ("candidates_v", "#2 > 0"),
+    ("candidates_v", "clip_sim_dir > 0 AND COLUMNS(*) IS NOT NULL"),
+    ("candidates_v", "COLUMNS('clip_.*') > 0"),
+    ("candidates_v", "COLUMNS(lambda c: c LIKE 'clip%') > 0"),
+    ("edits_v", "edit_type = 'add' OR *COLUMNS('mask_bbox_.') > 0"),
+]
+
+
+@pytest.mark.parametrize("view, where", UNNAMED_COLUMNS)
+def test_a_predicate_must_name_its_columns(joined_ws, view, where):
+    """A star (COLUMNS(...)) or a positional reference (#n) stands for whichever columns the
+    query around it has: refused, one line, before a job reads or writes anything."""
+    from test_hardening import contents
+    from ultracurate.runner import run
+    with joined_ws.catalog(read_only=True) as cat:
+        with pytest.raises(SelectionError, match="must name the columns") as info:
+            Selection(where).checked(cat.con, view)
+    assert "\n" not in str(info.value)
+    if view == "candidates_v":
+        before = contents(joined_ws)
+        with pytest.raises(SelectionError, match="must name the columns"):
+            run(joined_ws, "filter", Selection(where), clip_min=0.25, progress=False)
+        assert contents(joined_ws) == before

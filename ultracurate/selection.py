@@ -6,7 +6,8 @@ The guard, in order:
 1. parses `SELECT * FROM <view> WHERE (<predicate>)` with `json_serialize_sql`; the statement
    must come back as exactly that one SELECT (no second statement, GROUP BY, ...). DuckDB's
    parser refuses expressions nested deeper than `limits.MAX_EXPRESSION_DEPTH`;
-2. walks the expression tree: no subquery, table, window function or column the view lacks;
+2. walks the expression tree: no subquery, table, window function, column the view lacks or
+   column not named (*, COLUMNS(...), #n);
    every function is looked up in `duckdb_functions()` and refused unless DuckDB classifies it
    as a scalar function (not an aggregate, window, table or pragma function) that is neither
    VOLATILE nor has side effects (random, nextval, setseed, error, ...);
@@ -37,6 +38,11 @@ from .limits import MAX_EXPRESSION_DEPTH, bounded
 
 # Parse-tree node types that name a relation: a predicate selects rows, it reads no table.
 _RELATION_NODES = ("SUBQUERY", "BASE_TABLE", "TABLE_FUNCTION", "JOIN", "EXPRESSION_LIST")
+# Parse-tree classes that stand for columns without naming them: a star (COLUMNS(*),
+# COLUMNS('re'), *COLUMNS(...)) or a positional reference (#2) means whichever columns the
+# query around the predicate has, which differ between the guard's pass over one table
+# (_passes) and a job's query, and between catalog versions.
+_UNNAMED_COLUMNS = ("STAR", "POSITIONAL_REFERENCE")
 # duckdb_functions().function_type values a predicate may call.
 _CALLABLE = ("scalar", "macro")
 
@@ -262,6 +268,10 @@ def check_predicate(con: duckdb.DuckDBPyConnection, view: str, predicate: str,
         cls, kind = n.get("class"), n.get("type")
         if cls == "SUBQUERY" or kind in _RELATION_NODES:
             raise SelectionError("--where may not contain a subquery or a table reference")
+        if cls in _UNNAMED_COLUMNS:
+            raise SelectionError("--where must name the columns it reads: no *, COLUMNS(...) "
+                                 "or #n (the columns they stand for depend on the query "
+                                 "that reads the predicate)")
         if cls == "WINDOW":
             raise SelectionError(f"--where may not call {n.get('function_name', 'a window')}"
                                  "(): it is a window function, and a predicate tests one row "

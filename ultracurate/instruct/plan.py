@@ -32,19 +32,22 @@ def parse_quota(quota: str | dict | None) -> dict[str, int] | None:
     if quota is None or quota == "":
         return None
     if isinstance(quota, str):
-        items = {}
+        items = []
         for part in quota.split(","):
             name, sep, n = part.partition("=")
             if not sep:
                 raise UltracurateError(f"--quota expects TYPE=N[,TYPE=N...], got '{part}'")
             try:
-                items[name] = int(n)
+                items.append((name, int(n)))
             except ValueError:
                 raise UltracurateError(f"--quota: '{n}' is not a whole number") from None
-        quota = items
+    else:
+        items = list(quota.items())
     out = {}
-    for name, n in quota.items():
+    for name, n in items:
         t = parse_types([name])[0]
+        if t in out:  # add=1,add=2 (or Add, add): which one was meant is not ours to guess
+            raise UltracurateError(f"--quota gives {t} more than once")
         if int(n) < 0:
             raise UltracurateError(f"--quota: {t} is negative")
         out[t] = int(n)
