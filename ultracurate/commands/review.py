@@ -3,6 +3,8 @@ catalog."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from typing import List, Optional
 
 import typer
@@ -61,10 +63,20 @@ def review(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.Pa
                f"unchanged, {summary.removed} removed; {summary.pulled} decisions pulled "
                f"first); views: {', '.join(summary.views) or 'none'}")
         return
-    session = rv.launch_review(ws, summary.dataset, port=port, address=address)
+    stdout = sys.stdout
+    # FiftyOne's session prints on stdout from its threads at any time while it lives ("Could
+    # not connect session, trying again in 10 seconds" when its server starts slowly): on
+    # stderr instead, so that stdout holds ours alone (with --json, one JSON document)
+    quiet = contextlib.ExitStack()
+    quiet.enter_context(contextlib.redirect_stdout(sys.stderr))
+    try:
+        session = rv.launch_review(ws, summary.dataset, port=port, address=address)
+    except BaseException:
+        quiet.close()
+        raise
     typer.echo(f"FiftyOne App: {rv.review_url(address, port)}  (dataset {summary.dataset}; "
                f"tag samples accept / reject / bad_mask / bad_instruction; Ctrl-C to stop "
-               f"and pull the tags into the catalog)", err=as_json)
+               f"and pull the tags into the catalog)", file=sys.stderr if as_json else stdout)
     try:
         session.wait(-1)
     except KeyboardInterrupt:
@@ -74,6 +86,7 @@ def review(where: Optional[str] = c.WhereOpt, params: Optional[List[str]] = c.Pa
             session.close()
         except Exception:  # the App server may already be gone
             pass
+        quiet.close()
         result = run(ws, "review-pull", **c.given(dataset=summary.dataset,
                                                   reviewer=reviewer)).result
         if as_json:   # one document: the dataset built, then what the session decided
