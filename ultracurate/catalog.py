@@ -708,7 +708,6 @@ class Table:
             f'UPDATE {self.name} SET {sets} FROM ({sql}) _uc_src '
             f'WHERE {self.name}."{key}" = _uc_src."{key}"', params or None)
 
-
     def update_set(self, values: dict[str, str], params: dict | None, *,
                    where: str | None = None, allowed=None) -> None:
         """Set-based UPDATE in place: each column to a trusted SQL expression over the row
